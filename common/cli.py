@@ -1,0 +1,47 @@
+"""The `fedfill` command.
+
+Each subcommand lives next to the code it drives and is imported only when used, so that
+`fedfill plan` answers in a fraction of a second without loading torch or Flower.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# subcommand -> (module with `add_arguments(parser)` and `run(args) -> int`, one-line help)
+SUBCOMMANDS: dict[str, tuple[str, str]] = {
+    "scenario": ("strategies.allocation.cli_scenario", "write a scenario file (system + device profiles)"),
+    "plan": ("strategies.allocation.cli_plan", "solve the per-device allocation for a scenario"),
+    "fit-learning": ("common.learning_curve", "measure and fit the learning model delta = alpha D^-beta - gamma"),
+    "generator": ("generation.cli", "train, sample from or serve the class-conditional diffusion model"),
+}
+
+
+class UsageError(Exception):
+    """Bad input from the user: printed as one line, exit status 2, never a traceback."""
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="fedfill", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    modules = {}
+    wanted = (argv if argv is not None else sys.argv[1:])[:1]
+    for name, (module_name, help_text) in SUBCOMMANDS.items():
+        p = sub.add_parser(name, help=help_text)
+        # Import only the module of the subcommand being run; others just show their help line.
+        if wanted and wanted[0] == name:
+            module = importlib.import_module(module_name)
+            module.add_arguments(p)
+            modules[name] = module
+    args = parser.parse_args(argv)
+    try:
+        return int(modules[args.command].run(args) or 0)
+    except UsageError as err:
+        print(f"fedfill {args.command}: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
