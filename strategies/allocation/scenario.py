@@ -1,0 +1,190 @@
+"""Scenario files: the system parameters and the device profiles a plan is solved for.
+
+The JSON layout is a public contract (README, "Scenario and plan JSON"); every number is SI.
+Validation names the field and the device at fault, because a plan for a thousand devices
+that fails on "invalid value" is no help to anyone.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+import numpy as np
+
+
+class ScenarioError(ValueError):
+    """A malformed scenario: the message names the field (and device) at fault."""
+
+
+@dataclass(frozen=True)
+class System:
+    bandwidth_hz: float  # B, shared by all devices (FDMA)
+    noise_w_per_hz: float  # N0
+    t_max_s: float  # latency budget of one round
+    model_params: float  # M, parameters in the uploaded update
+    tau: float  # local epochs
+    omega: float  # CPU cycles per training sample
+    delta_max: float  # maximum global learning error Delta_max, in (0, 1)
+    rounds: float  # N, global rounds
+    zeta: float  # constant of the convergence bound (seed 003 eq. 3)
+    alpha: float  # learning model delta = alpha D^-beta - gamma
+    beta: float
+    gamma: float
+    d_gen_max: float  # cap on synthetic samples per device
+
+    def learning_error_budget(self, num_devices: int) -> float:
+        """Right-hand side of constraint (13a): the sum of local errors the target allows."""
+        return num_devices * (1.0 + self.zeta / self.rounds * math.log(self.delta_max))
+
+
+# (field, must be strictly positive); every one must be finite and non-negative.
+_SYSTEM_RULES = {
+    "bandwidth_hz": True, "noise_w_per_hz": True, "t_max_s": True, "model_params": True,
+    "tau": True, "omega": True, "delta_max": True, "rounds": True, "zeta": True,
+    "alpha": True, "beta": True, "gamma": False, "d_gen_max": False,
+}
+_DEVICE_RULES = {"d_loc": True, "f_max_hz": True, "eps": True, "p_max_w": True, "gain": True}
+
+
+@dataclass(frozen=True)
+class Devices:
+    """Device profiles as arrays, one entry per device, so every solver step is vectorized."""
+
+    ids: tuple[str, ...]
+    d_loc: np.ndarray
+    f_max: np.ndarray
+    eps: np.ndarray
+    p_max: np.ndarray
+    gain: np.ndarray
+    bits: np.ndarray  # int, quantization bits of the upload (32 = none)
+    quant_error: np.ndarray  # relative quantization-error demand, NaN where not given
+    class_counts: tuple[np.ndarray, ...] | None  # local samples per class, when known
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def subset(self, index) -> "Devices":
+        index = np.asarray(index, dtype=int)
+        arrays = {f.name: getattr(self, f.name)[index] for f in fields(self)
+                  if isinstance(getattr(self, f.name), np.ndarray)}
+        counts = None if self.class_counts is None else tuple(self.class_counts[i] for i in index)
+        return Devices(ids=tuple(self.ids[i] for i in index), class_counts=counts, **arrays)
+
+    def with_bits(self, bits) -> "Devices":
+        values = {f.name: getattr(self, f.name) for f in fields(self)}
+        values["bits"] = np.broadcast_to(np.asarray(bits, dtype=int), (len(self),)).copy()
+        return Devices(**values)
+
+
+@dataclass(frozen=True)
+class Scenario:
+    system: System
+    devices: Devices
+
+    def subset(self, index) -> "Scenario":
+        return Scenario(self.system, self.devices.subset(index))
+
+    def to_json(self) -> dict:
+        devices = []
+        for k, dev_id in enumerate(self.devices.ids):
+            d = {"id": dev_id, "d_loc": float(self.devices.d_loc[k]), "f_max_hz": float(self.devices.f_max[k]),
+                 "eps": float(self.devices.eps[k]), "p_max_w": float(self.devices.p_max[k]),
+                 "gain": float(self.devices.gain[k]), "bits": int(self.devices.bits[k])}
+            if not np.isnan(self.devices.quant_error[k]):
+                d["quant_error"] = float(self.devices.quant_error[k])
+            if self.devices.class_counts is not None:
+                d["class_counts"] = [int(c) for c in self.devices.class_counts[k]]
+            devices.append(d)
+        return {"system": asdict(self.system), "devices": devices}
+
+
+def _number(value, where: str, positive: bool) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ScenarioError(f"{where} must be a number, got {value!r}")
+    x = float(value)
+    if not math.isfinite(x):
+        raise ScenarioError(f"{where} must be finite, got {value!r}")
+    if x < 0 or (positive and x == 0):
+        raise ScenarioError(f"{where} must be {'positive' if positive else 'non-negative'}, got {value!r}")
+    return x
+
+
+def parse_scenario(data) -> Scenario:
+    """Check and convert a scenario dict (the JSON contract) into arrays."""
+    if not isinstance(data, dict):
+        raise ScenarioError("scenario must be a JSON object with 'system' and 'devices'")
+    system_data = data.get("system")
+    if not isinstance(system_data, dict):
+        raise ScenarioError("missing object 'system'")
+    values = {}
+    for name, positive in _SYSTEM_RULES.items():
+        if name not in system_data:
+            raise ScenarioError(f"system: missing field '{name}'")
+        values[name] = _number(system_data[name], f"system.{name}", positive)
+    if values["delta_max"] >= 1:
+        raise ScenarioError(f"system.delta_max must be below 1, got {values['delta_max']}")
+    system = System(**values)
+
+    devices_data = data.get("devices")
+    if not isinstance(devices_data, list) or not devices_data:
+        raise ScenarioError("'devices' must be a non-empty list")
+    columns: dict[str, list] = {name: [] for name in _DEVICE_RULES}
+    ids, bits, quant_error, class_counts = [], [], [], []
+    for k, dev in enumerate(devices_data):
+        if not isinstance(dev, dict):
+            raise ScenarioError(f"devices[{k}] must be an object")
+        if "id" not in dev:
+            raise ScenarioError(f"devices[{k}]: missing field 'id'")
+        dev_id = str(dev["id"])
+        if dev_id in ids:
+            raise ScenarioError(f"device '{dev_id}': duplicate id")
+        ids.append(dev_id)
+        where = f"device '{dev_id}'"
+        for name, positive in _DEVICE_RULES.items():
+            if name not in dev:
+                raise ScenarioError(f"{where}: missing field '{name}'")
+            columns[name].append(_number(dev[name], f"{where}: field '{name}'", positive))
+        b = dev.get("bits", 32)
+        if isinstance(b, bool) or not isinstance(b, int) or not 1 <= b <= 32:
+            raise ScenarioError(f"{where}: field 'bits' must be an integer from 1 to 32, got {b!r}")
+        bits.append(b)
+        q = dev.get("quant_error")
+        quant_error.append(math.nan if q is None else _number(q, f"{where}: field 'quant_error'", True))
+        counts = dev.get("class_counts")
+        if counts is not None:
+            if not isinstance(counts, list) or not counts:
+                raise ScenarioError(f"{where}: field 'class_counts' must be a non-empty list")
+            arr = np.array([_number(c, f"{where}: field 'class_counts'", False) for c in counts])
+            if np.any(arr != np.round(arr)):
+                raise ScenarioError(f"{where}: field 'class_counts' must hold whole numbers")
+            if arr.sum() != columns["d_loc"][-1]:
+                raise ScenarioError(f"{where}: class_counts sum to {arr.sum():g} but d_loc is {columns['d_loc'][-1]:g}")
+        class_counts.append(counts)
+    given = [c is not None for c in class_counts]
+    if any(given) and not all(given):
+        missing = ids[given.index(False)]
+        raise ScenarioError(f"device '{missing}': field 'class_counts' is missing (give it for all devices or none)")
+    if all(given) and len({len(c) for c in class_counts}) != 1:
+        raise ScenarioError("field 'class_counts' must list the same number of classes for every device")
+    devices = Devices(
+        ids=tuple(ids), d_loc=np.array(columns["d_loc"]), f_max=np.array(columns["f_max_hz"]),
+        eps=np.array(columns["eps"]), p_max=np.array(columns["p_max_w"]), gain=np.array(columns["gain"]),
+        bits=np.array(bits, dtype=int), quant_error=np.array(quant_error),
+        class_counts=tuple(np.array(c, dtype=np.int64) for c in class_counts) if all(given) else None,
+    )
+    return Scenario(system, devices)
+
+
+def load_scenario(path: str | Path) -> Scenario:
+    try:
+        text = Path(path).read_text()
+    except OSError as err:
+        raise ScenarioError(f"cannot read scenario {path}: {err.strerror}") from None
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise ScenarioError(f"{path} is not valid JSON: {err}") from None
+    return parse_scenario(data)
