@@ -271,21 +271,26 @@ def cross_entropy_search(problem: FimiProblem, rng: np.random.Generator,
     return best_eta
 
 
-def _device_lagrangian(problem: FimiProblem, eta, nu, varpi):
+def _device_response(problem: FimiProblem, eta, nu, varpi):
     """Phi_i(eta_i): device i's energy plus the priced use of the shared budgets, each inner
-    variable at its best response to the prices (nu for error, varpi for bandwidth)."""
-    sy = problem.scenario.system
+    variable at its best response to the prices (nu for error, varpi for bandwidth).
+    Returns (Phi, delta, b) so callers can also read what the response consumes. Prices may
+    be arrays broadcasting against eta (several price pairs tried at once)."""
+    sy, dv = problem.scenario.system, problem.scenario.devices
     t_cmp, t_com = eta * sy.t_max_s, (1.0 - eta) * sy.t_max_s
     d_cap, lo, hi, rho = _compute_terms(problem, t_cmp)
     lo = np.minimum(lo, hi)
-    delta = hi if nu <= 0 else _delta_at_price(problem, rho, nu, lo, hi)
+    nu = np.asarray(nu, dtype=float)
+    varpi = np.asarray(varpi, dtype=float)
+    priced = np.isfinite(varpi)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        delta = np.where(nu > 0, _delta_at_price(problem, rho, np.where(nu > 0, nu, 1.0), lo, hi), hi)
     e_cmp = rho * (sy.gamma + delta) ** (-3.0 / sy.beta) + nu * delta
     b_min = min_bandwidth(problem, t_com)
-    b = b_min if not np.isfinite(varpi) else _bandwidth_at_price(problem, t_com, varpi, b_min)[0]
-    dv = problem.scenario.devices
+    b = np.where(priced, _bandwidth_at_price(problem, t_com, np.where(priced, varpi, 1.0), b_min)[0], b_min)
     x = problem.s_bits / (b * t_com)
-    e_com = sy.noise_w_per_hz * b / dv.gain * np.expm1(LN2 * x) * t_com + (0.0 if not np.isfinite(varpi) else varpi * b)
-    return np.where(np.isfinite(b_min), e_cmp + e_com, np.inf)
+    e_com = sy.noise_w_per_hz * b / dv.gain * np.expm1(LN2 * x) * t_com + np.where(priced, varpi, 0.0) * b
+    return np.where(np.isfinite(b_min), e_cmp + e_com, np.inf), delta, b
 
 
 def lagrangian_search(problem: FimiProblem, eta: np.ndarray, trace: SearchTrace,
@@ -302,18 +307,60 @@ def lagrangian_search(problem: FimiProblem, eta: np.ndarray, trace: SearchTrace,
     t_max = problem.scenario.system.t_max_s
     energy = float(round_energy(problem, eta)[0])
     steps = np.array([1.0, 0.5, 0.25, 0.125, 0.0625, 0.03125])
+    clearing = False
     for _ in range(max_steps):
         nu = float(solve_compute(problem, eta * t_max).nu[0])
         varpi = float(solve_uplink(problem, (1.0 - eta) * t_max).varpi[0])
+        if clearing:
+            nu, varpi = _clearing_prices(problem, nu, varpi, eta_min, eta_max)
         target = _best_response(problem, nu, varpi, eta_min, eta_max)
         candidates = eta + steps[:, None] * (target - eta)
         energies = round_energy(problem, candidates)
         k = int(np.argmin(energies))
         if not energies[k] < energy * (1.0 - rtol):
-            break
+            settled = np.max(np.abs(target - eta) / np.maximum(eta_max - eta_min, 1e-300)) < 1e-5
+            if clearing or settled:
+                break  # settled: every device already sits at its best response (KKT)
+            clearing = True  # the prices read off eta understate a bound constraint: clear the market
+            continue
         eta, energy = candidates[k], float(energies[k])
         trace.refine_energy.append(energy)
     return eta
+
+
+def _clearing_prices(problem: FimiProblem, nu, varpi, eta_min, eta_max, rounds: int = 2):
+    """Prices at which the devices' best responses use exactly the error budget and the band.
+
+    The prices read off a given eta come from the devices not at a bound; when most devices
+    sit at P_max (or f_max) those understate the real shadow price, every best response asks
+    for more band (or error) than there is, and no step toward it is feasible. Demand for each
+    resource falls as its price rises, so each price is found by a search in log space that
+    tries 8 prices per level in one batch, the two prices in alternation.
+    """
+    budget, band = problem.error_budget, problem.scenario.system.bandwidth_hz
+
+    def clear(price, demand, supply):
+        lo, hi = np.log(price) - 12.0, np.log(price) + 12.0
+        for _ in range(7):  # each level shrinks the interval 9-fold: 24 -> 5e-6 in log
+            trial = np.linspace(lo, hi, 10)[1:-1]
+            over = demand(np.exp(trial)) > supply
+            k = int(np.argmin(over)) if not over.all() else trial.size  # first price that clears
+            lo = trial[k - 1] if k > 0 else lo
+            hi = trial[k] if k < trial.size else hi
+        return float(np.exp(hi))  # the clearing side
+
+    def used(nu_, varpi_):
+        nu_, varpi_ = np.broadcast_arrays(np.asarray(nu_, float), np.asarray(varpi_, float))
+        target = _best_response(problem, nu_, varpi_, eta_min, eta_max, zooms=3)  # 1/4096 of the width
+        _, delta, b = _device_response(problem, target, nu_[:, None], varpi_[:, None])
+        return delta.sum(-1), b.sum(-1)
+
+    for _ in range(rounds):
+        if np.isfinite(varpi) and varpi > 0:
+            varpi = clear(varpi, lambda v: used(nu, v)[1], band)
+        if problem.allow_synthetic and nu > 0:
+            nu = clear(nu, lambda n: used(n, varpi)[0], budget)
+    return nu, varpi
 
 
 def _best_response(problem: FimiProblem, nu, varpi, eta_min, eta_max, points: int = 33, zooms: int = 5):
@@ -321,13 +368,18 @@ def _best_response(problem: FimiProblem, nu, varpi, eta_min, eta_max, points: in
 
     Phi_i is unimodal, so its minimum lies within one cell of the best grid point; each zoom
     shrinks the interval 16-fold (33 points), five zooms to 1e-6 of the feasible width.
+    Scalar prices give one eta per device; arrays of K prices give K rows.
     """
-    lo, hi = eta_min, eta_max
+    nu, varpi = np.asarray(nu, dtype=float), np.asarray(varpi, dtype=float)
+    batch = nu.shape  # () or (K,)
+    price_shape = batch + (1, 1)
+    lo = np.broadcast_to(eta_min, batch + eta_min.shape)
+    hi = np.broadcast_to(eta_max, batch + eta_max.shape)
     fractions = np.linspace(0.0, 1.0, points)[:, None]
-    columns = np.arange(eta_min.size)
     for _ in range(zooms):
-        grid = lo + (hi - lo) * fractions
-        best = grid[np.argmin(_device_lagrangian(problem, grid, nu, varpi), axis=0), columns]
+        grid = lo[..., None, :] + (hi - lo)[..., None, :] * fractions
+        phi = _device_response(problem, grid, nu.reshape(price_shape), varpi.reshape(price_shape))[0]
+        best = np.take_along_axis(grid, np.argmin(phi, axis=-2)[..., None, :], axis=-2)[..., 0, :]
         cell = (hi - lo) / (points - 1)
         lo, hi = np.maximum(eta_min, best - cell), np.minimum(eta_max, best + cell)
     return best
