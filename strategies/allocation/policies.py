@@ -101,7 +101,9 @@ def solve_plan(scenario: Scenario, policy: str = "fimi", seed: int = 0, search: 
 def _plan_fimi(scenario: Scenario, policy: str, rng, search: str, settings: CrossEntropySettings) -> Plan:
     problem = FimiProblem.build(scenario, allow_synthetic=(policy != "tfl"))
     trace = SearchTrace()
-    eta = search_time_split(problem, search, rng, settings, trace)
+    eta_min, eta_max = problem.eta_bounds()
+    # A device that cannot meet T_max on its own leaves nothing to search.
+    eta = search_time_split(problem, search, rng, settings, trace) if np.all(eta_min < eta_max) else None
     ids = scenario.devices.ids
     if eta is None:
         return Plan(policy, False, ids, reasons=diagnose_fimi(problem), trace=trace)
