@@ -1,0 +1,303 @@
+"""The upload codec: unbiased stochastic quantization (seed 000, eq. 1), bit-packed.
+
+Why a real codec: the cost model charges an upload S = M * bits (+ headers); the client must
+send exactly that, and the server must turn it back into an unbiased estimate of the update.
+
+Per tensor, with `bits` in 2..31, each element costs one sign bit and `bits - 1` bits of
+level index, so there are L = 2**(bits - 1) magnitude levels, uniform on [lo, hi]:
+
+    level_j = lo + j * s,   s = (hi - lo) / (L - 1),   j = 0 .. L - 1
+
+where lo and hi are the smallest and largest non-zero |w| of the tensor (eq. 2 of the
+paper is garbled; this is its evident intent). A magnitude between two levels rounds to
+the upper one with probability (|w| - level_j) / s, else to the lower one (eq. 1), so
+E[w_hat] = w.
+
+Zeros stay zero. The code "sign = 1 (negative), index = 0" is reserved for an exact 0, so
+no header flag or bitmap is needed. The price is paid by negative values only: a negative
+magnitude in the lowest interval [lo, lo + s] rounds between 0 and level_1 = lo + s
+(still unbiased). If all non-zero magnitudes are equal (s would be 0), the encoder sets
+lo = 0 so that every value sits exactly on the top level and nothing collides with 0.
+
+Error bound, derived: an element rounded between neighbours a < |w| < b has variance
+(b - |w|)(|w| - a) <= (b - a)**2 / 4. Every interval has width s except the negative bottom
+one, of width lo + s. Hence
+
+    E||w - w_hat||^2 <= n * s**2 / 4 + n_low * ((lo + s)**2 - s**2) / 4
+                     <= n * (hi - lo)**2 / (4 (L - 1)**2) + n_low * lo * (lo + 2 s) / 4
+
+with n_low the negative elements in the bottom interval. For trained weights lo is tiny
+(some weight is nearly 0), so the first term -- (spread)^2 / (4 (L-1)^2) per element --
+is the bound in practice. `expected_squared_error` gives the exact expectation.
+
+bits = 32 sends raw float32 (no quantization). bits = 1 is rejected: a sign alone cannot
+carry an unbiased magnitude.
+
+Wire format (little-endian): a 16-byte payload header (magic, version, tensor count,
+CRC-32 of everything after it), then per tensor a 40-byte header (dtype, bits, ndim, up to
+6 dims, lo, hi as float32) followed by ceil(n * bits / 8) bytes of packed codes (MSB
+first). `payload_bytes` gives the exact size from the element counts alone.
+"""
+
+from __future__ import annotations
+
+import struct
+import zlib
+from collections.abc import Sequence
+
+import numpy as np
+
+MAGIC = b"FFQC"
+VERSION = 1
+MAX_NDIM = 6
+_PAYLOAD_HEADER = struct.Struct("<4sB3xII")  # magic, version, tensor count, crc32
+_TENSOR_HEADER = struct.Struct("<BBB1x6Iff")  # dtype code, bits, ndim, shape[6], lo, hi
+PAYLOAD_HEADER_BYTES = _PAYLOAD_HEADER.size
+TENSOR_HEADER_BYTES = _TENSOR_HEADER.size
+MIN_BITS, MAX_BITS = 2, 32
+
+# Decoded tensors come back in the dtype they were sent in.
+_DTYPES = {0: np.dtype(np.float32), 1: np.dtype(np.float64), 2: np.dtype(np.float16)}
+_DTYPE_CODES = {dt: code for code, dt in _DTYPES.items()}
+
+
+def check_bits(bits: int) -> int:
+    if isinstance(bits, bool) or not isinstance(bits, (int, np.integer)) or not MIN_BITS <= bits <= MAX_BITS:
+        raise ValueError(f"bits must be an integer in {MIN_BITS}..{MAX_BITS} (1 bit cannot carry an "
+                         f"unbiased magnitude), got {bits!r}")
+    return int(bits)
+
+
+def packed_bytes(num_elements: int, bits: int) -> int:
+    """Bytes of packed codes for one tensor: ceil(n * bits / 8)."""
+    return (int(num_elements) * check_bits(bits) + 7) // 8
+
+
+def payload_bytes(num_elements_per_tensor: Sequence[int], bits: int) -> int:
+    """Exact size of `encode(arrays, bits)` given only each tensor's element count."""
+    sizes = list(num_elements_per_tensor)
+    return PAYLOAD_HEADER_BYTES + sum(TENSOR_HEADER_BYTES + packed_bytes(n, bits) for n in sizes)
+
+
+def num_levels(bits: int) -> int:
+    """L: magnitude levels per sign for a given bit width (quantized widths only)."""
+    return 2 ** (check_bits(bits) - 1)
+
+
+def quantization_grid(w: np.ndarray) -> tuple[float, float]:
+    """(lo, hi) of the level grid: min and max non-zero |w| as float32 (lo = 0 when they coincide)."""
+    mag = np.abs(np.asarray(w, dtype=np.float32)).ravel()
+    nonzero = mag[mag > 0]
+    if nonzero.size == 0:
+        return 0.0, 0.0
+    lo, hi = float(nonzero.min()), float(nonzero.max())
+    return (0.0 if lo == hi else lo), hi
+
+
+def element_variance(w: np.ndarray, bits: int) -> np.ndarray:
+    """Exact per-element Var(w_hat) = E(w_hat - w)^2 of the quantizer (0 at 32 bits: raw floats).
+
+    An element rounded between neighbours a <= |w| <= b has variance (b - |w|)(|w| - a).
+    """
+    bits = check_bits(bits)
+    w = np.asarray(w, dtype=np.float32).ravel().astype(np.float64)
+    lo, hi = quantization_grid(w)
+    if bits == 32 or hi == 0:
+        return np.zeros_like(w)
+    step = (hi - lo) / (num_levels(bits) - 1)
+    mag = np.abs(w)
+    lower_index = np.clip(np.floor((mag - lo) / step), 0, num_levels(bits) - 2)
+    lower, upper = lo + lower_index * step, lo + (lower_index + 1) * step
+    lower = np.where((w < 0) & (lower_index == 0), 0.0, lower)  # the negative bottom interval
+    return np.where(w == 0, 0.0, np.maximum((upper - mag) * (mag - lower), 0.0))
+
+
+def expected_squared_error(arrays: Sequence[np.ndarray], bits: int) -> float:
+    """Exact E||w - w_hat||^2 over all tensors (at 32 bits: the float32 rounding of the input)."""
+    if check_bits(bits) == 32:
+        return float(sum(np.sum((np.asarray(a, np.float64) - np.asarray(a, np.float32)) ** 2) for a in arrays))
+    return float(sum(element_variance(a, bits).sum() for a in arrays))
+
+
+def error_bound(arrays: Sequence[np.ndarray], bits: int) -> float:
+    """The documented upper bound n s^2/4 + n_low lo (lo + 2s)/4, summed over tensors."""
+    bits = check_bits(bits)
+    if bits == 32:
+        return expected_squared_error(arrays, bits)
+    total = 0.0
+    for a in arrays:
+        w = np.asarray(a, dtype=np.float32).ravel()
+        lo, hi = quantization_grid(w)
+        step = (hi - lo) / (num_levels(bits) - 1)
+        n_low = int(np.count_nonzero((w < 0) & (np.abs(w) <= lo + step)))
+        total += w.size * step ** 2 / 4 + n_low * lo * (lo + 2 * step) / 4
+    return total
+
+
+# ---------------------------------------------------------------- quantize / dequantize
+
+def quantize(w: np.ndarray, bits: int, rng: np.random.Generator) -> tuple[np.ndarray, float, float]:
+    """Codes (uint32, sign bit on top of the level index) and the grid (lo, hi) of one tensor."""
+    levels = num_levels(bits)
+    w32 = np.asarray(w, dtype=np.float32).ravel()
+    lo, hi = quantization_grid(w32)
+    if hi == 0:  # all zeros: every element is the reserved zero code
+        return np.full(w32.size, levels, dtype=np.uint32), 0.0, 0.0
+    mag = np.abs(w32).astype(np.float64)
+    negative = w32 < 0
+    step = (hi - lo) / (levels - 1)
+    position = (mag - lo) / step  # in [0, L-1] for non-zero magnitudes
+    lower = np.clip(np.floor(position), 0, levels - 2)
+    frac = position - lower
+    # Negative values in the bottom interval round between 0 and level 1 (level 0 of the
+    # negative side is the zero code): P(up) = |w| / (lo + s) keeps them unbiased.
+    negative_bottom = negative & (lower == 0)
+    frac = np.where(negative_bottom, mag / (lo + step), frac)
+    up = rng.random(w32.size) < frac
+    index = (lower + up).astype(np.uint32)
+    index[w32 == 0] = 0
+    codes = index | (negative | (w32 == 0)).astype(np.uint32) << np.uint32(bits - 1)
+    return codes, lo, hi
+
+
+def dequantize(codes: np.ndarray, bits: int, lo: float, hi: float) -> np.ndarray:
+    levels = num_levels(bits)
+    index = codes & np.uint32(levels - 1)
+    negative = (codes >> np.uint32(bits - 1)).astype(bool)
+    step = (hi - lo) / (levels - 1)
+    mag = lo + index.astype(np.float64) * step
+    values = np.where(negative, -mag, mag)
+    values[negative & (index == 0)] = 0.0
+    return values.astype(np.float32)
+
+
+# ---------------------------------------------------------------- bit packing
+
+def pack_codes(codes: np.ndarray, bits: int) -> bytes:
+    """Pack each uint32 code into `bits` bits, MSB first, zero-padded to a whole byte."""
+    codes = np.ascontiguousarray(codes, dtype=np.uint32)
+    n = codes.size
+    if bits == 8:
+        return codes.astype(np.uint8).tobytes()
+    if bits == 16:
+        return codes.astype(">u2").tobytes()
+    if bits == 32:
+        return codes.astype(">u4").tobytes()
+    if bits < 8:
+        # 8 codes of b bits fill exactly b bytes: build one uint64 per group of 8.
+        groups = np.zeros(-(-n // 8) * 8, dtype=np.uint64)
+        groups[:n] = codes
+        groups = groups.reshape(-1, 8)
+        shifts = (np.arange(7, -1, -1, dtype=np.uint64) * np.uint64(bits))
+        words = np.bitwise_or.reduce(groups << shifts, axis=1)
+        out = words.astype(">u8").view(np.uint8).reshape(-1, 8)[:, 8 - bits:]
+        return out.tobytes()[:packed_bytes(n, bits)]
+    # Any other width: expand to a bit matrix, keep the low `bits` columns, repack.
+    bit_matrix = np.unpackbits(codes.astype(">u4").view(np.uint8).reshape(n, 4), axis=1)
+    return np.packbits(bit_matrix[:, 32 - bits:].ravel()).tobytes()
+
+
+def unpack_codes(data: bytes | memoryview | np.ndarray, n: int, bits: int) -> np.ndarray:
+    """Inverse of `pack_codes`: n uint32 codes from ceil(n * bits / 8) bytes."""
+    raw = np.frombuffer(data, dtype=np.uint8)
+    if bits == 8:
+        return raw.astype(np.uint32)
+    if bits == 16:
+        return raw.view(">u2").astype(np.uint32)
+    if bits == 32:
+        return raw.view(">u4").astype(np.uint32)
+    if bits < 8:
+        groups = -(-n // 8)
+        padded = np.zeros(groups * bits, dtype=np.uint8)
+        padded[:raw.size] = raw
+        words = np.zeros((groups, 8), dtype=np.uint8)
+        words[:, 8 - bits:] = padded.reshape(groups, bits)
+        words = words.view(">u8").ravel().astype(np.uint64)
+        shifts = np.arange(7, -1, -1, dtype=np.uint64) * np.uint64(bits)
+        codes = (words[:, None] >> shifts) & np.uint64((1 << bits) - 1)
+        return codes.ravel()[:n].astype(np.uint32)
+    bit_matrix = np.zeros((n, 32), dtype=np.uint8)
+    bit_matrix[:, 32 - bits:] = np.unpackbits(raw, count=n * bits).reshape(n, bits)
+    return np.packbits(bit_matrix, axis=1).view(">u4").ravel().astype(np.uint32)
+
+
+# ---------------------------------------------------------------- payload
+
+def encode(arrays: Sequence[np.ndarray], bits: int, rng: np.random.Generator) -> bytes:
+    """Quantize and pack a list of float tensors (a model's weights or update) at `bits`."""
+    bits = check_bits(bits)
+    chunks: list[bytes] = []
+    for i, a in enumerate(arrays):
+        a = np.asarray(a)
+        if a.dtype not in _DTYPE_CODES:
+            raise ValueError(f"tensor {i}: dtype {a.dtype} is not a float16/32/64 tensor")
+        if a.ndim > MAX_NDIM:
+            raise ValueError(f"tensor {i}: {a.ndim} dimensions, the codec carries at most {MAX_NDIM}")
+        if any(d >= 2**32 for d in a.shape):
+            raise ValueError(f"tensor {i}: dimension too large for the header: {a.shape}")
+        if not np.all(np.isfinite(a)):
+            raise ValueError(f"tensor {i}: contains NaN or infinity")
+        if bits == 32:
+            lo = hi = 0.0
+            body = a.astype(np.float32).ravel().view(np.uint32)
+        else:
+            body, lo, hi = quantize(a, bits, rng)
+        shape = tuple(a.shape) + (0,) * (MAX_NDIM - a.ndim)
+        chunks.append(_TENSOR_HEADER.pack(_DTYPE_CODES[a.dtype], bits, a.ndim, *shape, lo, hi))
+        chunks.append(pack_codes(body, bits))
+    body_bytes = b"".join(chunks)
+    return _PAYLOAD_HEADER.pack(MAGIC, VERSION, len(arrays), zlib.crc32(body_bytes)) + body_bytes
+
+
+def decode(payload: bytes, expected_shapes: Sequence[tuple[int, ...]] | None = None) -> list[np.ndarray]:
+    """Unpack a payload; a truncated, corrupted or wrong-shape one raises ValueError saying why.
+
+    `expected_shapes` (the model's) lets the server reject an update for another model.
+    """
+    view = memoryview(payload)
+    if len(view) < PAYLOAD_HEADER_BYTES:
+        raise ValueError(f"payload of {len(view)} bytes is shorter than its {PAYLOAD_HEADER_BYTES}-byte header")
+    magic, version, count, crc = _PAYLOAD_HEADER.unpack_from(view, 0)
+    if magic != MAGIC:
+        raise ValueError(f"not a codec payload: magic {bytes(magic)!r}, expected {MAGIC!r}")
+    if version != VERSION:
+        raise ValueError(f"payload version {version}, this codec reads version {VERSION}")
+    if zlib.crc32(view[PAYLOAD_HEADER_BYTES:]) != crc:
+        raise ValueError("payload checksum mismatch: truncated or corrupted in transit")
+    if expected_shapes is not None and count != len(expected_shapes):
+        raise ValueError(f"payload has {count} tensors, the model has {len(expected_shapes)}")
+    out: list[np.ndarray] = []
+    offset = PAYLOAD_HEADER_BYTES
+    for i in range(count):
+        if offset + TENSOR_HEADER_BYTES > len(view):
+            raise ValueError(f"payload truncated in the header of tensor {i}")
+        dtype_code, bits, ndim, *rest = _TENSOR_HEADER.unpack_from(view, offset)
+        dims, lo, hi = rest[:MAX_NDIM], rest[MAX_NDIM], rest[MAX_NDIM + 1]
+        offset += TENSOR_HEADER_BYTES
+        if dtype_code not in _DTYPES:
+            raise ValueError(f"tensor {i}: unknown dtype code {dtype_code}")
+        if not MIN_BITS <= bits <= MAX_BITS:
+            raise ValueError(f"tensor {i}: bit width {bits} outside {MIN_BITS}..{MAX_BITS}")
+        if ndim > MAX_NDIM or any(dims[ndim:]):
+            raise ValueError(f"tensor {i}: malformed shape field (ndim {ndim}, dims {dims})")
+        if not (np.isfinite(lo) and np.isfinite(hi) and 0 <= lo <= hi):
+            raise ValueError(f"tensor {i}: invalid level range [{lo}, {hi}]")
+        shape = tuple(int(d) for d in dims[:ndim])
+        if expected_shapes is not None and shape != tuple(expected_shapes[i]):
+            raise ValueError(f"tensor {i}: shape {shape}, the model expects {tuple(expected_shapes[i])}")
+        n = int(np.prod(shape, dtype=np.int64))
+        size = packed_bytes(n, bits)
+        if offset + size > len(view):
+            raise ValueError(f"tensor {i}: needs {size} bytes of data, only {len(view) - offset} left")
+        codes = unpack_codes(view[offset:offset + size], n, bits)
+        offset += size
+        if bits == 32:
+            values = codes.view(np.float32)
+            if not np.all(np.isfinite(values)):
+                raise ValueError(f"tensor {i}: contains NaN or infinity")
+        else:
+            values = dequantize(codes, bits, lo, hi)
+        out.append(values.reshape(shape).astype(_DTYPES[dtype_code], copy=False))
+    if offset != len(view):
+        raise ValueError(f"{len(view) - offset} unexpected bytes after the last tensor")
+    return out
