@@ -44,4 +44,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # Run the imported module's main, not this __main__ copy: subcommands raise
+    # common.cli.UsageError, a different class from __main__.UsageError.
+    from common import cli
+
+    sys.exit(cli.main())

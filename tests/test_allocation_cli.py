@@ -1,0 +1,92 @@
+"""`fedfill scenario` and `fedfill plan` as a user runs them: real processes, exit codes, JSON."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def fedfill(*args, stdin=None):
+    return subprocess.run([sys.executable, "-m", "common.cli", *args], cwd=ROOT, input=stdin,
+                          capture_output=True, text=True, timeout=120)
+
+
+@pytest.fixture(scope="module")
+def scenario_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("plan") / "s.json"
+    done = fedfill("scenario", "--preset", "fimi", "--devices", "6", "--seed", "0", "--out", str(path))
+    assert done.returncode == 0, done.stderr
+    return path
+
+
+def test_plan_json_follows_the_contract_and_is_reproducible(scenario_file):
+    first = fedfill("plan", str(scenario_file), "--json", "--seed", "4")
+    second = fedfill("plan", str(scenario_file), "--json", "--seed", "4")
+    assert first.returncode == 0, first.stderr
+    plan = json.loads(first.stdout)
+    assert {"policy", "feasible", "energy_j", "latency_s", "devices"} <= plan.keys()
+    assert plan["feasible"] is True and plan["policy"] == "fimi"
+    for device in plan["devices"]:
+        assert {"id", "d_gen", "f_hz", "b_hz", "p_w", "eta", "bits", "t_cmp_s", "t_com_s", "e_cmp_j", "e_com_j",
+                "class_gen"} <= device.keys()
+        assert sum(device["class_gen"]) == round(device["d_gen"])
+    total = sum(d["e_cmp_j"] + d["e_com_j"] for d in plan["devices"])
+    assert plan["energy_j"] == pytest.approx(total, rel=1e-12)
+    assert json.loads(second.stdout)["devices"] == plan["devices"]
+
+
+def test_plan_table_names_every_device(scenario_file):
+    done = fedfill("plan", str(scenario_file), "--policy", "tfl")
+    assert done.returncode == 0
+    scenario = json.loads(scenario_file.read_text())
+    assert all(d["id"] in done.stdout for d in scenario["devices"])
+    assert "energy" in done.stdout
+
+
+def test_ondemand_preset_plans_with_bits_from_the_demand():
+    scenario = fedfill("scenario", "--preset", "ondemand", "--devices", "4")
+    done = fedfill("plan", "-", "--policy", "ondemand", "--json", stdin=scenario.stdout)
+    assert done.returncode == 0, done.stderr
+    assert all(6 <= d["bits"] <= 8 for d in json.loads(done.stdout)["devices"])
+
+
+def test_infeasible_scenario_exits_2_with_the_reason(scenario_file):
+    data = json.loads(scenario_file.read_text())
+    data["system"]["t_max_s"] = 0.5
+    done = fedfill("plan", "-", "--json", stdin=json.dumps(data))
+    assert done.returncode == 2
+    out = json.loads(done.stdout)
+    assert out["feasible"] is False and out["reasons"][0]["constraint"] == "latency"
+    table = fedfill("plan", "-", stdin=json.dumps(data))
+    assert table.returncode == 2 and "infeasible" in table.stdout
+
+
+@pytest.mark.parametrize("mutate,expected", [
+    (lambda d: d["devices"][1].pop("gain"), "device 'dev0001': missing field 'gain'"),
+    (lambda d: d["devices"][2].__setitem__("f_max_hz", -1e9), "device 'dev0002': field 'f_max_hz' must be positive"),
+    (lambda d: d["devices"][0].__setitem__("eps", float("nan")), "device 'dev0000': field 'eps' must be finite"),
+    (lambda d: d["system"].pop("zeta"), "system: missing field 'zeta'"),
+    (lambda d: d["devices"][3].__setitem__("bits", 40), "device 'dev0003': field 'bits'"),
+    (lambda d: d["devices"][4].__setitem__("class_counts", [1, 2]), "device 'dev0004': class_counts sum"),
+])
+def test_malformed_scenarios_exit_2_naming_field_and_device(scenario_file, mutate, expected):
+    data = json.loads(scenario_file.read_text())
+    mutate(data)
+    done = fedfill("plan", "-", stdin=json.dumps(data))
+    assert done.returncode == 2
+    assert expected in done.stderr
+    assert "Traceback" not in done.stderr
+
+
+def test_unknown_policy_and_missing_file_exit_2(scenario_file, tmp_path):
+    done = fedfill("plan", str(scenario_file), "--policy", "magic")
+    assert done.returncode == 2 and "unknown policy 'magic'" in done.stderr
+    done = fedfill("plan", str(tmp_path / "nope.json"))
+    assert done.returncode == 2 and "cannot read scenario" in done.stderr and "Traceback" not in done.stderr
+    (tmp_path / "bad.json").write_text("{not json")
+    done = fedfill("plan", str(tmp_path / "bad.json"))
+    assert done.returncode == 2 and "not valid JSON" in done.stderr
