@@ -3,11 +3,22 @@
 Every consumer (generator training, learning-curve fitting, client partitions, central
 evaluation) takes its share from `split_dataset`, so the public data that trains the
 generator never overlaps the clients' data or the test set.
+
+`load_dataset` reads the embedded digits or a real dataset from a local directory in its
+published format (no machine here reaches a dataset hub, and torchvision has no CPU build):
+CIFAR-10 python batches, GTSRB training folders, Fashion-MNIST idx files, CINIC-10 PNG
+folders. By default the published train and test parts are merged (`part="all"`), because
+`split_dataset` makes the project's own stratified public / clients / test split.
 """
 
 from __future__ import annotations
 
+import gzip
+import pickle
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
@@ -74,3 +85,276 @@ def split_dataset(ds: ImageDataset, public_fraction: float = 0.25, test_fraction
         parts["test"].append(idx[n_pub:n_pub + n_test])
         parts["clients"].append(idx[n_pub + n_test:])
     return DatasetSplit(**{k: ds.subset(np.sort(np.concatenate(v))) for k, v in parts.items()})
+
+
+# ---------------------------------------------------------------- real datasets from disk
+
+CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
+FASHION_MNIST_CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker",
+                         "Bag", "Ankle boot")
+GTSRB_NUM_CLASSES = 43
+GTSRB_IMAGE_SIZE = 32
+
+
+def load_dataset(name: str, root: str | Path | None = None, part: str = "all") -> ImageDataset:
+    """Load a dataset by name: "digits" (embedded; root ignored), "cifar10", "gtsrb",
+    "fashion-mnist" or "cinic10" from `root` in its published layout.
+
+    part: "all" (every published part merged), "train" or "test" ("valid" too for CINIC-10).
+    A missing directory or file raises FileNotFoundError, a malformed one ValueError; both
+    name the path and what was expected there.
+    """
+    key = name.lower().replace("-", "").replace("_", "")
+    if key == "digits":
+        if part != "all":
+            raise ValueError("digits has no published train/test parts: use part='all'")
+        return load_digits()
+    loaders: dict[str, Callable[[Path, str], ImageDataset]] = {
+        "cifar10": _load_cifar10, "gtsrb": _load_gtsrb, "fashionmnist": _load_fashion_mnist,
+        "fmnist": _load_fashion_mnist, "cinic10": _load_cinic10,
+    }
+    if key not in loaders:
+        raise ValueError(f"unknown dataset {name!r}: expected digits, cifar10, gtsrb, fashion-mnist or cinic10")
+    if root is None:
+        raise ValueError(f"dataset {name!r} is read from a local directory: give its root")
+    root = Path(root)
+    if not root.is_dir():
+        raise FileNotFoundError(f"{root}: no such directory (the {name} dataset root)")
+    return loaders[key](root, part)
+
+
+def _check_part(part: str, allowed: tuple[str, ...], name: str) -> tuple[str, ...]:
+    """The published parts that `part` selects."""
+    if part == "all":
+        return allowed
+    if part not in allowed:
+        raise ValueError(f"{name} has parts {', '.join(allowed)} (or 'all'), not {part!r}")
+    return (part,)
+
+
+def _concat(datasets: list[ImageDataset]) -> ImageDataset:
+    return ImageDataset(np.concatenate([d.images for d in datasets]),
+                        np.concatenate([d.labels for d in datasets]), datasets[0].class_names)
+
+
+class _NumpyOnlyUnpickler(pickle.Unpickler):
+    """Unpickles the CIFAR batches (dicts of lists and numpy arrays) and refuses anything else,
+    so a crafted file in the data directory cannot run code."""
+
+    ALLOWED = {("numpy._core.multiarray", "_reconstruct"), ("numpy", "ndarray"), ("numpy", "dtype"),
+               ("numpy._core.multiarray", "scalar"),
+               ("_codecs", "encode")}  # how Python 3 writes bytes at protocol 2
+
+    def find_class(self, module: str, name: str):
+        module = module.replace("numpy.core", "numpy._core", 1) if module.startswith("numpy.core") else module
+        if (module, name) not in self.ALLOWED:
+            raise pickle.UnpicklingError(f"refusing to load {module}.{name}")
+        return super().find_class(module, name)
+
+
+def _read_cifar_pickle(path: Path) -> dict:
+    try:
+        with open(path, "rb") as f:
+            batch = _NumpyOnlyUnpickler(f, encoding="bytes").load()
+    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError) as err:
+        raise ValueError(f"{path}: not a CIFAR-10 python batch ({err})") from err
+    if not isinstance(batch, dict):
+        raise ValueError(f"{path}: expected a pickled dict, got {type(batch).__name__}")
+    # The published files were written by Python 2: keys come back as bytes.
+    return {k.decode() if isinstance(k, bytes) else k: v for k, v in batch.items()}
+
+
+def _load_cifar10(root: Path, part: str) -> ImageDataset:
+    """CIFAR-10 "python version": data_batch_1..5 and test_batch (dicts with 'data' [N, 3072]
+    uint8, channel-major 32x32, and 'labels'), batches.meta with 'label_names'."""
+    folder = root / "cifar-10-batches-py" if (root / "cifar-10-batches-py").is_dir() else root
+    files = {"train": [f"data_batch_{i}" for i in range(1, 6)], "test": ["test_batch"]}
+    class_names = CIFAR10_CLASSES
+    if (folder / "batches.meta").is_file():
+        names = _read_cifar_pickle(folder / "batches.meta").get("label_names")
+        if not names or len(names) != 10:
+            raise ValueError(f"{folder / 'batches.meta'}: expected 10 label_names, got {names!r}")
+        class_names = tuple(n.decode() if isinstance(n, bytes) else str(n) for n in names)
+    parts = []
+    for p in _check_part(part, ("train", "test"), "cifar10"):
+        for filename in files[p]:
+            path = folder / filename
+            if not path.is_file():
+                raise FileNotFoundError(f"{path}: missing; expected CIFAR-10 python batches "
+                                        f"data_batch_1..5, test_batch, batches.meta in {folder}")
+            batch = _read_cifar_pickle(path)
+            data, labels = batch.get("data"), batch.get("labels")
+            if not isinstance(data, np.ndarray) or data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3072:
+                raise ValueError(f"{path}: 'data' must be a uint8 array [N, 3072], got "
+                                 f"{getattr(data, 'dtype', type(data).__name__)} {getattr(data, 'shape', '')}")
+            labels = np.asarray(labels, dtype=np.int64) if labels is not None else None
+            if labels is None or labels.shape != (len(data),) or labels.min(initial=0) < 0 or labels.max(initial=0) > 9:
+                raise ValueError(f"{path}: 'labels' must be {len(data)} integers in 0..9")
+            images = data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)
+            parts.append(ImageDataset(np.ascontiguousarray(images), labels, class_names))
+    return _concat(parts)
+
+
+def _read_image(path: Path, box: tuple[int, int, int, int] | None = None, size: int | None = None) -> np.ndarray:
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as img:
+            img = img.convert("RGB")
+            if box is not None:
+                img = img.crop(box)
+            if size is not None and img.size != (size, size):
+                img = img.resize((size, size), Image.BILINEAR)
+            return np.asarray(img, dtype=np.uint8)
+    except (UnidentifiedImageError, OSError) as err:
+        raise ValueError(f"{path}: unreadable image ({err})") from err
+
+
+def _read_images(jobs: list[tuple], reader: Callable[..., np.ndarray] = _read_image) -> np.ndarray:
+    """Decode many image files on a few threads (Pillow releases the GIL while decoding)."""
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        return np.stack(list(pool.map(lambda job: reader(*job), jobs, chunksize=256)))
+
+
+def _gtsrb_images_dir(root: Path, folder: str) -> Path | None:
+    for candidate in (root / "GTSRB" / folder / "Images", root / folder / "Images"):
+        if candidate.is_dir():
+            return candidate
+    return None
+
+
+def _read_gtsrb_csv(csv_path: Path, image_dir: Path) -> tuple[list[tuple], list[int]]:
+    """Rows of a GT-*.csv (Filename;Width;Height;Roi.X1;Roi.Y1;Roi.X2;Roi.Y2;ClassId)."""
+    lines = csv_path.read_text().splitlines()
+    header = lines[0].strip().split(";") if lines else []
+    needed = ["Filename", "Roi.X1", "Roi.Y1", "Roi.X2", "Roi.Y2", "ClassId"]
+    if any(col not in header for col in needed):
+        raise ValueError(f"{csv_path}: expected ';'-separated columns {';'.join(needed)} (with Width;Height), "
+                         f"got {lines[0] if lines else 'an empty file'!r}")
+    col = {name: header.index(name) for name in needed}
+    jobs, labels = [], []
+    for number, line in enumerate(lines[1:], start=2):
+        if not line.strip():
+            continue
+        fields = line.strip().split(";")
+        try:
+            x1, y1, x2, y2, label = (int(fields[col[c]]) for c in needed[1:])
+        except (IndexError, ValueError) as err:
+            raise ValueError(f"{csv_path}, line {number}: malformed row {line!r}") from err
+        if not 0 <= label < GTSRB_NUM_CLASSES:
+            raise ValueError(f"{csv_path}, line {number}: ClassId {label} outside 0..{GTSRB_NUM_CLASSES - 1}")
+        # The ROI corners are inclusive pixel coordinates; PIL's crop box excludes its far edge.
+        jobs.append((image_dir / fields[col["Filename"]], (x1, y1, x2 + 1, y2 + 1), GTSRB_IMAGE_SIZE))
+        labels.append(label)
+    return jobs, labels
+
+
+def _load_gtsrb(root: Path, part: str) -> ImageDataset:
+    """GTSRB: Final_Training/Images/<5-digit class>/GT-<class>.csv plus .ppm images; "test" reads
+    Final_Test/Images with the GT-final_test.csv ground truth ("all" includes it when that
+    folder exists). Signs are cropped to their ROI and resized to 32x32."""
+    class_names = tuple(f"{c:05d}" for c in range(GTSRB_NUM_CLASSES))
+    jobs: list[tuple] = []
+    labels: list[int] = []
+    selected = _check_part(part, ("train", "test"), "gtsrb")
+    if part == "all" and _gtsrb_images_dir(root, "Final_Test") is None:
+        selected = ("train",)  # the test images and their ground truth are separate downloads
+    for p in selected:
+        if p == "train":
+            images = _gtsrb_images_dir(root, "Final_Training")
+            if images is None:
+                raise FileNotFoundError(f"{root}: expected GTSRB/Final_Training/Images/<class>/GT-<class>.csv")
+            class_dirs = sorted(d for d in images.iterdir() if d.is_dir())
+            if not class_dirs:
+                raise FileNotFoundError(f"{images}: no class folders (00000 .. 00042)")
+            for class_dir in class_dirs:
+                csv_path = class_dir / f"GT-{class_dir.name}.csv"
+                if not csv_path.is_file():
+                    raise FileNotFoundError(f"{csv_path}: missing; each GTSRB class folder has its GT-<class>.csv")
+                j, l = _read_gtsrb_csv(csv_path, class_dir)
+                jobs += j
+                labels += l
+        else:
+            images = _gtsrb_images_dir(root, "Final_Test")
+            csv_path = next((c for c in [images / "GT-final_test.csv" if images else None,
+                                         root / "GT-final_test.csv", root / "GTSRB" / "GT-final_test.csv"]
+                             if c is not None and c.is_file()), None)
+            if images is None or csv_path is None:
+                raise FileNotFoundError(f"{root}: expected GTSRB/Final_Test/Images with GT-final_test.csv "
+                                        "(the test ground truth, shipped separately)")
+            j, l = _read_gtsrb_csv(csv_path, images)
+            jobs += j
+            labels += l
+    if not jobs:
+        raise ValueError(f"{root}: the GTSRB ground-truth files list no images")
+    return ImageDataset(_read_images(jobs), np.asarray(labels, dtype=np.int64), class_names)
+
+
+def _read_idx(path: Path, expected_ndim: int) -> np.ndarray:
+    """An idx file (big-endian header: two zero bytes, type 0x08 = uint8, ndim, int32 dims)."""
+    opener = gzip.open if path.suffix == ".gz" else open
+    try:
+        with opener(path, "rb") as f:
+            raw = f.read()
+    except (OSError, EOFError) as err:
+        raise ValueError(f"{path}: unreadable ({err})") from err
+    if len(raw) < 4 or raw[:2] != b"\0\0" or raw[2] != 0x08:
+        raise ValueError(f"{path}: not an unsigned-byte idx file (magic {raw[:4].hex() or 'missing'}, "
+                         "expected 000008xx)")
+    ndim = raw[3]
+    if ndim != expected_ndim or len(raw) < 4 + 4 * ndim:
+        raise ValueError(f"{path}: idx file with {ndim} dimensions, expected {expected_ndim}")
+    dims = tuple(int(d) for d in np.frombuffer(raw, ">i4", count=ndim, offset=4))
+    data = np.frombuffer(raw, np.uint8, offset=4 + 4 * ndim)
+    if data.size != int(np.prod(dims)):
+        raise ValueError(f"{path}: header says {dims} = {int(np.prod(dims))} values, file holds {data.size}")
+    return data.reshape(dims)
+
+
+def _find_file(folders: list[Path], stem: str) -> Path | None:
+    for folder in folders:
+        for candidate in (folder / stem, folder / f"{stem}.gz"):
+            if candidate.is_file():
+                return candidate
+    return None
+
+
+def _load_fashion_mnist(root: Path, part: str) -> ImageDataset:
+    """Fashion-MNIST idx files {train,t10k}-{images-idx3,labels-idx1}-ubyte[.gz], in root or
+    the FashionMNIST/raw layout of other tools."""
+    folders = [root, root / "FashionMNIST" / "raw", root / "fashion-mnist"]
+    parts = []
+    for p in _check_part(part, ("train", "test"), "fashion-mnist"):
+        prefix = "train" if p == "train" else "t10k"
+        paths = [_find_file(folders, f"{prefix}-{kind}-ubyte") for kind in ("images-idx3", "labels-idx1")]
+        if None in paths:
+            raise FileNotFoundError(f"{root}: expected {prefix}-images-idx3-ubyte[.gz] and "
+                                    f"{prefix}-labels-idx1-ubyte[.gz]")
+        images, labels = _read_idx(paths[0], 3), _read_idx(paths[1], 1)
+        if len(images) != len(labels):
+            raise ValueError(f"{paths[0]} holds {len(images)} images but {paths[1]} {len(labels)} labels")
+        if labels.size and labels.max() >= 10:
+            raise ValueError(f"{paths[1]}: labels must be in 0..9, found {labels.max()}")
+        parts.append(ImageDataset(np.ascontiguousarray(images[..., None]), labels.astype(np.int64),
+                                  FASHION_MNIST_CLASSES))
+    return _concat(parts)
+
+
+def _load_cinic10(root: Path, part: str) -> ImageDataset:
+    """CINIC-10: {train,valid,test}/<class>/*.png, 32x32 (grey ImageNet images become RGB)."""
+    jobs: list[tuple] = []
+    labels: list[int] = []
+    for p in _check_part(part, ("train", "valid", "test"), "cinic10"):
+        folder = root / p
+        if not folder.is_dir():
+            raise FileNotFoundError(f"{folder}: missing; expected CINIC-10 folders train/, valid/, test/ "
+                                    "each with one folder per class")
+        for class_dir in sorted(d for d in folder.iterdir() if d.is_dir()):
+            if class_dir.name not in CIFAR10_CLASSES:
+                raise ValueError(f"{class_dir}: unknown class folder; CINIC-10 has {', '.join(CIFAR10_CLASSES)}")
+            files = sorted(class_dir.glob("*.png"))
+            jobs += [(f, None, 32) for f in files]
+            labels += [CIFAR10_CLASSES.index(class_dir.name)] * len(files)
+    if not jobs:
+        raise FileNotFoundError(f"{root}: no <part>/<class>/*.png images found")
+    return ImageDataset(_read_images(jobs), np.asarray(labels, dtype=np.int64), CIFAR10_CLASSES)
