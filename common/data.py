@@ -75,16 +75,28 @@ def split_dataset(ds: ImageDataset, public_fraction: float = 0.25, test_fraction
     """Stratified three-way split; the same seed always gives the same split."""
     if not (0 < public_fraction < 1 and 0 < test_fraction < 1 and public_fraction + test_fraction < 1):
         raise ValueError("public_fraction and test_fraction must be in (0, 1) and sum to less than 1")
+    public, test, clients = stratified_split(ds, [public_fraction, test_fraction], seed)
+    return DatasetSplit(public=public, clients=clients, test=test)
+
+
+def stratified_split(ds: ImageDataset, fractions: list[float], seed: int = 0) -> list[ImageDataset]:
+    """Parts holding `fractions` of every class (rounded per class), then one with the rest.
+
+    Keeping each class's share makes a held-out part a fair test even for small data.
+    """
+    if any(f < 0 for f in fractions) or sum(fractions) > 1:
+        raise ValueError(f"fractions must be non-negative and sum to at most 1, got {fractions}")
     rng = np.random.default_rng(seed)
-    parts: dict[str, list[np.ndarray]] = {"public": [], "clients": [], "test": []}
+    parts: list[list[np.ndarray]] = [[] for _ in range(len(fractions) + 1)]
     for c in range(ds.num_classes):
         idx = rng.permutation(np.flatnonzero(ds.labels == c))
-        n_pub = int(round(public_fraction * len(idx)))
-        n_test = int(round(test_fraction * len(idx)))
-        parts["public"].append(idx[:n_pub])
-        parts["test"].append(idx[n_pub:n_pub + n_test])
-        parts["clients"].append(idx[n_pub + n_test:])
-    return DatasetSplit(**{k: ds.subset(np.sort(np.concatenate(v))) for k, v in parts.items()})
+        start = 0
+        for part, fraction in zip(parts, fractions):
+            count = int(round(fraction * len(idx)))
+            part.append(idx[start:start + count])
+            start += count
+        parts[-1].append(idx[start:])
+    return [ds.subset(np.sort(np.concatenate(p))) for p in parts]
 
 
 # ---------------------------------------------------------------- real datasets from disk
