@@ -1,0 +1,1 @@
+"""The Flower ClientApp: device profile, mixed local + synthetic data, training, quantized upload."""

@@ -1,0 +1,57 @@
+"""The federated job's settings, read from Flower's run config by the ServerApp and the
+ClientApps alike, so both sides agree on the data split, the model and the device fleet.
+
+Keys are Flower run-config keys (kebab-case, as in pyproject's [tool.flwr.app.config]).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+
+from common.data import DatasetSplit, ImageDataset, load_digits, split_dataset
+
+
+@dataclass(frozen=True)
+class JobConfig:
+    dataset: str = "digits"
+    data_dir: str = ""  # where a real dataset lives (CIFAR-10, GTSRB, Fashion-MNIST, CINIC-10)
+    num_partitions: int = 10  # devices in the fleet (SuperNodes)
+    dirichlet_alpha: float = 0.3
+    seed: int = 0
+    rounds: int = 20
+    policy: str = "fimi"
+    local_epochs: int = 1  # tau
+    lr: float = 0.02
+    batch_size: int = 64
+    t_max_s: float = 60.0
+    generator_address: str = ""  # host:port of the generation service; empty: no synthetic data
+    generator_steps: int = 20
+    generator_guidance: float = 2.0
+    out_dir: str = "runs/latest"
+    node_wait_s: float = 60.0
+    reply_timeout_s: float = 600.0
+
+    @classmethod
+    def from_run_config(cls, run_config: dict) -> "JobConfig":
+        values = {}
+        for f in fields(cls):
+            key = f.name.replace("_", "-")
+            if key in run_config:
+                values[f.name] = type(f.default)(run_config[key])
+        return cls(**values)
+
+    def to_run_config(self) -> dict:
+        return {f.name.replace("_", "-"): getattr(self, f.name) for f in fields(self)}
+
+
+def load_job_dataset(job: JobConfig) -> ImageDataset:
+    if job.dataset == "digits":
+        return load_digits()
+    from common.data import load_dataset  # real datasets from a local directory
+
+    return load_dataset(job.dataset, job.data_dir or None)
+
+
+def job_split(job: JobConfig) -> DatasetSplit:
+    """The public / clients / test split every process of the job derives the same way."""
+    return split_dataset(load_job_dataset(job), seed=job.seed)

@@ -1,0 +1,1 @@
+"""The Flower ServerApp: run config -> strategy, central evaluation, checkpoints, reports."""
