@@ -16,6 +16,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "plan": ("strategies.allocation.cli_plan", "solve the per-device allocation for a scenario"),
     "fit-learning": ("common.learning_curve", "measure and fit the learning model delta = alpha D^-beta - gamma"),
     "generator": ("generation.cli", "train, sample from or serve the class-conditional diffusion model"),
+    "run": ("server.cli_run", "run the federated FIMI job on Flower and write its report"),
 }
 
 

@@ -1,0 +1,141 @@
+"""`fedfill run`: the FIMI job on Flower's simulation engine, from one command.
+
+It writes a private Flower home (config.toml with the number of virtual SuperNodes) into the
+output directory, runs `flwr run` against a local simulation SuperLink on free ports, shows
+each round as the report grows, and ends the SuperLink that `flwr run` leaves behind.
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from common.cli import UsageError
+from common.job import JobConfig
+
+PROJECT_DIR = Path(__file__).resolve().parents[1]
+
+
+def add_arguments(parser) -> None:
+    defaults = JobConfig()
+    parser.add_argument("--engine", choices=("simulation",), default="simulation",
+                        help="Flower engine (the deployment engine is being built)")
+    parser.add_argument("--nodes", type=int, default=defaults.num_partitions, help="number of devices (SuperNodes)")
+    parser.add_argument("--rounds", type=int, default=defaults.rounds)
+    parser.add_argument("--policy", default=defaults.policy, choices=("fimi", "tfl", "hdc", "fimi+ondemand"))
+    parser.add_argument("--dataset", default=defaults.dataset, help="digits (embedded) or cifar10/gtsrb/fmnist/cinic10")
+    parser.add_argument("--data-dir", default="", help="where a real dataset lives")
+    parser.add_argument("--alpha", type=float, default=defaults.dirichlet_alpha, help="Dirichlet concentration of the split")
+    parser.add_argument("--seed", type=int, default=defaults.seed)
+    parser.add_argument("--generator", default="", metavar="HOST:PORT", help="generation service address (none: no synthetic data)")
+    parser.add_argument("--out", default="runs/latest", help="report directory (default: runs/latest)")
+    parser.add_argument("--timeout", type=float, default=3600.0, help="give up after this many seconds")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _toml_value(value) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    return repr(value)
+
+
+def _end_processes_mentioning(marker: str) -> None:
+    """SIGTERM (then SIGKILL) every process whose command line holds marker, with its group."""
+    for pid_dir in Path("/proc").iterdir():
+        if not pid_dir.name.isdigit() or int(pid_dir.name) == os.getpid():
+            continue
+        try:
+            cmdline = (pid_dir / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        if marker in cmdline:
+            pid = int(pid_dir.name)
+            for sig in (signal.SIGTERM, signal.SIGKILL):
+                try:
+                    os.killpg(os.getpgid(pid), sig)
+                    time.sleep(1.0)
+                except (ProcessLookupError, PermissionError):
+                    break
+
+
+def run(args) -> int:
+    if args.nodes < 1 or args.rounds < 1:
+        raise UsageError("--nodes and --rounds must be at least 1")
+    if not (PROJECT_DIR / "pyproject.toml").exists():
+        raise UsageError(f"fedfill must be installed from its source tree (pip install -e); no pyproject.toml in {PROJECT_DIR}")
+    if args.dataset != "digits":
+        from common.data import load_dataset
+
+        try:  # fail here, with the reason, rather than inside every ClientApp
+            load_dataset(args.dataset, args.data_dir or None)
+        except (FileNotFoundError, ValueError) as err:
+            raise UsageError(str(err)) from None
+    out = Path(args.out).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    job = JobConfig(dataset=args.dataset, data_dir=args.data_dir, num_partitions=args.nodes,
+                    dirichlet_alpha=args.alpha, seed=args.seed, rounds=args.rounds, policy=args.policy,
+                    generator_address=args.generator, out_dir=str(out))
+    (out / "run_config.toml").write_text("".join(f"{k} = {_toml_value(v)}\n" for k, v in job.to_run_config().items()))
+    home = out / ".flwr"
+    home.mkdir(exist_ok=True)
+    (home / "config.toml").write_text(
+        '[superlink]\ndefault = "local"\n\n[superlink.local]\naddress = ":local:"\n'
+        f"options.num-supernodes = {args.nodes}\noptions.backend.client-resources.num-cpus = 1\n")
+    control_port = _free_port()
+    env = {**os.environ, "FLWR_HOME": str(home), "FLWR_LOCAL_CONTROL_API_PORT": str(control_port),
+           "FLWR_LOCAL_SUPERLINK_HTTP_API_PORT": str(_free_port()), "FLWR_DISABLE_UPDATE_CHECK": "1"}
+    for stale in out.glob("plan_round_*.json"):
+        stale.unlink()
+    (out / "rounds.csv").unlink(missing_ok=True)
+    command = ["flwr", "run", str(PROJECT_DIR), "local", "--run-config", str(out / "run_config.toml"), "--stream"]
+    print(f"fedfill run: {args.policy} on {args.dataset}, {args.nodes} nodes, {args.rounds} rounds -> {out}")
+    started = time.monotonic()
+    with open(out / "flwr.log", "w") as log_file:
+        process = subprocess.Popen(command, cwd=PROJECT_DIR, env=env, stdout=log_file, stderr=subprocess.STDOUT,
+                                   start_new_session=True)
+        try:
+            shown = _follow(process, out / "rounds.csv", started, args.timeout)
+        finally:
+            if process.poll() is None:
+                os.killpg(process.pid, signal.SIGTERM)
+            _end_processes_mentioning(f"127.0.0.1:{control_port}")
+    if process.returncode != 0 or shown <= args.rounds:
+        tail = (out / "flwr.log").read_text(errors="replace").splitlines()[-15:]
+        print("fedfill run: the Flower run did not finish; last lines of flwr.log:", *tail, sep="\n  ", file=sys.stderr)
+        return 1
+    print(f"report: {out}/rounds.csv, summary.json, accuracy.png, plan_round_N.json ({time.monotonic() - started:.0f} s)")
+    return 0
+
+
+def _follow(process: subprocess.Popen, rounds_csv: Path, started: float, timeout: float) -> int:
+    """Print each new report row while Flower runs; returns how many rows were shown."""
+    shown = 0
+    while True:
+        finished = process.poll() is not None
+        if rounds_csv.exists():
+            with open(rounds_csv) as fh:
+                rows = list(csv.DictReader(fh))
+            for row in rows[shown:]:
+                print(f"  round {int(row['round']):3d}  accuracy {float(row['accuracy']):.4f}  "
+                      f"energy {float(row['energy_j']):9.3f} J  uplink {int(row['uplink_bytes']) / 1e6:8.2f} MB  "
+                      f"[{time.monotonic() - started:5.0f} s]", flush=True)
+            shown = len(rows)
+        if finished:
+            return shown
+        if time.monotonic() - started > timeout:
+            print(f"fedfill run: no end after {timeout:.0f} s, stopping", file=sys.stderr)
+            return shown
+        time.sleep(1.0)
