@@ -1,0 +1,60 @@
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from common.cli import main
+from common.learning_curve import DEFAULT_FITS_DIR
+from strategies.allocation.learning import LearningModel
+
+
+@pytest.fixture
+def one_torch_thread():
+    before = torch.get_num_threads()
+    yield
+    torch.set_num_threads(before)  # fit-learning sets its own thread count
+
+
+def test_fit_learning_writes_a_valid_fit_and_plot(tmp_path, capsys, one_torch_thread):
+    out, png = tmp_path / "fit.json", tmp_path / "fit.png"
+    code = main(["fit-learning", "--sizes", "10", "20", "40", "80", "--seeds", "1", "--steps", "5",
+                 "-o", str(out), "--plot", str(png)])
+    assert code == 0
+    data = json.loads(out.read_text())
+    fit = LearningModel.load(out)
+    assert set(data) == {"alpha", "beta", "gamma", "samples", "errors", "residuals", "source"}
+    assert fit.samples == [10.0, 20.0, 40.0, 80.0]
+    assert all(0 <= e <= 1 for e in fit.errors)
+    assert all(math.isfinite(r) for r in fit.residuals)
+    assert np.allclose(fit.residuals, np.array(fit.errors) - fit.error(fit.samples))
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    printed = capsys.readouterr().out
+    assert "delta(D) =" in printed and "residual" in printed
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--sizes", "10", "20", "30"], "at least 4"),
+    (["--sizes", "10", "20", "30", "100000"], "public training part"),
+    (["--sizes", "10", "x", "30", "40"], "integers"),
+    (["--seeds", "0"], "--seeds"),
+    (["--holdout", "1.5"], "--holdout"),
+    (["--dataset", "cifar10"], "root"),
+])
+def test_bad_input_is_one_line_and_exit_2(tmp_path, capsys, argv, message):
+    assert main(["fit-learning", "-o", str(tmp_path / "f.json")] + argv) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1 and "Traceback" not in err
+    assert not (tmp_path / "f.json").exists()
+
+
+def test_stored_digits_fit_is_consistent():
+    """The committed fit that the FIMI job reads: residuals match its own parameters, and the
+    error it predicts falls with more data over the measured range."""
+    fit = LearningModel.load(DEFAULT_FITS_DIR / "digits.json")
+    samples = np.array(fit.samples)
+    assert len(np.unique(samples)) >= 4 and fit.beta > 0
+    assert np.allclose(fit.residuals, np.array(fit.errors) - fit.error(samples))
+    assert np.all(np.diff(fit.error(np.sort(samples))) < 0)
+    assert np.sqrt(np.mean(np.square(fit.residuals))) < 0.05
