@@ -34,7 +34,7 @@ bits = 32 sends raw float32 (no quantization). bits = 1 is rejected: a sign alon
 carry an unbiased magnitude.
 
 Wire format (little-endian): a 16-byte payload header (magic, version, tensor count,
-CRC-32 of everything after it), then per tensor a 40-byte header (dtype, bits, ndim, up to
+CRC-32 of everything after it), then per tensor a 36-byte header (dtype, bits, ndim, up to
 6 dims, lo, hi as float32) followed by ceil(n * bits / 8) bytes of packed codes (MSB
 first). `payload_bytes` gives the exact size from the element counts alone.
 """
@@ -94,22 +94,40 @@ def quantization_grid(w: np.ndarray) -> tuple[float, float]:
     return (0.0 if lo == hi else lo), hi
 
 
+def _brackets(w32: np.ndarray, bits: int, lo: float, hi: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """For each non-zero element: the index of the level below |w| and the magnitudes it rounds
+    between (for a negative value in the bottom interval the lower one is 0, the zero code).
+
+    In float64, in place where possible: this is most of the encoder's time on 3.5M weights.
+    """
+    levels = num_levels(bits)
+    step = (hi - lo) / (levels - 1)
+    lower_index = np.abs(w32).astype(np.float64)
+    lower_index -= lo
+    lower_index /= step
+    np.floor(lower_index, out=lower_index)
+    np.minimum(lower_index, levels - 2, out=lower_index)
+    np.maximum(lower_index, 0, out=lower_index)  # exact zeros (below lo) are coded apart
+    upper = lower_index * step
+    upper += lo
+    lower = upper.copy()
+    upper += step
+    lower[(w32 < 0) & (lower_index == 0)] = 0.0
+    return lower_index, lower, upper
+
+
 def element_variance(w: np.ndarray, bits: int) -> np.ndarray:
     """Exact per-element Var(w_hat) = E(w_hat - w)^2 of the quantizer (0 at 32 bits: raw floats).
 
     An element rounded between neighbours a <= |w| <= b has variance (b - |w|)(|w| - a).
     """
-    bits = check_bits(bits)
-    w = np.asarray(w, dtype=np.float32).ravel().astype(np.float64)
-    lo, hi = quantization_grid(w)
-    if bits == 32 or hi == 0:
-        return np.zeros_like(w)
-    step = (hi - lo) / (num_levels(bits) - 1)
-    mag = np.abs(w)
-    lower_index = np.clip(np.floor((mag - lo) / step), 0, num_levels(bits) - 2)
-    lower, upper = lo + lower_index * step, lo + (lower_index + 1) * step
-    lower = np.where((w < 0) & (lower_index == 0), 0.0, lower)  # the negative bottom interval
-    return np.where(w == 0, 0.0, np.maximum((upper - mag) * (mag - lower), 0.0))
+    w32 = np.asarray(w, dtype=np.float32).ravel()
+    lo, hi = quantization_grid(w32)
+    if check_bits(bits) == 32 or hi == 0:
+        return np.zeros(w32.size)
+    _, lower, upper = _brackets(w32, bits, lo, hi)
+    mag = np.abs(w32).astype(np.float64)
+    return np.where(w32 == 0, 0.0, np.maximum((upper - mag) * (mag - lower), 0.0))
 
 
 def expected_squared_error(arrays: Sequence[np.ndarray], bits: int) -> float:
@@ -143,21 +161,18 @@ def quantize(w: np.ndarray, bits: int, rng: np.random.Generator) -> tuple[np.nda
     lo, hi = quantization_grid(w32)
     if hi == 0:  # all zeros: every element is the reserved zero code
         return np.full(w32.size, levels, dtype=np.uint32), 0.0, 0.0
-    mag = np.abs(w32).astype(np.float64)
-    negative = w32 < 0
-    step = (hi - lo) / (levels - 1)
-    position = (mag - lo) / step  # in [0, L-1] for non-zero magnitudes
-    lower = np.clip(np.floor(position), 0, levels - 2)
-    frac = position - lower
-    # Negative values in the bottom interval round between 0 and level 1 (level 0 of the
-    # negative side is the zero code): P(up) = |w| / (lo + s) keeps them unbiased.
-    negative_bottom = negative & (lower == 0)
-    frac = np.where(negative_bottom, mag / (lo + step), frac)
-    up = rng.random(w32.size) < frac
-    index = (lower + up).astype(np.uint32)
-    index[w32 == 0] = 0
-    codes = index | (negative | (w32 == 0)).astype(np.uint32) << np.uint32(bits - 1)
-    return codes, lo, hi
+    lower_index, lower, upper = _brackets(w32, bits, lo, hi)
+    # Round up with probability (|w| - lower) / (upper - lower): E[w_hat] = w (eq. 1). A
+    # negative value in the bottom interval that rounds down gets index 0 with the sign bit
+    # set, which is the zero code, i.e. exactly its lower bracket 0.
+    threshold = rng.random(w32.size)
+    threshold *= upper - lower
+    threshold += lower
+    index = lower_index.astype(np.uint32)
+    index += threshold < np.abs(w32)
+    zero = w32 == 0
+    index[zero] = 0
+    return index | ((w32 < 0) | zero).astype(np.uint32) << np.uint32(bits - 1), lo, hi
 
 
 def dequantize(codes: np.ndarray, bits: int, lo: float, hi: float) -> np.ndarray:

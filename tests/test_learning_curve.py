@@ -11,13 +11,13 @@ from strategies.allocation.learning import LearningModel
 
 
 @pytest.fixture
-def one_torch_thread():
+def restore_torch_threads():
     before = torch.get_num_threads()
     yield
     torch.set_num_threads(before)  # fit-learning sets its own thread count
 
 
-def test_fit_learning_writes_a_valid_fit_and_plot(tmp_path, capsys, one_torch_thread):
+def test_fit_learning_writes_a_valid_fit_and_plot(tmp_path, capsys, restore_torch_threads):
     out, png = tmp_path / "fit.json", tmp_path / "fit.png"
     code = main(["fit-learning", "--sizes", "10", "20", "40", "80", "--seeds", "1", "--steps", "5",
                  "-o", str(out), "--plot", str(png)])
