@@ -58,3 +58,13 @@ def test_stored_digits_fit_is_consistent():
     assert np.allclose(fit.residuals, np.array(fit.errors) - fit.error(samples))
     assert np.all(np.diff(fit.error(np.sort(samples))) < 0)
     assert np.sqrt(np.mean(np.square(fit.residuals))) < 0.05
+
+
+def test_common_modules_other_than_models_do_not_import_torch():
+    """`fedfill plan` and the server's data handling must stay light: torch loads only on use."""
+    import subprocess
+    import sys
+
+    code = ("import sys, common.data, common.partition, common.codec, common.learning_curve; "
+            "assert 'torch' not in sys.modules, 'torch imported'")
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=DEFAULT_FITS_DIR.parents[2])
