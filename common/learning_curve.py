@@ -172,6 +172,9 @@ def print_fit(fit, points: CurvePoints, seconds: float, output: Path) -> None:
         print(f"{int(d):>6} {e:>13.4f} {sd:>7.4f} {float(fit.error(d)):>8.4f} {r:>+9.4f}")
     rms = float(np.sqrt(np.mean(np.square(fit.residuals))))
     print(f"RMS residual {rms:.4f}; {points.errors.size} training runs in {seconds:.1f} s; saved {output}")
+    if fit.beta < 1e-3 or points.mean_errors[-1] >= points.mean_errors[0]:
+        print("warning: the error does not fall with D, so the power law is degenerate; "
+              "train longer (--steps) or average more runs (--seeds)")
     with np.errstate(over="ignore", divide="ignore"):
         zero_at = float(fit.samples_for_error(0.0)) if fit.gamma > 0 and fit.beta > 0 else math.inf
     if math.isfinite(zero_at):
@@ -194,7 +197,7 @@ def plot_fit(fit, points: CurvePoints, path: str) -> None:
     ax.plot(grid, fit.error(grid), color="C1",
             label=f"{fit.alpha:.3g} D^-{fit.beta:.3g} - {fit.gamma:.3g}")
     ax.set_xscale("log")
-    ax.xaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
+    ax.set_xticks(points.sizes, [str(int(d)) for d in points.sizes])
     ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
     ax.set_xlabel("training samples D")
     ax.set_ylabel("held-out error")
