@@ -80,6 +80,7 @@ def main(grid: Grid, context: Context) -> None:
     report = RunReport(out_dir, {"policy": job.policy, "dataset": job.dataset, "alpha": job.dirichlet_alpha,
                                  "seed": job.seed, "nodes": len(profiles), "model_params": count_parameters(model)})
     (out_dir / "system.json").write_text(json.dumps(system.__dict__, indent=1) + "\n")
+    (out_dir / "profiles.json").write_text(json.dumps({str(k): v for k, v in profiles.items()}, indent=1) + "\n")
     strategy = FimiFedAvg(system, job.policy, profiles, seed=job.seed, node_wait_s=job.node_wait_s,
                           on_plan=report.write_plan, min_train_nodes=1)
 

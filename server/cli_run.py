@@ -1,8 +1,10 @@
-"""`fedfill run`: the FIMI job on Flower's simulation engine, from one command.
+"""`fedfill run`: the FIMI job on Flower, from one command.
 
-It writes a private Flower home (config.toml with the number of virtual SuperNodes) into the
-output directory, runs `flwr run` against a local simulation SuperLink on free ports, shows
-each round as the report grows, and ends the SuperLink that `flwr run` leaves behind.
+--engine simulation: a local simulation SuperLink (Ray) with N virtual SuperNodes.
+--engine deployment: a real SuperLink and N SuperNodes as separate processes on loopback
+(deploy/local.py), each node's device profile from --scenario when given.
+Either way it writes a private Flower home into the output directory, runs `flwr run`,
+shows each round as the report grows, and ends every process it started.
 """
 
 from __future__ import annotations
@@ -24,8 +26,9 @@ PROJECT_DIR = Path(__file__).resolve().parents[1]
 
 def add_arguments(parser) -> None:
     defaults = JobConfig()
-    parser.add_argument("--engine", choices=("simulation",), default="simulation",
-                        help="Flower engine (the deployment engine is being built)")
+    parser.add_argument("--engine", choices=("simulation", "deployment"), default="simulation",
+                        help="Flower's simulation engine (Ray) or its deployment engine (real SuperLink/SuperNode processes)")
+    parser.add_argument("--scenario", help="scenario JSON whose device i profiles SuperNode i (deployment engine)")
     parser.add_argument("--nodes", type=int, default=defaults.num_partitions, help="number of devices (SuperNodes)")
     parser.add_argument("--rounds", type=int, default=defaults.rounds)
     parser.add_argument("--policy", default=defaults.policy, choices=("fimi", "tfl", "hdc", "fimi+ondemand"))
@@ -89,29 +92,47 @@ def run(args) -> int:
                     dirichlet_alpha=args.alpha, seed=args.seed, rounds=args.rounds, policy=args.policy,
                     generator_address=args.generator, out_dir=str(out))
     (out / "run_config.toml").write_text("".join(f"{k} = {_toml_value(v)}\n" for k, v in job.to_run_config().items()))
+    node_configs = _node_configs(args)
     home = out / ".flwr"
     home.mkdir(exist_ok=True)
-    (home / "config.toml").write_text(
-        '[superlink]\ndefault = "local"\n\n[superlink.local]\naddress = ":local:"\n'
-        f"options.num-supernodes = {args.nodes}\noptions.backend.client-resources.num-cpus = 1\n")
     control_port = _free_port()
     env = {**os.environ, "FLWR_HOME": str(home), "FLWR_LOCAL_CONTROL_API_PORT": str(control_port),
            "FLWR_LOCAL_SUPERLINK_HTTP_API_PORT": str(_free_port()), "FLWR_DISABLE_UPDATE_CHECK": "1"}
     for stale in out.glob("plan_round_*.json"):
         stale.unlink()
     (out / "rounds.csv").unlink(missing_ok=True)
-    command = ["flwr", "run", str(PROJECT_DIR), "local", "--run-config", str(out / "run_config.toml"), "--stream"]
-    print(f"fedfill run: {args.policy} on {args.dataset}, {args.nodes} nodes, {args.rounds} rounds -> {out}")
+    print(f"fedfill run: {args.policy} on {args.dataset}, {args.nodes} nodes, {args.rounds} rounds, "
+          f"{args.engine} engine -> {out}")
     started = time.monotonic()
-    with open(out / "flwr.log", "w") as log_file:
-        process = subprocess.Popen(command, cwd=PROJECT_DIR, env=env, stdout=log_file, stderr=subprocess.STDOUT,
-                                   start_new_session=True)
-        try:
-            shown = _follow(process, out / "rounds.csv", started, args.timeout)
-        finally:
-            if process.poll() is None:
-                os.killpg(process.pid, signal.SIGTERM)
-            _end_processes_mentioning(f"127.0.0.1:{control_port}")
+    federation = None
+    try:
+        if args.engine == "simulation":
+            connection = "local"
+            (home / "config.toml").write_text(
+                '[superlink]\ndefault = "local"\n\n[superlink.local]\naddress = ":local:"\n'
+                f"options.num-supernodes = {args.nodes}\noptions.backend.client-resources.num-cpus = 1\n")
+        else:
+            from deploy.local import LocalFederation
+
+            federation = LocalFederation(out / "logs", node_configs).start()
+            connection = "testbed"
+            (home / "config.toml").write_text(
+                f'[superlink]\ndefault = "testbed"\n\n[superlink.testbed]\naddress = "{federation.address}"\n'
+                "insecure = true\n")
+        command = ["flwr", "run", str(PROJECT_DIR), connection, "--run-config", str(out / "run_config.toml"), "--stream"]
+        with open(out / "flwr.log", "w") as log_file:
+            process = subprocess.Popen(command, cwd=PROJECT_DIR, env=env, stdout=log_file, stderr=subprocess.STDOUT,
+                                       start_new_session=True)
+            try:
+                shown = _follow(process, out / "rounds.csv", started, args.timeout, federation)
+            finally:
+                if process.poll() is None:
+                    os.killpg(process.pid, signal.SIGTERM)
+                    process.wait(timeout=30)
+    finally:
+        if federation is not None:
+            federation.stop()
+        _end_processes_mentioning(f"127.0.0.1:{control_port}")
     if process.returncode != 0 or shown <= args.rounds:
         tail = (out / "flwr.log").read_text(errors="replace").splitlines()[-15:]
         print("fedfill run: the Flower run did not finish; last lines of flwr.log:", *tail, sep="\n  ", file=sys.stderr)
@@ -120,9 +141,30 @@ def run(args) -> int:
     return 0
 
 
-def _follow(process: subprocess.Popen, rounds_csv: Path, started: float, timeout: float) -> int:
+def _node_configs(args) -> list[dict]:
+    """Each SuperNode's --node-config: its partition and, from --scenario, its device profile."""
+    configs = [{"partition-id": k, "num-partitions": args.nodes} for k in range(args.nodes)]
+    if not args.scenario:
+        return configs
+    from strategies.allocation import ScenarioError, load_scenario
+
+    try:
+        devices = load_scenario(args.scenario).to_json()["devices"]
+    except ScenarioError as err:
+        raise UsageError(str(err)) from None
+    if len(devices) != args.nodes:
+        raise UsageError(f"the scenario {args.scenario} has {len(devices)} devices but --nodes is {args.nodes}")
+    for config, device in zip(configs, devices):
+        config.update({"f-max-hz": device["f_max_hz"], "eps": device["eps"], "p-max-w": device["p_max_w"],
+                       "gain": device["gain"]})
+        if "quant_error" in device:
+            config["quant-error"] = device["quant_error"]
+    return configs
+
+
+def _follow(process: subprocess.Popen, rounds_csv: Path, started: float, timeout: float, federation=None) -> int:
     """Print each new report row while Flower runs; returns how many rows were shown."""
-    shown = 0
+    shown, reported_dead = 0, set()
     while True:
         finished = process.poll() is not None
         if rounds_csv.exists():
@@ -131,8 +173,12 @@ def _follow(process: subprocess.Popen, rounds_csv: Path, started: float, timeout
             for row in rows[shown:]:
                 print(f"  round {int(row['round']):3d}  accuracy {float(row['accuracy']):.4f}  "
                       f"energy {float(row['energy_j']):9.3f} J  uplink {int(row['uplink_bytes']) / 1e6:8.2f} MB  "
-                      f"[{time.monotonic() - started:5.0f} s]", flush=True)
+                      f"dropped {row['dropped']}  [{time.monotonic() - started:5.0f} s]", flush=True)
             shown = len(rows)
+        if federation is not None:
+            for name in set(federation.check_alive()) - reported_dead:
+                print(f"  {name} exited (see its log); the run goes on without it", file=sys.stderr, flush=True)
+                reported_dead.add(name)
         if finished:
             return shown
         if time.monotonic() - started > timeout:

@@ -49,3 +49,35 @@ def test_fedfill_run_trains_plans_and_reports(tmp_path):
         assert float(rows[round_number]["round_energy_j"]) == pytest.approx(plan["energy_j"], rel=1e-9)
     assert (tmp_path / "accuracy.png").stat().st_size > 0
     assert superlinks_running() <= before, "the local SuperLink was left running"
+
+
+@pytest.mark.slow
+def test_deployment_engine_runs_real_supernodes_with_scenario_profiles(tmp_path):
+    scenario = tmp_path / "s.json"
+    made = subprocess.run([sys.executable, "-m", "common.cli", "scenario", "--devices", "2", "--seed", "5",
+                           "--out", str(scenario)], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert made.returncode == 0, made.stderr
+    before = superlinks_running()
+    done = subprocess.run([sys.executable, "-m", "common.cli", "run", "--engine", "deployment", "--nodes", "2",
+                           "--rounds", "1", "--scenario", str(scenario), "--out", str(tmp_path / "run"),
+                           "--timeout", "300"], cwd=ROOT, capture_output=True, text=True, timeout=400)
+    assert done.returncode == 0, done.stdout + done.stderr
+    plan = json.loads((tmp_path / "run" / "plan_round_1.json").read_text())
+    assert plan["feasible"] and len(plan["devices"]) == 2
+    given = json.loads(scenario.read_text())["devices"]
+    reported = json.loads((tmp_path / "run" / "profiles.json").read_text()).values()
+    # each SuperNode reported the profile the scenario gave it (D_loc is its real partition size)
+    assert sorted(p["gain"] for p in reported) == pytest.approx(sorted(d["gain"] for d in given))
+    assert sorted(p["f_max_hz"] for p in reported) == pytest.approx(sorted(d["f_max_hz"] for d in given))
+    assert (tmp_path / "run" / "logs" / "supernode-1.log").exists()
+    assert superlinks_running() <= before
+
+
+def test_a_scenario_that_does_not_match_the_nodes_is_refused(tmp_path):
+    scenario = tmp_path / "s.json"
+    subprocess.run([sys.executable, "-m", "common.cli", "scenario", "--devices", "3", "--out", str(scenario)],
+                   cwd=ROOT, check=True, timeout=60)
+    done = subprocess.run([sys.executable, "-m", "common.cli", "run", "--engine", "deployment", "--nodes", "2",
+                           "--scenario", str(scenario), "--out", str(tmp_path / "run")],
+                          cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2 and "has 3 devices but --nodes is 2" in done.stderr

@@ -1,0 +1,1 @@
+"""Deployments: the local process testbed (and, later, containers, namespaces, boards)."""
