@@ -124,9 +124,12 @@ def train(message: Message, context: Context) -> Message:
     global_weights = message.content["arrays"].to_numpy_ndarrays()
     model = model_for_images(data.images.shape, data.num_classes)
     set_weights(model, global_weights)
+    seed = job.seed * 1000 + int(config.get("server-round", 0)) * 100 + partition_id
+    import torch
+
+    torch.manual_seed(seed)  # dropout draws from the global generator: same seed, same run
     started = time.perf_counter()
-    loss = train_model(model, images, labels, epochs=job.local_epochs, lr=job.lr, batch_size=job.batch_size,
-                       seed=job.seed * 1000 + int(config.get("server-round", 0)) * 100 + partition_id)
+    loss = train_model(model, images, labels, epochs=job.local_epochs, lr=job.lr, batch_size=job.batch_size, seed=seed)
     train_seconds = time.perf_counter() - started
     update = [w - g for w, g in zip(get_weights(model), global_weights)]
     bits = int(config.get("bits", 32))

@@ -17,6 +17,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "fit-learning": ("common.learning_curve", "measure and fit the learning model delta = alpha D^-beta - gamma"),
     "generator": ("generation.cli", "train, sample from or serve the class-conditional diffusion model"),
     "run": ("server.cli_run", "run the federated FIMI job on Flower and write its report"),
+    "compare": ("server.cli_compare", "run several policies on the same split and tabulate seed 003's Table I"),
 }
 
 

@@ -13,11 +13,16 @@ from pathlib import Path
 import numpy as np
 
 ROUND_COLUMNS = ("round", "accuracy", "loss", "energy_j", "latency_s", "uplink_bytes",
-                 "round_energy_j", "round_latency_s", "round_uplink_bytes", "updates", "dropped")
+                 "round_energy_j", "round_latency_s", "round_uplink_bytes", "updates", "dropped",
+                 "wall_s", "train_s_max", "train_s_sum")
 
 
 class RunReport:
     def __init__(self, out_dir: str | Path, meta: dict):
+        import time
+
+        self._clock = time.monotonic
+        self._last = self._clock()
         self.dir = Path(out_dir)
         self.dir.mkdir(parents=True, exist_ok=True)
         self.meta = meta
@@ -36,7 +41,11 @@ class RunReport:
                "uplink_bytes": previous["uplink_bytes"] + costs.get("uplink_bytes", 0),
                "round_energy_j": costs.get("energy_j", 0.0), "round_latency_s": costs.get("latency_s", 0.0),
                "round_uplink_bytes": costs.get("uplink_bytes", 0), "updates": costs.get("updates", 0),
-               "dropped": len(costs.get("dropped", []))}
+               "dropped": len(costs.get("dropped", [])),
+               # measured: wall time of the round as the server saw it, and the clients' own training time
+               "wall_s": self._clock() - self._last, "train_s_max": costs.get("train_s_max", 0.0),
+               "train_s_sum": costs.get("train_s_sum", 0.0)}
+        self._last = self._clock()
         self.rows.append(row)
         with open(self.dir / "rounds.csv", "w", newline="") as fh:
             writer = csv.DictWriter(fh, fieldnames=ROUND_COLUMNS)

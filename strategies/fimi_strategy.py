@@ -142,7 +142,7 @@ class FimiFedAvg(FedAvg):
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]):
         replies = list(replies)
-        updates, weights, dropped, wire_bytes = [], [], [], 0
+        updates, weights, dropped, wire_bytes, train_seconds = [], [], [], 0, []
         energy = latency = 0.0
         for message in replies:
             node_id = message.metadata.src_node_id
@@ -154,6 +154,9 @@ class FimiFedAvg(FedAvg):
                 continue
             updates.append(verdict[0])
             weights.append(verdict[1])
+            seconds = message.content.config_records[UPLOAD_KEY].get("train-seconds")
+            if isinstance(seconds, (int, float)):
+                train_seconds.append(float(seconds))
             planned = self._planned.get(node_id, {})
             energy += planned.get("e_cmp_j", 0.0) + planned.get("e_com_j", 0.0)
             latency = max(latency, planned.get("t_cmp_s", 0.0) + planned.get("t_com_s", 0.0))
@@ -162,7 +165,9 @@ class FimiFedAvg(FedAvg):
             dropped.append({"node": node_id, "reason": "no reply before the timeout"})
             log(WARNING, "round %d: node %d did not reply", server_round, node_id)
         self.round_costs[server_round] = {"energy_j": energy, "latency_s": latency, "uplink_bytes": wire_bytes,
-                                          "updates": len(updates), "dropped": dropped}
+                                          "updates": len(updates), "dropped": dropped,
+                                          "train_s_max": max(train_seconds, default=0.0),
+                                          "train_s_sum": sum(train_seconds)}
         if not updates:
             log(WARNING, "round %d: no usable update, the global model stays as it was", server_round)
             return None, None
