@@ -18,11 +18,13 @@ class JobConfig:
     num_partitions: int = 10  # devices in the fleet (SuperNodes)
     dirichlet_alpha: float = 0.3
     seed: int = 0
-    rounds: int = 20
+    rounds: int = 30
     policy: str = "fimi"
     local_epochs: int = 1  # tau
-    lr: float = 0.02
-    batch_size: int = 64
+    # FIMI uses lr 0.02, batch 64 on 1250 samples a device; a digits device holds ~100, and
+    # 0.05 / 16 reaches 94% in 30 rounds where 0.02 / 64 reaches 76% (measured, README).
+    lr: float = 0.05
+    batch_size: int = 16
     t_max_s: float = 60.0
     generator_address: str = ""  # host:port of the generation service; empty: no synthetic data
     generator_steps: int = 20

@@ -36,6 +36,10 @@ def add_arguments(parser) -> None:
     parser.add_argument("--data-dir", default="", help="where a real dataset lives")
     parser.add_argument("--alpha", type=float, default=defaults.dirichlet_alpha, help="Dirichlet concentration of the split")
     parser.add_argument("--seed", type=int, default=defaults.seed)
+    parser.add_argument("--lr", type=float, default=defaults.lr, help=f"local SGD learning rate (default {defaults.lr})")
+    parser.add_argument("--batch-size", type=int, default=defaults.batch_size)
+    parser.add_argument("--local-epochs", type=int, default=defaults.local_epochs, help="tau")
+    parser.add_argument("--t-max", type=float, default=defaults.t_max_s, help="latency budget of a round, seconds")
     parser.add_argument("--generator", default="", metavar="HOST:PORT", help="generation service address (none: no synthetic data)")
     parser.add_argument("--out", default="runs/latest", help="report directory (default: runs/latest)")
     parser.add_argument("--timeout", type=float, default=3600.0, help="give up after this many seconds")
@@ -90,6 +94,7 @@ def run(args) -> int:
     out.mkdir(parents=True, exist_ok=True)
     job = JobConfig(dataset=args.dataset, data_dir=args.data_dir, num_partitions=args.nodes,
                     dirichlet_alpha=args.alpha, seed=args.seed, rounds=args.rounds, policy=args.policy,
+                    lr=args.lr, batch_size=args.batch_size, local_epochs=args.local_epochs, t_max_s=args.t_max,
                     generator_address=args.generator, out_dir=str(out))
     (out / "run_config.toml").write_text("".join(f"{k} = {_toml_value(v)}\n" for k, v in job.to_run_config().items()))
     node_configs = _node_configs(args)
