@@ -49,6 +49,8 @@ def device_profile(job: JobConfig, context: Context, d_loc: int, partition_id: i
                "p_max_w": values["p-max-w"], "gain": values["gain"]}
     if "quant-error" in context.node_config:
         profile["quant_error"] = float(context.node_config["quant-error"])
+    if "bits" in context.node_config:
+        profile["bits"] = int(context.node_config["bits"])
     return profile
 
 
@@ -128,6 +130,9 @@ def train(message: Message, context: Context) -> Message:
     import torch
 
     torch.manual_seed(seed)  # dropout draws from the global generator: same seed, same run
+    # One thread: a device trains alone, and on a shared host several ClientApps at two threads
+    # each oversubscribe the cores and turn the measured training time into contention.
+    torch.set_num_threads(int(context.node_config.get("threads", 1)))
     started = time.perf_counter()
     loss = train_model(model, images, labels, epochs=job.local_epochs, lr=job.lr, batch_size=job.batch_size, seed=seed)
     train_seconds = time.perf_counter() - started

@@ -161,7 +161,7 @@ def _node_configs(args) -> list[dict]:
         raise UsageError(f"the scenario {args.scenario} has {len(devices)} devices but --nodes is {args.nodes}")
     for config, device in zip(configs, devices):
         config.update({"f-max-hz": device["f_max_hz"], "eps": device["eps"], "p-max-w": device["p_max_w"],
-                       "gain": device["gain"]})
+                       "gain": device["gain"], "bits": device["bits"]})
         if "quant_error" in device:
             config["quant-error"] = device["quant_error"]
     return configs

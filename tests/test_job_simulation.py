@@ -57,6 +57,10 @@ def test_deployment_engine_runs_real_supernodes_with_scenario_profiles(tmp_path)
     made = subprocess.run([sys.executable, "-m", "common.cli", "scenario", "--devices", "2", "--seed", "5",
                            "--out", str(scenario)], cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert made.returncode == 0, made.stderr
+    data = json.loads(scenario.read_text())
+    for device in data["devices"]:
+        device["bits"] = 8  # these devices upload 8-bit updates
+    scenario.write_text(json.dumps(data))
     before = superlinks_running()
     done = subprocess.run([sys.executable, "-m", "common.cli", "run", "--engine", "deployment", "--nodes", "2",
                            "--rounds", "1", "--scenario", str(scenario), "--out", str(tmp_path / "run"),
@@ -69,6 +73,12 @@ def test_deployment_engine_runs_real_supernodes_with_scenario_profiles(tmp_path)
     # each SuperNode reported the profile the scenario gave it (D_loc is its real partition size)
     assert sorted(p["gain"] for p in reported) == pytest.approx(sorted(d["gain"] for d in given))
     assert sorted(p["f_max_hz"] for p in reported) == pytest.approx(sorted(d["f_max_hz"] for d in given))
+    assert all(d["bits"] == 8 for d in plan["devices"])
+    with open(tmp_path / "run" / "rounds.csv") as fh:
+        round_one = list(csv.DictReader(fh))[1]
+    params = json.loads((tmp_path / "run" / "summary.json").read_text())["model_params"]
+    per_update = int(round_one["round_uplink_bytes"]) / int(round_one["updates"])
+    assert params <= per_update <= params * 1.05, "an 8-bit update carries about M bytes on the wire"
     assert (tmp_path / "run" / "logs" / "supernode-1.log").exists()
     assert superlinks_running() <= before
 
