@@ -144,7 +144,12 @@ class FimiFedAvg(FedAvg):
         replies = list(replies)
         updates, weights, dropped, wire_bytes, train_seconds = [], [], [], 0, []
         energy = latency = 0.0
-        for message in replies:
+        # Account per planned node: an error the SuperLink raises for a dead node names the
+        # SuperLink as its sender, so such errors only explain the nodes that sent nothing.
+        from_planned = [m for m in replies if m.metadata.src_node_id in self._planned]
+        foreign_errors = sorted({m.error.reason for m in replies
+                                 if m.has_error() and m.metadata.src_node_id not in self._planned})
+        for message in from_planned:
             node_id = message.metadata.src_node_id
             wire_bytes += recorddict_to_proto(message.content).ByteSize() if not message.has_error() else 0
             verdict = self.inspect_reply(message)
@@ -157,13 +162,14 @@ class FimiFedAvg(FedAvg):
             seconds = message.content.config_records[UPLOAD_KEY].get("train-seconds")
             if isinstance(seconds, (int, float)):
                 train_seconds.append(float(seconds))
-            planned = self._planned.get(node_id, {})
-            energy += planned.get("e_cmp_j", 0.0) + planned.get("e_com_j", 0.0)
-            latency = max(latency, planned.get("t_cmp_s", 0.0) + planned.get("t_com_s", 0.0))
-        missing = set(self._planned) - {m.metadata.src_node_id for m in replies}
-        for node_id in sorted(missing):
-            dropped.append({"node": node_id, "reason": "no reply before the timeout"})
-            log(WARNING, "round %d: node %d did not reply", server_round, node_id)
+            planned = self._planned[node_id]
+            energy += planned["e_cmp_j"] + planned["e_com_j"]
+            latency = max(latency, planned["t_cmp_s"] + planned["t_com_s"])
+        answered = {m.metadata.src_node_id for m in from_planned}
+        for node_id in sorted(set(self._planned) - answered):
+            reason = "no reply" + (f" ({'; '.join(foreign_errors)})" if foreign_errors else " before the timeout")
+            dropped.append({"node": node_id, "reason": reason})
+            log(WARNING, "round %d: node %d: %s", server_round, node_id, reason)
         self.round_costs[server_round] = {"energy_j": energy, "latency_s": latency, "uplink_bytes": wire_bytes,
                                           "updates": len(updates), "dropped": dropped,
                                           "train_s_max": max(train_seconds, default=0.0),

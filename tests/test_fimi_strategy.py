@@ -108,3 +108,20 @@ def test_every_job_policy_plans(policy):
     strategy, nodes = strategy_for(3, policy)
     plan, planned = strategy.plan_round(1, nodes)
     assert plan.feasible and planned == nodes
+
+
+def test_a_dead_node_costs_one_update_once():
+    """The SuperLink answers for a dead node with an error sent in its own name."""
+    from flwr.app import Error
+
+    strategy, nodes = strategy_for(3)
+    strategy.configure_train(1, ArrayRecord(GLOBAL), ConfigRecord(), OnlineNodes(nodes))
+    update = [np.full((3, 2), 1.0, np.float32), np.full(4, 1.0, np.float32)]
+    request = Message(RecordDict({}), message_type=MessageType.TRAIN, dst_node_id=nodes[2])
+    unavailable = Message(Error(code=0, reason="Node Unavailable"), reply_to=request)
+    unavailable.metadata.__dict__["_src_node_id"] = 1  # the SuperLink
+    arrays, _ = strategy.aggregate_train(1, [reply_to(nodes[0], update, bits=32), reply_to(nodes[1], update, bits=32),
+                                             unavailable])
+    dropped = strategy.round_costs[1]["dropped"]
+    assert [d["node"] for d in dropped] == [nodes[2]] and "Node Unavailable" in dropped[0]["reason"]
+    assert strategy.round_costs[1]["updates"] == 2 and arrays is not None

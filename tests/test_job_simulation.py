@@ -6,8 +6,11 @@ Real processes: the fedfill CLI, `flwr run`, a local SuperLink and ClientApps on
 
 import csv
 import json
+import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -91,3 +94,35 @@ def test_a_scenario_that_does_not_match_the_nodes_is_refused(tmp_path):
                            "--scenario", str(scenario), "--out", str(tmp_path / "run")],
                           cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert done.returncode == 2 and "has 3 devices but --nodes is 2" in done.stderr
+
+
+@pytest.mark.slow
+def test_a_supernode_killed_mid_run_costs_its_update_not_the_round(tmp_path):
+    out = tmp_path / "run"
+    run = subprocess.Popen([sys.executable, "-m", "common.cli", "run", "--engine", "deployment", "--nodes", "3",
+                            "--rounds", "3", "--out", str(out), "--timeout", "400"], cwd=ROOT,
+                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        rounds_csv, deadline = out / "rounds.csv", time.monotonic() + 300
+        while not (rounds_csv.exists() and len(rounds_csv.read_text().splitlines()) >= 3):  # header, round 0, round 1
+            assert run.poll() is None and time.monotonic() < deadline, "round 1 never came"
+            time.sleep(1)
+        address = (out / ".flwr" / "config.toml").read_text().split('address = "')[1].split('"')[0]
+        victims = [int(p.parent.name) for p in Path("/proc").glob("[0-9]*/cmdline")
+                   if (lambda c: b"flower-supernode" in c and address.encode() in c and b"partition-id=2" in c)(
+                       p.read_bytes() if p.exists() else b"")]
+        assert victims, "supernode 2 not found"
+        os.killpg(os.getpgid(victims[0]), signal.SIGKILL)
+        output, _ = run.communicate(timeout=400)
+    finally:
+        if run.poll() is None:
+            run.kill()
+    assert run.returncode == 0, output
+    assert "supernode-2 exited" in output
+    with open(out / "rounds.csv") as fh:
+        rows = list(csv.DictReader(fh))
+    assert [int(r["round"]) for r in rows] == [0, 1, 2, 3], "no round may be lost"
+    for row in rows[1:]:  # every planned device is either averaged or dropped with a reason
+        planned = json.loads((out / f"plan_round_{row['round']}.json").read_text())["node_ids"]
+        assert int(row["updates"]) + int(row["dropped"]) == len(planned)
+    assert int(rows[1]["updates"]) == 3 and int(rows[3]["updates"]) == 2, "the dead node is no longer planned"
