@@ -106,3 +106,48 @@ class LocalFederation:
 
     def __exit__(self, *exc) -> None:
         self.stop()
+
+
+@dataclass
+class GenerationProcess:
+    """`fedfill generator serve` as a separate process, up once its gRPC health check says so."""
+
+    log_dir: Path
+    cache_dir: Path
+    checkpoint: str = ""
+    port: int = field(default_factory=free_port)
+    process: subprocess.Popen | None = None
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def start(self, timeout_s: float = 120.0) -> "GenerationProcess":
+        import sys
+
+        import grpc
+        from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        command = [sys.executable, "-m", "common.cli", "generator", "serve", "--port", str(self.port),
+                   "--cache", str(self.cache_dir)] + (["--checkpoint", self.checkpoint] if self.checkpoint else [])
+        log = open(self.log_dir / "generator.log", "w")  # noqa: SIM115 - lives as long as the process
+        self.process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+                                        cwd=Path(__file__).resolve().parents[1])
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"the generation service exited; see {self.log_dir / 'generator.log'}")
+            try:
+                with grpc.insecure_channel(self.address) as channel:
+                    reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=2)
+                    if reply.status == health_pb2.HealthCheckResponse.SERVING:
+                        return self
+            except grpc.RpcError:
+                time.sleep(0.5)
+        self.stop()
+        raise TimeoutError(f"the generation service did not report SERVING within {timeout_s:.0f} s")
+
+    def stop(self) -> None:
+        if self.process is not None:
+            stop_group(self.process)

@@ -16,6 +16,7 @@ import socket
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 from common.cli import UsageError
@@ -40,7 +41,9 @@ def add_arguments(parser) -> None:
     parser.add_argument("--batch-size", type=int, default=defaults.batch_size)
     parser.add_argument("--local-epochs", type=int, default=defaults.local_epochs, help="tau")
     parser.add_argument("--t-max", type=float, default=defaults.t_max_s, help="latency budget of a round, seconds")
-    parser.add_argument("--generator", default="", metavar="HOST:PORT", help="generation service address (none: no synthetic data)")
+    parser.add_argument("--generator", default="auto", metavar="auto|none|HOST:PORT",
+                        help="auto (default): start the generation service with the shipped digits checkpoint; "
+                             "none: no synthetic data; HOST:PORT: a running service")
     parser.add_argument("--out", default="runs/latest", help="report directory (default: runs/latest)")
     parser.add_argument("--timeout", type=float, default=3600.0, help="give up after this many seconds")
 
@@ -92,11 +95,15 @@ def run(args) -> int:
             raise UsageError(str(err)) from None
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
+    generator_mode = args.generator
+    if generator_mode == "auto" and args.dataset != "digits":
+        print("fedfill run: no shipped generator for this dataset; train one with `fedfill generator train` "
+              "and pass --generator HOST:PORT of its service. Running without synthetic data.")
+        generator_mode = "none"
     job = JobConfig(dataset=args.dataset, data_dir=args.data_dir, num_partitions=args.nodes,
                     dirichlet_alpha=args.alpha, seed=args.seed, rounds=args.rounds, policy=args.policy,
                     lr=args.lr, batch_size=args.batch_size, local_epochs=args.local_epochs, t_max_s=args.t_max,
-                    generator_address=args.generator, out_dir=str(out))
-    (out / "run_config.toml").write_text("".join(f"{k} = {_toml_value(v)}\n" for k, v in job.to_run_config().items()))
+                    generator_address="" if generator_mode in ("auto", "none") else generator_mode, out_dir=str(out))
     node_configs = _node_configs(args)
     home = out / ".flwr"
     home.mkdir(exist_ok=True)
@@ -109,8 +116,15 @@ def run(args) -> int:
     print(f"fedfill run: {args.policy} on {args.dataset}, {args.nodes} nodes, {args.rounds} rounds, "
           f"{args.engine} engine -> {out}")
     started = time.monotonic()
-    federation = None
+    federation = generation = None
     try:
+        if generator_mode == "auto":
+            from deploy.local import GenerationProcess
+
+            generation = GenerationProcess(out / "logs", out / "generator-cache").start()
+            job = replace(job, generator_address=generation.address)
+            print(f"  generation service up on {generation.address}")
+        (out / "run_config.toml").write_text("".join(f"{k} = {_toml_value(v)}\n" for k, v in job.to_run_config().items()))
         if args.engine == "simulation":
             connection = "local"
             (home / "config.toml").write_text(
@@ -137,6 +151,8 @@ def run(args) -> int:
     finally:
         if federation is not None:
             federation.stop()
+        if generation is not None:
+            generation.stop()
         _end_processes_mentioning(f"127.0.0.1:{control_port}")
     if process.returncode != 0 or shown <= args.rounds:
         tail = (out / "flwr.log").read_text(errors="replace").splitlines()[-15:]

@@ -14,7 +14,7 @@ import numpy as np
 
 ROUND_COLUMNS = ("round", "accuracy", "loss", "energy_j", "latency_s", "uplink_bytes",
                  "round_energy_j", "round_latency_s", "round_uplink_bytes", "updates", "dropped",
-                 "wall_s", "train_s_max", "train_s_sum")
+                 "wall_s", "train_s_max", "train_s_sum", "synthetic_used")
 
 
 class RunReport:
@@ -44,7 +44,7 @@ class RunReport:
                "dropped": len(costs.get("dropped", [])),
                # measured: wall time of the round as the server saw it, and the clients' own training time
                "wall_s": self._clock() - self._last, "train_s_max": costs.get("train_s_max", 0.0),
-               "train_s_sum": costs.get("train_s_sum", 0.0)}
+               "train_s_sum": costs.get("train_s_sum", 0.0), "synthetic_used": costs.get("synthetic_used", 0)}
         self._last = self._clock()
         self.rows.append(row)
         with open(self.dir / "rounds.csv", "w", newline="") as fh:

@@ -142,7 +142,7 @@ class FimiFedAvg(FedAvg):
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]):
         replies = list(replies)
-        updates, weights, dropped, wire_bytes, train_seconds = [], [], [], 0, []
+        updates, weights, dropped, wire_bytes, train_seconds, synthetic = [], [], [], 0, [], 0
         energy = latency = 0.0
         # Account per planned node: an error the SuperLink raises for a dead node names the
         # SuperLink as its sender, so such errors only explain the nodes that sent nothing.
@@ -159,6 +159,7 @@ class FimiFedAvg(FedAvg):
                 continue
             updates.append(verdict[0])
             weights.append(verdict[1])
+            synthetic += int(message.content.config_records[UPLOAD_KEY].get("d-gen-used", 0))
             seconds = message.content.config_records[UPLOAD_KEY].get("train-seconds")
             if isinstance(seconds, (int, float)):
                 train_seconds.append(float(seconds))
@@ -173,7 +174,7 @@ class FimiFedAvg(FedAvg):
         self.round_costs[server_round] = {"energy_j": energy, "latency_s": latency, "uplink_bytes": wire_bytes,
                                           "updates": len(updates), "dropped": dropped,
                                           "train_s_max": max(train_seconds, default=0.0),
-                                          "train_s_sum": sum(train_seconds)}
+                                          "train_s_sum": sum(train_seconds), "synthetic_used": synthetic}
         if not updates:
             log(WARNING, "round %d: no usable update, the global model stays as it was", server_round)
             return None, None

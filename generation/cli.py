@@ -1,0 +1,160 @@
+"""`fedfill generator train | sample | serve | evaluate`."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+from common.cli import UsageError
+
+from .model import DEFAULT_CHECKPOINT, CheckpointError
+
+
+def add_arguments(parser) -> None:
+    sub = parser.add_subparsers(dest="action", required=True, metavar="ACTION")
+    train = sub.add_parser("train", help="train the class-conditional DDPM on a dataset's public split")
+    train.add_argument("--dataset", default="digits")
+    train.add_argument("--data-dir", default="", help="where a real dataset lives")
+    train.add_argument("--out", required=True, help="checkpoint directory (resumes if it holds a train state)")
+    train.add_argument("--steps", type=int, default=3000)
+    train.add_argument("--batch-size", type=int, default=64)
+    train.add_argument("--lr", type=float, default=1e-3)
+    train.add_argument("--seed", type=int, default=0)
+    train.add_argument("--split-seed", type=int, default=0, help="seed of the public/clients/test split")
+
+    for name, help_text in (("sample", "write generated images to .npz or a .png grid"),
+                            ("evaluate", "measure class fidelity, Fréchet distance and copying")):
+        p = sub.add_parser(name, help=help_text)
+        p.add_argument("--checkpoint", default=str(DEFAULT_CHECKPOINT), help="default: the shipped digits checkpoint")
+        p.add_argument("--steps", type=int, default=20)
+        p.add_argument("--guidance", type=float, default=2.0)
+        p.add_argument("--seed", type=int, default=0)
+        p.add_argument("--sampler", default="ddim", choices=("ddim", "dpm", "ddpm"))
+        if name == "sample":
+            p.add_argument("--class", dest="klass", type=int, required=True)
+            p.add_argument("--n", type=int, default=16)
+            p.add_argument("--out", required=True, help="FILE.npz (arrays images, labels) or FILE.png (a grid)")
+        else:
+            p.add_argument("--per-class", type=int, default=100)
+            p.add_argument("--json", action="store_true")
+
+    serve = sub.add_parser("serve", help="serve Generate over gRPC (with health checking and a cache)")
+    serve.add_argument("--checkpoint", default=str(DEFAULT_CHECKPOINT))
+    serve.add_argument("--port", type=int, default=50051)
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--cache", default="", help="cache directory (default: CHECKPOINT/cache)")
+
+
+def run(args) -> int:
+    try:
+        return {"train": _train, "sample": _sample, "serve": _serve, "evaluate": _evaluate}[args.action](args)
+    except CheckpointError as err:
+        raise UsageError(str(err)) from None
+
+
+def _train(args) -> int:
+    from common.data import split_dataset
+
+    from .train import train_generator
+
+    if args.steps < 1 or args.batch_size < 1:
+        raise UsageError("--steps and --batch-size must be positive")
+    split = split_dataset(_load(args.dataset, args.data_dir), seed=args.split_seed)
+    command = (f"fedfill generator train --dataset {args.dataset} --out {args.out} --steps {args.steps} "
+               f"--batch-size {args.batch_size} --lr {args.lr} --seed {args.seed} --split-seed {args.split_seed}")
+    try:
+        train_generator(split.public.images, split.public.labels, split.public.class_names, args.out,
+                        steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed, command=command)
+    except ValueError as err:
+        raise UsageError(str(err)) from None
+    print(f"checkpoint: {args.out}/model.safetensors, config.json")
+    return 0
+
+
+def _load(dataset: str, data_dir: str):
+    if dataset == "digits":
+        from common.data import load_digits
+
+        return load_digits()
+    from common.data import load_dataset
+
+    try:
+        return load_dataset(dataset, data_dir or None)
+    except (FileNotFoundError, ValueError) as err:
+        raise UsageError(str(err)) from None
+
+
+def _sample(args) -> int:
+    from .model import load_generator
+    from .sample import sample
+
+    out = Path(args.out)
+    if out.suffix not in (".npz", ".png"):
+        raise UsageError(f"--out must end in .npz or .png, got {out.name}")
+    if not 1 <= args.n <= 20_000:
+        raise UsageError(f"--n must be from 1 to 20000, got {args.n}")
+    config, unet = load_generator(args.checkpoint)
+    if not 0 <= args.klass < config.num_classes:
+        raise UsageError(f"unknown class {args.klass}: this generator knows classes 0..{config.num_classes - 1}")
+    labels = np.full(args.n, args.klass, dtype=np.int64)
+    images = sample(config, unet, labels, steps=args.steps, guidance=args.guidance, seed=args.seed, sampler=args.sampler)
+    if out.suffix == ".npz":
+        np.savez(out, images=images, labels=labels)
+    else:
+        save_grid(images, out)
+    print(f"{args.n} images of class {args.klass} -> {out}")
+    return 0
+
+
+def save_grid(images: np.ndarray, path: Path, scale: int = 6) -> None:
+    """A grid a person can look at (nearest-neighbour upscaled: digits are 8x8)."""
+    from PIL import Image
+
+    n = len(images)
+    cols = int(np.ceil(np.sqrt(n)))
+    rows = int(np.ceil(n / cols))
+    h, w, c = images.shape[1:]
+    canvas = np.full((rows * (h + 1) + 1, cols * (w + 1) + 1, c), 255, np.uint8)
+    for k, image in enumerate(images):
+        r, q = divmod(k, cols)
+        canvas[1 + r * (h + 1):1 + r * (h + 1) + h, 1 + q * (w + 1):1 + q * (w + 1) + w] = image
+    picture = Image.fromarray(canvas[..., 0] if c == 1 else canvas)
+    picture.resize((picture.width * scale, picture.height * scale), Image.NEAREST).save(path)
+
+
+def _evaluate(args) -> int:
+    from common.data import load_digits, split_dataset
+
+    from .model import load_generator
+    from .quality import evaluate_generator
+    from .sample import sample
+
+    config, unet = load_generator(args.checkpoint)
+    labels = np.repeat(np.arange(config.num_classes), args.per_class)
+    images = sample(config, unet, labels, steps=args.steps, guidance=args.guidance, seed=args.seed, sampler=args.sampler)
+    report = evaluate_generator(images, labels, split_dataset(load_digits(), seed=0))
+    if args.json:
+        print(json.dumps(report, indent=1))
+    else:
+        for key, value in report.items():
+            print(f"{key:34s} {value if not isinstance(value, dict) else {k: round(v, 3) for k, v in value.items()}}")
+    return 0
+
+
+def _serve(args) -> int:
+    from .service import serve
+
+    cache = args.cache or str(Path(args.checkpoint) / "cache")
+    try:
+        server, port, _ = serve(args.checkpoint, args.port, cache, host=args.host)
+    except OSError as err:
+        raise UsageError(str(err)) from None
+    print(f"generation service on {args.host}:{port} (cache {cache})", flush=True)
+    try:
+        server.wait_for_termination()
+    except KeyboardInterrupt:
+        server.stop(grace=2)
+    return 0
+

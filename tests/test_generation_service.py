@@ -1,0 +1,123 @@
+"""The generation service over real gRPC sockets: streaming, cache, health, limits, queueing,
+and a client that gives up cleanly when the service is down."""
+
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from generation.client import GenerationClient, GenerationUnavailable
+from generation.model import DEFAULT_CHECKPOINT
+from generation.service import serve
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def service(tmp_path_factory):
+    server, port, servicer = serve(DEFAULT_CHECKPOINT, 0, tmp_path_factory.mktemp("cache"))
+    yield f"127.0.0.1:{port}", servicer
+    server.stop(grace=1)
+
+
+def test_generate_streams_the_requested_classes_and_caches_them(service):
+    address, servicer = service
+    client = GenerationClient(address, timeout_s=120)
+    counts = [0, 5, 0, 300, 0, 0, 0, 0, 0, 2]  # more than one stream batch
+    images, labels = client.generate(counts, seed=3, steps=8)
+    assert images.shape == (307, 8, 8, 1) and images.dtype == np.uint8
+    assert np.bincount(labels, minlength=10).tolist() == counts
+    computed = servicer.computed
+    again_images, again_labels = client.generate(counts, seed=3, steps=8)
+    assert servicer.computed == computed and servicer.cache_hits >= 1, "the same request is never computed twice"
+    assert np.array_equal(images, again_images) and np.array_equal(labels, again_labels)
+    other, _ = client.generate(counts, seed=4, steps=8)
+    assert servicer.computed == computed + 1 and not np.array_equal(other, images)
+
+
+def test_health_check_says_serving(service):
+    address, _ = service
+    with grpc.insecure_channel(address) as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        for name in ("", "fedfill.generation.Generator"):
+            reply = stub.Check(health_pb2.HealthCheckRequest(service=name), timeout=10)
+            assert reply.status == health_pb2.HealthCheckResponse.SERVING
+
+
+@pytest.mark.parametrize("counts,steps,guidance,message", [
+    ([1, 2, 3], 8, 2.0, "must list 10 classes"),
+    ([0, -4, 0, 0, 0, 0, 0, 0, 0, 0], 8, 2.0, "class 1: negative count"),
+    ([30_000] + [0] * 9, 8, 2.0, "at most 20000"),
+    ([1] * 10, 0, 2.0, "steps must be"),
+    ([1] * 10, 8, 99.0, "guidance must be"),
+])
+def test_bad_requests_get_a_clear_status_and_the_service_keeps_serving(service, counts, steps, guidance, message):
+    address, _ = service
+    client = GenerationClient(address, timeout_s=30, retries=0)
+    with pytest.raises(GenerationUnavailable, match="INVALID_ARGUMENT") as err:
+        client.generate(counts, steps=steps, guidance=guidance)
+    assert message in str(err.value)
+    images, _ = client.generate([1] + [0] * 9, seed=11, steps=4)
+    assert len(images) == 1
+
+
+def test_concurrent_requests_queue_instead_of_failing(service):
+    address, _ = service
+    results, errors = [], []
+
+    def ask(seed):
+        try:
+            results.append(GenerationClient(address, timeout_s=120).generate([3] * 10, seed=100 + seed, steps=6))
+        except Exception as err:  # noqa: BLE001 - collected and asserted below
+            errors.append(err)
+
+    threads = [threading.Thread(target=ask, args=(k,)) for k in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=300)
+    assert not errors and len(results) == 4
+    assert all(images.shape == (30, 8, 8, 1) for images, _ in results)
+
+
+def test_a_service_that_is_down_raises_quickly():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        dead = s.getsockname()[1]
+    started = time.monotonic()
+    with pytest.raises(GenerationUnavailable, match="UNAVAILABLE"):
+        GenerationClient(f"127.0.0.1:{dead}", timeout_s=5, retries=1, backoff_s=0.1).generate([1] * 10)
+    assert time.monotonic() - started < 30
+
+
+def test_serve_command_runs_as_its_own_process(tmp_path):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    process = subprocess.Popen([sys.executable, "-m", "common.cli", "generator", "serve", "--port", str(port),
+                                "--cache", str(tmp_path / "cache")], cwd=ROOT, stdout=subprocess.PIPE,
+                               stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+                    status = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=2)
+                    if status.status == health_pb2.HealthCheckResponse.SERVING:
+                        break
+            except grpc.RpcError:
+                assert process.poll() is None and time.monotonic() < deadline, "the service never came up"
+                time.sleep(0.5)
+        images, labels = GenerationClient(f"127.0.0.1:{port}").generate([0, 0, 4, 0, 0, 0, 0, 0, 0, 0], steps=5)
+        assert labels.tolist() == [2] * 4 and images.shape == (4, 8, 8, 1)
+        assert any((tmp_path / "cache").glob("*.npz"))
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
