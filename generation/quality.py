@@ -32,6 +32,8 @@ class ReferenceClassifier:
 
 
 def frechet_distance(a: np.ndarray, b: np.ndarray) -> float:
+    live = (a.std(0) > 0) | (b.std(0) > 0)  # ReLU units dead in both sets only make the covariance singular
+    a, b = a[:, live], b[:, live]
     mu_a, mu_b = a.mean(0), b.mean(0)
     cov_a, cov_b = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
     root = linalg.sqrtm(cov_a @ cov_b)

@@ -53,8 +53,8 @@ def train_generator(images: np.ndarray, labels: np.ndarray, class_names, out_dir
     step = 0
     if state_path.exists():  # resume
         state = torch.load(state_path, map_location=device, weights_only=False)
-        if state["config"] != json.loads(json.dumps(config.__dict__, default=list)):
-            raise ValueError(f"{state_path} was written for other settings; use another --out or delete it")
+        if state["architecture"] != _architecture(config):
+            raise ValueError(f"{state_path} was written for another model or dataset; use another --out or delete it")
         unet.load_state_dict(state["unet"])
         ema.load_state_dict(state["ema"])
         optimizer.load_state_dict(state["optimizer"])
@@ -92,11 +92,17 @@ def train_generator(images: np.ndarray, labels: np.ndarray, class_names, out_dir
         if step % save_every == 0 or step == steps:
             save_checkpoint(out_dir, config, ema.state_dict())
             torch.save({"unet": unet.state_dict(), "ema": ema.state_dict(), "optimizer": optimizer.state_dict(),
-                        "rng": torch.get_rng_state(), "step": step,
-                        "config": json.loads(json.dumps(config.__dict__, default=list))}, state_path)
+                        "rng": torch.get_rng_state(), "step": step, "architecture": _architecture(config)}, state_path)
     if bar is not None:
         bar.close()
     if losses:
         (out_dir / "train_log.json").write_text(json.dumps(
             {"steps": step, "seconds": time.perf_counter() - started, "final_loss": float(np.mean(losses[-100:]))}) + "\n")
     return config
+
+
+def _architecture(config: GeneratorConfig) -> dict:
+    """What must match to resume: the network and its classes (not steps, lr or batch size)."""
+    return {"image_size": config.image_size, "channels": config.channels, "num_classes": config.num_classes,
+            "block_out_channels": list(config.block_out_channels), "layers_per_block": config.layers_per_block,
+            "train_timesteps": config.train_timesteps, "class_names": list(config.class_names)}
