@@ -11,7 +11,7 @@ import time
 from logging import INFO, WARNING
 
 import numpy as np
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.supercore import log
 
@@ -92,19 +92,20 @@ def fetch_synthetic(job: JobConfig, context: Context, request: np.ndarray, image
         if not job.generator_address:
             note = "no generation service configured: local data only"
         else:
-            try:
-                from generation.client import GenerationClient
+            from generation.client import GenerationClient, GenerationUnavailable
 
-                client = GenerationClient(job.generator_address, timeout_s=120.0, retries=2)
-                seed = int(context.node_config.get("partition-id", 0)) * 1_000_003 + int(have.sum())
+            client = GenerationClient(job.generator_address, timeout_s=120.0, retries=2)
+            seed = int(context.node_config.get("partition-id", 0)) * 1_000_003 + int(have.sum())
+            try:
                 new_images, new_labels = client.generate(shortfall.tolist(), seed=seed, steps=job.generator_steps,
                                                          guidance=job.generator_guidance)
-                images, labels = np.concatenate([images, new_images]), np.concatenate([labels, new_labels])
-                state[SYNTHETIC_KEY] = ArrayRecord({"images": images, "labels": labels})
-                note = f"generated {int(shortfall.sum())}"
-            except Exception as err:  # noqa: BLE001 - any outage degrades to local data, never fails the round
-                note = f"generation service unavailable ({type(err).__name__}: {err}): local data only"
+            except GenerationUnavailable as err:  # an outage degrades to what the device holds, never fails the round
+                note = f"generation service unavailable ({err}): trained without the missing samples"
                 log(WARNING, note)
+            else:
+                images, labels = np.concatenate([images, new_images]), np.concatenate([labels, new_labels])
+                state[SYNTHETIC_KEY] = ArrayRecord({"images": Array(images), "labels": Array(labels)})
+                note = f"generated {int(shortfall.sum())}"
     # Use exactly the requested count per class from what is held.
     pick = np.concatenate([np.flatnonzero(labels == c)[:n] for c, n in enumerate(request)]).astype(int)
     return images[pick], labels[pick], note
