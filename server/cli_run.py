@@ -12,7 +12,6 @@ from __future__ import annotations
 import csv
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -21,6 +20,7 @@ from pathlib import Path
 
 from common.cli import UsageError
 from common.job import JobConfig
+from deploy.local import free_port
 
 PROJECT_DIR = Path(__file__).resolve().parents[1]
 
@@ -46,12 +46,6 @@ def add_arguments(parser) -> None:
                              "none: no synthetic data; HOST:PORT: a running service")
     parser.add_argument("--out", default="runs/latest", help="report directory (default: runs/latest)")
     parser.add_argument("--timeout", type=float, default=3600.0, help="give up after this many seconds")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _toml_value(value) -> str:
@@ -107,9 +101,9 @@ def run(args) -> int:
     node_configs = _node_configs(args)
     home = out / ".flwr"
     home.mkdir(exist_ok=True)
-    control_port = _free_port()
+    control_port = free_port()
     env = {**os.environ, "FLWR_HOME": str(home), "FLWR_LOCAL_CONTROL_API_PORT": str(control_port),
-           "FLWR_LOCAL_SUPERLINK_HTTP_API_PORT": str(_free_port()), "FLWR_DISABLE_UPDATE_CHECK": "1"}
+           "FLWR_LOCAL_SUPERLINK_HTTP_API_PORT": str(free_port()), "FLWR_DISABLE_UPDATE_CHECK": "1"}
     for stale in out.glob("plan_round_*.json"):
         stale.unlink()
     (out / "rounds.csv").unlink(missing_ok=True)
