@@ -35,7 +35,8 @@ def frechet_distance(a: np.ndarray, b: np.ndarray) -> float:
     live = (a.std(0) > 0) | (b.std(0) > 0)  # ReLU units dead in both sets only make the covariance singular
     a, b = a[:, live], b[:, live]
     mu_a, mu_b = a.mean(0), b.mean(0)
-    cov_a, cov_b = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
+    offset = 1e-6 * np.eye(a.shape[1])  # units constant in one set leave its covariance singular
+    cov_a, cov_b = np.cov(a, rowvar=False) + offset, np.cov(b, rowvar=False) + offset
     root = linalg.sqrtm(cov_a @ cov_b)
     return float(np.sum((mu_a - mu_b) ** 2) + np.trace(cov_a + cov_b - 2.0 * np.real(root)))
 
@@ -45,6 +46,17 @@ def nearest_distances(queries: np.ndarray, references: np.ndarray) -> np.ndarray
     r = references.reshape(len(references), -1).astype(np.float64)
     squared = (q ** 2).sum(1)[:, None] + (r ** 2).sum(1)[None, :] - 2.0 * q @ r.T
     return np.sqrt(np.maximum(squared.min(1), 0.0))
+
+
+def within_class_spread(images: np.ndarray, labels: np.ndarray) -> float:
+    """Median distance between two images of the same class: low means the samples repeat."""
+    spreads = []
+    for c in np.unique(labels):
+        x = images[labels == c].reshape(int(np.sum(labels == c)), -1).astype(np.float64)
+        if len(x) > 1:
+            d = np.sqrt(np.maximum((x ** 2).sum(1)[:, None] + (x ** 2).sum(1)[None, :] - 2 * x @ x.T, 0))
+            spreads.append(np.median(d[np.triu_indices(len(x), 1)]))
+    return float(np.median(spreads))
 
 
 def evaluate_generator(generated: np.ndarray, generated_labels: np.ndarray, split, seed: int = 0) -> dict:
@@ -66,4 +78,8 @@ def evaluate_generator(generated: np.ndarray, generated_labels: np.ndarray, spli
         "nn_distance_generated_median": float(np.median(gen_nn)),
         "nn_distance_real_heldout_median": float(np.median(real_nn)),
         "exact_copies": int(np.sum(gen_nn == 0)),
+        # share of samples nearer a training image than all but 5% of real unseen digits are
+        "near_copy_fraction": float(np.mean(gen_nn < np.percentile(real_nn, 5))),
+        "within_class_spread_generated": within_class_spread(generated, generated_labels),
+        "within_class_spread_real": within_class_spread(split.test.images, split.test.labels),
     }

@@ -13,7 +13,9 @@ def make_scheduler(name: str, train_timesteps: int):
     from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler
 
     if name == "ddim":
-        return DDIMScheduler(num_train_timesteps=train_timesteps, clip_sample=True)
+        # No x0 clipping: with guidance it makes x0 and eps disagree and the error compounds per
+        # step (measured: class fidelity 97%, 56%, 25% at 20, 50, 100 steps; 99% at all three without).
+        return DDIMScheduler(num_train_timesteps=train_timesteps, clip_sample=False)
     if name == "dpm":
         return DPMSolverMultistepScheduler(num_train_timesteps=train_timesteps, algorithm_type="dpmsolver++")
     if name == "ddpm":

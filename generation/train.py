@@ -84,7 +84,7 @@ def train_generator(images: np.ndarray, labels: np.ndarray, class_names, out_dir
             for e, p in zip(ema.parameters(), unet.parameters()):
                 e.lerp_(p, 1.0 - decay)
         step += 1
-        losses.append(float(loss))
+        losses.append(loss.item())
         if bar is not None:
             bar.update(1)
             if step % 50 == 0:

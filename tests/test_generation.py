@@ -48,8 +48,12 @@ def test_shipped_digits_generator_draws_its_classes_without_copying(generator):
     assert report["fidelity"] >= 0.9
     assert min(report["fidelity_per_class"].values()) >= 0.7
     assert report["exact_copies"] == 0
-    # as far from the training images as real unseen digits are, or farther: not memorised
-    assert report["nn_distance_generated_median"] >= 0.8 * report["nn_distance_real_heldout_median"]
+    # Not memorised: most samples are as far from the training images as real unseen digits
+    # (5% of those fall below the threshold; measured 16% of samples at guidance 2) ...
+    assert report["near_copy_fraction"] <= 0.3
+    assert report["nn_distance_generated_median"] >= 0.7 * report["nn_distance_real_heldout_median"]
+    # ... and diverse: two samples of a class differ about as much as two real digits do
+    assert report["within_class_spread_generated"] >= 0.7 * report["within_class_spread_real"]
 
 
 def test_unknown_class_is_refused(generator):
@@ -110,3 +114,16 @@ def test_training_resumes_from_its_last_state(tmp_path):
     assert json.loads((out / "train_log.json").read_text())["steps"] == 5
     config, _ = load_generator(out)
     assert config.provenance["steps"] == 5
+
+
+def test_more_sampler_steps_do_not_cost_fidelity(generator):
+    """Guards the DDIM x0-clipping trap: fidelity fell from 97% to 25% going from 20 to 100 steps."""
+    from generation.quality import ReferenceClassifier
+
+    config, unet = generator
+    split = split_dataset(load_digits(), seed=0)
+    judge = ReferenceClassifier(split.clients.images, split.clients.labels)
+    labels = np.repeat(np.arange(10), 8)
+    for steps in (20, 60):
+        images = sample(config, unet, labels, steps=steps, guidance=2.0, seed=2)
+        assert np.mean(judge.predict(images) == labels) >= 0.9, f"{steps} steps"
