@@ -39,6 +39,8 @@ def add_arguments(parser) -> None:
         else:
             p.add_argument("--per-class", type=int, default=100)
             p.add_argument("--json", action="store_true")
+            p.add_argument("--inception", metavar="FILE", help="the FID Inception TorchScript "
+                           "(inception-2015-12-05.pt) if you have it locally: adds the standard FID")
 
     serve = sub.add_parser("serve", help="serve Generate over gRPC (with health checking and a cache)")
     serve.add_argument("--checkpoint", default=str(DEFAULT_CHECKPOINT))
@@ -134,7 +136,17 @@ def _evaluate(args) -> int:
     config, unet = load_generator(args.checkpoint)
     labels = np.repeat(np.arange(config.num_classes), args.per_class)
     images = sample(config, unet, labels, steps=args.steps, guidance=args.guidance, seed=args.seed, sampler=args.sampler)
-    report = evaluate_generator(images, labels, split_dataset(load_digits(), seed=0))
+    split = split_dataset(load_digits(), seed=0)
+    report = evaluate_generator(images, labels, split)
+    if args.inception:
+        from .quality import inception_fid
+
+        if not Path(args.inception).is_file():
+            raise UsageError(f"no Inception weights at {args.inception}")
+        try:
+            report["inception_fid_vs_test"] = inception_fid(images, split.test.images, args.inception)
+        except (RuntimeError, ValueError) as err:
+            raise UsageError(f"{args.inception} is not the FID Inception TorchScript: {err}") from None
     if args.json:
         print(json.dumps(report, indent=1))
     else:

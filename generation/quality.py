@@ -83,3 +83,25 @@ def evaluate_generator(generated: np.ndarray, generated_labels: np.ndarray, spli
         "within_class_spread_generated": within_class_spread(generated, generated_labels),
         "within_class_spread_real": within_class_spread(split.test.images, split.test.labels),
     }
+
+
+def inception_features(images: np.ndarray, weights_path: str, batch_size: int = 100) -> np.ndarray:
+    """2048-d pool features from the standard FID Inception network, when the user has it.
+
+    The file is the TorchScript detector of StyleGAN2-ADA's metrics (inception-2015-12-05.pt,
+    which resizes to 299x299 itself): called on uint8 [N, 3, H, W] with return_features=True.
+    Nothing is downloaded; grey images are repeated to three channels.
+    """
+    import torch
+
+    detector = torch.jit.load(weights_path, map_location="cpu").eval()
+    x = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2)
+    if x.shape[1] == 1:
+        x = x.repeat(1, 3, 1, 1)
+    with torch.no_grad():
+        return np.concatenate([detector(x[i:i + batch_size], return_features=True).numpy()
+                               for i in range(0, len(x), batch_size)]).astype(np.float64)
+
+
+def inception_fid(generated: np.ndarray, real: np.ndarray, weights_path: str) -> float:
+    return frechet_distance(inception_features(generated, weights_path), inception_features(real, weights_path))
