@@ -76,7 +76,7 @@ def main(grid: Grid, context: Context) -> None:
     profiles = collect_profiles(grid, job.num_partitions, job.node_wait_s, job.reply_timeout_s)
     if not profiles:
         raise RuntimeError("no node reported a device profile: nothing to train")
-    system = job_system(job, count_parameters(model), profiles, float(context.run_config.get("synthetic-fraction", 0.5)))
+    system = job_system(job, count_parameters(model), profiles, job.synthetic_fraction)
     report = RunReport(out_dir, {"policy": job.policy, "dataset": job.dataset, "alpha": job.dirichlet_alpha,
                                  "seed": job.seed, "nodes": len(profiles), "model_params": count_parameters(model)})
     (out_dir / "system.json").write_text(json.dumps(system.__dict__, indent=1) + "\n")

@@ -41,6 +41,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("--batch-size", type=int, default=defaults.batch_size)
     parser.add_argument("--local-epochs", type=int, default=defaults.local_epochs, help="tau")
     parser.add_argument("--t-max", type=float, default=defaults.t_max_s, help="latency budget of a round, seconds")
+    parser.add_argument("--synthetic-fraction", type=float, default=defaults.synthetic_fraction,
+                        help="the error target asks for this much more data per device on average (sets zeta)")
     parser.add_argument("--generator", default="auto", metavar="auto|none|HOST:PORT",
                         help="auto (default): start the generation service with the shipped digits checkpoint; "
                              "none: no synthetic data; HOST:PORT: a running service")
@@ -97,6 +99,7 @@ def run(args) -> int:
     job = JobConfig(dataset=args.dataset, data_dir=args.data_dir, num_partitions=args.nodes,
                     dirichlet_alpha=args.alpha, seed=args.seed, rounds=args.rounds, policy=args.policy,
                     lr=args.lr, batch_size=args.batch_size, local_epochs=args.local_epochs, t_max_s=args.t_max,
+                    synthetic_fraction=args.synthetic_fraction,
                     generator_address="" if generator_mode in ("auto", "none") else generator_mode, out_dir=str(out))
     node_configs = _node_configs(args)
     home = out / ".flwr"
