@@ -182,6 +182,9 @@ def _node_configs(args) -> list[dict]:
 
 def _follow(process: subprocess.Popen, rounds_csv: Path, started: float, timeout: float, federation=None) -> int:
     """Print each new report row while Flower runs; returns how many rows were shown."""
+    from rich.console import Console
+
+    console = Console(highlight=False, width=None if sys.stdout.isatty() else 160)
     shown, reported_dead = 0, set()
     while True:
         finished = process.poll() is not None
@@ -189,9 +192,12 @@ def _follow(process: subprocess.Popen, rounds_csv: Path, started: float, timeout
             with open(rounds_csv) as fh:
                 rows = list(csv.DictReader(fh))
             for row in rows[shown:]:
-                print(f"  round {int(row['round']):3d}  accuracy {float(row['accuracy']):.4f}  "
-                      f"energy {float(row['energy_j']):9.3f} J  uplink {int(row['uplink_bytes']) / 1e6:8.2f} MB  "
-                      f"dropped {row['dropped']}  [{time.monotonic() - started:5.0f} s]", flush=True)
+                dropped = int(row["dropped"])
+                console.print(f"  round [bold]{int(row['round']):3d}[/]  accuracy [green]{float(row['accuracy']):.4f}[/]  "
+                              f"energy {float(row['energy_j']):9.3f} J  uplink {int(row['uplink_bytes']) / 1e6:8.2f} MB  "
+                              f"synthetic {int(row['synthetic_used']):5d}  "
+                              + (f"[red]dropped {dropped}[/]  " if dropped else "dropped 0  ")
+                              + f"[dim][{time.monotonic() - started:5.0f} s][/]")
             shown = len(rows)
         if federation is not None:
             for name in set(federation.check_alive()) - reported_dead:
