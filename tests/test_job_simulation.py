@@ -126,3 +126,30 @@ def test_a_supernode_killed_mid_run_costs_its_update_not_the_round(tmp_path):
         planned = json.loads((out / f"plan_round_{row['round']}.json").read_text())["node_ids"]
         assert int(row["updates"]) + int(row["dropped"]) == len(planned)
     assert int(rows[1]["updates"]) == 3 and int(rows[3]["updates"]) == 2, "the dead node is no longer planned"
+
+
+def test_a_wrong_dataset_path_is_refused_before_anything_starts(tmp_path):
+    done = subprocess.run([sys.executable, "-m", "common.cli", "run", "--dataset", "cifar10", "--data-dir",
+                           str(tmp_path / "nowhere"), "--out", str(tmp_path / "run")],
+                          cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert str(tmp_path / "nowhere") in done.stderr
+
+
+@pytest.mark.slow
+def test_clients_train_on_local_data_when_the_generation_service_is_down(tmp_path):
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        dead = s.getsockname()[1]
+    done = subprocess.run([sys.executable, "-m", "common.cli", "run", "--nodes", "2", "--rounds", "1",
+                           "--generator", f"127.0.0.1:{dead}", "--out", str(tmp_path), "--timeout", "300"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=400)
+    assert done.returncode == 0, done.stdout + done.stderr
+    with open(tmp_path / "rounds.csv") as fh:
+        rows = list(csv.DictReader(fh))
+    assert int(rows[1]["updates"]) == 2 and int(rows[1]["synthetic_used"]) == 0
+    plan = json.loads((tmp_path / "plan_round_1.json").read_text())
+    assert sum(d["d_gen"] for d in plan["devices"]) > 0, "the plan asked for synthetic data"
+    assert "generation service unavailable" in (tmp_path / "flwr.log").read_text()
