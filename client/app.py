@@ -7,6 +7,7 @@ train tau epochs on local + synthetic data, upload the update quantized to the p
 
 from __future__ import annotations
 
+import functools
 import time
 from logging import INFO, WARNING
 
@@ -24,14 +25,20 @@ PROFILE_KEYS = ("f-max-hz", "eps", "p-max-w", "gain")  # node-config keys of a r
 SYNTHETIC_KEY = "synthetic"  # context.state record holding this device's generated samples
 
 
-def local_data(job: JobConfig, context: Context):
-    """This node's Dirichlet share of the clients' pool (the same split on every process)."""
+@functools.lru_cache(maxsize=4)
+def _partitions(job: JobConfig, num_partitions: int):
+    """The clients' pool and its Dirichlet split, once per process (Ray reuses its actors)."""
     from common.partition import dirichlet_partition
 
+    pool = job_split(job).clients
+    return pool, dirichlet_partition(pool.labels, num_partitions, job.dirichlet_alpha, job.seed)
+
+
+def local_data(job: JobConfig, context: Context):
+    """This node's Dirichlet share of the clients' pool (the same split on every process)."""
     partition_id = int(context.node_config.get("partition-id", 0))
     num_partitions = int(context.node_config.get("num-partitions", job.num_partitions))
-    pool = job_split(job).clients
-    parts = dirichlet_partition(pool.labels, num_partitions, job.dirichlet_alpha, job.seed)
+    pool, parts = _partitions(job, num_partitions)
     return pool.subset(parts[partition_id]), partition_id, num_partitions
 
 

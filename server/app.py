@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import time
 from dataclasses import replace
 from logging import INFO, WARNING
 from pathlib import Path
@@ -27,8 +28,6 @@ LEARNING_FITS = Path(__file__).resolve().parents[1] / "strategies" / "allocation
 
 def collect_profiles(grid: Grid, expected: int, wait_s: float, timeout_s: float) -> dict[int, dict]:
     """Ask every online node for its device profile (a Flower QUERY message)."""
-    import time
-
     deadline = time.monotonic() + wait_s
     while len(node_ids := list(grid.get_node_ids())) < expected and time.monotonic() < deadline:
         time.sleep(0.5)

@@ -104,8 +104,8 @@ class FimiFedAvg(FedAvg):
         self._global = arrays.to_numpy_ndarrays()
         self._planned = {}
         messages = []
-        for k, node_id in enumerate(planned_ids):
-            entry = plan.to_json()["devices"][k]
+        entries = plan.to_json()["devices"] if planned_ids else []
+        for node_id, entry in zip(planned_ids, entries):
             self._planned[node_id] = entry
             node_config = ConfigRecord({
                 **dict(config), "server-round": server_round, "policy": self.policy,
