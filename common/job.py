@@ -32,6 +32,7 @@ class JobConfig:
     generator_steps: int = 20
     generator_guidance: float = 2.0
     out_dir: str = "runs/latest"
+    resume: bool = False  # continue from out_dir/checkpoint.npz and its report
     node_wait_s: float = 60.0
     reply_timeout_s: float = 600.0
 
@@ -41,7 +42,8 @@ class JobConfig:
         for f in fields(cls):
             key = f.name.replace("_", "-")
             if key in run_config:
-                values[f.name] = type(f.default)(run_config[key])
+                value = run_config[key]
+                values[f.name] = (str(value).lower() in ("1", "true")) if isinstance(f.default, bool) else type(f.default)(value)
         return cls(**values)
 
     def to_run_config(self) -> dict:

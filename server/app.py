@@ -82,11 +82,23 @@ def main(grid: Grid, context: Context) -> None:
     (out_dir / "profiles.json").write_text(json.dumps({str(k): v for k, v in profiles.items()}, indent=1) + "\n")
     strategy = FimiFedAvg(system, job.policy, profiles, seed=job.seed, node_wait_s=job.node_wait_s,
                           on_plan=report.write_plan, min_train_nodes=1)
+    initial, done = ArrayRecord(get_weights(model)), 0
+    checkpoint = out_dir / "checkpoint.npz"
+    if job.resume and checkpoint.exists():
+        with np.load(checkpoint) as saved:
+            done = int(saved["round"])
+            initial = ArrayRecord([saved[f"arr_{i}"] for i in range(len(saved.files) - 1)])
+        report.resume_from(done)
+        strategy.round_offset = done
+        log(INFO, "resuming after round %d of %d from %s", done, job.rounds, checkpoint)
 
     test_x = images_to_tensor(split.test.images)
     test_y = torch.as_tensor(split.test.labels)
 
-    def evaluate(server_round: int, arrays: ArrayRecord) -> MetricRecord:
+    def evaluate(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
+        if server_round == 0 and done:
+            return None  # the resumed model was evaluated when it was saved
+        server_round += done
         set_weights(model, arrays.to_numpy_ndarrays())
         model.eval()
         with torch.no_grad():
@@ -99,8 +111,9 @@ def main(grid: Grid, context: Context) -> None:
             accuracy, loss, row["energy_j"], row["uplink_bytes"] / 1e6)
         return MetricRecord({"accuracy": accuracy, "loss": loss})
 
-    strategy.start(grid, ArrayRecord(get_weights(model)), num_rounds=job.rounds, timeout=job.reply_timeout_s,
-                   train_config=ConfigRecord({"local-epochs": job.local_epochs}), evaluate_fn=evaluate)
+    if job.rounds > done:
+        strategy.start(grid, initial, num_rounds=job.rounds - done, timeout=job.reply_timeout_s,
+                       train_config=ConfigRecord({"local-epochs": job.local_epochs}), evaluate_fn=evaluate)
     summary = report.summary()
     report.plot()
     log(INFO, "done: best accuracy %s, energy %.3f J; report in %s", summary["best_accuracy"], summary["energy_j"], out_dir)

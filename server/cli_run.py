@@ -48,6 +48,8 @@ def add_arguments(parser) -> None:
                              "none: no synthetic data; HOST:PORT: a running service")
     parser.add_argument("--out", default="runs/latest", help="report directory (default: runs/latest)")
     parser.add_argument("--timeout", type=float, default=3600.0, help="give up after this many seconds")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue a run in --out from its last checkpoint (up to --rounds in all)")
 
 
 def _toml_value(value) -> str:
@@ -99,7 +101,7 @@ def run(args) -> int:
     job = JobConfig(dataset=args.dataset, data_dir=args.data_dir, num_partitions=args.nodes,
                     dirichlet_alpha=args.alpha, seed=args.seed, rounds=args.rounds, policy=args.policy,
                     lr=args.lr, batch_size=args.batch_size, local_epochs=args.local_epochs, t_max_s=args.t_max,
-                    synthetic_fraction=args.synthetic_fraction,
+                    synthetic_fraction=args.synthetic_fraction, resume=args.resume,
                     generator_address="" if generator_mode in ("auto", "none") else generator_mode, out_dir=str(out))
     node_configs = _node_configs(args)
     home = out / ".flwr"
@@ -107,9 +109,11 @@ def run(args) -> int:
     control_port = free_port()
     env = {**os.environ, "FLWR_HOME": str(home), "FLWR_LOCAL_CONTROL_API_PORT": str(control_port),
            "FLWR_LOCAL_SUPERLINK_HTTP_API_PORT": str(free_port()), "FLWR_DISABLE_UPDATE_CHECK": "1"}
-    for stale in out.glob("plan_round_*.json"):
-        stale.unlink()
-    (out / "rounds.csv").unlink(missing_ok=True)
+    if args.resume and not (out / "checkpoint.npz").exists():
+        raise UsageError(f"nothing to resume: no checkpoint.npz in {out}")
+    if not args.resume:  # a fresh run leaves no rows or plans of an older one behind
+        for stale in [*out.glob("plan_round_*.json"), out / "rounds.csv", out / "checkpoint.npz"]:
+            stale.unlink(missing_ok=True)
     print(f"fedfill run: {args.policy} on {args.dataset}, {args.nodes} nodes, {args.rounds} rounds, "
           f"{args.engine} engine -> {out}")
     started = time.monotonic()
@@ -151,7 +155,7 @@ def run(args) -> int:
         if generation is not None:
             generation.stop()
         _end_processes_mentioning(f"127.0.0.1:{control_port}")
-    if process.returncode != 0 or shown <= args.rounds:
+    if process.returncode != 0 or shown <= args.rounds:  # rows 0..rounds, resumed or not
         tail = (out / "flwr.log").read_text(errors="replace").splitlines()[-15:]
         print("fedfill run: the Flower run did not finish; last lines of flwr.log:", *tail, sep="\n  ", file=sys.stderr)
         return 1

@@ -28,6 +28,14 @@ class RunReport:
         self.meta = meta
         self.rows: list[dict] = []
 
+    def resume_from(self, last_round: int) -> None:
+        """Take back the rows up to the checkpointed round, so the cumulative costs go on."""
+        with open(self.dir / "rounds.csv") as fh:
+            rows = [row for row in csv.DictReader(fh) if int(row["round"]) <= last_round]
+        numeric = {k: (int if k in ("round", "uplink_bytes", "round_uplink_bytes", "updates", "dropped",
+                                    "synthetic_used") else float) for k in ROUND_COLUMNS}
+        self.rows = [{k: numeric[k](float(v)) for k, v in row.items() if k in numeric} for row in rows]
+
     def write_plan(self, server_round: int, plan, node_ids: list[int]) -> None:
         data = plan.to_json()
         data["node_ids"] = node_ids

@@ -44,6 +44,7 @@ class FimiFedAvg(FedAvg):
         self._global: list[np.ndarray] | None = None
         self._planned: dict[int, dict] = {}  # node id -> this round's plan entry
         self.round_costs: dict[int, dict] = {}  # round -> modeled energy/latency, measured bytes, drops
+        self.round_offset = 0  # rounds done before a resume: Flower counts from 1 again
 
     # ------------------------------------------------------------------ sampling and plans
     def _available_nodes(self, grid: Grid) -> list[int]:
@@ -90,6 +91,7 @@ class FimiFedAvg(FedAvg):
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                         grid: Grid) -> Iterable[Message]:
+        server_round += self.round_offset
         online = self._available_nodes(grid)
         if not online:
             log(WARNING, "round %d: no node online, nothing to train", server_round)
@@ -141,6 +143,7 @@ class FimiFedAvg(FedAvg):
         return update, float(weight)
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]):
+        server_round += self.round_offset
         replies = list(replies)
         updates, weights, dropped, wire_bytes, train_seconds, synthetic = [], [], [], 0, [], 0
         energy = latency = 0.0
