@@ -5,7 +5,7 @@ the cost model charges M * bits; this shows both the speed and that the bytes ag
 
     python bench/bench_codec.py [--repeat 3] [--bits 4 8 16 32]
 
-Uses VGG-9's real tensor shapes (from common.models) filled with Gaussian weights; MB/s is
+Uses VGG-9's real tensor shapes (from fedfill.models) filled with Gaussian weights; MB/s is
 float32 input megabytes (4 bytes per parameter) per second. "/ Thm 1" is the measured relative
 error over seed 000's Theorem 1 bound 1/(2 L^2): above 1 the theorem does not hold for this
 quantizer on these weights (the level spacing follows max |w|, not ||w||).
@@ -22,7 +22,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from common import codec  # noqa: E402
+from fedfill import codec  # noqa: E402
 
 # VGG-9 (FedMA ModerateCNN) tensor shapes for 3x32x32 inputs and 10 classes, listed here so
 # the benchmark needs no torch; tests/test_models.py checks the model has these counts.

@@ -27,7 +27,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def run_engine(engine: str, nodes: int, rounds: int, out: Path, extra: list[str]) -> tuple[list[dict], dict, float]:
     started = time.monotonic()
-    done = subprocess.run([sys.executable, "-m", "common.cli", "run", "--engine", engine, "--nodes", str(nodes),
+    done = subprocess.run([sys.executable, "-m", "fedfill", "run", "--engine", engine, "--nodes", str(nodes),
                            "--rounds", str(rounds), "--out", str(out), *extra], cwd=ROOT, capture_output=True, text=True)
     if done.returncode != 0:
         raise SystemExit(f"{engine} run failed:\n{done.stdout[-2000:]}\n{done.stderr[-2000:]}")
@@ -45,7 +45,7 @@ def main() -> int:
     extra = []
     if args.bits != 32:
         scenario = Path(tempfile.mkdtemp()) / "s.json"
-        subprocess.run([sys.executable, "-m", "common.cli", "scenario", "--devices", str(args.nodes), "--out", str(scenario)],
+        subprocess.run([sys.executable, "-m", "fedfill", "scenario", "--devices", str(args.nodes), "--out", str(scenario)],
                        cwd=ROOT, check=True)
         data = json.loads(scenario.read_text())
         for device in data["devices"]:

@@ -20,7 +20,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from common.data import load_digits, split_dataset  # noqa: E402
+from fedfill.data import load_digits, split_dataset  # noqa: E402
 from generation.client import GenerationClient  # noqa: E402
 from generation.model import DEFAULT_CHECKPOINT, load_generator  # noqa: E402
 from generation.quality import ReferenceClassifier  # noqa: E402

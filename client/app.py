@@ -16,7 +16,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, RecordD
 from flwr.clientapp import ClientApp
 from flwr.supercore import log
 
-from common.job import JobConfig, job_split
+from fedfill.job import JobConfig, job_split
 from strategies.fimi_strategy import UPLOAD_KEY
 
 app = ClientApp()
@@ -28,7 +28,7 @@ SYNTHETIC_KEY = "synthetic"  # context.state record holding this device's genera
 @functools.lru_cache(maxsize=4)
 def _partitions(job: JobConfig, num_partitions: int):
     """The clients' pool and its Dirichlet split, once per process (Ray reuses its actors)."""
-    from common.partition import dirichlet_partition
+    from fedfill.partition import dirichlet_partition
 
     pool = job_split(job).clients
     return pool, dirichlet_partition(pool.labels, num_partitions, job.dirichlet_alpha, job.seed)
@@ -120,8 +120,8 @@ def fetch_synthetic(job: JobConfig, context: Context, request: np.ndarray, image
 
 @app.train()
 def train(message: Message, context: Context) -> Message:
-    from common.codec import encode
-    from common.models import get_weights, model_for_images, set_weights, train as train_model
+    from fedfill.codec import encode
+    from fedfill.models import get_weights, model_for_images, set_weights, train as train_model
 
     job = JobConfig.from_run_config(context.run_config)
     config = message.content["config"]

@@ -129,7 +129,7 @@ class GenerationProcess:
         from grpc_health.v1 import health_pb2, health_pb2_grpc
 
         self.log_dir.mkdir(parents=True, exist_ok=True)
-        command = [sys.executable, "-m", "common.cli", "generator", "serve", "--port", str(self.port),
+        command = [sys.executable, "-m", "fedfill", "generator", "serve", "--port", str(self.port),
                    "--cache", str(self.cache_dir)] + (["--checkpoint", self.checkpoint] if self.checkpoint else [])
         log = open(self.log_dir / "generator.log", "w")  # noqa: SIM115 - lives as long as the process
         self.process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
-from common.cli import UsageError
+from fedfill.errors import UsageError
 
 from .model import DEFAULT_CHECKPOINT, CheckpointError
 
@@ -57,7 +57,7 @@ def run(args) -> int:
 
 
 def _train(args) -> int:
-    from common.data import split_dataset
+    from fedfill.data import split_dataset
 
     from .train import train_generator
 
@@ -77,10 +77,10 @@ def _train(args) -> int:
 
 def _load(dataset: str, data_dir: str):
     if dataset == "digits":
-        from common.data import load_digits
+        from fedfill.data import load_digits
 
         return load_digits()
-    from common.data import load_dataset
+    from fedfill.data import load_dataset
 
     try:
         return load_dataset(dataset, data_dir or None)
@@ -127,7 +127,7 @@ def save_grid(images: np.ndarray, path: Path, scale: int = 6) -> None:
 
 
 def _evaluate(args) -> int:
-    from common.data import load_digits, split_dataset
+    from fedfill.data import load_digits, split_dataset
 
     from .model import load_generator
     from .quality import evaluate_generator

@@ -15,16 +15,14 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, M
 from flwr.serverapp import Grid, ServerApp
 from flwr.supercore import log
 
-from common.job import JobConfig, job_split
+from fedfill.job import JobConfig, job_split
 from server.report import RunReport
 from strategies.allocation import LearningModel, System
+from strategies.allocation.learning import shipped_fit
 from strategies.allocation.presets import fimi_scenario
 from strategies.fimi_strategy import FimiFedAvg
 
 app = ServerApp()
-
-LEARNING_FITS = Path(__file__).resolve().parents[1] / "strategies" / "allocation" / "learning_fits"
-
 
 def collect_profiles(grid: Grid, expected: int, wait_s: float, timeout_s: float) -> dict[int, dict]:
     """Ask every online node for its device profile (a Flower QUERY message)."""
@@ -50,8 +48,7 @@ def job_system(job: JobConfig, model_params: int, profiles: dict[int, dict], syn
     The paper gives no zeta; we set it so that the error target asks, on average, for
     `synthetic_fraction` more data per device than it holds (design choice, see README).
     """
-    fit_path = LEARNING_FITS / f"{job.dataset}.json"
-    learning = LearningModel.load(fit_path) if fit_path.exists() else None
+    learning = shipped_fit(job.dataset)
     base = fimi_scenario(max(1, len(profiles)), job.seed, learning).system
     mean_d_loc = float(np.mean([p["d_loc"] for p in profiles.values()])) if profiles else 1.0
     model = learning or LearningModel(base.alpha, base.beta, base.gamma)
@@ -65,7 +62,7 @@ def job_system(job: JobConfig, model_params: int, profiles: dict[int, dict], syn
 def main(grid: Grid, context: Context) -> None:
     import torch
 
-    from common.models import count_parameters, get_weights, images_to_tensor, model_for_images, set_weights
+    from fedfill.models import count_parameters, get_weights, images_to_tensor, model_for_images, set_weights
 
     job = JobConfig.from_run_config(context.run_config)
     torch.manual_seed(job.seed)

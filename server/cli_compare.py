@@ -11,7 +11,7 @@ import json
 import math
 from pathlib import Path
 
-from common.cli import UsageError
+from fedfill.errors import UsageError
 from strategies.allocation.presets import fimi_path_gain
 
 

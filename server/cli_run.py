@@ -18,8 +18,8 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-from common.cli import UsageError
-from common.job import JobConfig
+from fedfill.errors import UsageError
+from fedfill.job import JobConfig
 from deploy.local import free_port
 
 PROJECT_DIR = Path(__file__).resolve().parents[1]
@@ -85,7 +85,7 @@ def run(args) -> int:
     if not (PROJECT_DIR / "pyproject.toml").exists():
         raise UsageError(f"fedfill must be installed from its source tree (pip install -e); no pyproject.toml in {PROJECT_DIR}")
     if args.dataset != "digits":
-        from common.data import load_dataset
+        from fedfill.data import load_dataset
 
         try:  # fail here, with the reason, rather than inside every ClientApp
             load_dataset(args.dataset, args.data_dir or None)

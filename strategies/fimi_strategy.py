@@ -2,7 +2,7 @@
 synthetic data, CPU frequency, band, power and bits; each node gets its own ConfigRecord;
 quantized updates are decoded, checked and averaged with weights D_loc + D_gen (FIMI S4).
 
-Thin glue: the maths lives in `strategies.allocation`, the codec in `common.codec`.
+Thin glue: the maths lives in `strategies.allocation`, the codec in `fedfill.codec`.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 from flwr.supercore import log
 
-from common.codec import decode
+from fedfill.codec import decode
 from strategies.allocation import Plan, Scenario, ScenarioError, System, parse_scenario, solve_plan
 
 UPLOAD_KEY = "upload"  # ConfigRecord key of the reply: bytes of the quantized update, and its metrics

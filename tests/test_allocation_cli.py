@@ -11,7 +11,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def fedfill(*args, stdin=None):
-    return subprocess.run([sys.executable, "-m", "common.cli", *args], cwd=ROOT, input=stdin,
+    return subprocess.run([sys.executable, "-m", "fedfill", *args], cwd=ROOT, input=stdin,
                           capture_output=True, text=True, timeout=120)
 
 

@@ -4,7 +4,7 @@ import zlib
 import numpy as np
 import pytest
 
-from common import codec
+from fedfill import codec
 
 
 def weights(rng, shapes=((4, 3, 3, 3), (4,), (10, 16))):

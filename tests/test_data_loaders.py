@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from common.data import CIFAR10_CLASSES, load_dataset, split_dataset
+from fedfill.data import CIFAR10_CLASSES, load_dataset, split_dataset
 
 
 def random_images(rng, n, size, channels=3):

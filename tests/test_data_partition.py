@@ -1,8 +1,8 @@
 import numpy as np
 import pytest
 
-from common.data import load_digits, split_dataset
-from common.partition import dirichlet_partition, label_skew, partition_class_counts
+from fedfill.data import load_digits, split_dataset
+from fedfill.partition import dirichlet_partition, label_skew, partition_class_counts
 
 
 @pytest.fixture(scope="module")

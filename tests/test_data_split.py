@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from common.data import load_digits, split_dataset, stratified_split
+from fedfill.data import load_digits, split_dataset, stratified_split
 
 
 def test_split_is_disjoint_complete_stratified_and_repeatable():

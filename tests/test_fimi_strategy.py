@@ -7,7 +7,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
 
 from flwr.supercore.task_identity import TaskIdentity
 
-from common.codec import encode
+from fedfill.codec import encode
 from strategies.allocation.presets import fimi_scenario
 from strategies.fimi_strategy import UPLOAD_KEY, FimiFedAvg
 

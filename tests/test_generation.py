@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from common.data import load_digits, split_dataset
+from fedfill.data import load_digits, split_dataset
 from generation.model import DEFAULT_CHECKPOINT, CheckpointError, load_generator
 from generation.quality import evaluate_generator
 from generation.sample import sample
@@ -81,7 +81,7 @@ def test_corrupted_or_mismatched_checkpoints_are_refused_with_a_reason(tmp_path)
 
 
 def fedfill(*args):
-    return subprocess.run([sys.executable, "-m", "common.cli", *args], cwd=ROOT, capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "fedfill", *args], cwd=ROOT, capture_output=True, text=True,
                           timeout=300)
 
 

@@ -101,7 +101,7 @@ def test_serve_command_runs_as_its_own_process(tmp_path):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    process = subprocess.Popen([sys.executable, "-m", "common.cli", "generator", "serve", "--port", str(port),
+    process = subprocess.Popen([sys.executable, "-m", "fedfill", "generator", "serve", "--port", str(port),
                                 "--cache", str(tmp_path / "cache")], cwd=ROOT, stdout=subprocess.PIPE,
                                stderr=subprocess.STDOUT, text=True)
     try:

@@ -31,7 +31,7 @@ def superlinks_running() -> int:
 @pytest.mark.slow
 def test_fedfill_run_trains_plans_and_reports(tmp_path):
     before = superlinks_running()
-    done = subprocess.run([sys.executable, "-m", "common.cli", "run", "--nodes", "3", "--rounds", "2",
+    done = subprocess.run([sys.executable, "-m", "fedfill", "run", "--nodes", "3", "--rounds", "2",
                            "--out", str(tmp_path), "--timeout", "400"],
                           cwd=ROOT, capture_output=True, text=True, timeout=500)
     assert done.returncode == 0, done.stdout + done.stderr
@@ -57,7 +57,7 @@ def test_fedfill_run_trains_plans_and_reports(tmp_path):
 @pytest.mark.slow
 def test_deployment_engine_runs_real_supernodes_with_scenario_profiles(tmp_path):
     scenario = tmp_path / "s.json"
-    made = subprocess.run([sys.executable, "-m", "common.cli", "scenario", "--devices", "2", "--seed", "5",
+    made = subprocess.run([sys.executable, "-m", "fedfill", "scenario", "--devices", "2", "--seed", "5",
                            "--out", str(scenario)], cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert made.returncode == 0, made.stderr
     data = json.loads(scenario.read_text())
@@ -65,7 +65,7 @@ def test_deployment_engine_runs_real_supernodes_with_scenario_profiles(tmp_path)
         device["bits"] = 8  # these devices upload 8-bit updates
     scenario.write_text(json.dumps(data))
     before = superlinks_running()
-    done = subprocess.run([sys.executable, "-m", "common.cli", "run", "--engine", "deployment", "--nodes", "2",
+    done = subprocess.run([sys.executable, "-m", "fedfill", "run", "--engine", "deployment", "--nodes", "2",
                            "--rounds", "1", "--scenario", str(scenario), "--out", str(tmp_path / "run"),
                            "--timeout", "300"], cwd=ROOT, capture_output=True, text=True, timeout=400)
     assert done.returncode == 0, done.stdout + done.stderr
@@ -88,9 +88,9 @@ def test_deployment_engine_runs_real_supernodes_with_scenario_profiles(tmp_path)
 
 def test_a_scenario_that_does_not_match_the_nodes_is_refused(tmp_path):
     scenario = tmp_path / "s.json"
-    subprocess.run([sys.executable, "-m", "common.cli", "scenario", "--devices", "3", "--out", str(scenario)],
+    subprocess.run([sys.executable, "-m", "fedfill", "scenario", "--devices", "3", "--out", str(scenario)],
                    cwd=ROOT, check=True, timeout=60)
-    done = subprocess.run([sys.executable, "-m", "common.cli", "run", "--engine", "deployment", "--nodes", "2",
+    done = subprocess.run([sys.executable, "-m", "fedfill", "run", "--engine", "deployment", "--nodes", "2",
                            "--scenario", str(scenario), "--out", str(tmp_path / "run")],
                           cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert done.returncode == 2 and "has 3 devices but --nodes is 2" in done.stderr
@@ -99,7 +99,7 @@ def test_a_scenario_that_does_not_match_the_nodes_is_refused(tmp_path):
 @pytest.mark.slow
 def test_a_supernode_killed_mid_run_costs_its_update_not_the_round(tmp_path):
     out = tmp_path / "run"
-    run = subprocess.Popen([sys.executable, "-m", "common.cli", "run", "--engine", "deployment", "--nodes", "3",
+    run = subprocess.Popen([sys.executable, "-m", "fedfill", "run", "--engine", "deployment", "--nodes", "3",
                             "--rounds", "3", "--out", str(out), "--timeout", "400"], cwd=ROOT,
                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
@@ -129,7 +129,7 @@ def test_a_supernode_killed_mid_run_costs_its_update_not_the_round(tmp_path):
 
 
 def test_a_wrong_dataset_path_is_refused_before_anything_starts(tmp_path):
-    done = subprocess.run([sys.executable, "-m", "common.cli", "run", "--dataset", "cifar10", "--data-dir",
+    done = subprocess.run([sys.executable, "-m", "fedfill", "run", "--dataset", "cifar10", "--data-dir",
                            str(tmp_path / "nowhere"), "--out", str(tmp_path / "run")],
                           cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert done.returncode == 2 and "Traceback" not in done.stderr
@@ -143,7 +143,7 @@ def test_clients_train_on_local_data_when_the_generation_service_is_down(tmp_pat
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         dead = s.getsockname()[1]
-    done = subprocess.run([sys.executable, "-m", "common.cli", "run", "--nodes", "2", "--rounds", "1",
+    done = subprocess.run([sys.executable, "-m", "fedfill", "run", "--nodes", "2", "--rounds", "1",
                            "--generator", f"127.0.0.1:{dead}", "--out", str(tmp_path), "--timeout", "300"],
                           cwd=ROOT, capture_output=True, text=True, timeout=400)
     assert done.returncode == 0, done.stdout + done.stderr
@@ -160,7 +160,7 @@ def test_a_stopped_run_resumes_from_its_checkpoint_exactly(tmp_path):
     """Seeds follow the round number, so 2 rounds + a resume to 3 must equal 3 rounds straight."""
 
     def run(out, rounds, *extra):
-        done = subprocess.run([sys.executable, "-m", "common.cli", "run", "--nodes", "2", "--rounds", str(rounds),
+        done = subprocess.run([sys.executable, "-m", "fedfill", "run", "--nodes", "2", "--rounds", str(rounds),
                                "--out", str(out), "--timeout", "300", *extra], cwd=ROOT, capture_output=True,
                               text=True, timeout=400)
         assert done.returncode == 0, done.stdout + done.stderr
@@ -177,6 +177,6 @@ def test_a_stopped_run_resumes_from_its_checkpoint_exactly(tmp_path):
     # The resumed nodes' synthetic cache died with the old run: they regenerate the same samples
     # and their reply note says "generated N" instead of "cached", a few bytes more on the wire.
     assert abs(int(resumed[3]["uplink_bytes"]) - int(straight[3]["uplink_bytes"])) <= 64
-    nothing = subprocess.run([sys.executable, "-m", "common.cli", "run", "--resume", "--out", str(tmp_path / "none")],
+    nothing = subprocess.run([sys.executable, "-m", "fedfill", "run", "--resume", "--out", str(tmp_path / "none")],
                              cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert nothing.returncode == 2 and "nothing to resume" in nothing.stderr

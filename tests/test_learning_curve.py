@@ -5,9 +5,8 @@ import numpy as np
 import pytest
 import torch
 
-from common.cli import main
-from common.learning_curve import DEFAULT_FITS_DIR
-from strategies.allocation.learning import LearningModel
+from fedfill.cli import main
+from strategies.allocation.learning import LearningModel, shipped_fit
 
 
 @pytest.fixture
@@ -52,7 +51,7 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path, capsys, argv, message):
 def test_stored_digits_fit_is_consistent():
     """The committed fit that the FIMI job reads: residuals match its own parameters, and the
     error it predicts falls with more data over the measured range."""
-    fit = LearningModel.load(DEFAULT_FITS_DIR / "digits.json")
+    fit = shipped_fit("digits")
     samples = np.array(fit.samples)
     assert len(np.unique(samples)) >= 4 and fit.beta > 0
     assert np.allclose(fit.residuals, np.array(fit.errors) - fit.error(samples))
@@ -65,6 +64,6 @@ def test_common_modules_other_than_models_do_not_import_torch():
     import subprocess
     import sys
 
-    code = ("import sys, common.data, common.partition, common.codec, common.learning_curve; "
+    code = ("import sys, fedfill.data, fedfill.partition, fedfill.codec, strategies.fit_learning; "
             "assert 'torch' not in sys.modules, 'torch imported'")
-    subprocess.run([sys.executable, "-c", code], check=True, cwd=DEFAULT_FITS_DIR.parents[2])
+    subprocess.run([sys.executable, "-c", code], check=True)

@@ -2,9 +2,9 @@ import numpy as np
 import pytest
 import torch
 
-from common import codec
-from common.data import load_digits, split_dataset
-from common.models import (CONV_CHANNELS, FC_UNITS, VGG9, accuracy, count_parameters, get_weights,
+from fedfill import codec
+from fedfill.data import load_digits, split_dataset
+from fedfill.models import (CONV_CHANNELS, FC_UNITS, VGG9, accuracy, count_parameters, get_weights,
                            model_for_images, set_weights, train)
 
 

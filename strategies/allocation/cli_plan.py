@@ -11,7 +11,7 @@ import sys
 
 import numpy as np
 
-from common.cli import UsageError
+from fedfill.errors import UsageError
 
 from .fimi import SEARCHES
 from .policies import POLICIES, Plan, solve_plan

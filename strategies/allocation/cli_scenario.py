@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import sys
 
-from common.cli import UsageError
+from fedfill.errors import UsageError
 
 from .learning import LearningModel
 from .presets import PRESETS, fimi_scenario, ondemand_scenario

@@ -4,7 +4,8 @@ FIMI (seed 003, eq. 1) models a device's local error as delta(D) = alpha D^-beta
 fits it on a public proxy task without printing numbers, so we measure our own: train the
 job's model on growing nested subsets of the server's public split, take 1 - accuracy on a
 held-out stratified part of that same public split (never the clients' pool or the test
-set), average over seeds, fit, and store the fit where the FIMI job reads it.
+set), average over seeds, fit, and write the fit where the user says. The fits we ship were
+made with `-o strategies/allocation/learning_fits/<dataset>.json` from a source tree.
 
 Each run gets at least `--steps` SGD updates whatever its size, so a 25-sample run is trained
 to convergence too and the curve measures data, not optimisation budget.
@@ -20,9 +21,8 @@ from pathlib import Path
 
 import numpy as np
 
-from common.cli import UsageError
+from fedfill.errors import UsageError
 
-DEFAULT_FITS_DIR = Path(__file__).resolve().parents[1] / "strategies" / "allocation" / "learning_fits"
 DEFAULT_SIZES = ("25", "50", "100", "150", "200", "all")
 
 
@@ -56,7 +56,7 @@ def measure_curve(train_images: np.ndarray, train_labels: np.ndarray, held_image
     """
     import torch
 
-    from common.models import accuracy, model_for_images, train
+    from fedfill.models import accuracy, model_for_images, train
 
     errors = np.zeros((len(settings.sizes), settings.seeds))
     for seed in range(settings.seeds):
@@ -74,7 +74,7 @@ def measure_curve(train_images: np.ndarray, train_labels: np.ndarray, held_image
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--dataset", default="digits", help="dataset name (see common.data.load_dataset); default digits")
+    parser.add_argument("--dataset", default="digits", help="dataset name (see fedfill.data.load_dataset); default digits")
     parser.add_argument("--data-root", help="directory of a real dataset in its published format")
     parser.add_argument("--sizes", nargs="+", default=list(DEFAULT_SIZES), metavar="N",
                         help="training-set sizes; 'all' is the whole public training part (default: %(default)s)")
@@ -88,7 +88,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--split-seed", type=int, default=0, help="seed of split_dataset (must match the job's)")
     parser.add_argument("--threads", type=int, default=1,
                         help="torch threads; 1 is fastest for the tiny digits model on a shared CPU (default 1)")
-    parser.add_argument("--output", "-o", help="fit JSON (default strategies/allocation/learning_fits/<dataset>.json)")
+    parser.add_argument("--output", "-o", help="fit JSON to write (default: <dataset>-learning-fit.json here)")
     parser.add_argument("--plot", metavar="PNG", help="also draw the points and the fitted curve")
 
 
@@ -113,7 +113,7 @@ def _parse_sizes(tokens: list[str], available: int) -> tuple[int, ...]:
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from common.data import load_dataset, split_dataset, stratified_split
+    from fedfill.data import load_dataset, split_dataset, stratified_split
     from strategies.allocation.learning import fit_learning_model
 
     for name, value, low in (("--seeds", args.seeds, 1), ("--steps", args.steps, 1), ("--batch-size", args.batch_size, 1),
@@ -143,7 +143,7 @@ def run(args: argparse.Namespace) -> int:
                                                                   flush=True))
     seconds = time.perf_counter() - start
 
-    from common.models import count_parameters, model_for_images
+    from fedfill.models import count_parameters, model_for_images
 
     model = model_for_images(pool.images.shape, dataset.num_classes, settings.width)
     source = (f"fedfill fit-learning: {args.dataset} public split (split seed {args.split_seed}), "
@@ -155,7 +155,7 @@ def run(args: argparse.Namespace) -> int:
     except (ValueError, RuntimeError) as err:  # curve_fit raises RuntimeError when it cannot converge
         raise UsageError(f"the measured points could not be fitted: {err}") from None
 
-    output = Path(args.output) if args.output else DEFAULT_FITS_DIR / f"{args.dataset.lower()}.json"
+    output = Path(args.output) if args.output else Path(f"{args.dataset.lower()}-learning-fit.json")
     output.parent.mkdir(parents=True, exist_ok=True)
     fit.save(output)
     print_fit(fit, points, seconds, output)

@@ -10,19 +10,17 @@ import argparse
 import importlib
 import sys
 
+from fedfill.errors import UsageError
+
 # subcommand -> (module with `add_arguments(parser)` and `run(args) -> int`, one-line help)
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "scenario": ("strategies.allocation.cli_scenario", "write a scenario file (system + device profiles)"),
     "plan": ("strategies.allocation.cli_plan", "solve the per-device allocation for a scenario"),
-    "fit-learning": ("common.learning_curve", "measure and fit the learning model delta = alpha D^-beta - gamma"),
+    "fit-learning": ("strategies.fit_learning", "measure and fit the learning model delta = alpha D^-beta - gamma"),
     "generator": ("generation.cli", "train, sample from or serve the class-conditional diffusion model"),
     "run": ("server.cli_run", "run the federated FIMI job on Flower and write its report"),
     "compare": ("server.cli_compare", "run several policies on the same split and tabulate seed 003's Table I"),
 }
-
-
-class UsageError(Exception):
-    """Bad input from the user: printed as one line, exit status 2, never a traceback."""
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -44,10 +42,3 @@ def main(argv: list[str] | None = None) -> int:
         print(f"fedfill {args.command}: {err}", file=sys.stderr)
         return 2
 
-
-if __name__ == "__main__":
-    # Run the imported module's main, not this __main__ copy: subcommands raise
-    # common.cli.UsageError, a different class from __main__.UsageError.
-    from common import cli
-
-    sys.exit(cli.main())

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, fields
 
-from common.data import DatasetSplit, ImageDataset, load_digits, split_dataset
+from fedfill.data import DatasetSplit, ImageDataset, load_digits, split_dataset
 
 
 @dataclass(frozen=True)
@@ -53,7 +53,7 @@ class JobConfig:
 def load_job_dataset(job: JobConfig) -> ImageDataset:
     if job.dataset == "digits":
         return load_digits()
-    from common.data import load_dataset  # real datasets from a local directory
+    from fedfill.data import load_dataset  # real datasets from a local directory
 
     return load_dataset(job.dataset, job.data_dir or None)
 
