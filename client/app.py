@@ -1,92 +1,66 @@
-"""ClientApp of the FIMI job.
+"""ClientApp: a device of the fleet, for any job (fedfill.job).
 
 query: report the device profile (never the class histogram: only D_loc leaves the device).
-train: follow this round's plan — fill the missing classes with synthetic samples (eq. 47),
-train tau epochs on local + synthetic data, upload the update quantized to the plan's bits.
+train: follow this node's plan — fill the missing classes with synthetic samples (the
+request rule of strategies.allocation.augmentation), train tau epochs on local + synthetic
+data, upload the update quantized to the plan's bits with its figures in a MetricRecord.
+
+It speaks to the server only through fedfill.contract: it never imports the strategy.
 """
 
 from __future__ import annotations
 
-import functools
 import time
 from logging import INFO, WARNING
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, RecordDict
+from flwr.app import Array, ArrayRecord, Context, Message
 from flwr.clientapp import ClientApp
 from flwr.supercore import log
 
-from fedfill.job import JobConfig, job_split
-from strategies.fimi_strategy import UPLOAD_KEY
+from fedfill import contract
+from fedfill.config import RunConfig
+from fedfill.job import load_job
 
 app = ClientApp()
 
-PROFILE_KEYS = ("f-max-hz", "eps", "p-max-w", "gain")  # node-config keys of a real device's profile
 SYNTHETIC_KEY = "synthetic"  # context.state record holding this device's generated samples
 
 
-@functools.lru_cache(maxsize=4)
-def _partitions(job: JobConfig, num_partitions: int):
-    """The clients' pool and its Dirichlet split, once per process (Ray reuses its actors)."""
-    from fedfill.partition import dirichlet_partition
-
-    pool = job_split(job).clients
-    return pool, dirichlet_partition(pool.labels, num_partitions, job.dirichlet_alpha, job.seed)
+def node_partition(run: RunConfig, context: Context) -> tuple[int, int]:
+    """(partition id, number of partitions) from the node config (Flower sets them in simulation)."""
+    return (int(context.node_config.get("partition-id", 0)),
+            int(context.node_config.get("num-partitions", run.num_partitions)))
 
 
-def local_data(job: JobConfig, context: Context):
-    """This node's Dirichlet share of the clients' pool (the same split on every process)."""
-    partition_id = int(context.node_config.get("partition-id", 0))
-    num_partitions = int(context.node_config.get("num-partitions", job.num_partitions))
-    pool, parts = _partitions(job, num_partitions)
-    return pool.subset(parts[partition_id]), partition_id, num_partitions
-
-
-def device_profile(job: JobConfig, context: Context, d_loc: int, partition_id: int, num_partitions: int) -> dict:
+def device_profile(run: RunConfig, context: Context, d_loc: int) -> dict:
     """The profile from the node config when the operator gave one, else drawn as in FIMI §V-A."""
-    if all(k in context.node_config for k in PROFILE_KEYS):
-        values = {k: float(context.node_config[k]) for k in PROFILE_KEYS}
+    keys = {name: contract.node_config_key(name) for name in contract.PROFILE_FIELDS}
+    if all(key in context.node_config for key in keys.values()):
+        profile = {name: float(context.node_config[key]) for name, key in keys.items()}
     else:
-        from strategies.allocation.presets import fimi_scenario
+        from strategies.allocation.presets import fimi_device_profile
 
-        drawn = fimi_scenario(num_partitions, job.seed).devices
-        values = {"f-max-hz": drawn.f_max[partition_id], "eps": drawn.eps[partition_id],
-                  "p-max-w": drawn.p_max[partition_id], "gain": drawn.gain[partition_id]}
-    profile = {"d_loc": float(d_loc), "f_max_hz": values["f-max-hz"], "eps": values["eps"],
-               "p_max_w": values["p-max-w"], "gain": values["gain"]}
-    if "quant-error" in context.node_config:
-        profile["quant_error"] = float(context.node_config["quant-error"])
-    if "bits" in context.node_config:
-        profile["bits"] = int(context.node_config["bits"])
+        profile = fimi_device_profile(*node_partition(run, context), run.seed)
+    profile = {"d_loc": float(d_loc), **profile}
+    for name, cast in zip(contract.OPTIONAL_PROFILE_FIELDS, (int, float)):
+        if contract.node_config_key(name) in context.node_config:
+            profile[name] = cast(context.node_config[contract.node_config_key(name)])
     return profile
 
 
 @app.query()
 def query(message: Message, context: Context) -> Message:
-    job = JobConfig.from_run_config(context.run_config)
-    data, partition_id, num_partitions = local_data(job, context)
-    profile = device_profile(job, context, len(data), partition_id, num_partitions)
-    return Message(RecordDict({"profile": ConfigRecord(profile)}), reply_to=message)
+    run = RunConfig.from_run_config(context.run_config)
+    data = load_job(run).node_data(*node_partition(run, context))
+    return Message(contract.profile_reply(device_profile(run, context, len(data))), reply_to=message)
 
 
-def synthetic_request(policy: str, class_counts: np.ndarray, d_gen: int) -> np.ndarray:
-    """Samples wanted per class: eq. 47 water-filling, or all for the rarest class (HDC)."""
-    from strategies.allocation.fimi import augmentation_policy
-
-    if d_gen <= 0:
-        return np.zeros_like(class_counts)
-    if policy == "hdc":
-        request = np.zeros_like(class_counts)
-        request[np.argmin(class_counts)] = d_gen
-        return request
-    return augmentation_policy(class_counts, d_gen)
-
-
-def fetch_synthetic(job: JobConfig, context: Context, request: np.ndarray, image_shape):
+def fetch_synthetic(run: RunConfig, context: Context, request: np.ndarray, image_shape):
     """Generated samples per the request, reusing what this device already holds.
 
     Returns (images, labels, note). When the service cannot be reached the device trains on
-    its local data alone and says so (the note goes back in the reply metrics).
+    its local data alone and says so (the note goes back in the reply).
     """
     state = context.state
     held = state.array_records.get(SYNTHETIC_KEY)
@@ -96,16 +70,16 @@ def fetch_synthetic(job: JobConfig, context: Context, request: np.ndarray, image
     shortfall = np.maximum(request - have, 0)
     note = "cached" if shortfall.sum() == 0 else ""
     if shortfall.sum() > 0:
-        if not job.generator_address:
+        if not run.generator_address:
             note = "no generation service configured: local data only"
         else:
             from generation.client import GenerationClient, GenerationUnavailable
 
-            client = GenerationClient(job.generator_address, timeout_s=120.0, retries=2)
+            client = GenerationClient(run.generator_address, timeout_s=120.0, retries=2)
             seed = int(context.node_config.get("partition-id", 0)) * 1_000_003 + int(have.sum())
             try:
-                new_images, new_labels = client.generate(shortfall.tolist(), seed=seed, steps=job.generator_steps,
-                                                         guidance=job.generator_guidance)
+                new_images, new_labels = client.generate(shortfall.tolist(), seed=seed, steps=run.generator_steps,
+                                                         guidance=run.generator_guidance)
             except GenerationUnavailable as err:  # an outage degrades to what the device holds, never fails the round
                 note = f"generation service unavailable ({err}): trained without the missing samples"
                 log(WARNING, note)
@@ -121,38 +95,28 @@ def fetch_synthetic(job: JobConfig, context: Context, request: np.ndarray, image
 @app.train()
 def train(message: Message, context: Context) -> Message:
     from fedfill.codec import encode
-    from fedfill.models import get_weights, model_for_images, set_weights, train as train_model
+    from strategies.allocation.augmentation import synthetic_request
 
-    job = JobConfig.from_run_config(context.run_config)
-    config = message.content["config"]
-    data, partition_id, _ = local_data(job, context)
-    request = synthetic_request(str(config.get("policy", job.policy)), data.class_counts(), int(config.get("d-gen", 0)))
-    syn_images, syn_labels, note = fetch_synthetic(job, context, request, data.images.shape[1:])
+    run = RunConfig.from_run_config(context.run_config)
+    job = load_job(run)
+    plan = contract.NodePlan.from_config(message.content[contract.CONFIG_KEY])
+    partition_id, num_partitions = node_partition(run, context)
+    data = job.node_data(partition_id, num_partitions)
+    request = synthetic_request(plan.policy, data.class_counts(), plan.d_gen)
+    syn_images, syn_labels, note = fetch_synthetic(run, context, request, data.images.shape[1:])
     images = np.concatenate([data.images, syn_images])
     labels = np.concatenate([data.labels, syn_labels])
 
-    global_weights = message.content["arrays"].to_numpy_ndarrays()
-    model = model_for_images(data.images.shape, data.num_classes)
-    set_weights(model, global_weights)
-    seed = job.seed * 1000 + int(config.get("server-round", 0)) * 100 + partition_id
-    import torch
-
-    torch.manual_seed(seed)  # dropout draws from the global generator: same seed, same run
-    # One thread: a device trains alone, and on a shared host several ClientApps at two threads
-    # each oversubscribe the cores and turn the measured training time into contention.
-    torch.set_num_threads(int(context.node_config.get("threads", 1)))
+    global_weights = message.content[contract.ARRAYS_KEY].to_numpy_ndarrays()
+    seed = run.seed * 1000 + plan.server_round * 100 + partition_id
     started = time.perf_counter()
-    loss = train_model(model, images, labels, epochs=job.local_epochs, lr=job.lr, batch_size=job.batch_size, seed=seed)
+    result = job.train(global_weights, images, labels, seed=seed, threads=int(context.node_config.get("threads", 1)))
     train_seconds = time.perf_counter() - started
-    update = [w - g for w, g in zip(get_weights(model), global_weights)]
-    bits = int(config.get("bits", 32))
-    payload = encode(update, bits, np.random.default_rng(int(config.get("server-round", 0)) * 7919 + partition_id))
+    update = [w - g for w, g in zip(result.weights, global_weights)]
+    payload = encode(update, plan.bits, np.random.default_rng(plan.server_round * 7919 + partition_id))
     log(INFO, "partition %d: %d local + %d synthetic samples (%s), %.2f s, %d bytes at %d bits",
-        partition_id, len(data), len(syn_labels), note or "none asked", train_seconds, len(payload), bits)
-    reply = ConfigRecord({
-        "update": payload, "num-examples": int(len(labels)), "d-gen-used": int(len(syn_labels)),
-        "train-seconds": train_seconds, "train-loss": float(loss), "upload-bytes": len(payload),
-        "modeled-energy-j": float(config.get("e-cmp-j", 0.0)) + float(config.get("e-com-j", 0.0)),
-        "note": note,
-    })
-    return Message(RecordDict({UPLOAD_KEY: reply}), reply_to=message)
+        partition_id, len(data), len(syn_labels), note or "none asked", train_seconds, len(payload), plan.bits)
+    metrics = contract.TrainMetrics(num_examples=int(len(labels)), d_gen_used=int(len(syn_labels)),
+                                    train_seconds=train_seconds, train_loss=result.loss, upload_bytes=len(payload),
+                                    modeled_energy_j=plan.modeled_energy_j)
+    return Message(contract.train_reply(payload, metrics, note), reply_to=message)

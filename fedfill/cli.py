@@ -14,8 +14,8 @@ from fedfill.errors import UsageError
 
 # subcommand -> (module with `add_arguments(parser)` and `run(args) -> int`, one-line help)
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
-    "scenario": ("strategies.allocation.cli_scenario", "write a scenario file (system + device profiles)"),
-    "plan": ("strategies.allocation.cli_plan", "solve the per-device allocation for a scenario"),
+    "scenario": ("strategies.cli_scenario", "write a scenario file (system + device profiles)"),
+    "plan": ("strategies.cli_plan", "solve the per-device allocation for a scenario"),
     "fit-learning": ("strategies.fit_learning", "measure and fit the learning model delta = alpha D^-beta - gamma"),
     "generator": ("generation.cli", "train, sample from or serve the class-conditional diffusion model"),
     "run": ("server.cli_run", "run the federated FIMI job on Flower and write its report"),

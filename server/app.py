@@ -1,11 +1,11 @@
-"""ServerApp of the FIMI job: profiles by QUERY, a plan per round, FedAvg, central
+"""ServerApp, for any job (fedfill.job): profiles by QUERY, a plan per round, FedAvg, central
 evaluation, a checkpoint and a report row every round."""
 
 from __future__ import annotations
 
 import json
 import math
-import time
+import sys
 from dataclasses import replace
 from logging import INFO, WARNING
 from pathlib import Path
@@ -15,102 +15,108 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, M
 from flwr.serverapp import Grid, ServerApp
 from flwr.supercore import log
 
-from fedfill.job import JobConfig, job_split
+import fedfill
+from fedfill import contract
+from fedfill.config import RunConfig
+from fedfill.job import load_job
 from server.report import RunReport
 from strategies.allocation import LearningModel, System
 from strategies.allocation.learning import shipped_fit
 from strategies.allocation.presets import fimi_scenario
-from strategies.fimi_strategy import FimiFedAvg
+from strategies.fimi_strategy import FimiFedAvg, wait_for_nodes
 
 app = ServerApp()
 
+
 def collect_profiles(grid: Grid, expected: int, wait_s: float, timeout_s: float) -> dict[int, dict]:
     """Ask every online node for its device profile (a Flower QUERY message)."""
-    deadline = time.monotonic() + wait_s
-    while len(node_ids := list(grid.get_node_ids())) < expected and time.monotonic() < deadline:
-        time.sleep(0.5)
-    if len(node_ids) < expected:
-        log(WARNING, "%d of %d nodes online after %.0f s: going on with them", len(node_ids), expected, wait_s)
+    node_ids = wait_for_nodes(grid, expected, wait_s)
     messages = [Message(RecordDict({}), message_type=MessageType.QUERY, dst_node_id=n) for n in node_ids]
     profiles = {}
     for reply in grid.send_and_receive(messages, timeout=timeout_s):
-        if reply.has_error():
-            log(WARNING, "node %d did not report a profile: %s", reply.metadata.src_node_id, reply.error.reason)
-            continue
-        profiles[reply.metadata.src_node_id] = dict(reply.content["profile"])
+        node_id = reply.metadata.src_node_id
+        try:
+            if reply.has_error():
+                raise contract.ReplyError(reply.error.reason)
+            profiles[node_id] = contract.read_profile(reply.content)
+        except contract.ReplyError as err:
+            log(WARNING, "node %d did not report a profile: %s", node_id, err)
     log(INFO, "device profiles from %d node(s)", len(profiles))
     return profiles
 
 
-def job_system(job: JobConfig, model_params: int, profiles: dict[int, dict], synthetic_fraction: float) -> System:
-    """FIMI §V-A's system with this job's model size and T_max, and our stored learning fit.
+def learning_model(run: RunConfig) -> LearningModel | None:
+    """The run's learning-model fit: the file it names, else the one shipped for its dataset."""
+    return LearningModel.load(run.learning_fit) if run.learning_fit else shipped_fit(run.dataset)
+
+
+def run_system(run: RunConfig, model_params: int, profiles: dict[int, dict]) -> System:
+    """FIMI §V-A's system with this run's model size and T_max, and its learning fit.
 
     The paper gives no zeta; we set it so that the error target asks, on average, for
     `synthetic_fraction` more data per device than it holds (design choice, see README).
     """
-    learning = shipped_fit(job.dataset)
-    base = fimi_scenario(max(1, len(profiles)), job.seed, learning).system
+    learning = learning_model(run)
+    base = fimi_scenario(max(1, len(profiles)), run.seed, learning).system
     mean_d_loc = float(np.mean([p["d_loc"] for p in profiles.values()])) if profiles else 1.0
     model = learning or LearningModel(base.alpha, base.beta, base.gamma)
-    target_mean_error = float(model.error(mean_d_loc * (1.0 + synthetic_fraction)))
+    target_mean_error = float(model.error(mean_d_loc * (1.0 + run.synthetic_fraction)))
     zeta = base.rounds * (1.0 - target_mean_error) / -math.log(base.delta_max)
-    return replace(base, model_params=float(model_params), t_max_s=job.t_max_s, tau=float(job.local_epochs),
+    return replace(base, model_params=float(model_params), t_max_s=run.t_max_s, tau=float(run.local_epochs),
                    bandwidth_hz=1e6 * max(1, len(profiles)), zeta=zeta, d_gen_max=2.0 * mean_d_loc)
+
+
+def environment() -> dict:
+    """What this ServerApp runs on: a run on another interpreter or torch than the installed
+    ones (Flower's runtime dependency installation) shows here."""
+    import torch
+
+    return {"python": sys.executable, "torch": torch.__version__, "fedfill": str(Path(fedfill.__file__).parent)}
 
 
 @app.main()
 def main(grid: Grid, context: Context) -> None:
-    import torch
-
-    from fedfill.models import count_parameters, get_weights, images_to_tensor, model_for_images, set_weights
-
-    job = JobConfig.from_run_config(context.run_config)
-    torch.manual_seed(job.seed)
-    split = job_split(job)
-    model = model_for_images(split.test.images.shape, split.test.num_classes)
-    out_dir = Path(job.out_dir)
-    profiles = collect_profiles(grid, job.num_partitions, job.node_wait_s, job.reply_timeout_s)
+    run = RunConfig.from_run_config(context.run_config)
+    job = load_job(run)
+    weights = job.initial_weights()
+    model_params = int(sum(w.size for w in weights))
+    out_dir = Path(run.out_dir)
+    profiles = collect_profiles(grid, run.num_partitions, run.node_wait_s, run.reply_timeout_s)
     if not profiles:
         raise RuntimeError("no node reported a device profile: nothing to train")
-    system = job_system(job, count_parameters(model), profiles, job.synthetic_fraction)
-    report = RunReport(out_dir, {"policy": job.policy, "dataset": job.dataset, "alpha": job.dirichlet_alpha,
-                                 "seed": job.seed, "nodes": len(profiles), "model_params": count_parameters(model)})
+    system = run_system(run, model_params, profiles)
+    report = RunReport(out_dir, {"job": run.job, "policy": run.policy, "dataset": run.dataset,
+                                 "alpha": run.dirichlet_alpha, "seed": run.seed, "nodes": len(profiles),
+                                 "model_params": model_params}, metrics=job.metrics)
     (out_dir / "system.json").write_text(json.dumps(system.__dict__, indent=1) + "\n")
     (out_dir / "profiles.json").write_text(json.dumps({str(k): v for k, v in profiles.items()}, indent=1) + "\n")
-    strategy = FimiFedAvg(system, job.policy, profiles, seed=job.seed, node_wait_s=job.node_wait_s,
-                          on_plan=report.write_plan, min_train_nodes=1)
-    initial, done = ArrayRecord(get_weights(model)), 0
+    strategy = FimiFedAvg(system, run.policy, profiles, seed=run.seed, node_wait_s=run.node_wait_s,
+                          on_plan=report.write_plan, on_round_metrics=report.round_costs, min_train_nodes=1)
+    initial, done = ArrayRecord(weights), 0
     checkpoint = out_dir / "checkpoint.npz"
-    if job.resume and checkpoint.exists():
+    if run.resume and checkpoint.exists():
         with np.load(checkpoint) as saved:
             done = int(saved["round"])
             initial = ArrayRecord([saved[f"arr_{i}"] for i in range(len(saved.files) - 1)])
         report.resume_from(done)
         strategy.round_offset = done
-        log(INFO, "resuming after round %d of %d from %s", done, job.rounds, checkpoint)
-
-    test_x = images_to_tensor(split.test.images)
-    test_y = torch.as_tensor(split.test.labels)
+        log(INFO, "resuming after round %d of %d from %s", done, run.rounds, checkpoint)
 
     def evaluate(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
         if server_round == 0 and done:
             return None  # the resumed model was evaluated when it was saved
         server_round += done
-        set_weights(model, arrays.to_numpy_ndarrays())
-        model.eval()
-        with torch.no_grad():
-            logits = model(test_x)
-            loss = float(torch.nn.functional.cross_entropy(logits, test_y))
-            accuracy = float((logits.argmax(1) == test_y).float().mean())
-        row = report.add_round(server_round, accuracy, loss, strategy.round_costs.get(server_round, {}))
-        np.savez(out_dir / "checkpoint.npz", round=server_round, *arrays.to_numpy_ndarrays())
-        log(INFO, "round %d: accuracy %.4f, loss %.4f, energy so far %.3f J, uplink %.2f MB", server_round,
-            accuracy, loss, row["energy_j"], row["uplink_bytes"] / 1e6)
-        return MetricRecord({"accuracy": accuracy, "loss": loss})
+        evaluation = job.evaluate(arrays.to_numpy_ndarrays())
+        row = report.add_round(server_round, evaluation)
+        np.savez(checkpoint, round=server_round, *arrays.to_numpy_ndarrays())
+        log(INFO, "round %d: %s, energy so far %.3f J, uplink %.2f MB", server_round,
+            ", ".join(f"{k} {v:.4f}" for k, v in evaluation.items()), row["energy_j"], row["uplink_bytes"] / 1e6)
+        return MetricRecord(evaluation)
 
-    if job.rounds > done:
-        strategy.start(grid, initial, num_rounds=job.rounds - done, timeout=job.reply_timeout_s,
-                       train_config=ConfigRecord({"local-epochs": job.local_epochs}), evaluate_fn=evaluate)
-    summary = report.summary()
+    if run.rounds > done:
+        strategy.start(grid, initial, num_rounds=run.rounds - done, timeout=run.reply_timeout_s,
+                       train_config=ConfigRecord({"local-epochs": run.local_epochs}), evaluate_fn=evaluate)
+    summary = report.summary({"environment": environment()})
     report.plot()
-    log(INFO, "done: best accuracy %s, energy %.3f J; report in %s", summary["best_accuracy"], summary["energy_j"], out_dir)
+    log(INFO, "done: best %s %s, energy %.3f J; report in %s", job.metrics[0], summary[f"best_{job.metrics[0]}"],
+        summary["energy_j"], out_dir)

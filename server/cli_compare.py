@@ -6,12 +6,12 @@ target, and the best accuracy — with one plot for all policies and Fig. 5b's p
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import math
 from pathlib import Path
 
 from fedfill.errors import UsageError
+from server.report import read_rounds
 from strategies.allocation.presets import fimi_path_gain
 
 
@@ -22,11 +22,6 @@ def add_arguments(parser) -> None:
     parser.set_defaults(out="runs/compare")
     parser.add_argument("--policies", default="tfl,hdc,fimi", help="comma-separated policies (default: tfl,hdc,fimi)")
     parser.add_argument("--target", type=float, default=0.8, help="target global test accuracy (default: 0.8)")
-
-
-def read_rounds(path: Path) -> list[dict]:
-    with open(path) as fh:
-        return [{k: float(v) for k, v in row.items()} for row in csv.DictReader(fh)]
 
 
 def costs_at_target(rows: list[dict], target: float) -> dict:
@@ -45,7 +40,8 @@ def run(args) -> int:
     from server import cli_run
 
     policies = [p.strip() for p in args.policies.split(",") if p.strip()]
-    allowed = ("fimi", "tfl", "hdc", "fimi+ondemand")
+    from strategies.allocation import POLICIES as allowed
+
     unknown = [p for p in policies if p not in allowed]
     if unknown or not policies:
         raise UsageError(f"unknown policy {unknown[0] if unknown else ''!r}; choose from {', '.join(allowed)}")
@@ -59,8 +55,8 @@ def run(args) -> int:
             print(f"fedfill compare: the {policy} run failed; see {out / policy / 'flwr.log'}")
             return 1
         results[policy] = costs_at_target(read_rounds(out / policy / "rounds.csv"), args.target)
-    summary = {"target_accuracy": args.target, "dataset": args.dataset, "alpha": args.alpha, "seed": args.seed,
-               "rounds": args.rounds, "nodes": args.nodes, "policies": results}
+    summary = {"target_accuracy": args.target, "dataset": args.dataset, "alpha": args.dirichlet_alpha, "seed": args.seed,
+               "rounds": args.rounds, "nodes": args.num_partitions, "policies": results}
     (out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
     print_table(summary)
     plot_policies(out, policies, args.target)

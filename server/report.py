@@ -1,74 +1,96 @@
 """What a run leaves behind: rounds.csv, plan_round_N.json, summary.json, plots, checkpoint.
 
-Energy and latency are the cost model's (cumulative); uplink bytes are what the replies
-actually carried, measured on the serialized messages.
+A row is made of two Flower MetricRecords: the strategy's round costs (energy and latency
+from the cost model, cumulated here; uplink bytes as Flower counts the replies' records;
+training seconds as the devices measured them) and the job's central evaluation.
+`read_rounds` is the one reader of rounds.csv (the report resuming, `fedfill run` showing
+progress, `fedfill compare` tabulating).
 """
 
 from __future__ import annotations
 
 import csv
 import json
+import time
 from pathlib import Path
 
 import numpy as np
 
-ROUND_COLUMNS = ("round", "accuracy", "loss", "energy_j", "latency_s", "uplink_bytes",
-                 "round_energy_j", "round_latency_s", "round_uplink_bytes", "updates", "dropped",
-                 "wall_s", "train_s_max", "train_s_sum", "synthetic_used")
+# Per-round columns after the job's evaluation metrics; the cumulative ones come first.
+CUMULATIVE = ("energy_j", "latency_s", "uplink_bytes")
+COST_COLUMNS = (*CUMULATIVE, "round_energy_j", "round_latency_s", "round_uplink_bytes", "updates", "dropped",
+                "wall_s", "train_s_max", "train_s_sum", "synthetic_used", "train_loss")
+INTEGER_COLUMNS = {"round", "uplink_bytes", "round_uplink_bytes", "updates", "dropped", "synthetic_used"}
+
+
+def read_rounds(path: str | Path) -> list[dict]:
+    """rounds.csv as a list of rows, integers and floats typed."""
+    with open(path) as fh:
+        return [{k: int(float(v)) if k in INTEGER_COLUMNS else float(v) for k, v in row.items() if v != ""}
+                for row in csv.DictReader(fh)]
 
 
 class RunReport:
-    def __init__(self, out_dir: str | Path, meta: dict):
-        import time
-
-        self._clock = time.monotonic
-        self._last = self._clock()
+    def __init__(self, out_dir: str | Path, meta: dict, metrics: tuple[str, ...] = ("accuracy", "loss")):
+        self._last = time.monotonic()
         self.dir = Path(out_dir)
         self.dir.mkdir(parents=True, exist_ok=True)
         self.meta = meta
+        self.metrics = metrics  # the job's evaluation columns; the first is the headline
+        self.columns = ("round", *metrics, *COST_COLUMNS)
         self.rows: list[dict] = []
+        self._costs: dict[int, dict] = {}
 
     def resume_from(self, last_round: int) -> None:
         """Take back the rows up to the checkpointed round, so the cumulative costs go on."""
-        with open(self.dir / "rounds.csv") as fh:
-            rows = [row for row in csv.DictReader(fh) if int(row["round"]) <= last_round]
-        numeric = {k: (int if k in ("round", "uplink_bytes", "round_uplink_bytes", "updates", "dropped",
-                                    "synthetic_used") else float) for k in ROUND_COLUMNS}
-        self.rows = [{k: numeric[k](float(v)) for k, v in row.items() if k in numeric} for row in rows]
+        self.rows = [row for row in read_rounds(self.dir / "rounds.csv") if row["round"] <= last_round]
 
     def write_plan(self, server_round: int, plan, node_ids: list[int]) -> None:
         data = plan.to_json()
         data["node_ids"] = node_ids
         (self.dir / f"plan_round_{server_round}.json").write_text(json.dumps(data, indent=1) + "\n")
 
-    def add_round(self, server_round: int, accuracy: float, loss: float, costs: dict) -> dict:
-        previous = self.rows[-1] if self.rows else {"energy_j": 0.0, "latency_s": 0.0, "uplink_bytes": 0}
-        row = {"round": server_round, "accuracy": accuracy, "loss": loss,
-               "energy_j": previous["energy_j"] + costs.get("energy_j", 0.0),
-               "latency_s": previous["latency_s"] + costs.get("latency_s", 0.0),
-               "uplink_bytes": previous["uplink_bytes"] + costs.get("uplink_bytes", 0),
-               "round_energy_j": costs.get("energy_j", 0.0), "round_latency_s": costs.get("latency_s", 0.0),
-               "round_uplink_bytes": costs.get("uplink_bytes", 0), "updates": costs.get("updates", 0),
-               "dropped": len(costs.get("dropped", [])),
-               # measured: wall time of the round as the server saw it, and the clients' own training time
-               "wall_s": self._clock() - self._last, "train_s_max": costs.get("train_s_max", 0.0),
-               "train_s_sum": costs.get("train_s_sum", 0.0), "synthetic_used": costs.get("synthetic_used", 0)}
-        self._last = self._clock()
+    def round_costs(self, server_round: int, record, drops: list[dict]) -> None:
+        """The strategy's MetricRecord of a round (kebab-case keys), kept until the round's
+        evaluation; each dropped update goes to drops.csv with its reason."""
+        self._costs[server_round] = {key.replace("-", "_"): value for key, value in record.items()}
+        if drops:
+            path = self.dir / "drops.csv"
+            new = not path.exists()
+            with open(path, "a", newline="") as fh:
+                writer = csv.DictWriter(fh, fieldnames=("round", "node", "reason"))
+                if new:
+                    writer.writeheader()
+                writer.writerows({"round": server_round, **drop} for drop in drops)
+
+    def add_round(self, server_round: int, evaluation: dict) -> dict:
+        costs = self._costs.pop(server_round, {})
+        previous = self.rows[-1] if self.rows else dict.fromkeys(CUMULATIVE, 0)
+        row = {"round": server_round, **{m: evaluation[m] for m in self.metrics}}
+        for key in CUMULATIVE:
+            row[key] = previous[key] + costs.get(key, 0)
+            row[f"round_{key}"] = costs.get(key, 0)
+        row.update({key: costs.get(key, 0) for key in ("updates", "dropped", "synthetic_used", "train_s_max",
+                                                        "train_s_sum")})
+        row["train_loss"] = costs.get("train_loss", "")  # none before round 1 or when no update came
+        # measured: wall time of the round as the server saw it
+        row["wall_s"] = time.monotonic() - self._last
+        self._last = time.monotonic()
         self.rows.append(row)
         with open(self.dir / "rounds.csv", "w", newline="") as fh:
-            writer = csv.DictWriter(fh, fieldnames=ROUND_COLUMNS)
+            writer = csv.DictWriter(fh, fieldnames=self.columns)
             writer.writeheader()
             writer.writerows(self.rows)
         return row
 
-    def summary(self) -> dict:
-        accuracies = [r["accuracy"] for r in self.rows if r["round"] > 0]
-        out = {**self.meta, "rounds": len(accuracies),
-               "best_accuracy": max(accuracies) if accuracies else None,
-               "final_accuracy": accuracies[-1] if accuracies else None,
-               "energy_j": self.rows[-1]["energy_j"] if self.rows else 0.0,
-               "latency_s": self.rows[-1]["latency_s"] if self.rows else 0.0,
-               "uplink_bytes": self.rows[-1]["uplink_bytes"] if self.rows else 0}
+    def summary(self, extra: dict | None = None) -> dict:
+        headline = self.metrics[0]
+        values = [r[headline] for r in self.rows if r["round"] > 0]
+        last = self.rows[-1] if self.rows else dict.fromkeys(CUMULATIVE, 0)
+        out = {**self.meta, "rounds": len(values),
+               f"best_{headline}": max(values) if values else None,
+               f"final_{headline}": values[-1] if values else None,
+               **{key: last[key] for key in CUMULATIVE}, **(extra or {})}
         (self.dir / "summary.json").write_text(json.dumps(out, indent=1) + "\n")
         return out
 
@@ -80,18 +102,19 @@ class RunReport:
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
 
-        acc = np.array([r["accuracy"] for r in self.rows])
+        headline = self.metrics[0]
+        values = np.array([r[headline] for r in self.rows])
         fig, axes = plt.subplots(1, 2, figsize=(10, 4))
-        axes[0].plot([r["energy_j"] for r in self.rows], acc, marker=".")
+        axes[0].plot([r["energy_j"] for r in self.rows], values, marker=".")
         axes[0].set_xlabel("cumulative device energy (J, cost model)")
-        axes[1].plot([r["latency_s"] / 3600 for r in self.rows], acc, marker=".")
+        axes[1].plot([r["latency_s"] / 3600 for r in self.rows], values, marker=".")
         axes[1].set_xlabel("cumulative latency (h, cost model)")
         for ax in axes:
-            ax.set_ylabel("global test accuracy")
+            ax.set_ylabel(f"global test {headline}")
             ax.grid(alpha=0.3)
         fig.suptitle(f"{self.meta.get('policy', '')} on {self.meta.get('dataset', '')}")
         fig.tight_layout()
-        path = self.dir / "accuracy.png"
+        path = self.dir / f"{headline}.png"
         fig.savefig(path, dpi=110)
         plt.close(fig)
         return path

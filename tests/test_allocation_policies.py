@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from strategies.allocation import solve_plan
-from strategies.allocation.fimi import augmentation_policy
+from strategies.allocation.augmentation import augmentation_policy
 from strategies.allocation.presets import fimi_path_gain, fimi_scenario, ondemand_scenario
 from strategies.allocation.quantization import bits_for_error, optimal_time_split, split_bounds
 from strategies.allocation.scenario import Devices, Scenario, System

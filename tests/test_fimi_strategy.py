@@ -1,5 +1,6 @@
 """FimiFedAvg's two jobs, function by function: one ConfigRecord per node from the plan, and
-an average of exactly the updates that pass inspection."""
+Flower's FedAvg over exactly the updates that pass inspection. Replies are built with the
+same contract builders the ClientApp uses."""
 
 import numpy as np
 import pytest
@@ -7,9 +8,10 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
 
 from flwr.supercore.task_identity import TaskIdentity
 
+from fedfill import contract
 from fedfill.codec import encode
 from strategies.allocation.presets import fimi_scenario
-from strategies.fimi_strategy import UPLOAD_KEY, FimiFedAvg
+from strategies.fimi_strategy import FimiFedAvg
 
 
 @pytest.fixture(autouse=True)
@@ -31,13 +33,26 @@ class OnlineNodes:
         return self.node_ids
 
 
+class Rounds:
+    """Collects what the strategy hands the report at the end of each round."""
+
+    def __init__(self):
+        self.costs, self.drops = {}, {}
+
+    def __call__(self, server_round, record, drops):
+        self.costs[server_round], self.drops[server_round] = dict(record), drops
+
+
 def strategy_for(n=4, policy="fimi"):
     scenario = fimi_scenario(n, 0)
     profiles = {}
     for k, device in enumerate(scenario.to_json()["devices"]):
         device.pop("class_counts")
         profiles[1000 + k] = device
-    return FimiFedAvg(scenario.system, policy, profiles, node_wait_s=0.0), list(profiles)
+    rounds = Rounds()
+    strategy = FimiFedAvg(scenario.system, policy, profiles, node_wait_s=0.0, on_round_metrics=rounds)
+    strategy.rounds = rounds
+    return strategy, list(profiles)
 
 
 GLOBAL = [np.zeros((3, 2), np.float32), np.ones(4, np.float32)]
@@ -51,16 +66,20 @@ def test_each_node_gets_its_own_plan():
     assert len({id(c) for c in configs}) == len(configs)
     f_values = {c["f-hz"] for c in configs}
     assert len(f_values) == len(configs), "heterogeneous devices must get different frequencies"
-    for message in messages:
-        planned = strategy._planned[message.metadata.dst_node_id]
-        assert message.content["config"]["d-gen"] == round(planned["d_gen"])
-        assert message.content["config"]["bits"] == planned["bits"]
+    plan = strategy.plan_round(1, nodes)[0].to_json()["devices"]
+    for message, entry in zip(sorted(messages, key=lambda m: m.metadata.dst_node_id), plan):
+        received = contract.NodePlan.from_config(message.content[contract.CONFIG_KEY])
+        assert received == strategy._planned[message.metadata.dst_node_id]
+        assert received.d_gen == round(entry["d_gen"]) and received.bits == entry["bits"]
+        assert received.f_hz == entry["f_hz"] and received.server_round == 1 and received.policy == "fimi"
 
 
-def reply_to(node_id, update, weight=10, bits=8, raw=None):
+def reply_to(node_id, update, weight=10, bits=8, raw=None, content=None):
     request = Message(RecordDict({}), message_type=MessageType.TRAIN, dst_node_id=node_id)
     payload = raw if raw is not None else encode(update, bits, np.random.default_rng(0))
-    reply = Message(RecordDict({UPLOAD_KEY: ConfigRecord({"update": payload, "num-examples": weight})}), reply_to=request)
+    metrics = contract.TrainMetrics(num_examples=weight, d_gen_used=2, train_seconds=0.5, train_loss=1.0,
+                                    upload_bytes=len(payload), modeled_energy_j=0.1)
+    reply = Message(content or contract.train_reply(payload, metrics, "test"), reply_to=request)
     reply.metadata.__dict__["_src_node_id"] = node_id  # Flower sets the sender when the reply travels
     return reply
 
@@ -79,21 +98,40 @@ def test_bad_updates_are_dropped_with_their_reason_and_good_ones_averaged():
         reply_to(nodes[3], None, raw=bytes(corrupted)),
     ]
     arrays, metrics = strategy.aggregate_train(1, replies)
-    costs = strategy.round_costs[1]
-    assert costs["updates"] == 2 and len(costs["dropped"]) == 2
-    reasons = " ".join(d["reason"] for d in costs["dropped"])
+    assert dict(metrics) == strategy.rounds.costs[1], "the report gets the record Flower keeps"
+    assert metrics["updates"] == 2 and metrics["dropped"] == 2
+    reasons = " ".join(d["reason"] for d in strategy.rounds.drops[1])
     assert "shape" in reasons and "checksum" in reasons
     expected = [g + 0.75 * a + 0.25 * b for g, a, b in zip(GLOBAL, good_a, good_b)]
     for got, want in zip(arrays.to_numpy_ndarrays(), expected):
-        assert np.allclose(got, want)
-    assert costs["uplink_bytes"] > 0 and costs["energy_j"] > 0
+        assert got.dtype == np.float32 and np.allclose(got, want)
+    assert metrics["uplink-bytes"] > 0 and metrics["energy-j"] > 0
+    assert metrics["synthetic-used"] == 4 and metrics["train-s-sum"] == 1.0 and metrics["train-loss"] == 1.0
 
 
-def test_nan_update_is_rejected():
+def with_nan(payload: bytes) -> bytes:
+    """A well-formed raw float32 payload whose first value is NaN (encode refuses to make one)."""
+    import zlib
+
+    body = bytearray(payload[16:])
+    body[36:40] = b"\xff\xff\xff\xff"  # after the first 36-byte tensor header: the first float's bits
+    header = bytearray(payload[:16])
+    header[12:16] = zlib.crc32(bytes(body)).to_bytes(4, "little")
+    return bytes(header + body)
+
+
+@pytest.mark.parametrize("reply,reason", [
+    (dict(raw=b"not a payload"), "undecodable"),
+    (dict(raw=with_nan(encode(GLOBAL, 32, np.random.default_rng(0)))), "NaN"),
+    (dict(raw=b"x", weight=0), "num-examples"),
+    (dict(raw=b"x", content=RecordDict({"metrics": contract.TrainMetrics(1, 0, 0.0, 0.0, 0, 0.0).to_record()})),
+     "no quantized update"),
+])
+def test_unusable_replies_are_refused_with_the_reason(reply, reason):
     strategy, nodes = strategy_for(2)
     strategy.configure_train(1, ArrayRecord(GLOBAL), ConfigRecord(), OnlineNodes(nodes))
-    verdict = strategy.inspect_reply(reply_to(nodes[0], None, raw=b"not a payload"))
-    assert isinstance(verdict, str) and "undecodable" in verdict
+    with pytest.raises(contract.ReplyError, match=reason):
+        strategy.decode_reply(reply_to(nodes[0], reply.pop("update", None), **reply))
 
 
 def test_devices_that_cannot_meet_the_budget_sit_out_and_the_rest_train():
@@ -103,7 +141,7 @@ def test_devices_that_cannot_meet_the_budget_sit_out_and_the_rest_train():
     assert plan.feasible and nodes[2] not in planned and len(planned) == 3
 
 
-@pytest.mark.parametrize("policy", ["tfl", "hdc", "fimi+ondemand"])
+@pytest.mark.parametrize("policy", ["tfl", "hdc", "fixed", "ondemand", "fimi+ondemand"])
 def test_every_job_policy_plans(policy):
     strategy, nodes = strategy_for(3, policy)
     plan, planned = strategy.plan_round(1, nodes)
@@ -122,6 +160,7 @@ def test_a_dead_node_costs_one_update_once():
     unavailable.metadata.__dict__["_src_node_id"] = 1  # the SuperLink
     arrays, _ = strategy.aggregate_train(1, [reply_to(nodes[0], update, bits=32), reply_to(nodes[1], update, bits=32),
                                              unavailable])
-    dropped = strategy.round_costs[1]["dropped"]
+    dropped = strategy.rounds.drops[1]
     assert [d["node"] for d in dropped] == [nodes[2]] and "Node Unavailable" in dropped[0]["reason"]
-    assert strategy.round_costs[1]["updates"] == 2 and arrays is not None
+    assert strategy.rounds.costs[1]["updates"] == 2 and strategy.rounds.costs[1]["dropped"] == 1
+    assert arrays is not None

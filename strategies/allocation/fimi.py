@@ -417,26 +417,3 @@ def search_time_split(problem: FimiProblem, search: str, rng: np.random.Generato
 
 
 # -------------------------------------------------- per-class augmentation policy (eq. 47)
-
-def augmentation_policy(class_counts, d_gen: float) -> np.ndarray:
-    """Whole samples per class that bring the local histogram closest to uniform (Theorem 3).
-
-    Eq. 47's water level pi with d_c = [pi - n_c] clipped to [0, D_gen]; whole samples are
-    handed out by flooring at the level and giving the remainder to the emptiest classes,
-    which is exactly greedy one-sample-at-a-time filling and so maximises the entropy.
-    """
-    counts = np.asarray(class_counts, dtype=float)
-    total = int(round(float(d_gen)))
-    if total <= 0:
-        return np.zeros(counts.size, dtype=np.int64)
-    lo, hi = counts.min(), counts.max() + total
-    for _ in range(200):  # bisection on the water level pi
-        level = 0.5 * (lo + hi)
-        if np.clip(level - counts, 0, total).sum() > total:
-            hi = level
-        else:
-            lo = level
-    gen = np.floor(np.clip(lo - counts, 0, total)).astype(np.int64)
-    for _ in range(total - int(gen.sum())):
-        gen[np.argmin(counts + gen)] += 1
-    return gen

@@ -15,8 +15,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from .augmentation import synthetic_request
 from .costs import LN2, compute_energy, power_for_upload, update_bits
-from .fimi import (CrossEntropySettings, FimiProblem, SearchTrace, augmentation_policy, search_time_split,
+from .fimi import (CrossEntropySettings, FimiProblem, SearchTrace, search_time_split,
                    solve_compute, solve_uplink)
 from .quantization import bits_for_error, optimal_time_split, split_bounds
 from .scenario import Scenario
@@ -114,10 +115,7 @@ def _plan_fimi(scenario: Scenario, policy: str, rng, search: str, settings: Cros
     d_gen = cmp_.d_gen[0]
     class_gen = None
     if dv.class_counts is not None:
-        if policy == "hdc":  # everything for the class the device has least of
-            class_gen = [np.where(np.arange(c.size) == np.argmin(c), round(g), 0) for c, g in zip(dv.class_counts, d_gen)]
-        else:
-            class_gen = [augmentation_policy(c, g) for c, g in zip(dv.class_counts, d_gen)]
+        class_gen = [synthetic_request(policy, c, g) for c, g in zip(dv.class_counts, d_gen)]
     binding = _binding(cmp_.f[0], dv.f_max, com.p[0], dv.p_max)
     if problem.allow_synthetic:
         for k, g in enumerate(d_gen):

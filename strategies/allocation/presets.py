@@ -91,3 +91,11 @@ def ondemand_scenario(num_devices: int, seed: int) -> Scenario:
         bits=np.full(num_devices, 32), quant_error=1.0 / (2.0 * levels ** 2), class_counts=None,
     )
     return Scenario(system, devices)
+
+
+def fimi_device_profile(index: int, num_devices: int, seed: int) -> dict:
+    """Device `index` of `fimi_scenario(num_devices, seed)` as a profile (the contract's fields):
+    how a simulated node with no measured profile draws its own, the same on every process."""
+    devices = fimi_scenario(num_devices, seed).devices
+    return {"f_max_hz": float(devices.f_max[index]), "eps": float(devices.eps[index]),
+            "p_max_w": float(devices.p_max[index]), "gain": float(devices.gain[index])}

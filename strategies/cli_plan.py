@@ -13,9 +13,9 @@ import numpy as np
 
 from fedfill.errors import UsageError
 
-from .fimi import SEARCHES
-from .policies import POLICIES, Plan, solve_plan
-from .scenario import ScenarioError, load_scenario, parse_scenario
+from strategies.allocation.fimi import SEARCHES
+from strategies.allocation.policies import POLICIES, Plan, solve_plan
+from strategies.allocation.scenario import ScenarioError, load_scenario, parse_scenario
 
 
 def add_arguments(parser) -> None:

@@ -7,8 +7,8 @@ import sys
 
 from fedfill.errors import UsageError
 
-from .learning import LearningModel
-from .presets import PRESETS, fimi_scenario, ondemand_scenario
+from strategies.allocation.learning import LearningModel
+from strategies.allocation.presets import PRESETS, fimi_scenario, ondemand_scenario
 
 
 def add_arguments(parser) -> None:

@@ -1,0 +1,85 @@
+"""The classifier job: VGG-9 on labelled images, as in FIMI (seed 003).
+
+Every node takes its Dirichlet share of the clients' pool (the same split in every process,
+from the run's seed); the server evaluates on the held-out test set.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import numpy as np
+
+from fedfill.config import RunConfig
+from fedfill.data import ImageDataset
+from fedfill.job import Job, LocalResult, run_split
+
+
+@functools.lru_cache(maxsize=4)
+def _partitions(run: RunConfig, num_partitions: int):
+    """The clients' pool and its Dirichlet split, once per process (Ray reuses its actors)."""
+    from fedfill.partition import dirichlet_partition
+
+    pool = run_split(run).clients
+    return pool, dirichlet_partition(pool.labels, num_partitions, run.dirichlet_alpha, run.seed)
+
+
+class ClassifierJob(Job):
+    metrics = ("accuracy", "loss")
+
+    @property
+    def _split(self):
+        return run_split(self.run)
+
+    def _model(self):
+        from fedfill.models import model_for_images
+
+        test = self._split.test
+        return model_for_images(test.images.shape, test.num_classes)
+
+    def initial_weights(self) -> list[np.ndarray]:
+        import torch
+
+        from fedfill.models import get_weights
+
+        torch.manual_seed(self.run.seed)
+        return get_weights(self._model())
+
+    def node_data(self, partition_id: int, num_partitions: int) -> ImageDataset:
+        pool, parts = _partitions(self.run, num_partitions)
+        return pool.subset(parts[partition_id])
+
+    def train(self, weights, images, labels, *, seed: int, threads: int = 1) -> LocalResult:
+        import torch
+
+        from fedfill.models import get_weights, model_for_images, set_weights, train
+
+        model = model_for_images(images.shape, self._num_classes())
+        set_weights(model, weights)
+        torch.manual_seed(seed)  # dropout draws from the global generator: same seed, same run
+        # One thread: a device trains alone, and on a shared host several ClientApps at two
+        # threads each oversubscribe the cores and turn the measured time into contention.
+        torch.set_num_threads(threads)
+        loss = train(model, images, labels, epochs=self.run.local_epochs, lr=self.run.lr,
+                     batch_size=self.run.batch_size, seed=seed)
+        return LocalResult(get_weights(model), float(loss))
+
+    def _num_classes(self) -> int:
+        return self._split.clients.num_classes
+
+    def evaluate(self, weights) -> dict[str, float]:
+        import torch
+
+        from fedfill.models import images_to_tensor, set_weights
+
+        if not hasattr(self, "_eval"):
+            test = self._split.test
+            self._eval = (self._model(), images_to_tensor(test.images), torch.as_tensor(test.labels))
+        model, x, y = self._eval
+        set_weights(model, weights)
+        model.eval()
+        with torch.no_grad():
+            logits = model(x)
+            loss = float(torch.nn.functional.cross_entropy(logits, y))
+            accuracy = float((logits.argmax(1) == y).float().mean())
+        return {"accuracy": accuracy, "loss": loss}
