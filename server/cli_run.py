@@ -9,7 +9,6 @@ shows each round as the report grows, and ends every process it started.
 
 from __future__ import annotations
 
-import csv
 import os
 import signal
 import subprocess
@@ -19,45 +18,26 @@ from dataclasses import replace
 from pathlib import Path
 
 from fedfill.errors import UsageError
-from fedfill.job import JobConfig
+from fedfill.config import RunConfig, add_flags, run_config_toml
+from server.report import read_rounds
 from deploy.local import free_port
 
 PROJECT_DIR = Path(__file__).resolve().parents[1]
 
 
 def add_arguments(parser) -> None:
-    defaults = JobConfig()
+    from fedfill.job import JOBS
+    from strategies.allocation import POLICIES
+
     parser.add_argument("--engine", choices=("simulation", "deployment"), default="simulation",
                         help="Flower's simulation engine (Ray) or its deployment engine (real SuperLink/SuperNode processes)")
     parser.add_argument("--scenario", help="scenario JSON whose device i profiles SuperNode i (deployment engine)")
-    parser.add_argument("--nodes", type=int, default=defaults.num_partitions, help="number of devices (SuperNodes)")
-    parser.add_argument("--rounds", type=int, default=defaults.rounds)
-    parser.add_argument("--policy", default=defaults.policy, choices=("fimi", "tfl", "hdc", "fimi+ondemand"))
-    parser.add_argument("--dataset", default=defaults.dataset, help="digits (embedded) or cifar10/gtsrb/fmnist/cinic10")
-    parser.add_argument("--data-dir", default="", help="where a real dataset lives")
-    parser.add_argument("--alpha", type=float, default=defaults.dirichlet_alpha, help="Dirichlet concentration of the split")
-    parser.add_argument("--seed", type=int, default=defaults.seed)
-    parser.add_argument("--lr", type=float, default=defaults.lr, help=f"local SGD learning rate (default {defaults.lr})")
-    parser.add_argument("--batch-size", type=int, default=defaults.batch_size)
-    parser.add_argument("--local-epochs", type=int, default=defaults.local_epochs, help="tau")
-    parser.add_argument("--t-max", type=float, default=defaults.t_max_s, help="latency budget of a round, seconds")
-    parser.add_argument("--synthetic-fraction", type=float, default=defaults.synthetic_fraction,
-                        help="the error target asks for this much more data per device on average (sets zeta)")
     parser.add_argument("--generator", default="auto", metavar="auto|none|HOST:PORT",
                         help="auto (default): start the generation service with the shipped digits checkpoint; "
                              "none: no synthetic data; HOST:PORT: a running service")
     parser.add_argument("--out", default="runs/latest", help="report directory (default: runs/latest)")
     parser.add_argument("--timeout", type=float, default=3600.0, help="give up after this many seconds")
-    parser.add_argument("--resume", action="store_true",
-                        help="continue a run in --out from its last checkpoint (up to --rounds in all)")
-
-
-def _toml_value(value) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, str):
-        return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
-    return repr(value)
+    add_flags(parser, choices={"policy": POLICIES, "job": tuple(JOBS)})
 
 
 def _end_processes_mentioning(marker: str) -> None:
@@ -80,7 +60,7 @@ def _end_processes_mentioning(marker: str) -> None:
 
 
 def run(args) -> int:
-    if args.nodes < 1 or args.rounds < 1:
+    if args.num_partitions < 1 or args.rounds < 1:
         raise UsageError("--nodes and --rounds must be at least 1")
     if not (PROJECT_DIR / "pyproject.toml").exists():
         raise UsageError(f"fedfill must be installed from its source tree (pip install -e); no pyproject.toml in {PROJECT_DIR}")
@@ -98,11 +78,8 @@ def run(args) -> int:
         print("fedfill run: no shipped generator for this dataset; train one with `fedfill generator train` "
               "and pass --generator HOST:PORT of its service. Running without synthetic data.")
         generator_mode = "none"
-    job = JobConfig(dataset=args.dataset, data_dir=args.data_dir, num_partitions=args.nodes,
-                    dirichlet_alpha=args.alpha, seed=args.seed, rounds=args.rounds, policy=args.policy,
-                    lr=args.lr, batch_size=args.batch_size, local_epochs=args.local_epochs, t_max_s=args.t_max,
-                    synthetic_fraction=args.synthetic_fraction, resume=args.resume,
-                    generator_address="" if generator_mode in ("auto", "none") else generator_mode, out_dir=str(out))
+    job = RunConfig.from_args(args, out_dir=str(out),
+                              generator_address="" if generator_mode in ("auto", "none") else generator_mode)
     node_configs = _node_configs(args)
     home = out / ".flwr"
     home.mkdir(exist_ok=True)
@@ -112,9 +89,9 @@ def run(args) -> int:
     if args.resume and not (out / "checkpoint.npz").exists():
         raise UsageError(f"nothing to resume: no checkpoint.npz in {out}")
     if not args.resume:  # a fresh run leaves no rows or plans of an older one behind
-        for stale in [*out.glob("plan_round_*.json"), out / "rounds.csv", out / "checkpoint.npz"]:
+        for stale in [*out.glob("plan_round_*.json"), out / "rounds.csv", out / "drops.csv", out / "checkpoint.npz"]:
             stale.unlink(missing_ok=True)
-    print(f"fedfill run: {args.policy} on {args.dataset}, {args.nodes} nodes, {args.rounds} rounds, "
+    print(f"fedfill run: {args.policy} on {args.dataset}, {args.num_partitions} nodes, {args.rounds} rounds, "
           f"{args.engine} engine -> {out}")
     started = time.monotonic()
     federation = generation = None
@@ -125,12 +102,12 @@ def run(args) -> int:
             generation = GenerationProcess(out / "logs", out / "generator-cache").start()
             job = replace(job, generator_address=generation.address)
             print(f"  generation service up on {generation.address}")
-        (out / "run_config.toml").write_text("".join(f"{k} = {_toml_value(v)}\n" for k, v in job.to_run_config().items()))
+        (out / "run_config.toml").write_text(run_config_toml(job))
         if args.engine == "simulation":
             connection = "local"
             (home / "config.toml").write_text(
                 '[superlink]\ndefault = "local"\n\n[superlink.local]\naddress = ":local:"\n'
-                f"options.num-supernodes = {args.nodes}\noptions.backend.client-resources.num-cpus = 1\n")
+                f"options.num-supernodes = {args.num_partitions}\noptions.backend.client-resources.num-cpus = 1\n")
         else:
             from deploy.local import LocalFederation
 
@@ -165,7 +142,7 @@ def run(args) -> int:
 
 def _node_configs(args) -> list[dict]:
     """Each SuperNode's --node-config: its partition and, from --scenario, its device profile."""
-    configs = [{"partition-id": k, "num-partitions": args.nodes} for k in range(args.nodes)]
+    configs = [{"partition-id": k, "num-partitions": args.num_partitions} for k in range(args.num_partitions)]
     if not args.scenario:
         return configs
     from strategies.allocation import ScenarioError, load_scenario
@@ -174,8 +151,8 @@ def _node_configs(args) -> list[dict]:
         devices = load_scenario(args.scenario).to_json()["devices"]
     except ScenarioError as err:
         raise UsageError(str(err)) from None
-    if len(devices) != args.nodes:
-        raise UsageError(f"the scenario {args.scenario} has {len(devices)} devices but --nodes is {args.nodes}")
+    if len(devices) != args.num_partitions:
+        raise UsageError(f"the scenario {args.scenario} has {len(devices)} devices but --nodes is {args.num_partitions}")
     for config, device in zip(configs, devices):
         config.update({"f-max-hz": device["f_max_hz"], "eps": device["eps"], "p-max-w": device["p_max_w"],
                        "gain": device["gain"], "bits": device["bits"]})
@@ -193,13 +170,12 @@ def _follow(process: subprocess.Popen, rounds_csv: Path, started: float, timeout
     while True:
         finished = process.poll() is not None
         if rounds_csv.exists():
-            with open(rounds_csv) as fh:
-                rows = list(csv.DictReader(fh))
+            rows = read_rounds(rounds_csv)
             for row in rows[shown:]:
-                dropped = int(row["dropped"])
-                console.print(f"  round [bold]{int(row['round']):3d}[/]  accuracy [green]{float(row['accuracy']):.4f}[/]  "
-                              f"energy {float(row['energy_j']):9.3f} J  uplink {int(row['uplink_bytes']) / 1e6:8.2f} MB  "
-                              f"synthetic {int(row['synthetic_used']):5d}  "
+                dropped = row["dropped"]
+                console.print(f"  round [bold]{row['round']:3d}[/]  accuracy [green]{row['accuracy']:.4f}[/]  "
+                              f"energy {row['energy_j']:9.3f} J  uplink {row['uplink_bytes'] / 1e6:8.2f} MB  "
+                              f"synthetic {row['synthetic_used']:5d}  "
                               + (f"[red]dropped {dropped}[/]  " if dropped else "dropped 0  ")
                               + f"[dim][{time.monotonic() - started:5.0f} s][/]")
             shown = len(rows)
