@@ -16,7 +16,7 @@ from logging import INFO, WARNING
 import numpy as np
 from flwr.app import Array, ArrayRecord, Context, Message
 from flwr.clientapp import ClientApp
-from flwr.supercore import log
+from flwr.common import log
 
 from fedfill import contract
 from fedfill.config import RunConfig

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp import Grid, ServerApp
-from flwr.supercore import log
+from flwr.common import log
 
 import fedfill
 from fedfill import contract

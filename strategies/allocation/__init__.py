@@ -2,11 +2,23 @@
 
 Nothing here imports Flower or torch. Entry points: `solve_plan(scenario, policy)` and the
 scenario helpers; `fedfill plan` and `fedfill scenario` are the command-line faces.
+
+The names below load their module on first use, so that a device importing one numpy leaf
+(the request rule in `augmentation`, the drawn profiles in `presets`) does not load the solvers.
 """
 
-from .learning import LearningModel, fit_learning_model
-from .policies import POLICIES, Plan, solve_plan
-from .scenario import Devices, Scenario, ScenarioError, System, load_scenario, parse_scenario
+import importlib
 
-__all__ = ["POLICIES", "Devices", "LearningModel", "Plan", "Scenario", "ScenarioError", "System",
-           "fit_learning_model", "load_scenario", "parse_scenario", "solve_plan"]
+_HOMES = {
+    "LearningModel": "learning", "fit_learning_model": "learning",
+    "POLICIES": "policies", "Plan": "policies", "solve_plan": "policies",
+    "Devices": "scenario", "Scenario": "scenario", "ScenarioError": "scenario", "System": "scenario",
+    "load_scenario": "scenario", "parse_scenario": "scenario",
+}
+__all__ = sorted(_HOMES)
+
+
+def __getattr__(name: str):
+    if name not in _HOMES:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(f".{_HOMES[name]}", __name__), name)
