@@ -1,0 +1,77 @@
+"""The message contract and the run-config schema: what one side writes, the other reads back."""
+
+import argparse
+from dataclasses import fields
+
+import numpy as np
+import pytest
+from flwr.app import Array, ArrayRecord, ConfigRecord, RecordDict
+
+from fedfill import contract
+from fedfill.codec import decode, encode
+from fedfill.config import RunConfig, add_flags
+from strategies.allocation import parse_scenario, solve_plan
+from strategies.allocation.presets import fimi_device_profile, fimi_scenario
+
+
+def test_a_plan_entry_reaches_the_device_unchanged():
+    plan = solve_plan(fimi_scenario(3, 0), "fimi")
+    entry = plan.to_json()["devices"][1]
+    sent = contract.NodePlan.from_plan_entry(entry, server_round=4, policy="fimi")
+    content = contract.train_message_content(ArrayRecord([np.zeros(2, np.float32)]), sent,
+                                             ConfigRecord({"local-epochs": 1}))
+    received = contract.NodePlan.from_config(content[contract.CONFIG_KEY])
+    assert received == sent
+    assert received.d_gen == round(entry["d_gen"]) and received.f_hz == entry["f_hz"] and received.bits == entry["bits"]
+    assert received.modeled_energy_j == pytest.approx(entry["e_cmp_j"] + entry["e_com_j"])
+    assert content[contract.CONFIG_KEY]["local-epochs"] == 1
+
+
+def test_a_train_reply_carries_the_codec_bytes_and_the_figures():
+    update = [np.linspace(-1, 1, 12, dtype=np.float32).reshape(3, 4)]
+    payload = encode(update, 8, np.random.default_rng(0))
+    metrics = contract.TrainMetrics(num_examples=120, d_gen_used=20, train_seconds=1.5, train_loss=0.3,
+                                    upload_bytes=len(payload), modeled_energy_j=0.02)
+    content = contract.train_reply(payload, metrics, "generated 20")
+    array = content[contract.UPDATE_KEY]["payload"]
+    assert array.stype == contract.CODEC_STYPE and array.data == payload
+    got_payload, got_metrics, note = contract.read_train_reply(content)
+    assert decode(got_payload)[0].shape == (3, 4) and note == "generated 20"
+    assert got_metrics == {"num-examples": 120, "d-gen-used": 20, "train-seconds": 1.5, "train-loss": 0.3,
+                           "upload-bytes": len(payload), "modeled-energy-j": 0.02}
+    assert contract.reply_bytes(content) > len(payload)
+
+
+def test_a_plain_numpy_array_is_not_taken_for_a_codec_payload():
+    content = RecordDict({contract.UPDATE_KEY: ArrayRecord({"payload": Array(np.zeros(4, np.uint8))}),
+                          contract.METRICS_KEY: contract.TrainMetrics(1, 0, 0.0, 0.0, 0, 0.0).to_record()})
+    with pytest.raises(contract.ReplyError, match="serialization type"):
+        contract.read_train_reply(content)
+
+
+def test_a_drawn_profile_is_a_profile_the_planner_accepts():
+    profile = {"d_loc": 100.0, **fimi_device_profile(2, 5, seed=1)}
+    assert set(contract.PROFILE_FIELDS) <= set(profile)
+    drawn = fimi_scenario(5, 1).devices
+    assert profile["f_max_hz"] == drawn.f_max[2] and profile["gain"] == drawn.gain[2]
+    scenario = parse_scenario({"system": fimi_scenario(1, 0).to_json()["system"],
+                               "devices": [{**profile, "id": "a", "bits": 8, "quant_error": 1e-3}]})
+    assert scenario.devices.bits[0] == 8
+
+
+def test_every_run_setting_is_a_flag_and_comes_back():
+    parser = argparse.ArgumentParser()
+    add_flags(parser)
+    args = parser.parse_args(["--nodes", "4", "--alpha", "0.1", "--t-max", "30", "--resume", "--learning-fit", "f.json",
+                              "--generator-steps", "5"])
+    run = RunConfig.from_args(args, out_dir="/tmp/x", generator_address="h:1")
+    assert (run.num_partitions, run.dirichlet_alpha, run.t_max_s, run.resume) == (4, 0.1, 30.0, True)
+    assert (run.learning_fit, run.generator_steps, run.out_dir) == ("f.json", 5, "/tmp/x")
+    cli = {f.name for f in fields(RunConfig) if f.metadata["cli"]}
+    assert cli == set(vars(args)), "a setting without a flag, or a flag without a setting"
+    assert RunConfig.from_run_config(run.to_run_config()) == run
+
+
+def test_run_config_values_are_read_back_with_their_types():
+    run = RunConfig.from_run_config({"num-partitions": "7", "resume": "true", "lr": 1, "unknown-key": 3})
+    assert run.num_partitions == 7 and run.resume is True and run.lr == 1.0 and isinstance(run.lr, float)
