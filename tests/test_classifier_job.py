@@ -8,7 +8,8 @@ from fedfill.job import Job, load_job, run_split
 
 
 def test_the_classifier_job_does_what_the_apps_ask_of_a_job():
-    run = RunConfig(num_partitions=3, seed=1)
+    # Near-IID shares and a few epochs, so that one device's training must help on the test set.
+    run = RunConfig(num_partitions=3, seed=1, dirichlet_alpha=100.0, local_epochs=3)
     job = load_job(run)
     assert isinstance(job, Job) and job.metrics[0] == "accuracy"
     weights = job.initial_weights()
