@@ -1,16 +1,20 @@
-"""Flower's deployment engine on this machine: a SuperLink and N SuperNodes as separate
-processes on loopback, each in its own process group.
+"""Flower's processes on this machine, each started in its own process group and ended with
+it: the simulation SuperLink (Ray) and the deployment engine's SuperLink and N SuperNodes.
 
 A SuperNode starts a `flower-superexec` child that outlives a plain kill of its parent, so
 every component is a session leader and `stop` ends the whole group (SIGTERM, then SIGKILL).
+Every Flower process of a run gets `flower_environment`: the run's own FLWR_HOME, runtime
+dependency installation off, and Flower's commands on the interpreter that runs fedfill.
 """
 
 from __future__ import annotations
 
 import os
+import shlex
 import signal
 import socket
 import subprocess
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,22 +39,73 @@ def wait_for_port(port: int, timeout_s: float, process: subprocess.Popen | None 
     raise TimeoutError(f"nothing listens on 127.0.0.1:{port} after {timeout_s:.0f} s")
 
 
-def stop_group(process: subprocess.Popen, grace_s: float = 5.0) -> None:
-    """End a component and every child it started."""
+def group_alive(pgid: int) -> bool:
+    """Whether any process is left in the process group (signal 0 tests, sends nothing)."""
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def stop_group(process: subprocess.Popen, grace_s: float = 10.0) -> None:
+    """End a component and every process in its group: SIGTERM, wait until the group is
+    empty, SIGKILL what is left. A child may outlive its leader, so the group is waited
+    for, not just the leader."""
     for sig in (signal.SIGTERM, signal.SIGKILL):
         try:
             os.killpg(process.pid, sig)
         except ProcessLookupError:
+            process.poll()
             return
-        try:
-            process.wait(timeout=grace_s)
-            # children may outlive the leader: one more signal to the group catches them
-            os.killpg(process.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            return
-        except subprocess.TimeoutExpired:
+        deadline = time.monotonic() + grace_s
+        while time.monotonic() < deadline:
+            process.poll()  # reap the leader: a zombie still counts as a member
+            if not group_alive(process.pid):
+                return
+            time.sleep(0.1)
+
+
+def write_flower_commands(bin_dir: Path) -> Path:
+    """Flower's console scripts, bound to this interpreter, in `bin_dir`.
+
+    Flower starts its children by name from PATH (flower-superlink -> flower-superexec ->
+    flwr-serverapp, flwr-simulation; flower-supernode -> flwr-clientapp). An environment that
+    reuses another's site-packages (a venv with --system-site-packages) has no such scripts
+    of its own, so PATH would find the other interpreter's and its copy of fedfill. These run
+    `sys.executable`, so every Flower process of a run imports what fedfill run imports.
+    """
+    from importlib.metadata import distribution
+
+    bin_dir.mkdir(parents=True, exist_ok=True)
+    for entry in distribution("flwr").entry_points:
+        if entry.group != "console_scripts":
             continue
-        return
+        script = bin_dir / entry.name
+        # sh re-executes the file with Python (no shebang length limit); Python reads the
+        # first two lines as a string expression.
+        script.write_text(
+            "#!/bin/sh\n"
+            f"'''exec' {shlex.quote(sys.executable)} \"$0\" \"$@\"\n"
+            "' '''\n"
+            "import sys\n"
+            f"from {entry.module} import {entry.attr}\n"
+            f"sys.argv[0] = {entry.name!r}\n"
+            f"sys.exit({entry.attr}())\n")
+        script.chmod(0o755)
+    return bin_dir
+
+
+def flower_environment(home: Path) -> dict[str, str]:
+    """The environment of every Flower process of a run: its own FLWR_HOME (FABs, config,
+    logs stay in the run's directory), Flower's commands on this interpreter first on PATH,
+    runtime dependency installation off (by default a SuperLink builds a fresh env with CUDA
+    torch per run with `uv sync`), and no update check."""
+    bin_dir = write_flower_commands(home / "bin")
+    return {**os.environ, "FLWR_HOME": str(home), "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}",
+            "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1", "FLWR_DISABLE_UPDATE_CHECK": "1"}
 
 
 def node_config_arg(values: dict) -> str:
@@ -62,36 +117,41 @@ def node_config_arg(values: dict) -> str:
 
 
 @dataclass
-class LocalFederation:
-    """SuperLink + SuperNodes; `address` is what `flwr run` connects to."""
+class _Components:
+    """Flower processes, each a session leader with its log in log_dir, ended group by group."""
 
     log_dir: Path
-    node_configs: list[dict]
-    superlink_port: int = field(default_factory=free_port)
+    env: dict[str, str] | None = None
     processes: list[tuple[str, subprocess.Popen]] = field(default_factory=list)
 
-    @property
-    def address(self) -> str:
-        return f"127.0.0.1:{self.superlink_port}"
-
     def _spawn(self, name: str, command: list[str]) -> subprocess.Popen:
+        self.log_dir.mkdir(parents=True, exist_ok=True)
         log = open(self.log_dir / f"{name}.log", "w")  # noqa: SIM115 - lives as long as the process
-        env = {**os.environ, "FLWR_DISABLE_UPDATE_CHECK": "1"}
-        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+        env = self.env or {**os.environ, "FLWR_DISABLE_UPDATE_CHECK": "1"}
+        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=self.log_dir,
+                                   start_new_session=True)
         self.processes.append((name, process))
         return process
 
-    def start(self, timeout_s: float = 60.0) -> "LocalFederation":
-        self.log_dir.mkdir(parents=True, exist_ok=True)
+    def _start_superlink(self, port: int, timeout_s: float, *, simulation: bool) -> None:
+        """A SuperLink and the SuperExec that runs its ServerApp (or simulation), both ours.
+
+        With `--isolation subprocess` the SuperLink would start flower-superexec itself, in a
+        session of its own that ending the SuperLink's group does not reach; with `process`
+        we start it, in a group we end (Ray and the apps run under it). Runtime dependency
+        installation stays off: the flag here, SuperExec's default, and flower_environment.
+        """
         superlink = self._spawn("superlink", [
-            "flower-superlink", "--insecure", "--host", "127.0.0.1", "--port", str(self.superlink_port),
-            "--database", str(self.log_dir / "superlink.db"), "--disable-runtime-dependency-installation"])
-        wait_for_port(self.superlink_port, timeout_s, superlink)
-        for k, config in enumerate(self.node_configs):
-            self._spawn(f"supernode-{k}", [
-                "flower-supernode", "--insecure", "--superlink", self.address, "--port", str(free_port()),
-                "--node-config", node_config_arg(config), "--max-wait-time", "120"])
-        return self
+            "flower-superlink", *(["--simulation"] if simulation else []), "--isolation", "process", "--insecure",
+            "--host", "127.0.0.1", "--port", str(port), "--database", str(self.log_dir / "superlink.db"),
+            "--disable-runtime-dependency-installation"])
+        try:
+            wait_for_port(port, timeout_s, superlink)
+        except (RuntimeError, TimeoutError) as err:
+            self.stop()
+            raise RuntimeError(f"the SuperLink did not start ({err}); see {self.log_dir / 'superlink.log'}") from None
+        self._spawn("superexec", ["flower-superexec", "--insecure", "--runtime-api-address", f"127.0.0.1:{port}",
+                                  "--parent-pid", str(superlink.pid)])
 
     def check_alive(self) -> list[str]:
         """Names of components that have exited (a node that died is reported, not waited for)."""
@@ -101,11 +161,54 @@ class LocalFederation:
         for _, process in reversed(self.processes):
             stop_group(process)
 
-    def __enter__(self) -> "LocalFederation":
+    def __enter__(self):
         return self.start()
 
     def __exit__(self, *exc) -> None:
         self.stop()
+
+
+@dataclass
+class LocalFederation(_Components):
+    """Flower's deployment engine: a SuperLink and N SuperNodes; `address` is what `flwr run`
+    connects to."""
+
+    node_configs: list[dict] = field(default_factory=list)
+    superlink_port: int = field(default_factory=free_port)
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.superlink_port}"
+
+    def start(self, timeout_s: float = 60.0) -> "LocalFederation":
+        self._start_superlink(self.superlink_port, timeout_s, simulation=False)
+        for k, config in enumerate(self.node_configs):
+            self._spawn(f"supernode-{k}", [
+                "flower-supernode", "--insecure", "--superlink", self.address, "--port", str(free_port()),
+                "--node-config", node_config_arg(config), "--max-wait-time", "120"])
+        return self
+
+
+@dataclass
+class LocalSimulation(_Components):
+    """Flower's simulation engine: a SuperLink with `--simulation` whose SuperExec runs the
+    ServerApp and Ray's virtual SuperNodes; `address` is what `flwr run` connects to, and
+    `flwr run --federation-config "num-supernodes=N ..."` sizes the federation.
+
+    Started here rather than by `flwr run` with a ":local:" connection: that SuperLink is
+    detached, outlives the run and installs the app's dependencies into a fresh environment
+    per run (CUDA torch, ~5 GB); this one has that off and ends with the run.
+    """
+
+    port: int = field(default_factory=free_port)
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def start(self, timeout_s: float = 90.0) -> "LocalSimulation":
+        self._start_superlink(self.port, timeout_s, simulation=True)
+        return self
 
 
 @dataclass

@@ -1,10 +1,13 @@
 """`fedfill run`: the FIMI job on Flower, from one command.
 
---engine simulation: a local simulation SuperLink (Ray) with N virtual SuperNodes.
---engine deployment: a real SuperLink and N SuperNodes as separate processes on loopback
-(deploy/local.py), each node's device profile from --scenario when given.
-Either way it writes a private Flower home into the output directory, runs `flwr run`,
-shows each round as the report grows, and ends every process it started.
+--engine simulation: a simulation SuperLink (Ray) with N virtual SuperNodes.
+--engine deployment: a real SuperLink and N SuperNodes as separate processes on loopback,
+each node's device profile from --scenario when given.
+Either way deploy/local.py starts every Flower process in its own process group, with a
+private Flower home in the output directory and runtime dependency installation off; the
+Flower app is written from the installed package (deploy/flower_app.py), so no source tree
+is needed. It runs `flwr run`, shows each round as the report grows, and ends every process
+it started.
 """
 
 from __future__ import annotations
@@ -20,9 +23,6 @@ from pathlib import Path
 from fedfill.errors import UsageError
 from fedfill.config import RunConfig, add_flags, run_config_toml
 from server.report import read_rounds
-from deploy.local import free_port
-
-PROJECT_DIR = Path(__file__).resolve().parents[1]
 
 
 def add_arguments(parser) -> None:
@@ -40,30 +40,9 @@ def add_arguments(parser) -> None:
     add_flags(parser, choices={"policy": POLICIES, "job": tuple(JOBS)})
 
 
-def _end_processes_mentioning(marker: str) -> None:
-    """SIGTERM (then SIGKILL) every process whose command line holds marker, with its group."""
-    for pid_dir in Path("/proc").iterdir():
-        if not pid_dir.name.isdigit() or int(pid_dir.name) == os.getpid():
-            continue
-        try:
-            cmdline = (pid_dir / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-        except OSError:
-            continue
-        if marker in cmdline:
-            pid = int(pid_dir.name)
-            for sig in (signal.SIGTERM, signal.SIGKILL):
-                try:
-                    os.killpg(os.getpgid(pid), sig)
-                    time.sleep(1.0)
-                except (ProcessLookupError, PermissionError):
-                    break
-
-
 def run(args) -> int:
     if args.num_partitions < 1 or args.rounds < 1:
         raise UsageError("--nodes and --rounds must be at least 1")
-    if not (PROJECT_DIR / "pyproject.toml").exists():
-        raise UsageError(f"fedfill must be installed from its source tree (pip install -e); no pyproject.toml in {PROJECT_DIR}")
     if args.dataset != "digits":
         from fedfill.data import load_dataset
 
@@ -81,57 +60,65 @@ def run(args) -> int:
     job = RunConfig.from_args(args, out_dir=str(out),
                               generator_address="" if generator_mode in ("auto", "none") else generator_mode)
     node_configs = _node_configs(args)
-    home = out / ".flwr"
-    home.mkdir(exist_ok=True)
-    control_port = free_port()
-    env = {**os.environ, "FLWR_HOME": str(home), "FLWR_LOCAL_CONTROL_API_PORT": str(control_port),
-           "FLWR_LOCAL_SUPERLINK_HTTP_API_PORT": str(free_port()), "FLWR_DISABLE_UPDATE_CHECK": "1"}
     if args.resume and not (out / "checkpoint.npz").exists():
         raise UsageError(f"nothing to resume: no checkpoint.npz in {out}")
     if not args.resume:  # a fresh run leaves no rows or plans of an older one behind
         for stale in [*out.glob("plan_round_*.json"), out / "rounds.csv", out / "drops.csv", out / "checkpoint.npz"]:
             stale.unlink(missing_ok=True)
+    from deploy.flower_app import write_flower_app
+    from deploy.local import LocalFederation, LocalSimulation, flower_environment
+
+    home = out / ".flwr"
+    env = flower_environment(home)
+    app_dir = write_flower_app(out / "app")
     print(f"fedfill run: {args.policy} on {args.dataset}, {args.num_partitions} nodes, {args.rounds} rounds, "
           f"{args.engine} engine -> {out}")
     started = time.monotonic()
-    federation = generation = None
+    federation = generation = process = None
+    shown, interrupted = 0, False
     try:
         if generator_mode == "auto":
             from deploy.local import GenerationProcess
 
-            generation = GenerationProcess(out / "logs", out / "generator-cache").start()
+            generation = GenerationProcess(out / "logs", out / "generator-cache")
+            generation.start()
             job = replace(job, generator_address=generation.address)
             print(f"  generation service up on {generation.address}")
         (out / "run_config.toml").write_text(run_config_toml(job))
         if args.engine == "simulation":
-            connection = "local"
-            (home / "config.toml").write_text(
-                '[superlink]\ndefault = "local"\n\n[superlink.local]\naddress = ":local:"\n'
-                f"options.num-supernodes = {args.num_partitions}\noptions.backend.client-resources.num-cpus = 1\n")
+            federation = LocalSimulation(out / "logs", env=env)
+            # Flower's simulation settings travel with the run, not in the connection
+            # (`options.` there is deprecated in 1.41).
+            simulation = ["--federation-config", f"num-supernodes={args.num_partitions} client-resources-num-cpus=1"]
         else:
-            from deploy.local import LocalFederation
-
-            federation = LocalFederation(out / "logs", node_configs).start()
-            connection = "testbed"
-            (home / "config.toml").write_text(
-                f'[superlink]\ndefault = "testbed"\n\n[superlink.testbed]\naddress = "{federation.address}"\n'
-                "insecure = true\n")
-        command = ["flwr", "run", str(PROJECT_DIR), connection, "--run-config", str(out / "run_config.toml"), "--stream"]
+            federation = LocalFederation(out / "logs", env=env, node_configs=node_configs)
+            simulation = []
+        federation.start()  # assigned first: an interrupted start is stopped below too
+        (home / "config.toml").write_text(
+            f'[superlink]\ndefault = "fedfill"\n\n[superlink.fedfill]\naddress = "{federation.address}"\n'
+            "insecure = true\n")
+        command = ["flwr", "run", str(app_dir), "fedfill", "--run-config", str(out / "run_config.toml"),
+                   *simulation, "--stream"]
         with open(out / "flwr.log", "w") as log_file:
-            process = subprocess.Popen(command, cwd=PROJECT_DIR, env=env, stdout=log_file, stderr=subprocess.STDOUT,
+            process = subprocess.Popen(command, cwd=out, env=env, stdout=log_file, stderr=subprocess.STDOUT,
                                        start_new_session=True)
             try:
-                shown = _follow(process, out / "rounds.csv", started, args.timeout, federation)
+                shown = _follow(process, out / "rounds.csv", started, args.timeout,
+                                federation if args.engine == "deployment" else None)
             finally:
                 if process.poll() is None:
                     os.killpg(process.pid, signal.SIGTERM)
                     process.wait(timeout=30)
+    except KeyboardInterrupt:  # Ctrl-C: end every process of the run (below), no traceback
+        print("fedfill run: interrupted, stopping every process of the run", file=sys.stderr)
+        interrupted = True
     finally:
         if federation is not None:
             federation.stop()
         if generation is not None:
             generation.stop()
-        _end_processes_mentioning(f"127.0.0.1:{control_port}")
+    if interrupted:
+        return 130
     if process.returncode != 0 or shown <= args.rounds:  # rows 0..rounds, resumed or not
         tail = (out / "flwr.log").read_text(errors="replace").splitlines()[-15:]
         print("fedfill run: the Flower run did not finish; last lines of flwr.log:", *tail, sep="\n  ", file=sys.stderr)

@@ -1,7 +1,7 @@
 """The FIMI job end to end on Flower's simulation engine: `fedfill run` as a user runs it.
 
-Real processes: the fedfill CLI, `flwr run`, a local SuperLink and ClientApps on Ray. About
-80 s on 2 cores, most of it Ray's start.
+Real processes: the fedfill CLI, `flwr run`, a simulation SuperLink and ClientApps on Ray.
+About 35 s on 2 cores, most of it Ray's start.
 """
 
 import csv
@@ -18,19 +18,25 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def superlinks_running() -> int:
-    count = 0
-    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+def processes_of_run(out: Path) -> list[str]:
+    """Live processes of the run writing to `out`: every Flower process of a run has
+    FLWR_HOME=OUT/.flwr in its environment (Ray's workers inherit it), and the generation
+    service names OUT in its command line. Zombies have neither, so they do not count."""
+    marker, home = str(out).encode(), f"FLWR_HOME={out / '.flwr'}".encode()
+    found = []
+    for proc in Path("/proc").glob("[0-9]*"):
         try:
-            count += b"flower-superlink" in cmdline.read_bytes()
-        except OSError:
-            pass
-    return count
+            cmdline = (proc / "cmdline").read_bytes()
+            environ = (proc / "environ").read_bytes().split(b"\0")
+        except OSError:  # gone meanwhile, or not ours to read
+            continue
+        if int(proc.name) != os.getpid() and (marker in cmdline or home in environ):
+            found.append(f"{proc.name}: {cmdline.replace(bytes(1), b' ').decode(errors='replace')[:160]}")
+    return found
 
 
 @pytest.mark.slow
 def test_fedfill_run_trains_plans_and_reports(tmp_path):
-    before = superlinks_running()
     done = subprocess.run([sys.executable, "-m", "fedfill", "run", "--nodes", "3", "--rounds", "2",
                            "--out", str(tmp_path), "--timeout", "400"],
                           cwd=ROOT, capture_output=True, text=True, timeout=500)
@@ -51,7 +57,51 @@ def test_fedfill_run_trains_plans_and_reports(tmp_path):
         assert plan["feasible"] and len(plan["devices"]) == 3 == len(plan["node_ids"])
         assert float(rows[round_number]["round_energy_j"]) == pytest.approx(plan["energy_j"], rel=1e-9)
     assert (tmp_path / "accuracy.png").stat().st_size > 0
-    assert superlinks_running() <= before, "the local SuperLink was left running"
+    # Issue 7: Flower installed the app's dependencies into a fresh env per run (CUDA torch,
+    # ~5 GB, under FLWR_HOME/runtime-envs) and ran the apps on it. Nothing may be installed,
+    # and the ServerApp runs on this interpreter and its CPU torch.
+    assert not (tmp_path / ".flwr" / "runtime-envs").exists(), "Flower built a runtime environment"
+    environment = summary["environment"]
+    assert Path(environment["python"]).resolve() == Path(sys.executable).resolve()
+    assert "+cu" not in environment["torch"]
+    assert (tmp_path / "app" / "pyproject.toml").exists() and not list((tmp_path / "app").glob("**/*.py"))
+    assert "num-supernodes" not in (tmp_path / ".flwr" / "config.toml").read_text()
+    assert "Federation `@none/default` (3 simulated SuperNodes)" in (tmp_path / "flwr.log").read_text()
+    assert processes_of_run(tmp_path) == [], "processes of the run were left running"
+
+
+def test_processes_of_run_finds_a_process_by_its_flower_home(tmp_path):
+    """The check the runs below rely on does see a live process of a run."""
+    child = subprocess.Popen(["sleep", "30"], env={**os.environ, "FLWR_HOME": str(tmp_path / ".flwr")})
+    try:
+        assert [line.split(":")[0] for line in processes_of_run(tmp_path)] == [str(child.pid)]
+    finally:
+        child.kill()
+        child.wait()
+    assert processes_of_run(tmp_path) == []
+
+
+@pytest.mark.slow
+def test_an_interrupted_simulation_run_leaves_no_process(tmp_path):
+    """Ctrl-C mid-run, with Ray and the apps up: `fedfill run` ends the SuperLink's and the
+    SuperExec's process groups, and with them every process of the run."""
+    run = subprocess.Popen([sys.executable, "-m", "fedfill", "run", "--nodes", "2", "--rounds", "50",
+                            "--generator", "none", "--out", str(tmp_path), "--timeout", "400"], cwd=ROOT,
+                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        rounds_csv, deadline = tmp_path / "rounds.csv", time.monotonic() + 300
+        while not (rounds_csv.exists() and len(rounds_csv.read_text().splitlines()) >= 3):  # header, rounds 0, 1
+            assert run.poll() is None and time.monotonic() < deadline, "round 1 never came"
+            time.sleep(0.5)
+        running = processes_of_run(tmp_path)
+        assert any("ray::ClientAppActor" in line for line in running), running
+        run.send_signal(signal.SIGINT)
+        output, _ = run.communicate(timeout=120)
+    finally:
+        if run.poll() is None:
+            run.kill()
+    assert run.returncode == 130 and "interrupted" in output and "Traceback" not in output, output
+    assert processes_of_run(tmp_path) == [], "processes of the run were left running"
 
 
 @pytest.mark.slow
@@ -64,7 +114,6 @@ def test_deployment_engine_runs_real_supernodes_with_scenario_profiles(tmp_path)
     for device in data["devices"]:
         device["bits"] = 8  # these devices upload 8-bit updates
     scenario.write_text(json.dumps(data))
-    before = superlinks_running()
     done = subprocess.run([sys.executable, "-m", "fedfill", "run", "--engine", "deployment", "--nodes", "2",
                            "--rounds", "1", "--scenario", str(scenario), "--out", str(tmp_path / "run"),
                            "--timeout", "300"], cwd=ROOT, capture_output=True, text=True, timeout=400)
@@ -83,7 +132,8 @@ def test_deployment_engine_runs_real_supernodes_with_scenario_profiles(tmp_path)
     per_update = int(round_one["round_uplink_bytes"]) / int(round_one["updates"])
     assert params <= per_update <= params * 1.05, "an 8-bit update carries about M bytes on the wire"
     assert (tmp_path / "run" / "logs" / "supernode-1.log").exists()
-    assert superlinks_running() <= before
+    assert not (tmp_path / "run" / ".flwr" / "runtime-envs").exists()
+    assert processes_of_run(tmp_path / "run") == [], "processes of the run were left running"
 
 
 def test_a_scenario_that_does_not_match_the_nodes_is_refused(tmp_path):

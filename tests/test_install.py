@@ -1,0 +1,87 @@
+"""fedfill as a user installs it: the Flower app comes from the installed package, not a
+source tree, and the repository's own Flower app says the same as the generated one.
+
+The slow test builds a real non-editable install into a venv and runs `fedfill run` from
+outside the repository (~1 min on 2 cores, most of it Ray's start).
+"""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tomllib
+from pathlib import Path
+
+import pytest
+
+from deploy.flower_app import COMPONENTS, flower_app_pyproject, write_flower_app
+from fedfill.config import RunConfig
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_the_repository_flower_app_matches_the_generated_one():
+    """`flwr run .` from a checkout and `fedfill run` submit the same components and defaults."""
+    ours = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["flwr"]["app"]
+    generated = tomllib.loads(flower_app_pyproject())["tool"]["flwr"]["app"]
+    assert ours["config"] == RunConfig().to_run_config() == generated["config"]
+    assert ours["components"] == generated["components"] == COMPONENTS
+    assert ours["publisher"] == generated["publisher"]
+
+
+def test_flower_builds_a_fab_without_code_and_finds_the_installed_components(tmp_path):
+    from flwr.cli.build import build_fab_from_disk
+    from flwr.cli.config_utils import load_and_validate
+    import io
+    import zipfile
+
+    app = write_flower_app(tmp_path / "app", RunConfig(rounds=3))
+    # check_module=True: Flower looks the components up as `flwr run` does, here in this
+    # interpreter's installed packages (the app directory holds no module)
+    config, _ = load_and_validate(app / "pyproject.toml", check_module=True)
+    assert config["tool"]["flwr"]["app"]["config"]["rounds"] == 3
+    names = zipfile.ZipFile(io.BytesIO(build_fab_from_disk(app))).namelist()
+    assert sorted(names) == [".info/CONTENT", "pyproject.toml"]
+    (app / "stray.py").write_text("")
+    with pytest.raises(ValueError, match="stray.py"):
+        write_flower_app(app)
+
+
+@pytest.mark.slow
+def test_fedfill_run_from_a_non_editable_install(tmp_path):
+    """pip install (not -e) into a venv that reuses this interpreter's packages (torch, flwr,
+    and the editable fedfill, which the venv's own copy must shadow), then `fedfill run` from
+    a directory outside the repository: the apps import the venv's fedfill."""
+    source = tmp_path / "source"  # a copy: the build writes build/ and *.egg-info into its tree
+    shutil.copytree(ROOT, source, ignore=shutil.ignore_patterns(
+        ".git", "build", "dist", "*.egg-info", "__pycache__", ".pytest_cache", "runs", ".venv"))
+    venv = tmp_path / "venv"
+    # --without-pip: a venv's own pip would bring its bundled setuptools (65), which shadows
+    # this interpreter's and cannot build wheels without `wheel`; this pip and setuptools,
+    # seen through --system-site-packages, install into the venv all the same.
+    subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", "--without-pip", str(venv)],
+                   check=True, timeout=120)
+    python = venv / "bin" / "python"
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
+    installed = subprocess.run([str(python), "-m", "pip", "install", "--no-deps", "--no-build-isolation", "--no-index",
+                                "--disable-pip-version-check", "--quiet", str(source)],
+                               cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert installed.returncode == 0, installed.stdout + installed.stderr
+    shutil.rmtree(source)  # nothing may depend on a source tree from here on
+
+    site = subprocess.run([str(python), "-c", "import fedfill, server.app; print(fedfill.__file__)"], cwd=tmp_path,
+                          env=env, capture_output=True, text=True, timeout=120)
+    assert site.returncode == 0, site.stderr
+    assert Path(site.stdout.strip()).is_relative_to(venv), site.stdout
+
+    out = tmp_path / "run"
+    done = subprocess.run([str(python), "-m", "fedfill", "run", "--nodes", "2", "--rounds", "1", "--generator", "none",
+                           "--out", str(out), "--timeout", "300"], cwd=tmp_path, env=env, capture_output=True,
+                          text=True, timeout=400)
+    assert done.returncode == 0, done.stdout + done.stderr
+    environment = json.loads((out / "summary.json").read_text())["environment"]
+    fedfill_dir = Path(environment["fedfill"])
+    assert fedfill_dir.is_relative_to(venv) and not fedfill_dir.is_relative_to(ROOT), environment
+    assert Path(environment["python"]) == python, "the ServerApp ran on another interpreter"
+    assert not (out / ".flwr" / "runtime-envs").exists()
