@@ -141,9 +141,12 @@ class _Components:
         we start it, in a group we end (Ray and the apps run under it). Runtime dependency
         installation stays off: the flag here, SuperExec's default, and flower_environment.
         """
+        database = self.log_dir / "superlink.db"
+        for stale in (database, database.with_name("superlink.db-shm"), database.with_name("superlink.db-wal")):
+            stale.unlink(missing_ok=True)  # each run starts from a fresh state, not an older run's runs and tasks
         superlink = self._spawn("superlink", [
             "flower-superlink", *(["--simulation"] if simulation else []), "--isolation", "process", "--insecure",
-            "--host", "127.0.0.1", "--port", str(port), "--database", str(self.log_dir / "superlink.db"),
+            "--host", "127.0.0.1", "--port", str(port), "--database", str(database),
             "--disable-runtime-dependency-installation"])
         try:
             wait_for_port(port, timeout_s, superlink)
