@@ -32,7 +32,7 @@ from generation.train import train_generator  # noqa: E402
 def main() -> int:
     split = split_dataset(load_digits(), seed=0)
     judge = ReferenceClassifier(split.clients.images, split.clients.labels)
-    config, unet = load_generator(DEFAULT_CHECKPOINT)
+    config, pipe = load_generator(DEFAULT_CHECKPOINT)
 
     print("== sampling (shipped digits checkpoint, guidance 2) ==")
     print(f"{'sampler':>8} {'steps':>5} {'images':>6} | {'seconds':>8} {'img/s':>8} {'x DDPM':>7} | {'fidelity':>8}")
@@ -40,7 +40,7 @@ def main() -> int:
     for sampler, steps, n_per_class in (("ddpm", 1000, 5), ("ddim", 50, 20), ("ddim", 20, 20), ("dpm", 20, 20)):
         labels = np.repeat(np.arange(10), n_per_class)
         started = time.perf_counter()
-        images = sample(config, unet, labels, steps=steps, guidance=2.0, seed=0, sampler=sampler)
+        images = sample(config, pipe, labels, steps=steps, guidance=2.0, seed=0, sampler=sampler)
         seconds = time.perf_counter() - started
         rate = len(labels) / seconds
         baseline = baseline or rate

@@ -1,8 +1,10 @@
-"""`fedfill generator train | sample | serve | evaluate`."""
+"""`fedfill generator train | sample | serve | evaluate | convert`."""
 
 from __future__ import annotations
 
+import argparse
 import json
+import shlex
 from pathlib import Path
 
 import numpy as np
@@ -14,15 +16,7 @@ from .model import DEFAULT_CHECKPOINT, CheckpointError
 
 def add_arguments(parser) -> None:
     sub = parser.add_subparsers(dest="action", required=True, metavar="ACTION")
-    train = sub.add_parser("train", help="train the class-conditional DDPM on a dataset's public split")
-    train.add_argument("--dataset", default="digits")
-    train.add_argument("--data-dir", default="", help="where a real dataset lives")
-    train.add_argument("--out", required=True, help="checkpoint directory (resumes if it holds a train state)")
-    train.add_argument("--steps", type=int, default=3000)
-    train.add_argument("--batch-size", type=int, default=64)
-    train.add_argument("--lr", type=float, default=1e-3)
-    train.add_argument("--seed", type=int, default=0)
-    train.add_argument("--split-seed", type=int, default=0, help="seed of the public/clients/test split")
+    _add_train_arguments(sub.add_parser("train", help="train the class-conditional DDPM on a dataset's public split"))
 
     for name, help_text in (("sample", "write generated images to .npz or a .png grid"),
                             ("evaluate", "measure class fidelity, Fréchet distance and copying")):
@@ -38,6 +32,8 @@ def add_arguments(parser) -> None:
             p.add_argument("--out", required=True, help="FILE.npz (arrays images, labels) or FILE.png (a grid)")
         else:
             p.add_argument("--per-class", type=int, default=100)
+            p.add_argument("--data-dir", help="where the checkpoint's dataset lives here, if not where it was "
+                           "trained (the dataset and its split seed are always the checkpoint's own)")
             p.add_argument("--json", action="store_true")
             p.add_argument("--inception", metavar="FILE", help="the FID Inception TorchScript "
                            "(inception-2015-12-05.pt) if you have it locally: adds the standard FID")
@@ -48,10 +44,31 @@ def add_arguments(parser) -> None:
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--cache", default="", help="cache directory (default: CHECKPOINT/cache)")
 
+    convert = sub.add_parser("convert", help="rewrite a checkpoint of the old layout (config.json + "
+                             "model.safetensors) as a diffusers pipeline directory, same weights")
+    convert.add_argument("--from", dest="source", required=True, help="the old checkpoint directory")
+    convert.add_argument("--to", dest="target", required=True, help="where to write (the same directory: in place, "
+                         "old files removed)")
+    convert.add_argument("--dataset", help="the dataset it was trained on (default: from its recorded command)")
+    convert.add_argument("--data-dir", help="where that dataset lives (default: from its recorded command)")
+    convert.add_argument("--split-seed", type=int, help="its split seed (default: from its recorded command)")
+
+
+def _add_train_arguments(train) -> None:
+    train.add_argument("--dataset", default="digits")
+    train.add_argument("--data-dir", default="", help="where a real dataset lives")
+    train.add_argument("--out", required=True, help="checkpoint directory (resumes if it holds a train state)")
+    train.add_argument("--steps", type=int, default=3000)
+    train.add_argument("--batch-size", type=int, default=64)
+    train.add_argument("--lr", type=float, default=1e-3)
+    train.add_argument("--seed", type=int, default=0)
+    train.add_argument("--split-seed", type=int, default=0, help="seed of the public/clients/test split")
+
 
 def run(args) -> int:
     try:
-        return {"train": _train, "sample": _sample, "serve": _serve, "evaluate": _evaluate}[args.action](args)
+        return {"train": _train, "sample": _sample, "serve": _serve, "evaluate": _evaluate,
+                "convert": _convert}[args.action](args)
     except CheckpointError as err:
         raise UsageError(str(err)) from None
 
@@ -64,14 +81,18 @@ def _train(args) -> int:
     if args.steps < 1 or args.batch_size < 1:
         raise UsageError("--steps and --batch-size must be positive")
     split = split_dataset(_load(args.dataset, args.data_dir), seed=args.split_seed)
-    command = (f"fedfill generator train --dataset {args.dataset} --out {args.out} --steps {args.steps} "
-               f"--batch-size {args.batch_size} --lr {args.lr} --seed {args.seed} --split-seed {args.split_seed}")
+    data_dir = ["--data-dir", args.data_dir] if args.data_dir else []
+    command = shlex.join(["fedfill", "generator", "train", "--dataset", args.dataset, *data_dir, "--out", args.out,
+                          "--steps", str(args.steps), "--batch-size", str(args.batch_size), "--lr", str(args.lr),
+                          "--seed", str(args.seed), "--split-seed", str(args.split_seed)])
     try:
         train_generator(split.public.images, split.public.labels, split.public.class_names, args.out,
-                        steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed, command=command)
+                        steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed, command=command,
+                        dataset=args.dataset, data_dir=str(Path(args.data_dir).resolve()) if args.data_dir else "",
+                        split_seed=args.split_seed)
     except ValueError as err:
         raise UsageError(str(err)) from None
-    print(f"checkpoint: {args.out}/model.safetensors, config.json")
+    print(f"checkpoint: {args.out} (a diffusers pipeline directory; generator.json: classes and provenance)")
     return 0
 
 
@@ -97,11 +118,11 @@ def _sample(args) -> int:
         raise UsageError(f"--out must end in .npz or .png, got {out.name}")
     if not 1 <= args.n <= 20_000:
         raise UsageError(f"--n must be from 1 to 20000, got {args.n}")
-    config, unet = load_generator(args.checkpoint)
+    config, pipe = load_generator(args.checkpoint)
     if not 0 <= args.klass < config.num_classes:
         raise UsageError(f"unknown class {args.klass}: this generator knows classes 0..{config.num_classes - 1}")
     labels = np.full(args.n, args.klass, dtype=np.int64)
-    images = sample(config, unet, labels, steps=args.steps, guidance=args.guidance, seed=args.seed, sampler=args.sampler)
+    images = sample(config, pipe, labels, steps=args.steps, guidance=args.guidance, seed=args.seed, sampler=args.sampler)
     if out.suffix == ".npz":
         np.savez(out, images=images, labels=labels)
     else:
@@ -127,16 +148,15 @@ def save_grid(images: np.ndarray, path: Path, scale: int = 6) -> None:
 
 
 def _evaluate(args) -> int:
-    from fedfill.data import load_digits, split_dataset
-
     from .model import load_generator
     from .quality import evaluate_generator
     from .sample import sample
 
-    config, unet = load_generator(args.checkpoint)
+    config, pipe = load_generator(args.checkpoint)
+    split = _training_split(config, args.checkpoint, args.data_dir)
     labels = np.repeat(np.arange(config.num_classes), args.per_class)
-    images = sample(config, unet, labels, steps=args.steps, guidance=args.guidance, seed=args.seed, sampler=args.sampler)
-    split = split_dataset(load_digits(), seed=0)
+    images = sample(config, pipe, labels, steps=args.steps, guidance=args.guidance, seed=args.seed,
+                    sampler=args.sampler)
     report = evaluate_generator(images, labels, split)
     if args.inception:
         from .quality import inception_fid
@@ -153,6 +173,67 @@ def _evaluate(args) -> int:
         for key, value in report.items():
             print(f"{key:34s} {value if not isinstance(value, dict) else {k: round(v, 3) for k, v in value.items()}}")
     return 0
+
+
+def _training_split(config, checkpoint, data_dir: str | None):
+    """The split the checkpoint was trained on (its provenance: dataset, data dir, split seed):
+    its clients' pool trains the judge, its test part is the real reference."""
+    from fedfill.data import split_dataset
+
+    provenance = config.provenance
+    if not provenance.get("dataset") or provenance.get("split_seed") is None:
+        raise UsageError(f"{checkpoint} does not record the dataset and split seed it was trained on")
+    dataset, root = provenance["dataset"], provenance.get("data_dir") or ""
+    root = root if data_dir is None else data_dir
+    try:
+        split = split_dataset(_load(dataset, root), seed=int(provenance["split_seed"]))
+    except UsageError as err:
+        raise UsageError(f"cannot load {dataset}, the dataset {checkpoint} was trained on: {err}"
+                         + ("" if data_dir is not None else " (give --data-dir where it is here)")) from None
+    if split.test.num_classes != config.num_classes or split.test.images.shape[1:] != (
+            config.image_size, config.image_size, config.channels):
+        raise UsageError(f"{dataset} from {root or 'its default'} is not the data {checkpoint} was trained on: "
+                         f"{split.test.num_classes} classes of {split.test.images.shape[1:]} images, the generator "
+                         f"makes {config.num_classes} of {(config.image_size, config.image_size, config.channels)}")
+    return split
+
+
+def _convert(args) -> int:
+    """Old layout -> pipeline layout; the dataset provenance the old layout lacked comes from
+    the training command it recorded, unless given."""
+    from .convert import convert_checkpoint, read_legacy
+
+    old, _ = read_legacy(args.source)
+    recorded = _recorded_training_arguments(old.provenance.get("command", ""))
+    dataset = {"dataset": args.dataset if args.dataset is not None else getattr(recorded, "dataset", None),
+               "data_dir": (str(Path(args.data_dir).resolve()) if args.data_dir else "") if args.data_dir is not None
+               else getattr(recorded, "data_dir", ""),
+               "split_seed": args.split_seed if args.split_seed is not None else getattr(recorded, "split_seed", None)}
+    if dataset["dataset"] is None or dataset["split_seed"] is None:
+        raise UsageError(f"{args.source} records no training command to read its dataset from; "
+                         "give --dataset, --split-seed (and --data-dir)")
+    given = [(flag, value) for flag, value in (("--dataset", args.dataset), ("--data-dir", args.data_dir),
+                                               ("--split-seed", args.split_seed)) if value is not None]
+    command = shlex.join(["fedfill", "generator", "convert", "--from", args.source, "--to", args.target,
+                          *[str(word) for pair in given for word in pair]])
+    convert_checkpoint(args.source, args.target, command=command, dataset=dataset)
+    print(f"{args.source} -> {args.target} (same weights, checked); provenance: dataset {dataset['dataset']}, "
+          f"split seed {dataset['split_seed']}")
+    return 0
+
+
+def _recorded_training_arguments(command: str):
+    """`fedfill generator train ...` parsed as train parses it, or None."""
+    parser = argparse.ArgumentParser(add_help=False, exit_on_error=False)
+    _add_train_arguments(parser)
+    try:
+        words = shlex.split(command)
+        if words[:3] != ["fedfill", "generator", "train"]:
+            return None
+        known, _ = parser.parse_known_args(words[3:])
+    except (ValueError, argparse.ArgumentError, SystemExit):
+        return None
+    return known
 
 
 def _serve(args) -> int:

@@ -1,18 +1,36 @@
 """The generator: diffusers' UNet2DModel conditioned on the class, with one extra "null"
-class (index C) for classifier-free guidance, plus checkpoint I/O that refuses a corrupted
-or mismatched checkpoint with a reason.
+class (index C) for classifier-free guidance, and its checkpoint.
 
-A checkpoint directory holds `config.json` (architecture, classes, provenance) and
-`model.safetensors` (the EMA weights, which sample better than the raw ones).
+A checkpoint is a diffusers pipeline directory, so diffusers alone can load it
+(`ClassConditionalPipeline.from_pretrained(DIR)`), plus one file of ours:
+
+    model_index.json                              the pipeline: a unet and a scheduler
+    unet/config.json                              the architecture
+    unet/diffusion_pytorch_model.safetensors      the EMA weights (they sample better than the raw ones)
+    scheduler/scheduler_config.json               DDIM without clipping, on the training noise schedule
+    generator.json                                class names, the null class, provenance
+
+`load_generator` adds what diffusers leaves out: it refuses weights that miss or add keys
+(diffusers only warns and leaves random weights), never reads a pickle, never goes to the
+hub, and turns every failure into a CheckpointError with a one-line reason.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
-from dataclasses import asdict, dataclass, field
+import os
+import tempfile
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 
 DEFAULT_CHECKPOINT = Path(__file__).resolve().parent / "checkpoints" / "digits"
+GENERATOR_JSON = "generator.json"
+WEIGHTS = Path("unet") / "diffusion_pytorch_model.safetensors"
+UNET_CONFIG = Path("unet") / "config.json"
+SCHEDULER_CONFIG = Path("scheduler") / "scheduler_config.json"
+LEGACY_FILES = ("config.json", "model.safetensors")  # the layout before diffusers' own I/O
 
 
 class CheckpointError(ValueError):
@@ -21,6 +39,10 @@ class CheckpointError(ValueError):
 
 @dataclass(frozen=True)
 class GeneratorConfig:
+    """The whole generator in one place. On disk the architecture lives in unet/config.json
+    and the noise schedule in scheduler/scheduler_config.json (diffusers' files); only
+    class_names and provenance go to generator.json."""
+
     image_size: int
     channels: int
     num_classes: int
@@ -28,7 +50,8 @@ class GeneratorConfig:
     layers_per_block: int = 2
     train_timesteps: int = 1000
     class_names: tuple[str, ...] = ()
-    provenance: dict = field(default_factory=dict)  # the command, seed and steps that made it
+    # the command, seed and steps that made it, and the dataset (name, data dir, split seed) it learned
+    provenance: dict = field(default_factory=dict)
 
     @property
     def null_class(self) -> int:
@@ -48,46 +71,157 @@ def build_unet(config: GeneratorConfig):
     )
 
 
-def save_checkpoint(directory: str | Path, config: GeneratorConfig, state_dict: dict) -> None:
-    from safetensors.torch import save_file
+def save_checkpoint(directory: str | Path, config: GeneratorConfig, unet, noise_schedule: dict | None = None) -> None:
+    """Write `unet` (holding the weights to ship) as a pipeline directory with the stored
+    sampler on `noise_schedule` (the training scheduler's config; default: linear betas over
+    config.train_timesteps). Files are written aside and moved in whole: a crash leaves old
+    or new files, never a half-written one."""
+    from .pipeline import ClassConditionalPipeline, make_scheduler
 
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.detach().contiguous().cpu() for k, v in state_dict.items()}, str(directory / "model.safetensors.tmp"))
-    (directory / "model.safetensors.tmp").replace(directory / "model.safetensors")  # never a half-written file
-    (directory / "config.json").write_text(json.dumps(asdict(config), indent=1) + "\n")
-
-
-def load_config(directory: str | Path) -> GeneratorConfig:
-    path = Path(directory) / "config.json"
-    try:
-        data = json.loads(path.read_text())
-        data["block_out_channels"] = tuple(data["block_out_channels"])
-        data["class_names"] = tuple(data.get("class_names", ()))
-        return GeneratorConfig(**data)
-    except FileNotFoundError:
-        raise CheckpointError(f"no generator checkpoint at {directory} (config.json missing)") from None
-    except (json.JSONDecodeError, TypeError, KeyError) as err:
-        raise CheckpointError(f"{path} is not a generator config: {err}") from None
+    scheduler = make_scheduler("ddim", noise_schedule or {"num_train_timesteps": config.train_timesteps})
+    pipe = ClassConditionalPipeline(unet=unet, scheduler=scheduler)
+    with tempfile.TemporaryDirectory(dir=directory, prefix=".saving-") as tmp:
+        pipe.save_pretrained(tmp, safe_serialization=True)
+        meta = {"class_names": list(config.class_names), "null_class": config.null_class,
+                "provenance": config.provenance}
+        (Path(tmp) / GENERATOR_JSON).write_text(json.dumps(meta, indent=1) + "\n")
+        for path in sorted(p for p in Path(tmp).rglob("*") if p.is_file()):
+            target = directory / path.relative_to(tmp)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(path, target)
 
 
 def load_generator(directory: str | Path = DEFAULT_CHECKPOINT):
-    """(config, UNet in eval mode) from a checkpoint directory, or CheckpointError saying why."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
+    """(config, ClassConditionalPipeline in eval mode) from a checkpoint directory, or
+    CheckpointError saying why."""
+    from diffusers import UNet2DModel
 
-    config = load_config(directory)
-    weights = Path(directory) / "model.safetensors"
+    from .pipeline import ClassConditionalPipeline
+
+    directory = Path(directory)
+    _check_layout(directory)
+    meta = _read_json(directory / GENERATOR_JSON, "generator.json")
+    _read_json(directory / UNET_CONFIG, "UNet config")  # diffusers would only say "not a valid JSON file"
+    _check_weights(directory / WEIGHTS)
+    weights = directory / WEIGHTS
+    with _diffusers_quiet():
+        try:
+            unet, info = UNet2DModel.from_pretrained(directory, subfolder="unet", local_files_only=True,
+                                                     use_safetensors=True, low_cpu_mem_usage=False,
+                                                     output_loading_info=True)
+        except RuntimeError as err:  # shapes in the file differ from those unet/config.json builds
+            raise CheckpointError(f"{weights} does not match its {UNET_CONFIG}: {_second_line(err)}") from None
+        except (OSError, ValueError, TypeError) as err:
+            raise CheckpointError(f"{directory / 'unet'} cannot be loaded: {_first_line(err)}") from None
+        wrong = info["missing_keys"] + info["unexpected_keys"] + [k[0] for k in info["mismatched_keys"]]
+        if wrong:
+            raise CheckpointError(f"{weights} does not match its {UNET_CONFIG}: {len(wrong)} tensors differ, "
+                                  f"first {wrong[0]}")
+        try:
+            pipe = ClassConditionalPipeline.from_pretrained(directory, unet=unet, local_files_only=True,
+                                                            low_cpu_mem_usage=False)
+        except (OSError, ValueError, TypeError, AttributeError) as err:
+            raise CheckpointError(f"{directory} is not a loadable pipeline: {_first_line(err)}") from None
+    config = _config_from(directory, pipe, meta)
+    pipe.set_progress_bar_config(disable=True)  # a service log and a CLI's stderr are no place for bars
+    pipe.unet.eval()
+    return config, pipe
+
+
+def weights_digest(pipe) -> str:
+    """sha256 of what decides the images: the UNet's tensors as loaded (not the file, which
+    training may overwrite while a service runs) and the stored noise schedule."""
+    import torch
+
+    from .pipeline import NOISE_SCHEDULE
+
+    digest = hashlib.sha256()
+    for name, tensor in sorted(pipe.unet.state_dict().items()):
+        digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)}\n".encode())
+        digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    schedule = {k: pipe.scheduler.config.get(k) for k in NOISE_SCHEDULE}
+    digest.update(json.dumps(schedule, sort_keys=True, default=str).encode())
+    return digest.hexdigest()
+
+
+def _check_layout(directory: Path) -> None:
+    if (directory / "model_index.json").is_file():
+        return
+    if any((directory / name).is_file() for name in LEGACY_FILES):
+        raise CheckpointError(f"{directory} holds a checkpoint in the old layout (config.json + model.safetensors); "
+                              f"convert it: fedfill generator convert --from {directory} --to NEW_DIR")
+    raise CheckpointError(f"no generator checkpoint at {directory} (model_index.json missing)")
+
+
+def _read_json(path: Path, what: str) -> dict:
     try:
-        state = load_file(str(weights))
+        data = json.loads(path.read_text())
     except FileNotFoundError:
-        raise CheckpointError(f"{weights} is missing") from None
-    except (SafetensorError, OSError, ValueError) as err:
-        raise CheckpointError(f"{weights} is corrupted: {err}") from None
-    unet = build_unet(config)
+        raise CheckpointError(f"{path} is missing") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise CheckpointError(f"{path} is not a valid {what}: {err}") from None
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{path} is not a valid {what}: not a JSON object")
+    return data
+
+
+def _check_weights(path: Path) -> None:
+    """Open the safetensors header: says "missing" or "corrupted" where diffusers would fall
+    back to a pickle or lose the reason."""
+    from safetensors import SafetensorError, safe_open
+
+    if not path.is_file():
+        raise CheckpointError(f"{path} is missing")
     try:
-        unet.load_state_dict(state, strict=True)
-    except RuntimeError as err:
-        first = str(err).splitlines()[1:2] or [str(err)[:200]]
-        raise CheckpointError(f"{weights} does not match its config.json: {first[0].strip()}") from None
-    return config, unet.eval()
+        with safe_open(str(path), "pt") as handle:
+            handle.keys()
+    except (SafetensorError, OSError, ValueError) as err:
+        raise CheckpointError(f"{path} is corrupted: {_first_line(err)}") from None
+
+
+def _config_from(directory: Path, pipe, meta: dict) -> GeneratorConfig:
+    unet = pipe.unet.config
+    num_classes = int(unet.num_class_embeds or 0) - 1
+    if num_classes < 1:
+        raise CheckpointError(f"{directory / UNET_CONFIG} has no class embedding: not a class-conditional generator")
+    names = meta.get("class_names")
+    null = meta.get("null_class")
+    if not isinstance(names, list) or len(names) != num_classes or null != num_classes:
+        raise CheckpointError(f"{directory / GENERATOR_JSON} does not match its {UNET_CONFIG}: the UNet has "
+                              f"{num_classes} classes + null class {num_classes}, generator.json lists "
+                              f"{len(names) if isinstance(names, list) else 'no'} class names and null class {null}")
+    size = unet.sample_size if isinstance(unet.sample_size, int) else unet.sample_size[0]
+    return GeneratorConfig(image_size=int(size), channels=int(unet.in_channels), num_classes=num_classes,
+                           block_out_channels=tuple(unet.block_out_channels),
+                           layers_per_block=int(unet.layers_per_block),
+                           train_timesteps=int(pipe.scheduler.config.num_train_timesteps),
+                           class_names=tuple(str(n) for n in names), provenance=dict(meta.get("provenance") or {}))
+
+
+@contextmanager
+def _diffusers_quiet():
+    """diffusers' warnings and loading bar would repeat, less clearly, what CheckpointError says."""
+    from diffusers.utils import logging as diffusers_logging
+
+    level, bar = diffusers_logging.get_verbosity(), diffusers_logging.is_progress_bar_enabled()
+    diffusers_logging.set_verbosity_error()
+    diffusers_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        diffusers_logging.set_verbosity(level)
+        if bar:
+            diffusers_logging.enable_progress_bar()
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return (text.splitlines() or [type(err).__name__])[0].strip()[:300]
+
+
+def _second_line(err: BaseException) -> str:
+    """torch's load_state_dict error: a header line, then one line per tensor."""
+    lines = str(err).strip().splitlines()
+    return (lines[1:2] or lines[:1] or [type(err).__name__])[0].strip()[:300]

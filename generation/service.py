@@ -2,9 +2,9 @@
 with gRPC health checking, a content-addressed cache on disk, and limits on what one
 request may ask.
 
-The cache key is a hash of the checkpoint's weights and the request (counts, seed, steps,
-guidance, sampler), so the same request is computed once, ever, and a new checkpoint never
-serves stale images. Sampling holds one lock: concurrent requests queue, none fails for it.
+The cache key is a hash of the checkpoint's weights (the UNet's tensors as loaded, and the
+noise schedule) and the request (counts, seed, steps, guidance, sampler), so the same
+request is computed once, ever, and a new checkpoint never serves stale images. Sampling holds one lock: concurrent requests queue, none fails for it.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ import numpy as np
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from . import generation_pb2, generation_pb2_grpc
-from .model import load_generator
+from .model import load_generator, weights_digest
 from .sample import sample
 
 LOG = logging.getLogger("fedfill.generation")
@@ -34,8 +34,8 @@ STREAM_BATCH = 256
 class GeneratorService(generation_pb2_grpc.GeneratorServicer):
     def __init__(self, checkpoint: str | Path, cache_dir: str | Path, sampler: str = "ddim",
                  max_images: int = MAX_IMAGES_PER_REQUEST):
-        self.config, self.unet = load_generator(checkpoint)
-        self.checkpoint_digest = hashlib.sha256((Path(checkpoint) / "model.safetensors").read_bytes()).hexdigest()
+        self.config, self.pipe = load_generator(checkpoint)
+        self.checkpoint_digest = weights_digest(self.pipe)
         self.cache_dir = Path(cache_dir)
         self.cache_dir.mkdir(parents=True, exist_ok=True)
         self.sampler, self.max_images = sampler, max_images
@@ -71,7 +71,7 @@ class GeneratorService(generation_pb2_grpc.GeneratorServicer):
                     self.cache_hits += 1
                     return cached["images"], cached["labels"], True
             labels = np.repeat(np.arange(self.config.num_classes), list(request.class_counts))
-            images = sample(self.config, self.unet, labels, steps=request.steps, guidance=request.guidance,
+            images = sample(self.config, self.pipe, labels, steps=request.steps, guidance=request.guidance,
                             seed=request.seed, sampler=self.sampler)
             buffer = io.BytesIO()
             np.savez(buffer, images=images, labels=labels)

@@ -1,21 +1,22 @@
 """DDPM training of the class-conditional generator on the server's public split.
 
-Epsilon-prediction loss with diffusers' DDPMScheduler, AdamW, an EMA of the weights, and
-label dropout (a label replaced by the null class with probability p) so that the same
-network also learns the unconditional score that classifier-free guidance needs. It saves
-a resumable state every `save_every` steps: an interrupted run loses at most that much.
+Epsilon-prediction loss with diffusers' DDPMScheduler, AdamW, diffusers' EMAModel of the
+weights (what gets saved: it samples better than the raw weights), and label dropout (a
+label replaced by the null class with probability p) so that the same network also learns
+the unconditional score that classifier-free guidance needs. It saves a resumable state
+every `save_every` steps: an interrupted run loses at most that much.
 """
 
 from __future__ import annotations
 
-import copy
 import json
+import os
 import time
 from pathlib import Path
 
 import numpy as np
 
-from .model import GeneratorConfig, build_unet, save_checkpoint
+from .model import LEGACY_FILES, GeneratorConfig, build_unet, save_checkpoint
 
 
 def images_to_model_space(images: np.ndarray):
@@ -29,9 +30,16 @@ def images_to_model_space(images: np.ndarray):
 def train_generator(images: np.ndarray, labels: np.ndarray, class_names, out_dir: str | Path, *, steps: int = 4000,
                     batch_size: int = 128, lr: float = 1e-3, ema_decay: float = 0.999, label_dropout: float = 0.1,
                     seed: int = 0, save_every: int = 500, block_out_channels=(32, 64), command: str = "",
-                    progress: bool = True, threads: int = 0) -> GeneratorConfig:
+                    dataset: str = "", data_dir: str = "", split_seed: int | None = None, progress: bool = True,
+                    threads: int = 0) -> GeneratorConfig:
+    """Train and save to `out_dir` (resuming from its train_state.pt if there is one).
+
+    dataset, data_dir and split_seed say where `images` came from; they go into the
+    checkpoint's provenance so that `fedfill generator evaluate` scores against that data.
+    """
     import torch
     from diffusers import DDPMScheduler
+    from diffusers.training_utils import EMAModel
 
     if threads:
         torch.set_num_threads(threads)
@@ -43,10 +51,13 @@ def train_generator(images: np.ndarray, labels: np.ndarray, class_names, out_dir
                              block_out_channels=tuple(block_out_channels), class_names=tuple(class_names),
                              provenance={"command": command, "seed": seed, "steps": steps, "batch_size": batch_size,
                                          "lr": lr, "ema_decay": ema_decay, "label_dropout": label_dropout,
-                                         "train_images": int(len(labels))})
+                                         "train_images": int(len(labels)), "dataset": dataset,
+                                         "data_dir": data_dir, "split_seed": split_seed})
     torch.manual_seed(seed)
     unet = build_unet(config).to(device)
-    ema = copy.deepcopy(unet).eval()
+    # EMAModel's decay is ours, min(ema_decay, (1 + n) / (10 + n)) at update n = 0, 1, ..., except at
+    # n = 0, where it copies the weights (ours kept 10% of the initial ones there)
+    ema = EMAModel(unet.parameters(), decay=ema_decay)
     optimizer = torch.optim.AdamW(unet.parameters(), lr=lr, weight_decay=0.0)
     scheduler = DDPMScheduler(num_train_timesteps=config.train_timesteps)
     state_path = out_dir / "train_state.pt"
@@ -56,7 +67,7 @@ def train_generator(images: np.ndarray, labels: np.ndarray, class_names, out_dir
         if state["architecture"] != _architecture(config):
             raise ValueError(f"{state_path} was written for another model or dataset; use another --out or delete it")
         unet.load_state_dict(state["unet"])
-        ema.load_state_dict(state["ema"])
+        _load_ema(ema, state["ema"], unet, step=state["step"])
         optimizer.load_state_dict(state["optimizer"])
         torch.set_rng_state(state["rng"])
         step = state["step"]
@@ -79,10 +90,7 @@ def train_generator(images: np.ndarray, labels: np.ndarray, class_names, out_dir
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-        with torch.no_grad():
-            decay = min(ema_decay, (1 + step) / (10 + step))  # warm-up: early EMA follows the weights
-            for e, p in zip(ema.parameters(), unet.parameters()):
-                e.lerp_(p, 1.0 - decay)
+        ema.step(unet.parameters())
         step += 1
         losses.append(loss.item())
         if bar is not None:
@@ -90,9 +98,16 @@ def train_generator(images: np.ndarray, labels: np.ndarray, class_names, out_dir
             if step % 50 == 0:
                 bar.set_postfix(loss=f"{np.mean(losses[-50:]):.4f}")
         if step % save_every == 0 or step == steps:
-            save_checkpoint(out_dir, config, ema.state_dict())
+            ema.store(unet.parameters())  # ship the EMA weights, then train on with the raw ones
+            ema.copy_to(unet.parameters())
+            save_checkpoint(out_dir, config, unet, noise_schedule=scheduler.config)
+            ema.restore(unet.parameters())
+            for stale in LEGACY_FILES:  # a run begun before the pipeline layout: its old files hold older weights
+                (out_dir / stale).unlink(missing_ok=True)
+            tmp = state_path.with_name(state_path.name + ".tmp")
             torch.save({"unet": unet.state_dict(), "ema": ema.state_dict(), "optimizer": optimizer.state_dict(),
-                        "rng": torch.get_rng_state(), "step": step, "architecture": _architecture(config)}, state_path)
+                        "rng": torch.get_rng_state(), "step": step, "architecture": _architecture(config)}, tmp)
+            os.replace(tmp, state_path)  # an interrupted save leaves the previous state whole
     if bar is not None:
         bar.close()
     if losses:
@@ -106,3 +121,14 @@ def _architecture(config: GeneratorConfig) -> dict:
     return {"image_size": config.image_size, "channels": config.channels, "num_classes": config.num_classes,
             "block_out_channels": list(config.block_out_channels), "layers_per_block": config.layers_per_block,
             "train_timesteps": config.train_timesteps, "class_names": list(config.class_names)}
+
+
+def _load_ema(ema, saved: dict, unet, step: int) -> None:
+    """EMAModel's state, or a train_state.pt from before EMAModel, whose "ema" was the EMA
+    network's state dict (its n-th update then is EMAModel's n-th: same decays)."""
+    if "shadow_params" not in saved:  # EMAModel.load_state_dict would ignore it and keep fresh weights
+        names = [name for name, _ in unet.named_parameters()]
+        if set(names) != set(saved):
+            raise ValueError("train_state.pt holds an EMA of another network; use another --out or delete it")
+        saved = {"optimization_step": int(step), "shadow_params": [saved[name].clone() for name in names]}
+    ema.load_state_dict(saved)

@@ -1,5 +1,6 @@
-"""The generator: checkpoints that refuse to load wrongly, deterministic guided sampling,
-measured quality of the shipped digits checkpoint, training that resumes."""
+"""The generator: checkpoints (diffusers pipeline directories) that refuse to load wrongly,
+deterministic guided sampling, measured quality of the shipped digits checkpoint, training
+that resumes, conversion of the old checkpoint layout."""
 
 import json
 import shutil
@@ -27,22 +28,47 @@ def test_shipped_checkpoint_records_the_command_that_made_it(generator):
     config, _ = generator
     assert config.provenance["command"].startswith("fedfill generator train --dataset digits")
     assert config.provenance["seed"] == 0 and config.num_classes == 10
+    assert (config.provenance["dataset"], config.provenance["split_seed"]) == ("digits", 0)
+    assert config.provenance["converted_with"].startswith("fedfill generator convert --from ")
 
 
 def test_the_same_seed_gives_the_same_images(generator):
-    config, unet = generator
+    config, pipe = generator
     labels = np.array([0, 3, 3, 9])
-    a = sample(config, unet, labels, steps=10, seed=7)
-    b = sample(config, unet, labels, steps=10, seed=7)
-    c = sample(config, unet, labels, steps=10, seed=8)
+    a = sample(config, pipe, labels, steps=10, seed=7)
+    b = sample(config, pipe, labels, steps=10, seed=7)
+    c = sample(config, pipe, labels, steps=10, seed=8)
     assert a.dtype == np.uint8 and a.shape == (4, 8, 8, 1)
     assert np.array_equal(a, b) and not np.array_equal(a, c)
 
 
+@pytest.mark.parametrize("sampler", ["ddim", "dpm"])
+def test_diffusers_alone_loads_the_checkpoint_and_draws_what_sample_draws(generator, sampler):
+    """The pipeline directory loads with diffusers' from_pretrained; sample() is that pipeline
+    over batches, each with its own generator seeded seed * 1_000_003 + first index (the rule
+    the service's cache relies on), and the sampler is a swapped scheduler."""
+    import torch
+
+    from generation.pipeline import ClassConditionalPipeline, make_scheduler
+
+    config, pipe = generator
+    labels = np.array([1, 4, 4, 8, 0, 2])
+    expected = sample(config, pipe, labels, steps=5, seed=3, sampler=sampler, batch_size=4)
+    plain = ClassConditionalPipeline.from_pretrained(DEFAULT_CHECKPOINT, local_files_only=True)
+    plain.scheduler = make_scheduler(sampler, plain.scheduler.config)
+    plain.set_progress_bar_config(disable=True)
+    batches = [plain(labels[start:start + 4], num_inference_steps=5, guidance_scale=2.0, output_type="uint8",
+                     generator=torch.Generator().manual_seed(3 * 1_000_003 + start)).images for start in (0, 4)]
+    assert np.array_equal(np.concatenate(batches), expected)
+    floats = plain(labels[:2], num_inference_steps=5, generator=torch.Generator().manual_seed(3 * 1_000_003)).images
+    assert floats.dtype == np.float32 and np.array_equal(np.round(floats * 255).astype(np.uint8), expected[:2])
+    assert type(pipe.scheduler).__name__ == "DDIMScheduler", "sample() leaves the caller's scheduler alone"
+
+
 def test_shipped_digits_generator_draws_its_classes_without_copying(generator):
-    config, unet = generator
+    config, pipe = generator
     labels = np.repeat(np.arange(10), 40)
-    images = sample(config, unet, labels, steps=20, guidance=2.0, seed=1)
+    images = sample(config, pipe, labels, steps=20, guidance=2.0, seed=1)
     report = evaluate_generator(images, labels, split_dataset(load_digits(), seed=0))
     assert report["reference_accuracy_on_real_test"] > 0.9, "the judge itself must be competent"
     assert report["fidelity"] >= 0.9
@@ -57,27 +83,95 @@ def test_shipped_digits_generator_draws_its_classes_without_copying(generator):
 
 
 def test_unknown_class_is_refused(generator):
-    config, unet = generator
+    config, pipe = generator
     with pytest.raises(ValueError, match="class labels"):
-        sample(config, unet, np.array([10]), steps=2)
+        sample(config, pipe, np.array([10]), steps=2)
+
+
+def copy_checkpoint(destination):
+    shutil.copytree(DEFAULT_CHECKPOINT, destination, ignore=shutil.ignore_patterns("train_state.pt", "cache"))
+    return destination
 
 
 def test_corrupted_or_mismatched_checkpoints_are_refused_with_a_reason(tmp_path):
-    broken = tmp_path / "broken"
-    shutil.copytree(DEFAULT_CHECKPOINT, broken, ignore=shutil.ignore_patterns("train_state.pt", "cache"))
-    weights = broken / "model.safetensors"
+    from safetensors.torch import load_file, save_file
+
+    broken = copy_checkpoint(tmp_path / "broken")
+    weights = broken / "unet" / "diffusion_pytorch_model.safetensors"
     weights.write_bytes(weights.read_bytes()[: len(weights.read_bytes()) // 2])
     with pytest.raises(CheckpointError, match="corrupted"):
         load_generator(broken)
-    other = tmp_path / "other"
-    shutil.copytree(DEFAULT_CHECKPOINT, other, ignore=shutil.ignore_patterns("train_state.pt", "cache"))
-    config = json.loads((other / "config.json").read_text())
+    weights.unlink()
+    with pytest.raises(CheckpointError, match="diffusion_pytorch_model.safetensors is missing"):
+        load_generator(broken)
+    other = copy_checkpoint(tmp_path / "other")
+    config = json.loads((other / "unet" / "config.json").read_text())
     config["block_out_channels"] = [16, 32]
-    (other / "config.json").write_text(json.dumps(config))
+    (other / "unet" / "config.json").write_text(json.dumps(config))
     with pytest.raises(CheckpointError, match="does not match"):
         load_generator(other)
+    # A tensor too few: diffusers alone would warn and leave it random.
+    short = copy_checkpoint(tmp_path / "short")
+    state = load_file(short / "unet" / "diffusion_pytorch_model.safetensors")
+    del state["conv_in.bias"]
+    save_file(state, short / "unet" / "diffusion_pytorch_model.safetensors")
+    with pytest.raises(CheckpointError, match="does not match .*conv_in.bias"):
+        load_generator(short)
+    classes = copy_checkpoint(tmp_path / "classes")
+    meta = json.loads((classes / "generator.json").read_text())
+    meta["class_names"] = meta["class_names"][:9]
+    (classes / "generator.json").write_text(json.dumps(meta))
+    with pytest.raises(CheckpointError, match="generator.json does not match"):
+        load_generator(classes)
     with pytest.raises(CheckpointError, match="no generator checkpoint"):
         load_generator(tmp_path / "nowhere")
+
+
+def write_legacy_checkpoint(directory, config, pipe):
+    """The layout before diffusers' save_pretrained, as the old save_checkpoint wrote it."""
+    from dataclasses import asdict
+
+    from safetensors.torch import save_file
+
+    directory.mkdir(parents=True)
+    save_file({k: v.contiguous() for k, v in pipe.unet.state_dict().items()}, str(directory / "model.safetensors"))
+    legacy = asdict(config)
+    legacy["provenance"] = {k: v for k, v in legacy["provenance"].items()
+                            if k not in ("dataset", "data_dir", "split_seed", "converted_with")}
+    (directory / "config.json").write_text(json.dumps(legacy, indent=1) + "\n")
+    (directory / "train_log.json").write_text('{"steps": 3000}\n')
+
+
+def test_convert_command_rewrites_the_old_layout_with_the_same_weights(tmp_path, generator):
+    import torch
+
+    from generation.convert import convert_checkpoint
+
+    config, pipe = generator
+    old = tmp_path / "old"
+    write_legacy_checkpoint(old, config, pipe)
+    with pytest.raises(CheckpointError, match="old layout.*fedfill generator convert"):
+        load_generator(old)
+    new = tmp_path / "new"
+    done = fedfill("generator", "convert", "--from", str(old), "--to", str(new))
+    assert done.returncode == 0, done.stderr
+    converted, converted_pipe = load_generator(new)
+    shipped, written = pipe.unet.state_dict(), converted_pipe.unet.state_dict()
+    assert written.keys() == shipped.keys() and all(torch.equal(written[k], shipped[k]) for k in shipped)
+    assert converted.class_names == config.class_names and converted.num_classes == 10
+    provenance = converted.provenance
+    assert provenance["command"] == config.provenance["command"]
+    assert (provenance["dataset"], provenance["data_dir"], provenance["split_seed"]) == ("digits", "", 0)
+    assert provenance["converted_with"] == f"fedfill generator convert --from {old} --to {new}"
+    assert (new / "train_log.json").exists() and (old / "model.safetensors").exists()
+    labels = np.array([2, 5])
+    assert np.array_equal(sample(converted, converted_pipe, labels, steps=4), sample(config, pipe, labels, steps=4))
+    again = fedfill("generator", "convert", "--from", str(old), "--to", str(new))
+    assert again.returncode == 2 and "already holds a checkpoint" in again.stderr
+    # In place: the old files go once the new ones load with the same weights.
+    convert_checkpoint(old, old, command="in place", dataset={"dataset": "digits", "data_dir": "", "split_seed": 0})
+    assert not (old / "model.safetensors").exists() and not (old / "config.json").exists()
+    assert load_generator(old)[0].provenance["converted_with"] == "in place"
 
 
 def fedfill(*args):
@@ -116,16 +210,54 @@ def test_training_resumes_from_its_last_state(tmp_path):
     assert config.provenance["steps"] == 5
 
 
+def test_ema_is_diffusers_emamodel_with_our_decay():
+    """Ours was min(decay, (1 + n) / (10 + n)) at update n = 0, 1, ...; EMAModel's n-th update
+    (optimization_step n + 1) is the same except n = 0, which copies the weights."""
+    import torch
+    from diffusers.training_utils import EMAModel
+
+    ema = EMAModel([torch.nn.Parameter(torch.zeros(1))], decay=0.999)
+    assert ema.get_decay(1) == 0.0
+    for n in range(1, 3000):
+        assert ema.get_decay(n + 1) == pytest.approx(min(0.999, (1 + n) / (10 + n)), rel=1e-12)
+
+
+def test_training_resumes_from_a_train_state_written_before_emamodel(tmp_path):
+    """A train_state.pt whose "ema" is the EMA network's state dict (the old format) resumes
+    to the same weights as one holding EMAModel's state."""
+    import torch
+
+    from generation.train import train_generator
+
+    data = split_dataset(load_digits(), seed=0).public
+    new, old = tmp_path / "new", tmp_path / "old"
+    train_generator(data.images, data.labels, data.class_names, new, steps=3, batch_size=8, save_every=3,
+                    progress=False)
+    shutil.copytree(new, old)
+    state = torch.load(old / "train_state.pt", weights_only=False)
+    names = [name for name, _ in load_generator(old)[1].unet.named_parameters()]
+    state["ema"] = dict(zip(names, state["ema"]["shadow_params"]))
+    torch.save(state, old / "train_state.pt")
+    for out in (new, old):
+        train_generator(data.images, data.labels, data.class_names, out, steps=5, batch_size=8, save_every=5,
+                        progress=False)
+    # Had the old EMA been dropped, EMAModel would restart at update 0 (a copy) and the weights would differ.
+    a, b = load_generator(new)[1].unet.state_dict(), load_generator(old)[1].unet.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    for out in (new, old):
+        assert torch.load(out / "train_state.pt", weights_only=False)["ema"]["optimization_step"] == 5
+
+
 def test_more_sampler_steps_do_not_cost_fidelity(generator):
     """Guards the DDIM x0-clipping trap: fidelity fell from 97% to 25% going from 20 to 100 steps."""
     from generation.quality import ReferenceClassifier
 
-    config, unet = generator
+    config, pipe = generator
     split = split_dataset(load_digits(), seed=0)
     judge = ReferenceClassifier(split.clients.images, split.clients.labels)
     labels = np.repeat(np.arange(10), 8)
     for steps in (20, 60):
-        images = sample(config, unet, labels, steps=steps, guidance=2.0, seed=2)
+        images = sample(config, pipe, labels, steps=steps, guidance=2.0, seed=2)
         assert np.mean(judge.predict(images) == labels) >= 0.9, f"{steps} steps"
 
 
@@ -152,17 +284,35 @@ def test_inception_fid_runs_a_local_torchscript_detector(tmp_path):
 
 def test_generator_trains_on_a_real_dataset_from_a_local_directory(tmp_path):
     """The command reads CIFAR-10 in its published format (tiny files written here) and
-    writes a 32x32x3 checkpoint that loads and samples."""
+    writes a 32x32x3 checkpoint that loads and samples, and that `evaluate` scores against
+    the CIFAR-10 split it learned (from its provenance), not digits."""
     from tests.test_data_loaders import write_cifar10
 
-    write_cifar10(tmp_path / "cifar-10-batches-py", np.random.default_rng(0), per_batch=20)
+    data = tmp_path / "data"
+    write_cifar10(data / "cifar-10-batches-py", np.random.default_rng(0), per_batch=20)
     out = tmp_path / "gen"
-    done = fedfill("generator", "train", "--dataset", "cifar10", "--data-dir", str(tmp_path), "--out", str(out),
-                   "--steps", "2", "--batch-size", "4")
+    done = fedfill("generator", "train", "--dataset", "cifar10", "--data-dir", str(data), "--out", str(out),
+                   "--steps", "2", "--batch-size", "4", "--split-seed", "3")
     assert done.returncode == 0, done.stderr
-    config, unet = load_generator(out)
+    config, pipe = load_generator(out)
     assert (config.image_size, config.channels, config.num_classes) == (32, 3, 10)
-    assert sample(config, unet, np.array([4]), steps=2).shape == (1, 32, 32, 3)
+    assert config.provenance["command"].startswith(f"fedfill generator train --dataset cifar10 --data-dir {data} ")
+    assert (config.provenance["dataset"], config.provenance["data_dir"], config.provenance["split_seed"]) == (
+        "cifar10", str(data.resolve()), 3)
+    assert sample(config, pipe, np.array([4]), steps=2).shape == (1, 32, 32, 3)
+    evaluate = ("generator", "evaluate", "--checkpoint", str(out), "--per-class", "2", "--steps", "2", "--json")
+    done = fedfill(*evaluate)
+    assert done.returncode == 0, done.stderr
+    report = json.loads(done.stdout)
+    assert set(report["fidelity_per_class"]) == {str(c) for c in range(10)}
+    moved = tmp_path / "moved"
+    data.rename(moved)
+    gone = fedfill(*evaluate)
+    assert gone.returncode == 2 and "Traceback" not in gone.stderr
+    reason = [line for line in gone.stderr.splitlines() if line.startswith("fedfill generator: ")]
+    assert len(reason) == 1 and f"cannot load cifar10, the dataset {out} was trained on" in reason[0]
+    assert "--data-dir" in reason[0]
+    assert fedfill(*evaluate, "--data-dir", str(moved)).returncode == 0
     bad = fedfill("generator", "train", "--dataset", "cifar10", "--data-dir", str(tmp_path / "nowhere"),
                   "--out", str(out))
     assert bad.returncode == 2 and "Traceback" not in bad.stderr

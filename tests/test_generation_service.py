@@ -14,8 +14,8 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from generation.client import GenerationClient, GenerationUnavailable
-from generation.model import DEFAULT_CHECKPOINT
-from generation.service import serve
+from generation.model import DEFAULT_CHECKPOINT, load_generator, save_checkpoint, weights_digest
+from generation.service import GeneratorService, serve
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -40,6 +40,28 @@ def test_generate_streams_the_requested_classes_and_caches_them(service):
     assert np.array_equal(images, again_images) and np.array_equal(labels, again_labels)
     other, _ = client.generate(counts, seed=4, steps=8)
     assert servicer.computed == computed + 1 and not np.array_equal(other, images)
+
+
+def test_cache_key_follows_the_weights_not_the_files(service, tmp_path):
+    """The key hashes the UNet's tensors and noise schedule: the same weights re-saved (new
+    file bytes) keep it, one changed weight changes it."""
+    import torch
+
+    from generation import generation_pb2
+
+    _, servicer = service
+    config, pipe = load_generator(DEFAULT_CHECKPOINT)
+    assert servicer.checkpoint_digest == weights_digest(pipe)
+    resaved = tmp_path / "resaved"
+    save_checkpoint(resaved, config, pipe.unet, noise_schedule=pipe.scheduler.config)
+    request = generation_pb2.GenerateRequest(class_counts=[1] * 10, seed=0, steps=4, guidance=2.0)
+    same = GeneratorService(resaved, tmp_path / "cache-a")
+    assert same.cache_key(request) == servicer.cache_key(request)
+    with torch.no_grad():
+        pipe.unet.conv_out.bias[0] += 1e-3
+    changed = tmp_path / "changed"
+    save_checkpoint(changed, config, pipe.unet, noise_schedule=pipe.scheduler.config)
+    assert GeneratorService(changed, tmp_path / "cache-b").cache_key(request) != servicer.cache_key(request)
 
 
 def test_health_check_says_serving(service):

@@ -1,0 +1,118 @@
+"""Guided sampling in diffusers' shape: `ClassConditionalPipeline`, a DiffusionPipeline with a
+UNet2DModel and a scheduler, so a checkpoint is an ordinary pipeline directory
+(`ClassConditionalPipeline.from_pretrained(DIR)`) and samplers swap the diffusers way, by
+replacing the scheduler.
+
+Classifier-free guidance: eps = eps_null + w (eps_class - eps_null), the null class being
+index C of the UNet's C + 1 class embeddings (training drops labels to it). Guidance is
+applied at every w, 0 and 1 included (unlike diffusers' text pipelines, which switch it off
+at w <= 1): w = 0 is the unconditional model, a value the service accepts.
+
+This module imports only torch, numpy and diffusers, so diffusers can also load it as a
+custom pipeline file.
+"""
+
+from __future__ import annotations
+
+import inspect
+
+import numpy as np
+import torch
+from diffusers import DDIMScheduler, DDPMScheduler, DiffusionPipeline, DPMSolverMultistepScheduler, UNet2DModel
+from diffusers.pipelines.pipeline_utils import ImagePipelineOutput
+from diffusers.schedulers.scheduling_utils import SchedulerMixin
+from diffusers.utils.torch_utils import randn_tensor
+
+SAMPLERS = ("ddim", "dpm", "ddpm")  # ddpm: the 1000-step ancestral baseline
+OUTPUT_TYPES = ("np", "pil", "uint8")
+
+# What a sampler must share with training: the noise schedule. Everything else (clipping,
+# timestep spacing, solver order) belongs to the sampler, so it is not copied from the
+# stored scheduler: DPM-Solver's own default spacing differs from DDIM's, for one.
+NOISE_SCHEDULE = ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "trained_betas",
+                  "prediction_type", "rescale_betas_zero_snr")
+
+_SAMPLER_SETTINGS = {
+    # No x0 clipping: with guidance it makes x0 and eps disagree and the error compounds per
+    # step (measured: class fidelity 97%, 56%, 25% at 20, 50, 100 steps; 99% at all three without).
+    "ddim": (DDIMScheduler, {"clip_sample": False}),
+    "dpm": (DPMSolverMultistepScheduler, {"algorithm_type": "dpmsolver++"}),
+    "ddpm": (DDPMScheduler, {"clip_sample": True}),
+}
+
+
+def make_scheduler(name: str, noise_schedule: dict | None = None) -> SchedulerMixin:
+    """The named sampler on the given noise schedule (a scheduler config, e.g. the stored one;
+    only its NOISE_SCHEDULE keys are used). Swap it in with `pipe.scheduler = ...`."""
+    if name not in _SAMPLER_SETTINGS:
+        raise ValueError(f"unknown sampler {name!r}; choose one of {', '.join(SAMPLERS)}")
+    cls, settings = _SAMPLER_SETTINGS[name]
+    accepted = inspect.signature(cls.__init__).parameters
+    schedule = {k: v for k, v in dict(noise_schedule or {}).items() if k in NOISE_SCHEDULE and k in accepted}
+    return cls(**schedule, **settings)
+
+
+class ClassConditionalPipeline(DiffusionPipeline):
+    """Class-conditional image generation with classifier-free guidance.
+
+    `unet` has `num_class_embeds = C + 1`; the last class is the null label. `scheduler` is
+    any diffusers scheduler on the training noise schedule (stored: DDIM without clipping).
+    """
+
+    model_cpu_offload_seq = "unet"
+
+    def __init__(self, unet: UNet2DModel, scheduler: SchedulerMixin):
+        super().__init__()
+        self.register_modules(unet=unet, scheduler=scheduler)
+
+    @property
+    def num_classes(self) -> int:
+        return int(self.unet.config.num_class_embeds) - 1
+
+    @property
+    def null_class(self) -> int:
+        return self.num_classes
+
+    def check_class_labels(self, class_labels) -> np.ndarray:
+        """int64 labels, or ValueError when one is not a real class (the null class is not one)."""
+        labels = np.asarray(class_labels, dtype=np.int64).reshape(-1)
+        if labels.size and (labels.min() < 0 or labels.max() >= self.num_classes):
+            raise ValueError(f"class labels must be in 0..{self.num_classes - 1}")
+        return labels
+
+    @torch.no_grad()
+    def __call__(self, class_labels, num_inference_steps: int = 20, guidance_scale: float = 2.0,
+                 generator: torch.Generator | None = None, output_type: str = "np", return_dict: bool = True):
+        """One image per label, all in one batch. output_type: "np" (float [0, 1], NHWC, as in
+        diffusers), "pil", or "uint8" (NHWC bytes: what the service streams and caches).
+
+        Deterministic for a given generator: it draws the initial noise and, for DDPM, each
+        step's noise, in that order.
+        """
+        if output_type not in OUTPUT_TYPES:
+            raise ValueError(f"output_type must be one of {', '.join(OUTPUT_TYPES)}, got {output_type!r}")
+        labels = torch.as_tensor(self.check_class_labels(class_labels), device=self.device)
+        if labels.numel() == 0:
+            raise ValueError("no class labels given")
+        channels, size = self.unet.config.in_channels, self.unet.config.sample_size
+        self.scheduler.set_timesteps(num_inference_steps, device=self.device)
+        x = randn_tensor((len(labels), channels, size, size), generator=generator, device=self.device,
+                         dtype=self.unet.dtype)
+        x = x * self.scheduler.init_noise_sigma
+        both_labels = torch.cat([labels, torch.full_like(labels, self.null_class)])
+        # Only schedulers that draw noise while stepping (DDPM) take the generator.
+        takes_generator = "generator" in inspect.signature(self.scheduler.step).parameters
+        step_kwargs = {"generator": generator} if takes_generator else {}
+        for t in self.progress_bar(self.scheduler.timesteps):
+            model_input = self.scheduler.scale_model_input(torch.cat([x, x]), t)
+            eps_class, eps_null = self.unet(model_input, t, class_labels=both_labels).sample.chunk(2)
+            eps = eps_null + guidance_scale * (eps_class - eps_null)
+            x = self.scheduler.step(eps, t, x, **step_kwargs).prev_sample
+        self.maybe_free_model_hooks()
+        if output_type == "uint8":
+            images = ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+        else:
+            images = (x / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).float().cpu().numpy()
+            if output_type == "pil":
+                images = self.numpy_to_pil(images)
+        return ImagePipelineOutput(images=images) if return_dict else (images,)
