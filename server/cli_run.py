@@ -76,6 +76,9 @@ def run(args) -> int:
     started = time.monotonic()
     federation = generation = process = None
     shown, interrupted = 0, False
+    # SIGTERM (kill, a scheduler) stops the run like Ctrl-C: the finally below ends every
+    # process of the run, where Python's default would exit and leave them running.
+    previous_sigterm = signal.signal(signal.SIGTERM, _raise_interrupt)
     try:
         if generator_mode == "auto":
             from deploy.local import GenerationProcess
@@ -109,7 +112,7 @@ def run(args) -> int:
                 if process.poll() is None:
                     os.killpg(process.pid, signal.SIGTERM)
                     process.wait(timeout=30)
-    except KeyboardInterrupt:  # Ctrl-C: end every process of the run (below), no traceback
+    except KeyboardInterrupt:  # Ctrl-C or SIGTERM: end every process of the run (below), no traceback
         print("fedfill run: interrupted, stopping every process of the run", file=sys.stderr)
         interrupted = True
     finally:
@@ -117,6 +120,7 @@ def run(args) -> int:
             federation.stop()
         if generation is not None:
             generation.stop()
+        signal.signal(signal.SIGTERM, previous_sigterm)
     if interrupted:
         return 130
     if process.returncode != 0 or shown <= args.rounds:  # rows 0..rounds, resumed or not
@@ -125,6 +129,10 @@ def run(args) -> int:
         return 1
     print(f"report: {out}/rounds.csv, summary.json, accuracy.png, plan_round_N.json ({time.monotonic() - started:.0f} s)")
     return 0
+
+
+def _raise_interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt
 
 
 def _node_configs(args) -> list[dict]:

@@ -82,9 +82,10 @@ def test_processes_of_run_finds_a_process_by_its_flower_home(tmp_path):
 
 
 @pytest.mark.slow
-def test_an_interrupted_simulation_run_leaves_no_process(tmp_path):
-    """Ctrl-C mid-run, with Ray and the apps up: `fedfill run` ends the SuperLink's and the
-    SuperExec's process groups, and with them every process of the run."""
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
+def test_an_interrupted_simulation_run_leaves_no_process(tmp_path, sig):
+    """Ctrl-C or SIGTERM mid-run, with Ray and the apps up: `fedfill run` ends the SuperLink's
+    and the SuperExec's process groups, and with them every process of the run."""
     run = subprocess.Popen([sys.executable, "-m", "fedfill", "run", "--nodes", "2", "--rounds", "50",
                             "--generator", "none", "--out", str(tmp_path), "--timeout", "400"], cwd=ROOT,
                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -95,7 +96,7 @@ def test_an_interrupted_simulation_run_leaves_no_process(tmp_path):
             time.sleep(0.5)
         running = processes_of_run(tmp_path)
         assert any("ray::ClientAppActor" in line for line in running), running
-        run.send_signal(signal.SIGINT)
+        run.send_signal(sig)
         output, _ = run.communicate(timeout=120)
     finally:
         if run.poll() is None:
