@@ -20,6 +20,7 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
+from fedfill import contract
 from fedfill.errors import UsageError
 from fedfill.config import RunConfig, add_flags, run_config_toml
 from server.report import read_rounds
@@ -148,11 +149,9 @@ def _node_configs(args) -> list[dict]:
         raise UsageError(str(err)) from None
     if len(devices) != args.num_partitions:
         raise UsageError(f"the scenario {args.scenario} has {len(devices)} devices but --nodes is {args.num_partitions}")
-    for config, device in zip(configs, devices):
-        config.update({"f-max-hz": device["f_max_hz"], "eps": device["eps"], "p-max-w": device["p_max_w"],
-                       "gain": device["gain"], "bits": device["bits"]})
-        if "quant_error" in device:
-            config["quant-error"] = device["quant_error"]
+    for config, device in zip(configs, devices):  # the contract's profile fields, under node-config keys
+        config.update({contract.node_config_key(name): device[name]
+                       for name in (*contract.PROFILE_FIELDS, *contract.OPTIONAL_PROFILE_FIELDS) if name in device})
     return configs
 
 
