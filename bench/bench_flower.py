@@ -14,7 +14,6 @@ timing (it includes first imports).
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import subprocess
 import sys
@@ -23,6 +22,9 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from server.report import read_rounds  # noqa: E402
 
 
 def run_engine(engine: str, nodes: int, rounds: int, out: Path, extra: list[str]) -> tuple[list[dict], dict, float]:
@@ -31,8 +33,7 @@ def run_engine(engine: str, nodes: int, rounds: int, out: Path, extra: list[str]
                            "--rounds", str(rounds), "--out", str(out), *extra], cwd=ROOT, capture_output=True, text=True)
     if done.returncode != 0:
         raise SystemExit(f"{engine} run failed:\n{done.stdout[-2000:]}\n{done.stderr[-2000:]}")
-    with open(out / "rounds.csv") as fh:
-        rows = [{k: float(v) for k, v in r.items()} for r in csv.DictReader(fh)]
+    rows = read_rounds(out / "rounds.csv")
     return rows, json.loads((out / "summary.json").read_text()), time.monotonic() - started
 
 
@@ -67,7 +68,7 @@ def main() -> int:
         ideal = summary["model_params"] * bits / 8
         print(f"{engine:>11} | {total:7.1f} {startup:9.1f} | {round_s:7.2f} {train_s:7.3f} {round_s / train_s:7.0f}x | "
               f"{per_update:12.0f} {ideal:10.0f} {per_update / ideal:7.4f}")
-    print("overhead = round wall time / slowest client's training time; ratio = bytes on the wire / (M x bits / 8)")
+    print("overhead = round wall time / slowest client's training time; ratio = bytes in the reply's records / (M x bits / 8)")
     return 0
 
 
