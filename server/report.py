@@ -65,13 +65,14 @@ class RunReport:
 
     def add_round(self, server_round: int, evaluation: dict) -> dict:
         costs = self._costs.pop(server_round, {})
-        previous = self.rows[-1] if self.rows else dict.fromkeys(CUMULATIVE, 0)
+        previous = self.rows[-1] if self.rows else {"energy_j": 0.0, "latency_s": 0.0, "uplink_bytes": 0}
         row = {"round": server_round, **{m: evaluation[m] for m in self.metrics}}
         for key in CUMULATIVE:
-            row[key] = previous[key] + costs.get(key, 0)
-            row[f"round_{key}"] = costs.get(key, 0)
-        row.update({key: costs.get(key, 0) for key in ("updates", "dropped", "synthetic_used", "train_s_max",
-                                                        "train_s_sum")})
+            zero = 0 if key in INTEGER_COLUMNS else 0.0  # a column keeps one type, round 0 included
+            row[key] = previous[key] + costs.get(key, zero)
+            row[f"round_{key}"] = costs.get(key, zero)
+        row.update({key: costs.get(key, 0) for key in ("updates", "dropped", "synthetic_used")})
+        row.update({key: costs.get(key, 0.0) for key in ("train_s_max", "train_s_sum")})
         row["train_loss"] = costs.get("train_loss", "")  # none before round 1 or when no update came
         # measured: wall time of the round as the server saw it
         row["wall_s"] = time.monotonic() - self._last
