@@ -7,6 +7,7 @@ from the run's seed); the server evaluates on the held-out test set.
 from __future__ import annotations
 
 import functools
+import time
 
 import numpy as np
 
@@ -60,9 +61,10 @@ class ClassifierJob(Job):
         # One thread: a device trains alone, and on a shared host several ClientApps at two
         # threads each oversubscribe the cores and turn the measured time into contention.
         torch.set_num_threads(threads)
+        started = time.perf_counter()
         loss = train(model, images, labels, epochs=self.run.local_epochs, lr=self.run.lr,
                      batch_size=self.run.batch_size, seed=seed)
-        return LocalResult(get_weights(model), float(loss))
+        return LocalResult(get_weights(model), float(loss), time.perf_counter() - started)
 
     def _num_classes(self) -> int:
         return self._split.clients.num_classes

@@ -30,6 +30,7 @@ class LocalResult:
 
     weights: list[np.ndarray]
     loss: float
+    seconds: float  # the training itself, measured (not imports or model building)
 
 
 class Job(ABC):

@@ -19,6 +19,7 @@ def test_the_classifier_job_does_what_the_apps_ask_of_a_job():
     data = parts[0]
     result = job.train(weights, data.images, data.labels, seed=5)
     assert np.isfinite(result.loss) and any(not np.array_equal(a, b) for a, b in zip(result.weights, weights))
+    assert 0 < result.seconds < 60, "the training time, measured by the job"
     again = job.train(weights, data.images, data.labels, seed=5)
     assert all(np.array_equal(a, b) for a, b in zip(result.weights, again.weights)), "same seed, same update"
     before, after = job.evaluate(weights), job.evaluate(result.weights)
