@@ -118,11 +118,17 @@ def node_config_arg(values: dict) -> str:
 
 @dataclass
 class _Components:
-    """Flower processes, each a session leader with its log in log_dir, ended group by group."""
+    """Flower processes, each a session leader with its log in log_dir, ended group by group;
+    `address` is the SuperLink's, what `flwr run` connects to."""
 
     log_dir: Path
     env: dict[str, str] | None = None
     processes: list[tuple[str, subprocess.Popen]] = field(default_factory=list)
+    superlink_port: int = field(default_factory=free_port)
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.superlink_port}"
 
     def _spawn(self, name: str, command: list[str]) -> subprocess.Popen:
         self.log_dir.mkdir(parents=True, exist_ok=True)
@@ -177,11 +183,6 @@ class LocalFederation(_Components):
     connects to."""
 
     node_configs: list[dict] = field(default_factory=list)
-    superlink_port: int = field(default_factory=free_port)
-
-    @property
-    def address(self) -> str:
-        return f"127.0.0.1:{self.superlink_port}"
 
     def start(self, timeout_s: float = 60.0) -> "LocalFederation":
         self._start_superlink(self.superlink_port, timeout_s, simulation=False)
@@ -203,14 +204,8 @@ class LocalSimulation(_Components):
     per run (CUDA torch, ~5 GB); this one has that off and ends with the run.
     """
 
-    port: int = field(default_factory=free_port)
-
-    @property
-    def address(self) -> str:
-        return f"127.0.0.1:{self.port}"
-
     def start(self, timeout_s: float = 90.0) -> "LocalSimulation":
-        self._start_superlink(self.port, timeout_s, simulation=True)
+        self._start_superlink(self.superlink_port, timeout_s, simulation=True)
         return self
 
 
