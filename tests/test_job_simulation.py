@@ -74,6 +74,10 @@ def test_processes_of_run_finds_a_process_by_its_flower_home(tmp_path):
     """The check the runs below rely on does see a live process of a run."""
     child = subprocess.Popen(["sleep", "30"], env={**os.environ, "FLWR_HOME": str(tmp_path / ".flwr")})
     try:
+        # Until the child has exec'd, /proc shows the parent's environment: wait for the exec.
+        deadline = time.monotonic() + 10
+        while not Path(f"/proc/{child.pid}/cmdline").read_bytes().startswith(b"sleep\0") and time.monotonic() < deadline:
+            time.sleep(0.05)
         assert [line.split(":")[0] for line in processes_of_run(tmp_path)] == [str(child.pid)]
     finally:
         child.kill()
