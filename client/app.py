@@ -42,7 +42,7 @@ def device_profile(run: RunConfig, context: Context, d_loc: int) -> dict:
 
         profile = fimi_device_profile(*node_partition(run, context), run.seed)
     profile = {"d_loc": float(d_loc), **profile}
-    for name, cast in zip(contract.OPTIONAL_PROFILE_FIELDS, (int, float)):
+    for name, cast in contract.OPTIONAL_PROFILE_FIELDS.items():
         if contract.node_config_key(name) in context.node_config:
             profile[name] = cast(context.node_config[contract.node_config_key(name)])
     return profile

@@ -139,7 +139,7 @@ class _Components:
         self.processes.append((name, process))
         return process
 
-    def _start_superlink(self, port: int, timeout_s: float, *, simulation: bool) -> None:
+    def _start_superlink(self, timeout_s: float, *, simulation: bool) -> None:
         """A SuperLink and the SuperExec that runs its ServerApp (or simulation), both ours.
 
         With `--isolation subprocess` the SuperLink would start flower-superexec itself, in a
@@ -147,6 +147,7 @@ class _Components:
         we start it, in a group we end (Ray and the apps run under it). Runtime dependency
         installation stays off: the flag here, SuperExec's default, and flower_environment.
         """
+        port = self.superlink_port
         database = self.log_dir / "superlink.db"
         for stale in (database, database.with_name("superlink.db-shm"), database.with_name("superlink.db-wal")):
             stale.unlink(missing_ok=True)  # each run starts from a fresh state, not an older run's runs and tasks
@@ -185,7 +186,7 @@ class LocalFederation(_Components):
     node_configs: list[dict] = field(default_factory=list)
 
     def start(self, timeout_s: float = 60.0) -> "LocalFederation":
-        self._start_superlink(self.superlink_port, timeout_s, simulation=False)
+        self._start_superlink(timeout_s, simulation=False)
         for k, config in enumerate(self.node_configs):
             self._spawn(f"supernode-{k}", [
                 "flower-supernode", "--insecure", "--superlink", self.address, "--port", str(free_port()),
@@ -205,7 +206,7 @@ class LocalSimulation(_Components):
     """
 
     def start(self, timeout_s: float = 90.0) -> "LocalSimulation":
-        self._start_superlink(self.superlink_port, timeout_s, simulation=True)
+        self._start_superlink(timeout_s, simulation=True)
         return self
 
 
@@ -224,8 +225,6 @@ class GenerationProcess:
         return f"127.0.0.1:{self.port}"
 
     def start(self, timeout_s: float = 120.0) -> "GenerationProcess":
-        import sys
-
         import grpc
         from grpc_health.v1 import health_pb2, health_pb2_grpc
 
@@ -234,7 +233,7 @@ class GenerationProcess:
                    "--cache", str(self.cache_dir)] + (["--checkpoint", self.checkpoint] if self.checkpoint else [])
         log = open(self.log_dir / "generator.log", "w")  # noqa: SIM115 - lives as long as the process
         self.process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-                                        cwd=Path(__file__).resolve().parents[1])
+                                        cwd=self.log_dir)
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             if self.process.poll() is not None:

@@ -69,15 +69,22 @@ class ClassifierJob(Job):
     def _num_classes(self) -> int:
         return self._split.clients.num_classes
 
+    @functools.cached_property
+    def _evaluation(self):
+        """A model to load global weights into and the test set as tensors, made once."""
+        import torch
+
+        from fedfill.models import images_to_tensor
+
+        test = self._split.test
+        return self._model(), images_to_tensor(test.images), torch.as_tensor(test.labels)
+
     def evaluate(self, weights) -> dict[str, float]:
         import torch
 
-        from fedfill.models import images_to_tensor, set_weights
+        from fedfill.models import set_weights
 
-        if not hasattr(self, "_eval"):
-            test = self._split.test
-            self._eval = (self._model(), images_to_tensor(test.images), torch.as_tensor(test.labels))
-        model, x, y = self._eval
+        model, x, y = self._evaluation
         set_weights(model, weights)
         model.eval()
         with torch.no_grad():

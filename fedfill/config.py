@@ -10,7 +10,7 @@ holds pyproject's defaults to `RunConfig()`, so a setting is added in one place.
 from __future__ import annotations
 
 import argparse
-from dataclasses import MISSING, dataclass, field, fields
+from dataclasses import dataclass, field, fields
 
 
 def setting(default, help: str, *, flag: str | None = None, cli: bool = True):
@@ -80,7 +80,7 @@ def add_flags(parser: argparse.ArgumentParser, choices: dict[str, tuple] | None 
         if not f.metadata["cli"]:
             continue
         flag = f.metadata["flag"] or "--" + key_of(f.name)
-        default = f.default if f.default is not MISSING else None
+        default = f.default
         if isinstance(default, bool):
             parser.add_argument(flag, dest=f.name, action="store_true", help=f.metadata["help"])
             continue

@@ -31,7 +31,7 @@ CODEC_STYPE = f"fedfill.codec/v{CODEC_VERSION}"  # Array.stype of a quantized up
 # A device profile as the planner reads it (scenario JSON device fields, SI units). The
 # node-config keys of a real device are the same names in kebab-case (`f-max-hz`, ...).
 PROFILE_FIELDS = ("f_max_hz", "eps", "p_max_w", "gain")  # what an operator must give, all or none
-OPTIONAL_PROFILE_FIELDS = ("bits", "quant_error")
+OPTIONAL_PROFILE_FIELDS = {"bits": int, "quant_error": float}  # name -> type
 
 
 def node_config_key(profile_field: str) -> str:

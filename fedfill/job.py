@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from fedfill.config import RunConfig
-from fedfill.data import DatasetSplit, ImageDataset, load_dataset, load_digits, split_dataset
+from fedfill.data import DatasetSplit, ImageDataset, load_dataset, split_dataset
 
 JOBS = {"classifier": "fedfill.classifier:ClassifierJob"}
 
@@ -68,14 +68,8 @@ def load_job(run: RunConfig) -> Job:
     return getattr(importlib.import_module(module_name), class_name)(run)
 
 
-def run_dataset(run: RunConfig) -> ImageDataset:
-    if run.dataset == "digits":
-        return load_digits()
-    return load_dataset(run.dataset, run.data_dir or None)
-
-
 @functools.lru_cache(maxsize=2)
 def run_split(run: RunConfig) -> DatasetSplit:
     """The public / clients / test split every process of the run derives the same way
     (once per process: Ray's actors and a warm process serve many messages)."""
-    return split_dataset(run_dataset(run), seed=run.seed)
+    return split_dataset(load_dataset(run.dataset, run.data_dir or None), seed=run.seed)

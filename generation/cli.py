@@ -97,10 +97,6 @@ def _train(args) -> int:
 
 
 def _load(dataset: str, data_dir: str):
-    if dataset == "digits":
-        from fedfill.data import load_digits
-
-        return load_digits()
     from fedfill.data import load_dataset
 
     try:

@@ -8,7 +8,8 @@ import json
 import shutil
 from pathlib import Path
 
-from .model import LEGACY_FILES, CheckpointError, GeneratorConfig, build_unet, load_generator, save_checkpoint
+from .model import (LEGACY_FILES, CheckpointError, GeneratorConfig, _second_line, build_unet, load_generator,
+                    save_checkpoint)
 
 
 def read_legacy(directory: str | Path):
@@ -55,9 +56,8 @@ def convert_checkpoint(source: str | Path, target: str | Path, *, command: str, 
     try:
         unet.load_state_dict(state, strict=True)
     except RuntimeError as err:
-        first = str(err).splitlines()[1:2] or [str(err)[:200]]
         raise CheckpointError(f"{source / 'model.safetensors'} does not match its config.json: "
-                              f"{first[0].strip()}") from None
+                              f"{_second_line(err)}") from None
     provenance = {**config.provenance, **dataset, "converted_with": command}
     converted = GeneratorConfig(**{**config.__dict__, "provenance": provenance})
     save_checkpoint(target, converted, unet)

@@ -104,8 +104,8 @@ def load_generator(directory: str | Path = DEFAULT_CHECKPOINT):
     _check_layout(directory)
     meta = _read_json(directory / GENERATOR_JSON, "generator.json")
     _read_json(directory / UNET_CONFIG, "UNet config")  # diffusers would only say "not a valid JSON file"
-    _check_weights(directory / WEIGHTS)
     weights = directory / WEIGHTS
+    _check_weights(weights)
     with _diffusers_quiet():
         try:
             unet, info = UNet2DModel.from_pretrained(directory, subfolder="unet", local_files_only=True,

@@ -12,7 +12,6 @@ it started.
 
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
 import sys
@@ -67,7 +66,7 @@ def run(args) -> int:
         for stale in [*out.glob("plan_round_*.json"), out / "rounds.csv", out / "drops.csv", out / "checkpoint.npz"]:
             stale.unlink(missing_ok=True)
     from deploy.flower_app import write_flower_app
-    from deploy.local import LocalFederation, LocalSimulation, flower_environment
+    from deploy.local import LocalFederation, LocalSimulation, flower_environment, stop_group
 
     home = out / ".flwr"
     env = flower_environment(home)
@@ -110,9 +109,7 @@ def run(args) -> int:
                 shown = _follow(process, out / "rounds.csv", started, args.timeout,
                                 federation if args.engine == "deployment" else None)
             finally:
-                if process.poll() is None:
-                    os.killpg(process.pid, signal.SIGTERM)
-                    process.wait(timeout=30)
+                stop_group(process)
     except KeyboardInterrupt:  # Ctrl-C or SIGTERM: end every process of the run (below), no traceback
         print("fedfill run: interrupted, stopping every process of the run", file=sys.stderr)
         interrupted = True

@@ -147,6 +147,11 @@ class FimiFedAvg(FedAvg):
         used: list[contract.NodePlan] = []  # the plans of the nodes whose updates are used
         drops: list[dict] = []
         wire_bytes = 0
+
+        def drop(node_id: int, reason: str) -> None:
+            log(WARNING, "round %d: dropped the update of node %d: %s", server_round, node_id, reason)
+            drops.append({"node": node_id, "reason": reason})
+
         # Account per planned node: an error the SuperLink raises for a dead node names the
         # SuperLink as its sender, so such errors only explain the nodes that sent nothing.
         from_planned = [m for m in replies if m.metadata.src_node_id in self._planned]
@@ -160,13 +165,10 @@ class FimiFedAvg(FedAvg):
                 decoded.append(Message(self.decode_reply(message), reply_to=message))
                 used.append(self._planned[node_id])
             except contract.ReplyError as err:
-                log(WARNING, "round %d: dropped the update of node %d: %s", server_round, node_id, err)
-                drops.append({"node": node_id, "reason": str(err)})
+                drop(node_id, str(err))
         answered = {m.metadata.src_node_id for m in from_planned}
         for node_id in sorted(set(self._planned) - answered):
-            reason = "no reply" + (f" ({'; '.join(foreign_errors)})" if foreign_errors else " before the timeout")
-            drops.append({"node": node_id, "reason": reason})
-            log(WARNING, "round %d: node %d: %s", server_round, node_id, reason)
+            drop(node_id, "no reply" + (f" ({'; '.join(foreign_errors)})" if foreign_errors else " before the timeout"))
         node_metrics = [m.content[contract.METRICS_KEY] for m in decoded]
         train_seconds = [float(r["train-seconds"]) for r in node_metrics]
         costs = MetricRecord({

@@ -38,12 +38,9 @@ def augmentation_policy(class_counts, d_gen: float) -> np.ndarray:
 
 def synthetic_request(policy: str, class_counts, d_gen: float) -> np.ndarray:
     """Whole synthetic samples per class for a device under `policy`."""
+    if policy != "hdc":
+        return augmentation_policy(class_counts, d_gen)
     counts = np.asarray(class_counts)
-    total = int(round(float(d_gen)))
-    if total <= 0:
-        return np.zeros(counts.size, dtype=np.int64)
-    if policy == "hdc":
-        request = np.zeros(counts.size, dtype=np.int64)
-        request[np.argmin(counts)] = total
-        return request
-    return augmentation_policy(counts, total)
+    request = np.zeros(counts.size, dtype=np.int64)
+    request[np.argmin(counts)] = max(0, int(round(float(d_gen))))
+    return request
