@@ -1,6 +1,6 @@
 """The `flwr` CLI as a testbed drives it: the connection it reads from `$FLWR_HOME/config.toml`,
-and the SuperNode registration that `flower-superlink --enable-supernode-auth` requires before a
-SuperNode may connect.
+the SuperNode registration that `flower-superlink --enable-supernode-auth` requires before a
+SuperNode may connect, and the reason in a refused SuperNode's log.
 
 Flower 1.41's CLI takes a connection by name from `[superlink.NAME]` in `$FLWR_HOME/config.toml`:
 `address` (the SuperLink's HTTP API, host:port) and either `insecure = true` or
@@ -10,6 +10,7 @@ Flower 1.41's CLI takes a connection by name from `[superlink.NAME]` in `$FLWR_H
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 from pathlib import Path
 
@@ -94,3 +95,18 @@ def stop_active_runs(flwr_home: Path, connection: str = "fedfill", *, timeout_s:
                         f"flwr stop {run_id}")
             stopped.append(run_id)
     return stopped
+
+
+# A refused SuperNode exits with status 1 and logs Flower's "Exit Code: 305" followed by the
+# SuperLink's reason, e.g. "[code: 2004] Failed to activate SuperNode." (flwr.supercore.error).
+REFUSALS = {2001: "no registered key: the SuperLink takes only SuperNodes registered with the CLI",
+            2004: "its public key is not registered with the SuperLink"}
+
+
+def supernode_refusal(log: str) -> int | None:
+    """The SuperLink's error code in a SuperNode's log when it was refused at connection
+    (2001: no key, 2004: unregistered key; see REFUSALS), else None. The process's exit
+    status does not carry it: Flower exits 1 for every error."""
+    match = re.search(r"Exit Code: 305\s*\nFailed to initialize the connection to the SuperLink\.\s*\n"
+                      r"\[code: (\d+)\]", log)
+    return int(match.group(1)) if match else None

@@ -21,7 +21,13 @@ from pathlib import Path
 
 import pytest
 
-from deploy.flower_cli import AlreadyRegistered, list_supernodes, register_supernode, write_flwr_connection
+from deploy.flower_cli import (
+    AlreadyRegistered,
+    list_supernodes,
+    register_supernode,
+    supernode_refusal,
+    write_flwr_connection,
+)
 from deploy.local import flower_environment, free_port, group_alive, stop_group, wait_for_port
 from deploy.pki import Pki, write_pki
 
@@ -126,6 +132,7 @@ def test_unregistered_key_is_refused(testbed):
     code, log = testbed.wait_exit("unregistered")
     assert code == 1, log  # Flower exits 1 for every error; its own code is in the log
     assert "Exit Code: 305" in log and "[code: 2004] Failed to activate SuperNode." in log, log
+    assert supernode_refusal(log) == 2004
     assert "SuperNode ID:" not in log
     superlink = testbed.superlink_log.read_text(errors="replace")
     assert "[ApiError:2004]" in superlink and "No SuperNode found with the given public key." in superlink
@@ -137,6 +144,7 @@ def test_node_without_key_is_refused(testbed):
     assert "Exit Code: 305" in log, log
     assert ("[code: 2001] SuperNode authentication is enabled. All SuperNodes must be registered via the CLI."
             in log), log
+    assert supernode_refusal(log) == 2001
     assert "[/v1/fleet/register-node][ApiError:2001]" in testbed.superlink_log.read_text(errors="replace")
 
 
@@ -146,4 +154,4 @@ def test_plaintext_node_does_not_connect(testbed):
     assert code == 1, log
     assert re.search(r"Giving up reconnection after [0-9.]+ seconds", log), log
     assert "Exit Code: 305" in log and "Server disconnected without sending a response." in log, log
-    assert "SuperNode ID:" not in log
+    assert "SuperNode ID:" not in log and supernode_refusal(log) is None
