@@ -45,6 +45,8 @@ def device_profile(run: RunConfig, context: Context, d_loc: int) -> dict:
     for name, cast in contract.OPTIONAL_PROFILE_FIELDS.items():
         if contract.node_config_key(name) in context.node_config:
             profile[name] = cast(context.node_config[contract.node_config_key(name)])
+    if "partition-id" in context.node_config:  # names the node in the server's report
+        profile[contract.PARTITION_FIELD] = int(context.node_config["partition-id"])
     return profile
 
 

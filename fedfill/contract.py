@@ -3,7 +3,8 @@ readers of each message. The ClientApp and the strategy both import this module 
 each other, so a key or a field is named once.
 
   QUERY reply     ConfigRecord "profile": the device profile (PROFILE_FIELDS; never the
-                  class histogram, only D_loc leaves the device)
+                  class histogram, only D_loc leaves the device), and PARTITION_FIELD when
+                  the node config names the node's partition (reports name nodes by it)
   TRAIN           ArrayRecord "arrays" (the global model) and ConfigRecord "config": this
                   node's own plan entry (NodePlan) and the round's train config
   TRAIN reply     ArrayRecord "update": one Array whose bytes are the codec's payload
@@ -32,6 +33,7 @@ CODEC_STYPE = f"fedfill.codec/v{CODEC_VERSION}"  # Array.stype of a quantized up
 # node-config keys of a real device are the same names in kebab-case (`f-max-hz`, ...).
 PROFILE_FIELDS = ("f_max_hz", "eps", "p_max_w", "gain")  # what an operator must give, all or none
 OPTIONAL_PROFILE_FIELDS = {"bits": int, "quant_error": float}  # name -> type
+PARTITION_FIELD = "partition_id"  # the node's partition id in its profile: a name for it, not planned on
 
 
 def node_config_key(profile_field: str) -> str:
