@@ -20,6 +20,7 @@ from fedfill import contract
 from fedfill.config import RunConfig
 from fedfill.job import load_job
 from server.report import RunReport
+from server.timed_grid import TimedGrid
 from strategies.allocation import LearningModel, System
 from strategies.allocation.learning import shipped_fit
 from strategies.allocation.presets import fimi_scenario
@@ -77,6 +78,7 @@ def environment() -> dict:
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     run = RunConfig.from_run_config(context.run_config)
+    grid = TimedGrid(grid)  # replies pulled every 0.1 s, not Flower's 3 s, and each one's upload timed
     job = load_job(run)
     weights = job.initial_weights()
     model_params = int(sum(w.size for w in weights))
@@ -91,7 +93,8 @@ def main(grid: Grid, context: Context) -> None:
     (out_dir / "system.json").write_text(json.dumps(system.__dict__, indent=1) + "\n")
     (out_dir / "profiles.json").write_text(json.dumps({str(k): v for k, v in profiles.items()}, indent=1) + "\n")
     strategy = FimiFedAvg(system, run.policy, profiles, seed=run.seed, node_wait_s=run.node_wait_s,
-                          on_plan=report.write_plan, on_round_metrics=report.round_costs, min_train_nodes=1)
+                          on_plan=report.write_plan, on_round_metrics=report.round_costs,
+                          upload_seconds=grid.upload_seconds, min_train_nodes=1)
     initial, done = ArrayRecord(weights), 0
     checkpoint = out_dir / "checkpoint.npz"
     if run.resume and checkpoint.exists():

@@ -1,10 +1,21 @@
-"""What a run leaves behind: rounds.csv, plan_round_N.json, summary.json, plots, checkpoint.
+"""What a run leaves behind: rounds.csv, nodes.csv, drops.csv, plan_round_N.json, summary.json,
+plots, checkpoint.
 
 A row is made of two Flower MetricRecords: the strategy's round costs (energy and latency
 from the cost model, cumulated here; uplink bytes as Flower counts the replies' records;
-training seconds as the devices measured them) and the job's central evaluation.
+training seconds as the devices measured them) and the job's central evaluation, plus
+`dropped_nodes`: the nodes whose update was not averaged, by partition id (the Flower node id
+where the node did not report one), joined by ';'.
 `read_rounds` is the one reader of rounds.csv (the report resuming, `fedfill run` showing
 progress, `fedfill compare` tabulating).
+
+nodes.csv has a row per planned node and round, as the strategy hands them over with the
+round's costs (its NODE_FIGURES): the plan's modeled t_cmp_s, t_com_s, bits and the uplink
+rate that sends M x bits in t_com_s (plan_uplink_bps, bit/s), beside the measured train_s
+(the device's clock), upload_s (server.timed_grid: from the reply's creation to the server
+holding it) and reply_bytes (the reply's records as Flower counts them), and status
+"used" or "dropped" with the reason. upload.png plots measured against modeled upload seconds.
+Rows of a round are written with its rounds.csv row, so a resumed run rewrites none twice.
 """
 
 from __future__ import annotations
@@ -19,15 +30,46 @@ import numpy as np
 # Per-round columns after the job's evaluation metrics; the cumulative ones come first.
 CUMULATIVE = ("energy_j", "latency_s", "uplink_bytes")
 COST_COLUMNS = (*CUMULATIVE, "round_energy_j", "round_latency_s", "round_uplink_bytes", "updates", "dropped",
-                "wall_s", "train_s_max", "train_s_sum", "synthetic_used", "train_loss")
+                "wall_s", "train_s_max", "train_s_sum", "synthetic_used", "train_loss", "dropped_nodes")
 INTEGER_COLUMNS = {"round", "uplink_bytes", "round_uplink_bytes", "updates", "dropped", "synthetic_used"}
+TEXT_COLUMNS = {"dropped_nodes"}  # kept as written, empty included
+# nodes.csv: the round, then the strategy's figures of a node (strategies.fimi_strategy.NODE_FIGURES)
+NODE_COLUMNS = ("round", "node_id", "partition_id", "t_cmp_s", "t_com_s", "bits", "plan_uplink_bps", "train_s",
+                "upload_s", "reply_bytes", "status", "reason")
+NODE_INTEGER_COLUMNS = {"round", "node_id", "partition_id", "bits", "reply_bytes"}
+NODE_TEXT_COLUMNS = {"status", "reason"}
+DROP_COLUMNS = ("round", "node", "reason")
+
+
+def _integer(text: str) -> int:
+    """An integer written as 12 or 12.0; a 64-bit Flower node id exactly (a float would round it)."""
+    try:
+        return int(text)
+    except ValueError:
+        return int(float(text))
+
+
+def _read_csv(path: str | Path, integers: set[str], texts: set[str]) -> list[dict]:
+    """Rows typed: text columns as written, others int or float; an empty number is left out."""
+    with open(path) as fh:
+        return [{k: v if k in texts else _integer(v) if k in integers else float(v)
+                 for k, v in row.items() if k in texts or v != ""}
+                for row in csv.DictReader(fh)]
 
 
 def read_rounds(path: str | Path) -> list[dict]:
-    """rounds.csv as a list of rows, integers and floats typed."""
-    with open(path) as fh:
-        return [{k: int(float(v)) if k in INTEGER_COLUMNS else float(v) for k, v in row.items() if v != ""}
-                for row in csv.DictReader(fh)]
+    """rounds.csv as a list of rows, integers and floats typed, `dropped_nodes` a string."""
+    return _read_csv(path, INTEGER_COLUMNS, TEXT_COLUMNS)
+
+
+def read_nodes(path: str | Path) -> list[dict]:
+    """nodes.csv as a list of rows, typed; a figure not known (no reply) is left out."""
+    return _read_csv(path, NODE_INTEGER_COLUMNS, NODE_TEXT_COLUMNS)
+
+
+def node_label(node: dict) -> str:
+    """A node's name in rounds.csv and plots: its partition id, else its Flower node id."""
+    return str(node["partition_id"] if node.get("partition_id") is not None else node["node_id"])
 
 
 class RunReport:
@@ -39,29 +81,32 @@ class RunReport:
         self.metrics = metrics  # the job's evaluation columns; the first is the headline
         self.columns = ("round", *metrics, *COST_COLUMNS)
         self.rows: list[dict] = []
+        self.node_rows: list[dict] = []
         self._costs: dict[int, dict] = {}
+        self._nodes: dict[int, list[dict]] = {}
 
     def resume_from(self, last_round: int) -> None:
-        """Take back the rows up to the checkpointed round, so the cumulative costs go on."""
+        """Take back the rows up to the checkpointed round, so the cumulative costs go on (and
+        the per-node rows and drops of a round that never finished go)."""
         self.rows = [row for row in read_rounds(self.dir / "rounds.csv") if row["round"] <= last_round]
+        nodes = self.dir / "nodes.csv"
+        self.node_rows = [row for row in read_nodes(nodes) if row["round"] <= last_round] if nodes.exists() else []
+        drops = self.dir / "drops.csv"
+        if drops.exists():
+            with open(drops) as fh:
+                kept = [row for row in csv.DictReader(fh) if int(row["round"]) <= last_round]
+            self._write_csv(drops, DROP_COLUMNS, kept)
 
     def write_plan(self, server_round: int, plan, node_ids: list[int]) -> None:
         data = plan.to_json()
         data["node_ids"] = node_ids
         (self.dir / f"plan_round_{server_round}.json").write_text(json.dumps(data, indent=1) + "\n")
 
-    def round_costs(self, server_round: int, record, drops: list[dict]) -> None:
-        """The strategy's MetricRecord of a round (kebab-case keys), kept until the round's
-        evaluation; each dropped update goes to drops.csv with its reason."""
+    def round_costs(self, server_round: int, record, nodes: list[dict]) -> None:
+        """The strategy's MetricRecord of a round (kebab-case keys) and its figures of each
+        planned node (NODE_FIGURES), kept until the round's evaluation writes them."""
         self._costs[server_round] = {key.replace("-", "_"): value for key, value in record.items()}
-        if drops:
-            path = self.dir / "drops.csv"
-            new = not path.exists()
-            with open(path, "a", newline="") as fh:
-                writer = csv.DictWriter(fh, fieldnames=("round", "node", "reason"))
-                if new:
-                    writer.writeheader()
-                writer.writerows({"round": server_round, **drop} for drop in drops)
+        self._nodes[server_round] = [{"round": server_round, **node} for node in nodes]
 
     def add_round(self, server_round: int, evaluation: dict) -> dict:
         costs = self._costs.pop(server_round, {})
@@ -77,12 +122,31 @@ class RunReport:
         # measured: wall time of the round as the server saw it
         row["wall_s"] = time.monotonic() - self._last
         self._last = time.monotonic()
+        nodes = self._nodes.pop(server_round, [])
+        dropped = [node for node in nodes if node["status"] == "dropped"]
+        row["dropped_nodes"] = ";".join(node_label(node) for node in dropped)
         self.rows.append(row)
-        with open(self.dir / "rounds.csv", "w", newline="") as fh:
-            writer = csv.DictWriter(fh, fieldnames=self.columns)
-            writer.writeheader()
-            writer.writerows(self.rows)
+        self._write_csv(self.dir / "rounds.csv", self.columns, self.rows)
+        if nodes:
+            self.node_rows.extend(nodes)
+            self._write_csv(self.dir / "nodes.csv", NODE_COLUMNS, self.node_rows)
+        if dropped:  # every update not averaged, with the reason (also in nodes.csv)
+            path = self.dir / "drops.csv"
+            new = not path.exists()
+            with open(path, "a", newline="") as fh:
+                writer = csv.DictWriter(fh, fieldnames=DROP_COLUMNS)
+                if new:
+                    writer.writeheader()
+                writer.writerows({"round": server_round, "node": node["node_id"], "reason": node["reason"]}
+                                 for node in dropped)
         return row
+
+    @staticmethod
+    def _write_csv(path: Path, columns, rows: list[dict]) -> None:
+        with open(path, "w", newline="") as fh:
+            writer = csv.DictWriter(fh, fieldnames=columns)
+            writer.writeheader()
+            writer.writerows({k: ("" if v is None else v) for k, v in row.items()} for row in rows)
 
     def summary(self, extra: dict | None = None) -> dict:
         headline = self.metrics[0]
@@ -96,6 +160,8 @@ class RunReport:
         return out
 
     def plot(self) -> Path | None:
+        """accuracy.png (the headline metric against cumulative energy and time), and upload.png."""
+        self.plot_uploads()
         if len(self.rows) < 2:
             return None
         import matplotlib
@@ -116,6 +182,42 @@ class RunReport:
         fig.suptitle(f"{self.meta.get('policy', '')} on {self.meta.get('dataset', '')}")
         fig.tight_layout()
         path = self.dir / f"{headline}.png"
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        return path
+
+    def plot_uploads(self) -> Path | None:
+        """upload.png: each node's measured upload seconds against the plan's T_com, one point
+        per reply, log-log with the y = x line (a link shaped to the plan's rate lands on it)."""
+        timed = [row for row in self.node_rows if row.get("upload_s") is not None and row.get("t_com_s")]
+        if not timed:
+            return None
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+        from matplotlib.ticker import FormatStrFormatter, LogLocator, NullFormatter
+
+        fig, ax = plt.subplots(figsize=(5.5, 5))
+        labels = sorted({node_label(row) for row in timed}, key=lambda label: (len(label), label))
+        for label in labels:
+            mine = [row for row in timed if node_label(row) == label]
+            ax.scatter([row["t_com_s"] for row in mine], [max(row["upload_s"], 1e-3) for row in mine],
+                       label=f"node {label}", s=18)
+        values = [row["t_com_s"] for row in timed] + [max(row["upload_s"], 1e-3) for row in timed]
+        low, high = min(values) / 2, max(values) * 2
+        ax.plot([low, high], [low, high], color="grey", lw=1, ls="--", label="measured = modeled")
+        ax.set(xscale="log", yscale="log", xlim=(low, high), ylim=(low, high),
+               xlabel="modeled upload T_com (s, plan)", ylabel="measured upload (s, reply created -> pulled)")
+        for axis in (ax.xaxis, ax.yaxis):  # plain numbers at 1, 2, 5 x 10^k
+            axis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))
+            axis.set_major_formatter(FormatStrFormatter("%g"))
+            axis.set_minor_formatter(NullFormatter())
+        ax.grid(alpha=0.3, which="both")
+        ax.legend(fontsize=7, ncol=2 if len(labels) > 8 else 1)
+        ax.set_title(f"{len(timed)} uploads, {len(labels)} nodes")
+        fig.tight_layout()
+        path = self.dir / "upload.png"
         fig.savefig(path, dpi=110)
         plt.close(fig)
         return path

@@ -23,6 +23,12 @@ from flwr.common import log
 from fedfill import contract
 from fedfill.codec import decode
 from strategies.allocation import Plan, Scenario, ScenarioError, System, parse_scenario, solve_plan
+from strategies.allocation.costs import update_bits
+
+# What the strategy says of each planned node every round (server.report's nodes.csv columns
+# after `round`): the plan's modeled figures, the measured ones, and what became of the update.
+NODE_FIGURES = ("node_id", "partition_id", "t_cmp_s", "t_com_s", "bits", "plan_uplink_bps", "train_s", "upload_s",
+                "reply_bytes", "status", "reason")
 
 
 def wait_for_nodes(grid: Grid, wanted: int, wait_s: float, accept: Callable[[int], bool] = lambda n: True) -> list[int]:
@@ -51,13 +57,17 @@ class FimiFedAvg(FedAvg):
     `aggregate_train` returns the round's costs as a MetricRecord (modeled energy and latency,
     measured bytes and training seconds, updates used and dropped, and FedAvg's weighted mean of
     the nodes' training loss): Flower keeps it in its Result, and `on_round_metrics(round,
-    record, drops)` hands the same record to the report as the round ends, with each dropped
-    update's node and reason (also logged).
+    record, nodes)` hands the same record to the report as the round ends, with one dict per
+    planned node (NODE_FIGURES: its plan's modeled times and rate, its measured training and
+    upload seconds and reply bytes, "used" or "dropped" with the reason, also logged).
+    `upload_seconds(reply)` gives a reply's measured upload seconds (server.timed_grid's
+    TimedGrid.upload_seconds), or None where unknown.
     """
 
     def __init__(self, system: System, policy: str, profiles: dict[int, dict], *, seed: int = 0,
                  node_wait_s: float = 60.0, on_plan: Callable[[int, Plan, list[int]], None] | None = None,
                  on_round_metrics: Callable[[int, MetricRecord, list[dict]], None] | None = None,
+                 upload_seconds: Callable[[Message], float | None] | None = None,
                  fraction_train: float = 1.0, min_train_nodes: int = 1) -> None:
         super().__init__(fraction_train=fraction_train, fraction_evaluate=0.0, min_train_nodes=min_train_nodes,
                          min_available_nodes=min_train_nodes, weighted_by_key=contract.WEIGHT_KEY,
@@ -66,6 +76,7 @@ class FimiFedAvg(FedAvg):
         self.profiles = profiles
         self.node_wait_s = node_wait_s
         self.on_plan, self.on_round_metrics = on_plan, on_round_metrics
+        self.upload_seconds = upload_seconds or (lambda reply: None)
         self._global: ArrayRecord | None = None
         self._planned: dict[int, contract.NodePlan] = {}  # node id -> this round's plan
         self.round_offset = 0  # rounds done before a resume: Flower counts from 1 again
@@ -99,6 +110,7 @@ class FimiFedAvg(FedAvg):
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                         grid: Grid) -> Iterable[Message]:
         server_round += self.round_offset
+        self._planned = {}  # a round that plans nobody accounts for nobody
         online = wait_for_nodes(grid, self.min_train_nodes, self.node_wait_s, accept=lambda n: n in self.profiles)
         if not online:
             log(WARNING, "round %d: no node online, nothing to train", server_round)
@@ -145,12 +157,12 @@ class FimiFedAvg(FedAvg):
         replies = list(replies)
         decoded: list[Message] = []  # FedAvg's input: replies carrying decoded updates
         used: list[contract.NodePlan] = []  # the plans of the nodes whose updates are used
-        drops: list[dict] = []
+        nodes = {node_id: self._node_figures(node_id, plan) for node_id, plan in self._planned.items()}
         wire_bytes = 0
 
         def drop(node_id: int, reason: str) -> None:
             log(WARNING, "round %d: dropped the update of node %d: %s", server_round, node_id, reason)
-            drops.append({"node": node_id, "reason": reason})
+            nodes[node_id].update(status="dropped", reason=reason)
 
         # Account per planned node: an error the SuperLink raises for a dead node names the
         # SuperLink as its sender, so such errors only explain the nodes that sent nothing.
@@ -160,10 +172,13 @@ class FimiFedAvg(FedAvg):
         for message in from_planned:
             node_id = message.metadata.src_node_id
             if not message.has_error():
-                wire_bytes += contract.reply_bytes(message.content)
+                size = contract.reply_bytes(message.content)
+                wire_bytes += size
+                nodes[node_id].update(reply_bytes=size, upload_s=self.upload_seconds(message))
             try:
                 decoded.append(Message(self.decode_reply(message), reply_to=message))
                 used.append(self._planned[node_id])
+                nodes[node_id]["train_s"] = float(decoded[-1].content[contract.METRICS_KEY]["train-seconds"])
             except contract.ReplyError as err:
                 drop(node_id, str(err))
         answered = {m.metadata.src_node_id for m in from_planned}
@@ -174,7 +189,8 @@ class FimiFedAvg(FedAvg):
         costs = MetricRecord({
             "energy-j": float(sum(p.modeled_energy_j for p in used)),
             "latency-s": float(max((p.t_cmp_s + p.t_com_s for p in used), default=0.0)),
-            "uplink-bytes": wire_bytes, "updates": len(decoded), "dropped": len(drops),
+            "uplink-bytes": wire_bytes, "updates": len(decoded),
+            "dropped": sum(node["status"] == "dropped" for node in nodes.values()),
             "train-s-max": max(train_seconds, default=0.0), "train-s-sum": float(sum(train_seconds)),
             "synthetic-used": int(sum(int(r["d-gen-used"]) for r in node_metrics)),
         })
@@ -187,5 +203,15 @@ class FimiFedAvg(FedAvg):
         else:
             log(WARNING, "round %d: no usable update, the global model stays as it was", server_round)
         if self.on_round_metrics:
-            self.on_round_metrics(server_round, costs, drops)
+            self.on_round_metrics(server_round, costs, list(nodes.values()))
         return new, costs
+
+    def _node_figures(self, node_id: int, plan: contract.NodePlan) -> dict:
+        """A planned node's NODE_FIGURES before its reply: the plan's, the measured ones unknown.
+        The plan's uplink rate is the update's size as the cost model counts it (M x bits) over
+        the plan's T_com: the rate a testbed shapes the node's link to."""
+        return {"node_id": node_id, "partition_id": self.profiles[node_id].get(contract.PARTITION_FIELD),
+                "t_cmp_s": plan.t_cmp_s, "t_com_s": plan.t_com_s, "bits": plan.bits,
+                "plan_uplink_bps": (float(update_bits(self.system.model_params, plan.bits)) / plan.t_com_s
+                                    if plan.t_com_s > 0 else None),
+                "train_s": None, "upload_s": None, "reply_bytes": None, "status": "used", "reason": ""}

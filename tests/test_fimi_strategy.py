@@ -37,10 +37,12 @@ class Rounds:
     """Collects what the strategy hands the report at the end of each round."""
 
     def __init__(self):
-        self.costs, self.drops = {}, {}
+        self.costs, self.drops, self.nodes = {}, {}, {}
 
-    def __call__(self, server_round, record, drops):
-        self.costs[server_round], self.drops[server_round] = dict(record), drops
+    def __call__(self, server_round, record, nodes):
+        self.costs[server_round], self.nodes[server_round] = dict(record), nodes
+        self.drops[server_round] = [{"node": n["node_id"], "reason": n["reason"]} for n in nodes
+                                    if n["status"] == "dropped"]
 
 
 def strategy_for(n=4, policy="fimi"):
@@ -107,6 +109,19 @@ def test_bad_updates_are_dropped_with_their_reason_and_good_ones_averaged():
         assert got.dtype == np.float32 and np.allclose(got, want)
     assert metrics["uplink-bytes"] > 0 and metrics["energy-j"] > 0
     assert metrics["synthetic-used"] == 4 and metrics["train-s-sum"] == 1.0 and metrics["train-loss"] == 1.0
+    # one row per planned node: the plan's figures beside the measured ones
+    from strategies.fimi_strategy import NODE_FIGURES
+
+    nodes_seen = strategy.rounds.nodes[1]
+    assert [n["node_id"] for n in nodes_seen] == nodes and all(tuple(n) == NODE_FIGURES for n in nodes_seen)
+    assert [n["status"] for n in nodes_seen] == ["used", "used", "dropped", "dropped"]
+    for n in nodes_seen:
+        plan = strategy._planned[n["node_id"]]
+        assert n["t_com_s"] == plan.t_com_s and n["bits"] == plan.bits
+        assert n["plan_uplink_bps"] == pytest.approx(strategy.system.model_params * plan.bits / plan.t_com_s)
+        assert n["reply_bytes"] > 0 and n["upload_s"] is None  # no timing grid given
+    assert [n["train_s"] for n in nodes_seen] == [0.5, 0.5, None, None]
+    assert sum(n["reply_bytes"] for n in nodes_seen) == metrics["uplink-bytes"]
 
 
 def with_nan(payload: bytes) -> bytes:
@@ -162,5 +177,19 @@ def test_a_dead_node_costs_one_update_once():
                                              unavailable])
     dropped = strategy.rounds.drops[1]
     assert [d["node"] for d in dropped] == [nodes[2]] and "Node Unavailable" in dropped[0]["reason"]
+    assert strategy.rounds.nodes[1][2]["reply_bytes"] is None and strategy.rounds.nodes[1][2]["upload_s"] is None
     assert strategy.rounds.costs[1]["updates"] == 2 and strategy.rounds.costs[1]["dropped"] == 1
     assert arrays is not None
+
+
+def test_the_strategy_times_each_reply_and_forgets_a_plan_it_did_not_send():
+    strategy, nodes = strategy_for(2)
+    strategy.upload_seconds = lambda reply: 0.1 * reply.metadata.src_node_id
+    strategy.configure_train(1, ArrayRecord(GLOBAL), ConfigRecord(), OnlineNodes(nodes))
+    update = [np.full((3, 2), 1.0, np.float32), np.full(4, 1.0, np.float32)]
+    strategy.aggregate_train(1, [reply_to(n, update, bits=32) for n in nodes])
+    assert [n["upload_s"] for n in strategy.rounds.nodes[1]] == pytest.approx([0.1 * n for n in nodes])
+    # a round where nobody is online plans nobody, and accounts for nobody
+    strategy.configure_train(2, ArrayRecord(GLOBAL), ConfigRecord(), OnlineNodes([]))
+    strategy.aggregate_train(2, [])
+    assert strategy.rounds.nodes[2] == [] and strategy.rounds.costs[2]["dropped"] == 0
