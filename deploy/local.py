@@ -225,8 +225,7 @@ class GenerationProcess:
         return f"127.0.0.1:{self.port}"
 
     def start(self, timeout_s: float = 120.0) -> "GenerationProcess":
-        import grpc
-        from grpc_health.v1 import health_pb2, health_pb2_grpc
+        from generation.client import serving
 
         self.log_dir.mkdir(parents=True, exist_ok=True)
         command = [sys.executable, "-m", "fedfill", "generator", "serve", "--port", str(self.port),
@@ -238,13 +237,9 @@ class GenerationProcess:
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
                 raise RuntimeError(f"the generation service exited; see {self.log_dir / 'generator.log'}")
-            try:
-                with grpc.insecure_channel(self.address) as channel:
-                    reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=2)
-                    if reply.status == health_pb2.HealthCheckResponse.SERVING:
-                        return self
-            except grpc.RpcError:
-                time.sleep(0.5)
+            if serving(self.address):
+                return self
+            time.sleep(0.5)
         self.stop()
         raise TimeoutError(f"the generation service did not report SERVING within {timeout_s:.0f} s")
 

@@ -44,6 +44,9 @@ def add_arguments(parser) -> None:
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--cache", default="", help="cache directory (default: CHECKPOINT/cache)")
 
+    health = sub.add_parser("health", help="exit 0 if the service at ADDRESS reports SERVING, else 1 "
+                                           "(for container health checks)")
+    health.add_argument("address", nargs="?", default="127.0.0.1:50051", help="HOST:PORT (default 127.0.0.1:50051)")
     convert = sub.add_parser("convert", help="rewrite a checkpoint of the old layout (config.json + "
                              "model.safetensors) as a diffusers pipeline directory, same weights")
     convert.add_argument("--from", dest="source", required=True, help="the old checkpoint directory")
@@ -68,7 +71,7 @@ def _add_train_arguments(train) -> None:
 def run(args) -> int:
     try:
         return {"train": _train, "sample": _sample, "serve": _serve, "evaluate": _evaluate,
-                "convert": _convert}[args.action](args)
+                "convert": _convert, "health": _health}[args.action](args)
     except CheckpointError as err:
         raise UsageError(str(err)) from None
 
@@ -94,6 +97,14 @@ def _train(args) -> int:
         raise UsageError(str(err)) from None
     print(f"checkpoint: {args.out} (a diffusers pipeline directory; generator.json: classes and provenance)")
     return 0
+
+
+def _health(args) -> int:
+    from .client import serving
+
+    up = serving(args.address)
+    print(f"{args.address}: {'SERVING' if up else 'not serving'}")
+    return 0 if up else 1
 
 
 def _load(dataset: str, data_dir: str):

@@ -18,6 +18,19 @@ class GenerationUnavailable(RuntimeError):
     """The service could not deliver (down, too slow, or it refused the request)."""
 
 
+def serving(address: str, timeout_s: float = 2.0) -> bool:
+    """Whether the service at `address` answers gRPC's standard health check with SERVING
+    (what a supervisor, a container health check or a test waits for)."""
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    try:
+        with grpc.insecure_channel(address) as channel:
+            reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=timeout_s)
+    except grpc.RpcError:
+        return False
+    return reply.status == health_pb2.HealthCheckResponse.SERVING
+
+
 class GenerationClient:
     def __init__(self, address: str, timeout_s: float = 120.0, retries: int = 2, backoff_s: float = 1.0):
         self.address, self.timeout_s, self.retries, self.backoff_s = address, timeout_s, retries, backoff_s
