@@ -65,19 +65,22 @@ class RunConfig:
     @classmethod
     def from_args(cls, args: argparse.Namespace, **fixed) -> "RunConfig":
         """From the flags `add_flags` made, plus the fields the launcher sets itself."""
-        return cls(**{f.name: getattr(args, f.name) for f in fields(cls) if f.metadata["cli"]}, **fixed)
+        return cls(**{f.name: getattr(args, f.name) for f in fields(cls) if f.metadata["cli"] and f.name not in fixed},
+                   **fixed)
 
 
 def key_of(name: str) -> str:
     return name.replace("_", "-")
 
 
-def add_flags(parser: argparse.ArgumentParser, choices: dict[str, tuple] | None = None) -> None:
+def add_flags(parser: argparse.ArgumentParser, choices: dict[str, tuple] | None = None,
+              skip: tuple[str, ...] = ()) -> None:
     """One option per run-config field (`--the-key`, or the field's own flag); `choices`
-    narrows a field to the values a role knows (the policies live with the planner)."""
+    narrows a field to the values a role knows (the policies live with the planner); `skip`
+    leaves out fields the launcher sets itself (a testbed knows its number of nodes)."""
     choices = choices or {}
     for f in fields(RunConfig):
-        if not f.metadata["cli"]:
+        if not f.metadata["cli"] or f.name in skip:
             continue
         flag = f.metadata["flag"] or "--" + key_of(f.name)
         default = f.default

@@ -16,6 +16,8 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
+from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
 
@@ -35,6 +37,11 @@ def add_arguments(parser) -> None:
     parser.add_argument("--generator", default="auto", metavar="auto|none|HOST:PORT",
                         help="auto (default): start the generation service with the shipped digits checkpoint; "
                              "none: no synthetic data; HOST:PORT: a running service")
+    parser.add_argument("--superlink", metavar="HOST:PORT",
+                        help="run on a SuperLink that is already up with its nodes (a testbed, boards) instead of "
+                             "starting an engine; the report directory must be the same path on its machine")
+    parser.add_argument("--root-certificates", metavar="CA_CERT",
+                        help="with --superlink: the CA of its TLS certificate (without it: plaintext)")
     parser.add_argument("--out", default="runs/latest", help="report directory (default: runs/latest)")
     parser.add_argument("--timeout", type=float, default=3600.0, help="give up after this many seconds")
     add_flags(parser, choices={"policy": POLICIES, "job": tuple(JOBS)})
@@ -43,6 +50,8 @@ def add_arguments(parser) -> None:
 def run(args) -> int:
     if args.num_partitions < 1 or args.rounds < 1:
         raise UsageError("--nodes and --rounds must be at least 1")
+    if args.root_certificates and not args.superlink:
+        raise UsageError("--root-certificates goes with --superlink")
     if args.dataset != "digits":
         from fedfill.data import load_dataset
 
@@ -50,78 +59,93 @@ def run(args) -> int:
             load_dataset(args.dataset, args.data_dir or None)
         except (FileNotFoundError, ValueError) as err:
             raise UsageError(str(err)) from None
-    out = Path(args.out).resolve()
-    out.mkdir(parents=True, exist_ok=True)
+    out = prepare_out(Path(args.out), args.resume)
     generator_mode = args.generator
     if generator_mode == "auto" and args.dataset != "digits":
         print("fedfill run: no shipped generator for this dataset; train one with `fedfill generator train` "
               "and pass --generator HOST:PORT of its service. Running without synthetic data.")
         generator_mode = "none"
+    if generator_mode == "auto" and args.superlink:
+        raise UsageError("with --superlink, name the generation service its nodes reach (--generator HOST:PORT) "
+                         "or run without one (--generator none)")
     job = RunConfig.from_args(args, out_dir=str(out),
                               generator_address="" if generator_mode in ("auto", "none") else generator_mode)
-    node_configs = _node_configs(args)
-    if args.resume and not (out / "checkpoint.npz").exists():
-        raise UsageError(f"nothing to resume: no checkpoint.npz in {out}")
-    if not args.resume:  # a fresh run leaves no rows or plans of an older one behind
-        for stale in [*out.glob("plan_round_*.json"), out / "rounds.csv", out / "drops.csv", out / "checkpoint.npz"]:
-            stale.unlink(missing_ok=True)
-    from deploy.flower_app import write_flower_app
-    from deploy.local import LocalFederation, LocalSimulation, flower_environment, stop_group
+    node_configs = [] if args.superlink else _node_configs(args)
+    from deploy.flower_cli import write_flwr_connection
+    from deploy.local import LocalFederation, LocalSimulation, flower_environment
 
     home = out / ".flwr"
     env = flower_environment(home)
-    app_dir = write_flower_app(out / "app")
+    engine = f"the SuperLink at {args.superlink}" if args.superlink else f"{args.engine} engine"
     print(f"fedfill run: {args.policy} on {args.dataset}, {args.num_partitions} nodes, {args.rounds} rounds, "
-          f"{args.engine} engine -> {out}")
+          f"{engine} -> {out}")
     started = time.monotonic()
-    federation = generation = process = None
-    shown, interrupted = 0, False
-    # SIGTERM (kill, a scheduler) stops the run like Ctrl-C: the finally below ends every
-    # process of the run, where Python's default would exit and leave them running.
-    previous_sigterm = signal.signal(signal.SIGTERM, _raise_interrupt)
-    try:
-        if generator_mode == "auto":
-            from deploy.local import GenerationProcess
+    federation = generation = None
+    with interrupts_stop_the_run():
+        try:
+            if generator_mode == "auto":
+                from deploy.local import GenerationProcess
 
-            generation = GenerationProcess(out / "logs", out / "generator-cache")
-            generation.start()
-            job = replace(job, generator_address=generation.address)
-            print(f"  generation service up on {generation.address}")
-        (out / "run_config.toml").write_text(run_config_toml(job))
-        if args.engine == "simulation":
-            federation = LocalSimulation(out / "logs", env=env)
-            # Flower's simulation settings travel with the run, not in the connection
-            # (`options.` there is deprecated in 1.41).
-            simulation = ["--federation-config", f"num-supernodes={args.num_partitions} client-resources-num-cpus=1"]
-        else:
-            federation = LocalFederation(out / "logs", env=env, node_configs=node_configs)
-            simulation = []
-        federation.start()  # assigned first: an interrupted start is stopped below too
-        (home / "config.toml").write_text(
-            f'[superlink]\ndefault = "fedfill"\n\n[superlink.fedfill]\naddress = "{federation.address}"\n'
-            "insecure = true\n")
-        command = ["flwr", "run", str(app_dir), "fedfill", "--run-config", str(out / "run_config.toml"),
-                   *simulation, "--stream"]
-        with open(out / "flwr.log", "w") as log_file:
-            process = subprocess.Popen(command, cwd=out, env=env, stdout=log_file, stderr=subprocess.STDOUT,
-                                       start_new_session=True)
-            try:
-                shown = _follow(process, out / "rounds.csv", started, args.timeout,
-                                federation if args.engine == "deployment" else None)
-            finally:
-                stop_group(process)
-    except KeyboardInterrupt:  # Ctrl-C or SIGTERM: end every process of the run (below), no traceback
-        print("fedfill run: interrupted, stopping every process of the run", file=sys.stderr)
-        interrupted = True
-    finally:
-        if federation is not None:
-            federation.stop()
-        if generation is not None:
-            generation.stop()
-        signal.signal(signal.SIGTERM, previous_sigterm)
-    if interrupted:
-        return 130
-    if process.returncode != 0 or shown <= args.rounds:  # rows 0..rounds, resumed or not
+                generation = GenerationProcess(out / "logs", out / "generator-cache")
+                generation.start()
+                job = replace(job, generator_address=generation.address)
+                print(f"  generation service up on {generation.address}")
+            simulation, watch = [], None
+            if args.superlink:
+                address, certificates = args.superlink, args.root_certificates or None
+            elif args.engine == "simulation":
+                federation = LocalSimulation(out / "logs", env=env)
+                # Flower's simulation settings travel with the run, not in the connection
+                # (`options.` there is deprecated in 1.41).
+                simulation = ["--federation-config", f"num-supernodes={args.num_partitions} client-resources-num-cpus=1"]
+            else:
+                federation = LocalFederation(out / "logs", env=env, node_configs=node_configs)
+                watch = federation.check_alive
+            if federation is not None:
+                federation.start()  # assigned first: an interrupted start is stopped below too
+                address, certificates = federation.address, None
+            write_flwr_connection(home, address, root_certificates=certificates)
+            return drive(job, out, env, started, args.timeout, flwr_args=simulation, watch=watch)
+        finally:
+            if federation is not None:
+                federation.stop()
+            if generation is not None:
+                generation.stop()
+
+
+def prepare_out(out: Path, resume: bool) -> Path:
+    """The report directory: a resumed run needs its checkpoint; a fresh run leaves no rows
+    or plans of an older one behind."""
+    out = out.resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    if resume and not (out / "checkpoint.npz").exists():
+        raise UsageError(f"nothing to resume: no checkpoint.npz in {out}")
+    if not resume:
+        for stale in [*out.glob("plan_round_*.json"), out / "rounds.csv", out / "drops.csv", out / "checkpoint.npz"]:
+            stale.unlink(missing_ok=True)
+    return out
+
+
+def drive(job: RunConfig, out: Path, env: dict, started: float, timeout: float, *, flwr_args=(),
+          watch: Callable[[], list[str]] | None = None) -> int:
+    """`flwr run` of the job on the connection in env's FLWR_HOME, each report row shown as it
+    comes; `watch` names components that died (reported once, the run goes on). Returns the
+    command's exit code: 0 when every round is in the report."""
+    from deploy.flower_app import write_flower_app
+    from deploy.local import stop_group
+
+    app_dir = write_flower_app(out / "app")
+    (out / "run_config.toml").write_text(run_config_toml(job))
+    command = ["flwr", "run", str(app_dir), "fedfill", "--run-config", str(out / "run_config.toml"), *flwr_args,
+               "--stream"]
+    with open(out / "flwr.log", "w") as log_file:
+        process = subprocess.Popen(command, cwd=out, env=env, stdout=log_file, stderr=subprocess.STDOUT,
+                                   start_new_session=True)
+        try:
+            shown = _follow(process, out / "rounds.csv", started, timeout, watch)
+        finally:
+            stop_group(process)
+    if process.returncode != 0 or shown <= job.rounds:  # rows 0..rounds, resumed or not
         tail = (out / "flwr.log").read_text(errors="replace").splitlines()[-15:]
         print("fedfill run: the Flower run did not finish; last lines of flwr.log:", *tail, sep="\n  ", file=sys.stderr)
         return 1
@@ -129,30 +153,56 @@ def run(args) -> int:
     return 0
 
 
+@contextmanager
+def interrupts_stop_the_run():
+    """Ctrl-C and SIGTERM (kill, a scheduler) end the run through the caller's `finally`
+    blocks (every process it started is stopped) and exit 130, with no traceback; Python's
+    default SIGTERM would exit and leave them running."""
+    previous = signal.signal(signal.SIGTERM, _raise_interrupt)
+    try:
+        yield
+    except KeyboardInterrupt:
+        print("fedfill: interrupted, stopping every process of the run", file=sys.stderr)
+        raise SystemExit(130) from None
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def _raise_interrupt(signum, frame) -> None:
     raise KeyboardInterrupt
 
 
 def _node_configs(args) -> list[dict]:
-    """Each SuperNode's --node-config: its partition and, from --scenario, its device profile."""
-    configs = [{"partition-id": k, "num-partitions": args.num_partitions} for k in range(args.num_partitions)]
-    if not args.scenario:
-        return configs
-    from strategies.allocation import ScenarioError, load_scenario
+    return node_configs(args.num_partitions, args.scenario)
 
-    try:
-        devices = load_scenario(args.scenario).to_json()["devices"]
-    except ScenarioError as err:
-        raise UsageError(str(err)) from None
-    if len(devices) != args.num_partitions:
-        raise UsageError(f"the scenario {args.scenario} has {len(devices)} devices but --nodes is {args.num_partitions}")
+
+def node_configs(num_partitions: int, scenario: str | None, *, seed: int = 0, profiles_always: bool = False) -> list[dict]:
+    """Each SuperNode's --node-config: its partition and its device profile, from the scenario
+    when given, else (profiles_always) FIMI's draw that a node would make for itself."""
+    configs = [{"partition-id": k, "num-partitions": num_partitions} for k in range(num_partitions)]
+    if scenario:
+        from strategies.allocation import ScenarioError, load_scenario
+
+        try:
+            devices = load_scenario(scenario).to_json()["devices"]
+        except ScenarioError as err:
+            raise UsageError(str(err)) from None
+        if len(devices) != num_partitions:
+            raise UsageError(f"the scenario {scenario} has {len(devices)} devices but --nodes is {num_partitions}")
+    elif profiles_always:
+        from strategies.allocation.presets import fimi_device_profile
+
+        devices = [fimi_device_profile(k, num_partitions, seed) for k in range(num_partitions)]
+    else:
+        return configs
     for config, device in zip(configs, devices):  # the contract's profile fields, under node-config keys
         config.update({contract.node_config_key(name): device[name]
                        for name in (*contract.PROFILE_FIELDS, *contract.OPTIONAL_PROFILE_FIELDS) if name in device})
     return configs
 
 
-def _follow(process: subprocess.Popen, rounds_csv: Path, started: float, timeout: float, federation=None) -> int:
+def _follow(process: subprocess.Popen, rounds_csv: Path, started: float, timeout: float,
+            watch: Callable[[], list[str]] | None = None) -> int:
     """Print each new report row while Flower runs; returns how many rows were shown."""
     from rich.console import Console
 
@@ -170,8 +220,8 @@ def _follow(process: subprocess.Popen, rounds_csv: Path, started: float, timeout
                               + (f"[red]dropped {dropped}[/]  " if dropped else "dropped 0  ")
                               + f"[dim][{time.monotonic() - started:5.0f} s][/]")
             shown = len(rows)
-        if federation is not None:
-            for name in set(federation.check_alive()) - reported_dead:
+        if watch is not None:
+            for name in set(watch()) - reported_dead:
                 print(f"  {name} exited (see its log); the run goes on without it", file=sys.stderr, flush=True)
                 reported_dead.add(name)
         if finished:
