@@ -43,6 +43,13 @@ class Pki:
     superlink_cert: Path
     superlink_key: Path
 
+    @classmethod
+    def at(cls, root: Path) -> "Pki":
+        """The paths under `root` (what write_pki made there; nothing is read or written)."""
+        root = Path(root)
+        return cls(root=root, ca_cert=root / "ca.crt", superlink_cert=root / "superlink.crt",
+                   superlink_key=root / "superlink.key")
+
     def node_private_key(self, k: int) -> Path:
         """SuperNode k's private key (OpenSSH ECDSA): `--auth-supernode-private-key`."""
         return self.root / "nodes" / f"node-{k}.key"
@@ -59,8 +66,7 @@ def write_pki(root: Path, nodes: int, superlink_names: Sequence[str] = ("superli
     if nodes < 0 or days < 1:
         raise ValueError("nodes must be >= 0 and days >= 1")
     root = Path(root)
-    pki = Pki(root=root, ca_cert=root / "ca.crt", superlink_cert=root / "superlink.crt",
-              superlink_key=root / "superlink.key")
+    pki = Pki.at(root)
     _private_dir(root)
     _private_dir(root / "nodes")
     names = list(dict.fromkeys([*superlink_names, "localhost", "127.0.0.1"]))

@@ -19,6 +19,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "fit-learning": ("strategies.fit_learning", "measure and fit the learning model delta = alpha D^-beta - gamma"),
     "generator": ("generation.cli", "train, sample from or serve the class-conditional diffusion model"),
     "run": ("server.cli_run", "run the federated FIMI job on Flower and write its report"),
+    "testbed": ("deploy.cli_testbed", "build, start, drive, break and remove the multi-container testbed"),
     "compare": ("server.cli_compare", "run several policies on the same split and tabulate seed 003's Table I"),
 }
 
