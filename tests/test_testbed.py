@@ -1,0 +1,251 @@
+"""The container testbed, for real: the image built offline, a SuperLink with TLS and SuperNode
+authentication, nodes with keys, quotas and shaped uplinks, the FIMI job across them, faults,
+and `down` leaving nothing. Needs a Docker daemon (`.ci/run` starts one where it can); skips,
+saying why, where none is reachable.
+
+One testbed serves the module (bringing one up costs a minute); the tests run in file order.
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+NAME = f"fftest{os.getpid()}"
+NODES = 4  # 30% of them is one node
+
+pytestmark = [pytest.mark.docker, pytest.mark.slow]
+
+
+def _client():
+    try:
+        from deploy.testbed import docker_client
+        from fedfill.errors import UsageError
+
+        return docker_client()
+    except UsageError as err:
+        pytest.skip(str(err))
+
+
+@pytest.fixture(scope="module")
+def client():
+    return _client()
+
+
+@pytest.fixture(scope="module")
+def image(client):
+    """The testbed image, built offline (layers and wheelhouse cached: seconds when unchanged)."""
+    from deploy.image import build_image
+
+    build_image(client, "fedfill:testbed", progress=lambda line: print(line, flush=True))
+    return "fedfill:testbed"
+
+
+@pytest.fixture(scope="module")
+def xdg_state(tmp_path_factory) -> Path:
+    """XDG_STATE_HOME of the test's testbeds, for this process and the CLI's alike."""
+    return tmp_path_factory.mktemp("xdg-state")
+
+
+@pytest.fixture(scope="module")
+def testbed(client, image, xdg_state, tmp_path_factory):
+    from deploy.testbed import Testbed
+    from server.cli_run import node_configs
+
+    runs = tmp_path_factory.mktemp("runs")
+    bed = Testbed(NAME, client, state_dir=xdg_state / "fedfill" / "testbed" / NAME)
+    try:
+        # no generation service here (it costs each round more CPU than the nodes on CI's two
+        # cores); the second testbed below starts one and waits for its health check
+        bed.up(node_configs(NODES, None, profiles_always=True), image=image, port=_free_port(),
+               runs_dir=runs, memory="1g", generator=False)
+        yield bed
+    finally:
+        bed.down()
+        _assert_nothing_left(client)
+
+
+def _free_port() -> int:
+    from deploy.local import free_port
+
+    return free_port()
+
+
+def _assert_nothing_left(client) -> None:
+    from deploy.testbed import LABEL
+
+    assert client.containers.list(all=True, filters={"label": f"{LABEL}={NAME}"}) == []
+    assert client.networks.list(filters={"label": f"{LABEL}={NAME}"}) == []
+
+
+def _fedfill(xdg_state: Path, *args: str, **kwargs) -> subprocess.Popen:
+    env = {**os.environ, "XDG_STATE_HOME": str(xdg_state), "PYTHONPATH": str(ROOT)}
+    return subprocess.Popen([sys.executable, "-m", "fedfill", "testbed", "--name", NAME, *args],
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **kwargs)
+
+
+def _rows(path: Path) -> list[dict]:
+    if not path.exists():
+        return []
+    with open(path) as fh:
+        return list(csv.DictReader(fh))
+
+
+def test_the_compose_file_validates():
+    """docker-compose.yml against the compose client there is (v2 plugin or 1.29)."""
+    for command in (["docker", "compose"], ["docker-compose"]):
+        if shutil.which(command[0]) and subprocess.run([*command, "version"], capture_output=True).returncode == 0:
+            done = subprocess.run([*command, "-f", str(ROOT / "docker-compose.yml"), "config", "-q"],
+                                  capture_output=True, text=True)
+            assert done.returncode == 0, done.stderr
+            return
+    pytest.skip("no compose client (docker compose or docker-compose) here")
+
+
+def test_nodes_come_up_registered_with_quotas_and_no_keys_in_the_image(testbed, client):
+    from deploy.testbed import cpus_for
+
+    state = testbed.state()
+    rows = {row["container"]: row for row in testbed.status()}
+    for node in state.nodes:
+        row = rows[node.container]
+        assert row["state"] == "running", row
+        assert node.node_id > 0
+        assert row["cpus"] == pytest.approx(cpus_for(float(node.config["f-max-hz"])))
+        assert row["memory"] == 2**30
+    # keys reach containers as bind mounts of single files, never through the image
+    listing = client.containers.run(state.image, ["sh", "-c", "find / -xdev \\( -name '*.key' -o -name '*.crt' \\) "
+                                                  "-newer /etc/hostname 2>/dev/null | grep -v /proc || true"],
+                                    remove=True, network_mode="none")
+    assert listing.decode().strip() == ""
+
+
+def test_an_unregistered_node_is_refused(testbed, client):
+    """A node with a valid key the SuperLink never registered is refused: the SuperLink's code
+    2004 in its log (Flower's exit status is 1 whatever the reason)."""
+    from deploy.flower_cli import supernode_refusal
+    from deploy.pki import write_pki
+
+    state = testbed.state()
+    pki = write_pki(testbed.dir / "pki", NODES + 1, (testbed.superlink, "localhost", "127.0.0.1"))
+    rogue = client.containers.run(
+        state.image, ["flower-supernode", "--root-certificates", "/pki/ca.crt", "--superlink",
+                      f"{testbed.superlink}:8000", "--auth-supernode-private-key", "/pki/node.key"],
+        name=f"{NAME}-rogue", detach=True, network=state.network, labels={"fedfill.testbed": NAME},
+        volumes={str(pki.ca_cert): {"bind": "/pki/ca.crt", "mode": "ro"},
+                 str(pki.node_private_key(NODES)): {"bind": "/pki/node.key", "mode": "ro"}},
+        user=f"{os.getuid()}:{os.getgid()}")
+    try:
+        result = rogue.wait(timeout=90)
+        log = rogue.logs().decode(errors="replace")
+        assert result["StatusCode"] == 1 and supernode_refusal(log) == 2004, log
+        print(log)
+    finally:
+        rogue.remove(force=True)
+
+
+def test_a_plaintext_node_is_refused(testbed, client):
+    """The SuperLink speaks TLS only: an --insecure node never gets on (it gives up or keeps
+    failing to connect; it is never listed online)."""
+    state = testbed.state()
+    node = client.containers.run(
+        state.image, ["flower-supernode", "--insecure", "--superlink", f"{testbed.superlink}:8000",
+                      "--max-retries", "2", "--max-wait-time", "20"],
+        name=f"{NAME}-plain", detach=True, network=state.network, labels={"fedfill.testbed": NAME},
+        user=f"{os.getuid()}:{os.getgid()}")
+    try:
+        result = node.wait(timeout=90)
+        log = node.logs().decode(errors="replace")
+        assert result["StatusCode"] != 0, log
+    finally:
+        node.remove(force=True)
+
+
+def test_a_run_survives_killing_30_percent_of_the_nodes_and_they_rejoin(testbed, xdg_state):
+    state = testbed.state()
+    out = Path(state.runs_dir) / "faults"
+    driver = _fedfill(xdg_state, "run", "--rounds", "4", "--out", str(out), "--reply-timeout-s", "120", "--node-wait-s", "30")
+    killed: list[str] = []
+    try:
+        deadline = time.monotonic() + 600
+        while not (out / "plan_round_2.json").exists():
+            assert driver.poll() is None, driver.stdout.read()
+            assert time.monotonic() < deadline
+            time.sleep(0.2)
+        time.sleep(1.0)  # mid-round: the nodes have their models and train
+        killed = testbed.kill(fraction=0.3, seed=1)
+        assert len(killed) == 1
+        while len(_rows(out / "rounds.csv")) < 3:  # rows 0, 1, 2
+            assert driver.poll() is None, driver.stdout.read()
+            assert time.monotonic() < deadline
+            time.sleep(0.5)
+        testbed.restart(killed)
+        output, _ = driver.communicate(timeout=600)
+    finally:
+        if driver.poll() is None:
+            driver.kill()
+    print(output)
+    assert driver.returncode == 0, output
+    rounds = {int(r["round"]): r for r in _rows(out / "rounds.csv")}
+    assert sorted(rounds) == [0, 1, 2, 3, 4]
+    killed_id = next(n.node_id for n in state.nodes if n.container == killed[0])
+    assert int(rounds[2]["dropped"]) == 1 and int(rounds[2]["updates"]) == NODES - 1
+    assert str(killed_id) in rounds[2]["dropped_nodes"] or str(state.nodes[0].config) in rounds[2]["dropped_nodes"]
+    nodes = _rows(out / "nodes.csv")
+    rejoined = [r for r in nodes if int(r["round"]) > 2 and int(r["node_id"]) == killed_id and r["status"] == "used"]
+    assert rejoined, "the restarted node trained no later round"
+    # every used update has a measured upload time, beside the modeled one
+    used = [r for r in nodes if r["status"] == "used"]
+    assert used and all(float(r["upload_s"]) > 0 and float(r["t_com_s"]) > 0 for r in used)
+    assert (out / "shaping.csv").exists()
+
+
+def test_a_killed_superlink_resumes_with_no_round_lost_or_repeated(testbed, xdg_state):
+    state = testbed.state()
+    out = Path(state.runs_dir) / "resume"
+    driver = _fedfill(xdg_state, "run", "--rounds", "4", "--out", str(out))
+    try:
+        deadline = time.monotonic() + 600
+        while len(_rows(out / "rounds.csv")) < 3:
+            assert driver.poll() is None, driver.stdout.read()
+            assert time.monotonic() < deadline
+            time.sleep(0.2)
+        testbed.kill([testbed.superlink])
+        driver.communicate(timeout=120)
+    finally:
+        if driver.poll() is None:
+            driver.kill()
+    assert driver.returncode != 0
+    before = [int(r["round"]) for r in _rows(out / "rounds.csv")]
+    resumed = _fedfill(xdg_state, "run", "--rounds", "4", "--out", str(out), "--resume")
+    output, _ = resumed.communicate(timeout=600)
+    print(output)
+    assert resumed.returncode == 0, output
+    rounds = [int(r["round"]) for r in _rows(out / "rounds.csv")]
+    assert rounds == list(range(5)), (before, rounds)
+
+
+def test_down_leaves_nothing_behind(client, image, tmp_path):
+    """A second testbed, removed with the CLI after its command 'crashed' (state kept, no
+    process left): every container, network and key goes."""
+    from deploy.testbed import LABEL, Testbed
+    from server.cli_run import node_configs
+
+    name = f"{NAME}x"
+    bed = Testbed(name, client, state_dir=tmp_path / "state")
+    try:
+        bed.up(node_configs(1, None, profiles_always=True), image=image, port=_free_port(), runs_dir=tmp_path / "runs")
+        assert "healthy" in next(r["state"] for r in bed.status() if r["role"] == "generator")
+    finally:
+        Testbed(name, client, state_dir=tmp_path / "state").down()
+    assert client.containers.list(all=True, filters={"label": f"{LABEL}={name}"}) == []
+    assert client.networks.list(filters={"label": f"{LABEL}={name}"}) == []
+    assert not (tmp_path / "state").exists()
