@@ -13,7 +13,13 @@ checks for finished replies every 0.5 s), the SuperLink's store, up to one poll 
 the ServerApp's own pull of the reply from the SuperLink. The two times come from two
 processes' clocks: it is meaningful when they are the same host's clock (the loopback
 deployment engine) or NTP-synchronised hosts (the container testbed, whose containers share
-the host's clock); a skew between the hosts adds to it one for one.
+the host's clock); a skew between the hosts adds to it one for one. Measured on the loopback
+deployment engine (2 cores, load 5-12, no shaping), a 388 KB reply took 1.2-4.9 s this way:
+Flower's hand-offs set that floor, and a link shaped to the plan's rate adds its T_com on top.
+
+The cost of the short poll is the SuperLink's: each pull is a request and a database query
+(measured: about 10 s more SuperLink CPU and 3 s more ServerApp CPU per 100 s of waiting).
+`poll_s` trades it against the measurement's resolution. One float per reply is kept.
 """
 
 from __future__ import annotations
