@@ -149,7 +149,8 @@ def drive(job: RunConfig, out: Path, env: dict, started: float, timeout: float, 
         tail = (out / "flwr.log").read_text(errors="replace").splitlines()[-15:]
         print("fedfill run: the Flower run did not finish; last lines of flwr.log:", *tail, sep="\n  ", file=sys.stderr)
         return 1
-    print(f"report: {out}/rounds.csv, summary.json, accuracy.png, plan_round_N.json ({time.monotonic() - started:.0f} s)")
+    print(f"report: {out}/rounds.csv, nodes.csv, summary.json, accuracy.png, upload.png, plan_round_N.json "
+          f"({time.monotonic() - started:.0f} s)")
     return 0
 
 
