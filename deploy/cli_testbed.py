@@ -128,9 +128,13 @@ def _run(args) -> int:
     if not out.is_relative_to(runs_dir):
         raise UsageError(f"--out must be under the testbed's runs directory {runs_dir} (the only host directory "
                          "its SuperLink container sees)")
-    out = prepare_out(out, args.resume)
     started = time.monotonic()
     testbed.ensure_running(state)
+    # a driver that was killed left its ServerApp running: stop it before anything reads the
+    # checkpoint, so the resumed run is the only one writing the report
+    for run_id in testbed.stop_runs(state, wait_s=60.0):
+        print(f"  stopped run {run_id}, left running by an earlier driver")
+    out = prepare_out(out, args.resume)
     job = RunConfig.from_args(args, out_dir=str(out), num_partitions=len(state.nodes),
                               generator_address=f"{testbed.generator}:{GENERATOR_PORT}" if state.generator else "")
     env = flower_environment(testbed.connect_cli(state))

@@ -82,18 +82,20 @@ def list_supernodes(flwr_home: Path, connection: str = "fedfill", *, timeout_s: 
     return list(_json_reply(result, "flwr supernode list").get("nodes", []))
 
 
-def stop_active_runs(flwr_home: Path, connection: str = "fedfill", *, timeout_s: float = 60.0) -> list[int]:
-    """Stop every run of the SuperLink of `connection` that has not finished (`flwr ls`, then
-    `flwr stop`): a driver that was killed leaves its ServerApp running on the SuperLink, and
-    a resumed run must not race it. Returns the ids it stopped."""
+def active_runs(flwr_home: Path, connection: str = "fedfill", *, timeout_s: float = 60.0) -> list[int]:
+    """The ids of the runs of the SuperLink of `connection` that have not finished (`flwr ls`)."""
     runs = _json_reply(_flwr(["ls", connection, "--format", "json"], flwr_home, timeout_s), "flwr ls").get("runs", [])
-    stopped = []
-    for run in runs:
-        if not str(run.get("status", "")).startswith("finished"):
-            run_id = int(run["run-id"])
-            _json_reply(_flwr(["stop", str(run_id), connection, "--format", "json"], flwr_home, timeout_s),
-                        f"flwr stop {run_id}")
-            stopped.append(run_id)
+    return [int(run["run-id"]) for run in runs if not str(run.get("status", "")).startswith("finished")]
+
+
+def stop_active_runs(flwr_home: Path, connection: str = "fedfill", *, timeout_s: float = 60.0) -> list[int]:
+    """Stop every run of the SuperLink of `connection` that has not finished (`flwr stop`): a
+    driver that was killed leaves its ServerApp running on the SuperLink, and a resumed run
+    must not race it. Returns the ids it stopped."""
+    stopped = active_runs(flwr_home, connection, timeout_s=timeout_s)
+    for run_id in stopped:
+        _json_reply(_flwr(["stop", str(run_id), connection, "--format", "json"], flwr_home, timeout_s),
+                    f"flwr stop {run_id}")
     return stopped
 
 

@@ -299,13 +299,18 @@ class Testbed:
         """The node containers that are not running (a run reports each once and goes on)."""
         return [n.container for n in self.state().nodes if self._status(n.container) != "running"]
 
-    def stop_runs(self, state: TestbedState) -> list[int]:
+    def stop_runs(self, state: TestbedState, wait_s: float = 0.0) -> list[int]:
         """Stop the runs still running on the SuperLink (a driver that died leaves its ServerApp
-        going); returns their ids."""
-        from .flower_cli import stop_active_runs
+        going), waiting up to `wait_s` until none is; returns their ids."""
+        from .flower_cli import active_runs, stop_active_runs
 
+        home = self.connect_cli(state)
         try:
-            return stop_active_runs(self.connect_cli(state))
+            stopped = stop_active_runs(home)
+            deadline = time.monotonic() + wait_s
+            while stopped and time.monotonic() < deadline and set(stopped) & set(active_runs(home)):
+                time.sleep(1.0)
+            return stopped
         except RuntimeError as err:  # the SuperLink may be the thing that is down
             self.progress(f"  could not list the SuperLink's runs: {err}")
             return []
