@@ -159,14 +159,16 @@ def interrupts_stop_the_run():
     """Ctrl-C and SIGTERM (kill, a scheduler) end the run through the caller's `finally`
     blocks (every process it started is stopped) and exit 130, with no traceback; Python's
     default SIGTERM would exit and leave them running."""
-    previous = signal.signal(signal.SIGTERM, _raise_interrupt)
+    # SIGINT too: a shell starts a background job with SIGINT ignored, and Python then keeps it so
+    previous = {sig: signal.signal(sig, _raise_interrupt) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
         yield
     except KeyboardInterrupt:
         print("fedfill: interrupted, stopping every process of the run", file=sys.stderr)
         raise SystemExit(130) from None
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 def _raise_interrupt(signum, frame) -> None:

@@ -163,8 +163,10 @@ def _compose_commands() -> list[list[str]]:
         return []
     commands = []
     for service in yaml.safe_load(path.read_text())["services"].values():
-        if isinstance(service.get("command"), list):
-            commands.append(service["command"])
+        # what the container runs: its entrypoint (the image's has none) followed by its command
+        entrypoint, command = service.get("entrypoint") or [], service.get("command") or []
+        if isinstance(entrypoint, list) and isinstance(command, list) and entrypoint + command:
+            commands.append(entrypoint + command)
         test = (service.get("healthcheck") or {}).get("test")
         if isinstance(test, list) and test[:1] == ["CMD"]:
             commands.append(test[1:])
