@@ -248,6 +248,29 @@ def test_a_killed_superlink_resumes_with_no_round_lost_or_repeated(testbed, xdg_
     assert rounds == list(range(5)), (before, rounds)
 
 
+def test_a_killed_driver_is_stopped_and_the_run_resumes(testbed, xdg_state):
+    """SIGKILL of `fedfill testbed run` leaves its ServerApp running in the SuperLink; `--resume`
+    stops it before reading the checkpoint, so no round is lost or written twice."""
+    state = testbed.state()
+    out = Path(state.runs_dir) / "driver"
+    driver = _fedfill(xdg_state, "run", "--rounds", "3", "--out", str(out))
+    try:
+        deadline = time.monotonic() + 600
+        while len(_rows(out / "rounds.csv")) < 2:  # rows 0 and 1
+            assert driver.poll() is None, driver.stdout.read()
+            assert time.monotonic() < deadline
+            time.sleep(0.2)
+    finally:
+        driver.kill()
+        driver.communicate(timeout=60)
+    resumed = _fedfill(xdg_state, "run", "--rounds", "3", "--out", str(out), "--resume")
+    output, _ = resumed.communicate(timeout=600)
+    print(output)
+    assert resumed.returncode == 0, output
+    assert "left running by an earlier driver" in output
+    assert [int(r["round"]) for r in _rows(out / "rounds.csv")] == [0, 1, 2, 3]
+
+
 def test_down_leaves_nothing_behind(client, image, tmp_path):
     """A second testbed, removed with the CLI after its command 'crashed' (state kept, no
     process left): every container, network and key goes."""
