@@ -6,7 +6,6 @@ import numpy as np
 import pytest
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
 
-from flwr.supercore.task_identity import TaskIdentity
 
 from fedfill import contract
 from fedfill.codec import encode
@@ -14,13 +13,7 @@ from strategies.allocation.presets import fimi_scenario
 from strategies.fimi_strategy import FimiFedAvg
 
 
-@pytest.fixture(autouse=True)
-def inside_a_flower_run():
-    """Messages carry the run's identity; a ServerApp process has it set by Flower."""
-    saved = (TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id)
-    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
-    yield
-    TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id = saved
+pytestmark = pytest.mark.usefixtures("inside_a_flower_run")  # tests/conftest.py
 
 
 class OnlineNodes:

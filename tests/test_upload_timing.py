@@ -12,7 +12,6 @@ from pathlib import Path
 import pytest
 from flwr.app import ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp import Grid
-from flwr.supercore.task_identity import TaskIdentity
 
 from server.report import NODE_COLUMNS, RunReport, read_nodes, read_rounds
 from server.timed_grid import TimedGrid
@@ -21,13 +20,7 @@ from strategies.fimi_strategy import NODE_FIGURES
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(autouse=True)
-def inside_a_flower_run():
-    """Messages carry the run's identity; a ServerApp process has it set by Flower."""
-    saved = (TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id)
-    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
-    yield
-    TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id = saved
+pytestmark = pytest.mark.usefixtures("inside_a_flower_run")  # tests/conftest.py
 
 
 class FakeGrid(Grid):
