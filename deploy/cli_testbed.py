@@ -144,7 +144,7 @@ def _run(args) -> int:
     shaper.start()
     with interrupts_stop_the_run():
         try:
-            code = drive(job, out, env, started, args.timeout, watch=testbed.stopped_nodes)
+            code = drive(job, out, env, started, args.timeout, watch=lambda: testbed.stopped_nodes(state))
         finally:
             shaper.stop()
             testbed.stop_runs(state)  # an interrupted driver leaves no ServerApp running in the SuperLink

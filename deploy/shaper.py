@@ -50,13 +50,16 @@ class UplinkShaper(threading.Thread):
                 self._halt.wait(self.poll_s)
 
     def rates(self, plan: dict) -> dict[int, float]:
-        """node id -> uplink bit/s: the plan's model bits over its T_com, times the scale."""
+        """node id -> uplink bit/s: the cost model's update bits S_i over the plan's T_com, times
+        the scale."""
+        from strategies.allocation.costs import update_bits
+
         model_params = json.loads((self.out / "system.json").read_text())["model_params"]
         rates = {}
         for node_id, device in zip(plan.get("node_ids", []), plan.get("devices", [])):
             t_com = float(device.get("t_com_s") or 0.0)
             if t_com > 0:
-                rates[int(node_id)] = model_params * int(device.get("bits", 32)) / t_com * self.scale
+                rates[int(node_id)] = float(update_bits(model_params, int(device.get("bits", 32)))) / t_com * self.scale
         return rates
 
     def _apply(self, pool: ThreadPoolExecutor, server_round: int, plan: dict) -> None:

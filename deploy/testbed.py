@@ -295,9 +295,9 @@ class Testbed:
         if state.generator:
             self._wait_healthy(self.generator, timeout_s)
 
-    def stopped_nodes(self) -> list[str]:
+    def stopped_nodes(self, state: TestbedState) -> list[str]:
         """The node containers that are not running (a run reports each once and goes on)."""
-        return [n.container for n in self.state().nodes if self._status(n.container) != "running"]
+        return [n.container for n in state.nodes if self._status(n.container) != "running"]
 
     def stop_runs(self, state: TestbedState, wait_s: float = 0.0) -> list[int]:
         """Stop the runs still running on the SuperLink (a driver that died leaves its ServerApp

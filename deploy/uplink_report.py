@@ -21,16 +21,17 @@ def uplink_rows(out: Path) -> list[dict]:
                       if r["applied_at"]}
     if not (out / "nodes.csv").exists():
         return []
+    from server.report import read_nodes
+
     rows = []
-    with open(out / "nodes.csv") as fh:
-        for r in csv.DictReader(fh):
-            key = (int(r["round"]), int(r["node_id"]))
-            if r["status"] != "used" or key not in shaped or not r["upload_s"]:
-                continue
-            rate = shaped[key]
-            rows.append({"round": key[0], "partition_id": r["partition_id"], "node_id": key[1],
-                         "t_com_s": float(r["t_com_s"]), "shaped_bps": rate, "reply_bytes": int(r["reply_bytes"]),
-                         "expected_s": 8 * int(r["reply_bytes"]) / rate, "upload_s": float(r["upload_s"])})
+    for r in read_nodes(out / "nodes.csv"):
+        key = (r["round"], r["node_id"])
+        if r["status"] != "used" or key not in shaped or r.get("upload_s") is None:
+            continue
+        rate = shaped[key]
+        rows.append({"round": key[0], "partition_id": r.get("partition_id", ""), "node_id": key[1],
+                     "t_com_s": r["t_com_s"], "shaped_bps": rate, "reply_bytes": r["reply_bytes"],
+                     "expected_s": 8 * r["reply_bytes"] / rate, "upload_s": r["upload_s"]})
     return rows
 
 

@@ -70,7 +70,7 @@ def run(args) -> int:
                          "or run without one (--generator none)")
     job = RunConfig.from_args(args, out_dir=str(out),
                               generator_address="" if generator_mode in ("auto", "none") else generator_mode)
-    node_configs = [] if args.superlink else _node_configs(args)
+    configs = [] if args.superlink else node_configs(args.num_partitions, args.scenario)
     from deploy.flower_cli import write_flwr_connection
     from deploy.local import LocalFederation, LocalSimulation, flower_environment
 
@@ -99,7 +99,7 @@ def run(args) -> int:
                 # (`options.` there is deprecated in 1.41).
                 simulation = ["--federation-config", f"num-supernodes={args.num_partitions} client-resources-num-cpus=1"]
             else:
-                federation = LocalFederation(out / "logs", env=env, node_configs=node_configs)
+                federation = LocalFederation(out / "logs", env=env, node_configs=configs)
                 watch = federation.check_alive
             if federation is not None:
                 federation.start()  # assigned first: an interrupted start is stopped below too
@@ -173,10 +173,6 @@ def interrupts_stop_the_run():
 
 def _raise_interrupt(signum, frame) -> None:
     raise KeyboardInterrupt
-
-
-def _node_configs(args) -> list[dict]:
-    return node_configs(args.num_partitions, args.scenario)
 
 
 def node_configs(num_partitions: int, scenario: str | None, *, seed: int = 0, profiles_always: bool = False) -> list[dict]:

@@ -18,6 +18,8 @@ from pathlib import Path
 
 import pytest
 
+from deploy.local import free_port
+
 ROOT = Path(__file__).resolve().parents[1]
 NAME = f"fftest{os.getpid()}"
 NODES = 4  # 30% of them is one node
@@ -65,18 +67,12 @@ def testbed(client, image, xdg_state, tmp_path_factory):
     try:
         # no generation service here (it costs each round more CPU than the nodes on CI's two
         # cores); the second testbed below starts one and waits for its health check
-        bed.up(node_configs(NODES, None, profiles_always=True), image=image, port=_free_port(),
+        bed.up(node_configs(NODES, None, profiles_always=True), image=image, port=free_port(),
                runs_dir=runs, memory="1g", generator=False)
         yield bed
     finally:
         bed.down()
         _assert_nothing_left(client)
-
-
-def _free_port() -> int:
-    from deploy.local import free_port
-
-    return free_port()
 
 
 def _assert_nothing_left(client) -> None:
@@ -280,7 +276,7 @@ def test_down_leaves_nothing_behind(client, image, tmp_path):
     name = f"{NAME}x"
     bed = Testbed(name, client, state_dir=tmp_path / "state")
     try:
-        bed.up(node_configs(1, None, profiles_always=True), image=image, port=_free_port(), runs_dir=tmp_path / "runs")
+        bed.up(node_configs(1, None, profiles_always=True), image=image, port=free_port(), runs_dir=tmp_path / "runs")
         assert "healthy" in next(r["state"] for r in bed.status() if r["role"] == "generator")
     finally:
         Testbed(name, client, state_dir=tmp_path / "state").down()
