@@ -54,6 +54,19 @@ def test_ondemand_preset_plans_with_bits_from_the_demand():
     assert all(6 <= d["bits"] <= 8 for d in json.loads(done.stdout)["devices"])
 
 
+def test_a_demand_beyond_31_bits_exits_2_naming_the_device_and_what_31_bits_can_meet():
+    data = json.loads(fedfill("scenario", "--preset", "ondemand", "--devices", "3").stdout)
+    data["devices"][1]["quant_error"] = 1e-20
+    data["devices"][0]["codec_constant"] = 3.5  # a reported constant is read and kept
+    done = fedfill("plan", "-", "--policy", "ondemand", "--json", stdin=json.dumps(data))
+    assert done.returncode == 2, done.stderr
+    (reason,) = json.loads(done.stdout)["reasons"]
+    assert reason["constraint"] == "quantization_error" and reason["devices"] == ["dev0001"]
+    assert "smallest demand 31 bits can meet" in reason["message"]
+    table = fedfill("plan", "-", "--policy", "fimi+ondemand", stdin=json.dumps(data))
+    assert table.returncode == 2 and "quantization_error" in table.stdout and "dev0001" in table.stdout
+
+
 def test_infeasible_scenario_exits_2_with_the_reason(scenario_file):
     data = json.loads(scenario_file.read_text())
     data["system"]["t_max_s"] = 0.5
@@ -72,6 +85,8 @@ def test_infeasible_scenario_exits_2_with_the_reason(scenario_file):
     (lambda d: d["system"].pop("zeta"), "system: missing field 'zeta'"),
     (lambda d: d["devices"][3].__setitem__("bits", 40), "device 'dev0003': field 'bits'"),
     (lambda d: d["devices"][4].__setitem__("class_counts", [1, 2]), "device 'dev0004': class_counts sum"),
+    (lambda d: d["devices"][1].__setitem__("quant_error", 1.5), "device 'dev0001': field 'quant_error' must be in (0, 1)"),
+    (lambda d: d["devices"][2].__setitem__("codec_constant", 0), "device 'dev0002': field 'codec_constant' must be positive"),
 ])
 def test_malformed_scenarios_exit_2_naming_field_and_device(scenario_file, mutate, expected):
     data = json.loads(scenario_file.read_text())

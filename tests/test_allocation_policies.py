@@ -5,9 +5,12 @@ import pytest
 
 from strategies.allocation import solve_plan
 from strategies.allocation.augmentation import augmentation_policy
+from strategies.allocation.policies import POLICIES, POLICY_FORMS, parse_policy
 from strategies.allocation.presets import fimi_path_gain, fimi_scenario, ondemand_scenario
-from strategies.allocation.quantization import bits_for_error, optimal_time_split, split_bounds
-from strategies.allocation.scenario import Devices, Scenario, System
+from strategies.allocation.quantization import (bits_for_error, codec_bits_for_error, optimal_time_split,
+                                                prior_codec_constant, smallest_demand, split_bounds,
+                                                theorem1_bits_for_error)
+from strategies.allocation.scenario import Devices, Scenario, ScenarioError, System, parse_scenario
 
 
 def with_system(scenario, **changes):
@@ -90,9 +93,10 @@ def test_cross_entropy_search_converges_towards_the_optimum():
 
 # ---------------------------------------------------------------- on-demand quantization
 
-def test_bits_meet_the_error_demand_with_no_bit_to_spare():
+def test_theorem1_bits_meet_its_bound_with_no_bit_to_spare():
     demand = np.logspace(-7, -2, 200)
-    bits = bits_for_error(demand)
+    bits = theorem1_bits_for_error(demand)
+    assert np.array_equal(bits, bits_for_error(demand))  # the old name keeps the same rule
     levels = 2.0 ** (bits - 1)  # one sign bit, the rest index the levels
     assert np.all(1.0 / (2 * levels ** 2) <= demand)
     fewer = 2.0 ** (bits - 2)
@@ -113,6 +117,136 @@ def test_ondemand_time_split_minimises_each_devices_energy():
     assert np.all(plan.e_cmp + plan.e_com <= energy.min(0) * (1 + 1e-9))
     theta = optimal_time_split(dv.eps, work, s_bits, plan.b, dv.gain, sy.noise_w_per_hz, sy.t_max_s, theta_min, pi_min)
     assert np.allclose(theta, plan.eta)
+
+
+@pytest.mark.parametrize("constant", [0.5, 1.0, 4.7, 6.04, 80.0])
+def test_codec_bits_are_the_fewest_that_meet_the_modeled_error(constant):
+    demand = np.logspace(-19, -0.05, 3000)
+    bits = codec_bits_for_error(demand, constant)
+    brute = [next((b for b in range(2, 32) if constant / (2 ** (b - 1) - 1) ** 2 <= q), 32) for q in demand]
+    assert bits.tolist() == brute
+    assert np.all((bits == 32) == (demand < smallest_demand(constant)))
+
+
+def test_codec_bits_broadcast_and_reject_meaningless_inputs():
+    bits = codec_bits_for_error(np.array([[1e-3], [1e-5]]), np.array([1.0, 5.0, 20.0]))
+    assert bits.shape == (2, 3) and np.all(np.diff(bits, axis=1) >= 0) and np.all(bits[1] > bits[0])
+    for q, k in ((0.0, 5.0), (1e-3, 0.0), (1e-3, np.inf), (np.nan, 5.0), (1e-3, np.nan)):
+        with pytest.raises(ValueError):
+            codec_bits_for_error(q, k)
+
+
+def test_the_prior_codec_constant_is_the_gaussian_bound():
+    assert prior_codec_constant(37e6) == pytest.approx(np.log(74e6) / 3)
+    assert prior_codec_constant(3_491_530) == pytest.approx(5.253, abs=1e-3)
+    assert prior_codec_constant(1e3) < prior_codec_constant(1e6)
+    # a single Gaussian tensor of M values has K ~= n max|u|^2 / (6 ||u||^2) below the prior
+    u = np.random.default_rng(0).standard_normal(1_000_000)
+    assert u.size * np.abs(u).max() ** 2 / (6 * np.sum(u ** 2)) < prior_codec_constant(u.size)
+    for bad in (0, 0.5, np.inf, np.nan):
+        with pytest.raises(ValueError, match="model_params"):
+            prior_codec_constant(bad)
+
+
+def test_codec_rule_asks_more_bits_than_theorem1_and_uses_the_reported_constant():
+    scenario = ondemand_scenario(8, 2)
+    codec_plan = solve_plan(scenario, "ondemand")
+    theorem1 = solve_plan(scenario, "ondemand", bits_rule="theorem1")
+    assert np.all(codec_plan.bits >= theorem1.bits + 1) and codec_plan.energy_j > theorem1.energy_j
+    expected = codec_bits_for_error(scenario.devices.quant_error, prior_codec_constant(scenario.system.model_params))
+    assert np.array_equal(codec_plan.bits, expected)
+    # a device that measured an easy update (small K) is planned fewer bits, the others keep the prior
+    reported = np.full(8, np.nan)
+    reported[3] = 0.2
+    informed = Scenario(scenario.system, Devices(**{**{k: getattr(scenario.devices, k) for k in Devices.__dataclass_fields__},
+                                                   "codec_constant": reported}))
+    plan = solve_plan(informed, "fimi+ondemand")
+    assert plan.bits[3] == codec_bits_for_error(scenario.devices.quant_error[3], 0.2) < codec_plan.bits[3]
+    assert np.array_equal(np.delete(plan.bits, 3), np.delete(codec_plan.bits, 3))
+    with pytest.raises(ValueError, match="bits rule"):
+        solve_plan(scenario, "ondemand", bits_rule="paper")
+
+
+@pytest.mark.parametrize("policy", ["ondemand", "fimi+ondemand"])
+@pytest.mark.parametrize("rule", ["codec", "theorem1"])
+def test_a_demand_no_width_can_meet_is_an_infeasible_plan_naming_the_device(policy, rule):
+    scenario = ondemand_scenario(4, 0)
+    demand = scenario.devices.quant_error.copy()
+    demand[2] = 1e-20
+    devices = Devices(**{**{k: getattr(scenario.devices, k) for k in Devices.__dataclass_fields__}, "quant_error": demand})
+    plan = solve_plan(Scenario(scenario.system, devices), policy, bits_rule=rule)
+    assert not plan.feasible and plan.policy == policy
+    (reason,) = plan.reasons
+    assert reason["constraint"] == "quantization_error" and reason["devices"] == ["dev0002"]
+    floor = smallest_demand(prior_codec_constant(scenario.system.model_params), rule)
+    assert reason["smallest_demand"] == pytest.approx(float(floor)) and f"{float(floor):.4g}" in reason["message"]
+    assert "dev0002" in reason["message"] and plan.to_json()["reasons"] == plan.reasons
+
+
+def test_parse_policy_accepts_the_base_policies_fp32_and_fixed_widths():
+    assert [parse_policy(p) for p in POLICIES] == [(p, None) for p in POLICIES]
+    assert parse_policy("fp32") == ("fixed", 32)
+    assert [parse_policy(f"fixed-{n}") for n in range(2, 33)] == [("fixed", n) for n in range(2, 33)]
+    for bad in ("fixed-1", "fixed-33", "fixed-06", "fixed-", "fixed-8.0", "fixed-٨", "FP32", "fp16", "magic", "", None, 8):
+        with pytest.raises(ValueError, match="fixed-N") as err:
+            parse_policy(bad)
+        assert repr(bad) in str(err.value)
+    assert "fp32" in POLICY_FORMS and all(p in POLICY_FORMS for p in POLICIES)
+
+
+def test_fixed_width_policies_override_every_devices_bits_and_keep_their_name():
+    scenario = ondemand_scenario(5, 3)
+    plan = solve_plan(scenario, "fixed-7")
+    same = solve_plan(Scenario(scenario.system, scenario.devices.with_bits(7)), "fixed")
+    assert plan.policy == "fixed-7" and plan.to_json()["policy"] == "fixed-7" and np.all(plan.bits == 7)
+    assert plan.energy_j == same.energy_j and np.allclose(plan.eta, 0.5)
+    fp32 = solve_plan(with_system(fimi_scenario(4, 0), t_max_s=60.0), "fp32")
+    assert fp32.policy == "fp32" and fp32.feasible and np.all(fp32.bits == 32)
+    with pytest.raises(ValueError, match="unknown policy 'fixed-40'"):
+        solve_plan(scenario, "fixed-40")
+
+
+def with_device_field(name, value, k=1):
+    data = ondemand_scenario(3, 0).to_json()
+    data["devices"][k][name] = value
+    return data
+
+
+@pytest.mark.parametrize("value", [0, 0.0, 1, 1.0, 1.5, -1e-3, float("nan"), float("inf"), "1e-3", True])
+def test_a_demand_outside_zero_one_names_the_device_and_field(value):
+    with pytest.raises(ScenarioError, match="device 'dev0001': field 'quant_error'"):
+        parse_scenario(with_device_field("quant_error", value))
+
+
+@pytest.mark.parametrize("value", [0, -2.0, float("nan"), float("inf"), "5", False, [1.0]])
+def test_a_codec_constant_must_be_finite_and_positive(value):
+    with pytest.raises(ScenarioError, match="device 'dev0001': field 'codec_constant'"):
+        parse_scenario(with_device_field("codec_constant", value))
+
+
+def test_the_codec_constant_travels_through_the_scenario_json():
+    scenario = parse_scenario(with_device_field("codec_constant", 7.25, k=2))
+    assert np.isnan(scenario.devices.codec_constant[[0, 1]]).all() and scenario.devices.codec_constant[2] == 7.25
+    data = scenario.to_json()
+    assert "codec_constant" not in data["devices"][0] and data["devices"][2]["codec_constant"] == 7.25
+    assert parse_scenario(data).to_json() == data
+    assert scenario.subset([2]).devices.codec_constant.tolist() == [7.25]
+    assert scenario.devices.with_bits(6).codec_constant[2] == 7.25
+
+
+def test_devices_built_in_code_obey_the_same_rules():
+    dv = ondemand_scenario(2, 0).devices
+    fields = {k: getattr(dv, k) for k in Devices.__dataclass_fields__}
+    with pytest.raises(ScenarioError, match="device 'dev0000': field 'quant_error' must be in"):
+        Devices(**{**fields, "quant_error": np.array([1.0, 1e-3])})
+    with pytest.raises(ScenarioError, match="device 'dev0001': field 'codec_constant'"):
+        Devices(**{**fields, "codec_constant": np.array([np.nan, -1.0])})
+    assert np.isnan(Devices(**{**fields, "codec_constant": None}).codec_constant).all()
+
+
+def test_the_ondemand_preset_lands_on_6_to_8_bits_under_the_codec_model():
+    plan = solve_plan(ondemand_scenario(300, 5), "ondemand")
+    assert set(plan.bits.tolist()) == {6, 7, 8}
 
 
 def test_ondemand_beats_fixed_bits_with_an_even_split():

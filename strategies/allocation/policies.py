@@ -6,6 +6,16 @@
   fixed          each device's given bits, a 50/50 time split, an equal band share (seed 000's baseline)
   ondemand       bits from each device's error demand, optimal time split, equal band share (seed 000)
   fimi+ondemand  bits from each device's demand, then FIMI with S_i = M * bits_i
+
+and two fixed-width forms of `fixed` (`parse_policy`):
+
+  fp32           every device at 32 bits, raw floats (seed 000's FedAvg baseline)
+  fixed-N        every device at N bits, N in 2..32 (seed 000's fixed 6/7/8-bit baselines)
+
+Bits from a demand (`ondemand`, `fimi+ondemand`) follow `bits_rule`: "codec" (default) models
+our codec's real error K / (L - 1)^2 with each device's reported codec constant K (the prior
+from M where it has none); "theorem1" is seed 000's rule, which our codec does not honour
+(quantization.py). A demand that no width up to 31 bits meets makes the plan infeasible.
 """
 
 from __future__ import annotations
@@ -19,10 +29,14 @@ from .augmentation import synthetic_request
 from .costs import LN2, compute_energy, power_for_upload, update_bits
 from .fimi import (CrossEntropySettings, FimiProblem, SearchTrace, search_time_split,
                    solve_compute, solve_uplink)
-from .quantization import bits_for_error, optimal_time_split, split_bounds
+from .quantization import (BITS_RULES, optimal_time_split, planned_bits, prior_codec_constant, smallest_demand,
+                           split_bounds)
 from .scenario import Scenario
 
-POLICIES = ("fimi", "tfl", "hdc", "fixed", "ondemand", "fimi+ondemand")
+POLICIES = ("fimi", "tfl", "hdc", "fixed", "ondemand", "fimi+ondemand")  # the base policies
+FIXED_BITS = range(2, 33)
+POLICY_FORMS = (f"{', '.join(POLICIES)}, fp32 (every device at 32 bits: raw floats) or fixed-N "
+                f"(every device at N bits, N from {FIXED_BITS[0]} to {FIXED_BITS[-1]})")
 _REL = 1e-6  # a variable within this fraction of its bound counts as sitting on it
 
 
@@ -80,23 +94,78 @@ class Plan:
         return out
 
 
+def parse_policy(name: str) -> tuple[str, int | None]:
+    """(base policy, bits every device is fixed at, or None) for a policy name.
+
+    The names of POLICIES stand for themselves; `fp32` is ("fixed", 32) and `fixed-N` is
+    ("fixed", N) for N in 2..32. Anything else is a ValueError listing the accepted forms.
+    """
+    if isinstance(name, str):
+        if name in POLICIES:
+            return name, None
+        if name == "fp32":
+            return "fixed", 32
+        if name.startswith("fixed-"):
+            digits = name[len("fixed-"):]
+            if digits.isascii() and digits.isdigit() and int(digits) in FIXED_BITS and digits == str(int(digits)):
+                return "fixed", int(digits)
+    raise ValueError(f"unknown policy {name!r}; choose one of {POLICY_FORMS}")
+
+
 def solve_plan(scenario: Scenario, policy: str = "fimi", seed: int = 0, search: str = "lagrangian",
-               ce_settings: CrossEntropySettings | None = None) -> Plan:
-    """Plan one round for every device of the scenario. Infeasible is an answer, not an error."""
-    if policy not in POLICIES:
-        raise ValueError(f"unknown policy {policy!r}; choose one of {', '.join(POLICIES)}")
+               ce_settings: CrossEntropySettings | None = None, bits_rule: str = "codec") -> Plan:
+    """Plan one round for every device of the scenario. Infeasible is an answer, not an error.
+
+    `policy` is any name `parse_policy` accepts (the plan keeps it as given); `bits_rule`
+    ("codec" or "theorem1") turns error demands into bits for ondemand and fimi+ondemand.
+    """
+    base, fixed_bits = parse_policy(policy)
+    if bits_rule not in BITS_RULES:
+        raise ValueError(f"unknown bits rule {bits_rule!r}; choose one of {', '.join(BITS_RULES)}")
     started = time.perf_counter()
     devices = scenario.devices
-    if policy in ("ondemand", "fimi+ondemand"):
-        demanded = ~np.isnan(devices.quant_error)
-        bits = np.where(demanded, bits_for_error(np.where(demanded, devices.quant_error, 1.0)), devices.bits)
-        scenario = Scenario(scenario.system, devices.with_bits(bits))
-    if policy in ("fixed", "ondemand"):
-        plan = _plan_equal_share(scenario, policy)
+    if fixed_bits is not None:
+        scenario = Scenario(scenario.system, devices.with_bits(fixed_bits))
+    if base in ("ondemand", "fimi+ondemand"):
+        scenario, reasons = _bits_from_demands(scenario, bits_rule)
+        if reasons:
+            plan = Plan(policy, False, devices.ids, reasons=reasons)
+            plan.seconds = time.perf_counter() - started
+            return plan
+    if base in ("fixed", "ondemand"):
+        plan = _plan_equal_share(scenario, base)
     else:
-        plan = _plan_fimi(scenario, policy, np.random.default_rng(seed), search, ce_settings or CrossEntropySettings())
+        plan = _plan_fimi(scenario, base, np.random.default_rng(seed), search, ce_settings or CrossEntropySettings())
+    plan.policy = policy
     plan.seconds = time.perf_counter() - started
     return plan
+
+
+def codec_constants(scenario: Scenario) -> np.ndarray:
+    """Each device's codec constant: its reported one, else the prior for the model's size."""
+    reported = scenario.devices.codec_constant
+    return np.where(np.isfinite(reported), reported, prior_codec_constant(scenario.system.model_params))
+
+
+def _bits_from_demands(scenario: Scenario, rule: str) -> tuple[Scenario, list[dict]]:
+    """Devices with a demand get the bits `rule` gives it; a demand beyond 31 bits is a reason."""
+    dv = scenario.devices
+    demanded = ~np.isnan(dv.quant_error)
+    constant = codec_constants(scenario)
+    bits = dv.bits.copy()
+    if demanded.any():
+        bits[demanded] = planned_bits(dv.quant_error[demanded], constant[demanded], rule)
+    reasons = []
+    floor = smallest_demand(constant, rule)
+    model = "Theorem 1" if rule == "theorem1" else "the codec model"
+    for k in np.flatnonzero(demanded & (bits > 31)):
+        constant_note = "" if rule == "theorem1" else f", codec constant {constant[k]:.4g}"
+        reasons.append({"constraint": "quantization_error", "devices": [dv.ids[k]],
+                        "message": f"device '{dv.ids[k]}' demands a relative error of {dv.quant_error[k]:.4g}; "
+                                   f"no width up to 31 bits meets it under {model} (the smallest demand 31 bits "
+                                   f"can meet is {floor[k]:.4g}{constant_note})",
+                        "smallest_demand": float(floor[k])})
+    return Scenario(scenario.system, dv.with_bits(bits)), reasons
 
 
 def _plan_fimi(scenario: Scenario, policy: str, rng, search: str, settings: CrossEntropySettings) -> Plan:

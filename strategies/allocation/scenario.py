@@ -60,8 +60,28 @@ class Devices:
     p_max: np.ndarray
     gain: np.ndarray
     bits: np.ndarray  # int, quantization bits of the upload (32 = none)
-    quant_error: np.ndarray  # relative quantization-error demand, NaN where not given
+    quant_error: np.ndarray  # relative quantization-error demand in (0, 1), NaN where not given
     class_counts: tuple[np.ndarray, ...] | None  # local samples per class, when known
+    # the codec constant K a device measured on its last update (relative error ~ K / (L-1)^2,
+    # quantization.py); NaN where unknown: the planner then uses the prior from System.model_params
+    codec_constant: np.ndarray | None = None
+
+    def __post_init__(self) -> None:
+        n = len(self.ids)
+        if self.codec_constant is None:
+            object.__setattr__(self, "codec_constant", np.full(n, np.nan))
+        else:
+            object.__setattr__(self, "codec_constant",
+                               np.broadcast_to(np.asarray(self.codec_constant, dtype=float), (n,)).copy())
+        # Built in code, not only parsed: the same rules (vectorized; subset and with_bits rebuild).
+        q, c = np.asarray(self.quant_error, dtype=float), self.codec_constant
+        bad_q = np.flatnonzero(~np.isnan(q) & ~((q > 0) & (q < 1)))
+        if bad_q.size:
+            _check_demand(float(q[bad_q[0]]), f"device '{self.ids[bad_q[0]]}': field 'quant_error'")
+        bad_c = np.flatnonzero(~np.isnan(c) & ~(np.isfinite(c) & (c > 0)))
+        if bad_c.size:
+            raise ScenarioError(f"device '{self.ids[bad_c[0]]}': field 'codec_constant' must be finite and "
+                                f"positive, got {float(c[bad_c[0]])!r}")
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -95,6 +115,8 @@ class Scenario:
                  "gain": float(self.devices.gain[k]), "bits": int(self.devices.bits[k])}
             if not np.isnan(self.devices.quant_error[k]):
                 d["quant_error"] = float(self.devices.quant_error[k])
+            if not np.isnan(self.devices.codec_constant[k]):
+                d["codec_constant"] = float(self.devices.codec_constant[k])
             if self.devices.class_counts is not None:
                 d["class_counts"] = [int(c) for c in self.devices.class_counts[k]]
             devices.append(d)
@@ -110,6 +132,13 @@ def _number(value, where: str, positive: bool) -> float:
     if x < 0 or (positive and x == 0):
         raise ScenarioError(f"{where} must be {'positive' if positive else 'non-negative'}, got {value!r}")
     return x
+
+
+def _check_demand(q: float, where: str) -> float:
+    """A relative error demand lies in (0, 1): 0 asks for no error at all, 1 tolerates sending nothing."""
+    if not 0 < q < 1:
+        raise ScenarioError(f"{where} must be in (0, 1) (a relative error demand), got {q!r}")
+    return q
 
 
 def parse_scenario(data) -> Scenario:
@@ -132,7 +161,7 @@ def parse_scenario(data) -> Scenario:
     if not isinstance(devices_data, list) or not devices_data:
         raise ScenarioError("'devices' must be a non-empty list")
     columns: dict[str, list] = {name: [] for name in _DEVICE_RULES}
-    ids, bits, quant_error, class_counts = [], [], [], []
+    ids, bits, quant_error, codec_constant, class_counts = [], [], [], [], []
     for k, dev in enumerate(devices_data):
         if not isinstance(dev, dict):
             raise ScenarioError(f"devices[{k}] must be an object")
@@ -152,7 +181,10 @@ def parse_scenario(data) -> Scenario:
             raise ScenarioError(f"{where}: field 'bits' must be an integer from 1 to 32, got {b!r}")
         bits.append(b)
         q = dev.get("quant_error")
-        quant_error.append(math.nan if q is None else _number(q, f"{where}: field 'quant_error'", True))
+        quant_error.append(math.nan if q is None else
+                           _check_demand(_number(q, f"{where}: field 'quant_error'", True), f"{where}: field 'quant_error'"))
+        c = dev.get("codec_constant")
+        codec_constant.append(math.nan if c is None else _number(c, f"{where}: field 'codec_constant'", True))
         counts = dev.get("class_counts")
         if counts is not None:
             if not isinstance(counts, list) or not counts:
@@ -174,6 +206,7 @@ def parse_scenario(data) -> Scenario:
         eps=np.array(columns["eps"]), p_max=np.array(columns["p_max_w"]), gain=np.array(columns["gain"]),
         bits=np.array(bits, dtype=int), quant_error=np.array(quant_error),
         class_counts=tuple(np.array(c, dtype=np.int64) for c in class_counts) if all(given) else None,
+        codec_constant=np.array(codec_constant),
     )
     return Scenario(system, devices)
 
