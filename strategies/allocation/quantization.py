@@ -102,9 +102,13 @@ def prior_codec_constant(model_params) -> float:
     (and pay more than planned). Values: 5.3 for VGG-9 (3.5M), 6.0 for seed 000's M = 37M,
     against Theorem 1's implied K = (L-1)^2/(2 L^2) ~= 0.5.
 
-    Real updates are often heavier-tailed than Gaussian (max |u| / rms well above
-    sqrt(2 ln 2n)), so the prior can still fall short for them; `bench/bench_codec.py
-    --demands` measures it. A device's reported constant replaces the prior from its next plan.
+    Real updates need not be Gaussian, and the prior is a Gaussian figure: `bench/bench_codec.py
+    --demands` measured K = 14-15 on the digits VGG-9's SGD updates (max |u| / rms up to 15 in
+    a conv layer against sqrt(2 ln 2n) = 4.7; prior 4.1: round-1 plans one bit short, err/q up
+    to 3.2) and K = 0.6-0.7 on the digits UNet's AdamW updates (near-uniform magnitudes; the
+    prior spends 2-3 bits too many). Hence the report: a device's measured constant replaces
+    the prior from its next plan, and a device raises its bits where the plan falls short
+    (fedfill.codec.bits_for_demand).
     """
     m = float(model_params)
     if not (m >= 1 and np.isfinite(m)):
