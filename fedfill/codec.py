@@ -182,8 +182,8 @@ def bits_for_demand(arrays: Sequence[np.ndarray], demand: float, at_least: int =
     scanned upward (the exact error is not monotone in the width in contrived cases, e.g.
     values that sit on a coarse grid, so no bisection). The magnitudes are taken once and a
     width costs a few vector passes, 12-25 ms per million parameters on a 2-core CPU: for a
-    million parameters a typical call (the plan's width, or one or two more) takes under
-    0.15 s, a scan of every width 0.4-0.7 s.
+    million parameters a typical call (the plan's width, or a few more) takes
+    0.1-0.3 s, a scan of every width 0.4-1 s (the latter on a busy host).
     """
     demand = float(demand)
     if not (demand > 0 and np.isfinite(demand)):
