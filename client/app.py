@@ -32,15 +32,16 @@ def node_partition(run: RunConfig, context: Context) -> tuple[int, int]:
             int(context.node_config.get("num-partitions", run.num_partitions)))
 
 
-def device_profile(run: RunConfig, context: Context, d_loc: int) -> dict:
-    """The profile from the node config when the operator gave one, else drawn as in FIMI §V-A."""
+def device_profile(run: RunConfig, context: Context, d_loc: int, preset: str = "fimi") -> dict:
+    """The profile from the node config when the operator gave one, else drawn as the job's
+    paper does (FIMI §V-A; seed 000 §IV-A, error demand included)."""
     keys = {name: contract.node_config_key(name) for name in contract.PROFILE_FIELDS}
     if all(key in context.node_config for key in keys.values()):
         profile = {name: float(context.node_config[key]) for name, key in keys.items()}
     else:
-        from strategies.allocation.presets import fimi_device_profile
+        from strategies.allocation.presets import drawn_device_profile
 
-        profile = fimi_device_profile(*node_partition(run, context), run.seed)
+        profile = drawn_device_profile(preset, *node_partition(run, context), run.seed)
     profile = {"d_loc": float(d_loc), **profile}
     for name, cast in contract.OPTIONAL_PROFILE_FIELDS.items():
         if contract.node_config_key(name) in context.node_config:
@@ -53,8 +54,9 @@ def device_profile(run: RunConfig, context: Context, d_loc: int) -> dict:
 @app.query()
 def query(message: Message, context: Context) -> Message:
     run = RunConfig.from_run_config(context.run_config)
-    data = load_job(run).node_data(*node_partition(run, context))
-    return Message(contract.profile_reply(device_profile(run, context, len(data))), reply_to=message)
+    job = load_job(run)
+    data = job.node_data(*node_partition(run, context))
+    return Message(contract.profile_reply(device_profile(run, context, len(data), job.preset)), reply_to=message)
 
 
 def fetch_synthetic(run: RunConfig, context: Context, request: np.ndarray, image_shape):
@@ -69,7 +71,7 @@ def fetch_synthetic(run: RunConfig, context: Context, request: np.ndarray, image
     labels = held["labels"].numpy() if held else np.zeros(0, np.int64)
     have = np.bincount(labels, minlength=request.size)
     shortfall = np.maximum(request - have, 0)
-    note = "cached" if shortfall.sum() == 0 else ""
+    note = "cached" if shortfall.sum() == 0 and request.sum() > 0 else ""
     if shortfall.sum() > 0:
         if not run.generator_address:
             note = "no generation service configured: local data only"
@@ -93,9 +95,30 @@ def fetch_synthetic(run: RunConfig, context: Context, request: np.ndarray, image
     return images[pick], labels[pick], note
 
 
+def quantize_update(update: list[np.ndarray], plan: contract.NodePlan, rng: np.random.Generator) -> tuple[bytes, dict]:
+    """The codec payload of an update at the plan's bits, raised where they miss the device's
+    error demand on this very update (seed 000's promise kept on the device), and the figures
+    that say so: bits sent, the exact expected and the measured relative error, and the codec
+    constant K the server plans this device's next bits with."""
+    from fedfill import codec
+
+    bits = plan.bits
+    if plan.error_demand > 0 and bits < 32:
+        bits = codec.bits_for_demand(update, plan.error_demand, at_least=bits)
+    payload = codec.encode(update, bits, rng)
+    figures = {"bits": int(bits), "error_expected": 0.0, "error_measured": 0.0,
+               "codec_constant": float(codec.codec_constant(update, bits))}
+    if bits < 32:
+        norm = float(sum(np.sum(np.square(u, dtype=np.float64)) for u in update))
+        sent = codec.decode(payload)
+        figures["error_expected"] = float(codec.relative_error(update, bits))
+        figures["error_measured"] = (float(sum(np.sum(np.square(u.astype(np.float64) - s)) for u, s in zip(update, sent)))
+                                     / norm if norm > 0 else 0.0)
+    return payload, figures
+
+
 @app.train()
 def train(message: Message, context: Context) -> Message:
-    from fedfill.codec import encode
     from strategies.allocation.augmentation import synthetic_request
 
     run = RunConfig.from_run_config(context.run_config)
@@ -113,10 +136,13 @@ def train(message: Message, context: Context) -> Message:
     result = job.train(global_weights, images, labels, seed=seed, threads=int(context.node_config.get("threads", 1)))
     train_seconds = result.seconds
     update = [w - g for w, g in zip(result.weights, global_weights)]
-    payload = encode(update, plan.bits, np.random.default_rng(plan.server_round * 7919 + partition_id))
+    payload, figures = quantize_update(update, plan, np.random.default_rng(plan.server_round * 7919 + partition_id))
+    if figures["bits"] != plan.bits:
+        note = (note + "; " if note else "") + (f"{plan.bits} planned bits miss the error demand "
+                                                f"{plan.error_demand:.3g} on this update: sent {figures['bits']}")
     log(INFO, "partition %d: %d local + %d synthetic samples (%s), %.2f s, %d bytes at %d bits",
-        partition_id, len(data), len(syn_labels), note or "none asked", train_seconds, len(payload), plan.bits)
+        partition_id, len(data), len(syn_labels), note or "none asked", train_seconds, len(payload), figures["bits"])
     metrics = contract.TrainMetrics(num_examples=int(len(labels)), d_gen_used=int(len(syn_labels)),
                                     train_seconds=train_seconds, train_loss=result.loss, upload_bytes=len(payload),
-                                    modeled_energy_j=plan.modeled_energy_j)
+                                    modeled_energy_j=plan.modeled_energy_j, **figures)
     return Message(contract.train_reply(payload, metrics, note), reply_to=message)

@@ -1,6 +1,6 @@
 """What the testbed's shaped links did, next to what the plan modeled: per node and round, the
 plan's T_com, the rate the link was shaped to (plan rate x scale), the upload time that rate
-gives the reply's wire bytes, and the measured upload seconds (nodes.csv). Written as
+gives the reply's wire bytes, and the measured upload seconds (devices.csv). Written as
 uplink.csv and uplink.png beside the run's report.
 """
 
@@ -19,13 +19,13 @@ def uplink_rows(out: Path) -> list[dict]:
         with open(out / "shaping.csv") as fh:
             shaped = {(int(r["round"]), int(r["node_id"])): float(r["rate_bps"]) for r in csv.DictReader(fh)
                       if r["applied_at"]}
-    if not (out / "nodes.csv").exists():
-        return []
-    from server.report import read_nodes
+    from server.report import NODES_CSV, read_nodes
 
+    if not (out / NODES_CSV).exists():
+        return []
     rows = []
-    for r in read_nodes(out / "nodes.csv"):
-        key = (r["round"], r["node_id"])
+    for r in read_nodes(out / NODES_CSV):
+        key = (r["round"], r["node"])
         if r["status"] != "used" or key not in shaped or r.get("upload_s") is None:
             continue
         rate = shaped[key]

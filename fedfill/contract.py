@@ -32,7 +32,10 @@ CODEC_STYPE = f"fedfill.codec/v{CODEC_VERSION}"  # Array.stype of a quantized up
 # A device profile as the planner reads it (scenario JSON device fields, SI units). The
 # node-config keys of a real device are the same names in kebab-case (`f-max-hz`, ...).
 PROFILE_FIELDS = ("f_max_hz", "eps", "p_max_w", "gain")  # what an operator must give, all or none
-OPTIONAL_PROFILE_FIELDS = {"bits": int, "quant_error": float}  # name -> type
+# bits: the device's fixed upload width; quant_error: its relative error demand (seed 000);
+# codec_constant: K of its last update (fedfill.codec.codec_constant), which the server keeps
+# up to date from the replies so that its next bits are planned on its own statistics
+OPTIONAL_PROFILE_FIELDS = {"bits": int, "quant_error": float, "codec_constant": float}  # name -> type
 PARTITION_FIELD = "partition_id"  # the node's partition id in its profile: a name for it, not planned on
 
 
@@ -72,13 +75,17 @@ class NodePlan:
     t_com_s: float
     e_cmp_j: float
     e_com_j: float
+    # the device's relative error demand E||u - Q(u)||^2 / ||u||^2 (seed 000); 0: none, the
+    # plan's bits are sent as they are
+    error_demand: float = 0.0
 
     @classmethod
-    def from_plan_entry(cls, entry: dict, server_round: int, policy: str) -> "NodePlan":
+    def from_plan_entry(cls, entry: dict, server_round: int, policy: str, error_demand: float = 0.0) -> "NodePlan":
         """From one device of the plan JSON (strategies.allocation's Plan.to_json)."""
         values = {f.name: entry[f.name] for f in fields(cls) if f.name in entry}
         return cls(server_round=server_round, policy=policy, **{**values, "d_gen": int(round(entry["d_gen"])),
-                                                                "bits": int(entry["bits"])})
+                                                                "bits": int(entry["bits"])},
+                   error_demand=float(error_demand))
 
     @property
     def modeled_energy_j(self) -> float:
@@ -111,18 +118,29 @@ class TrainMetrics:
     train_loss: float
     upload_bytes: int  # the codec payload
     modeled_energy_j: float  # the plan's E_cmp + E_com
+    bits: int = 32  # the width sent: the plan's, raised where the plan's missed the error demand
+    error_expected: float = 0.0  # exact E||u - Q(u)||^2 / ||u||^2 of the sent width on this update
+    error_measured: float = 0.0  # ||u - Q(u)||^2 / ||u||^2 of the payload actually sent
+    codec_constant: float = 0.0  # K of this update (fedfill.codec.codec_constant): plans the next bits
 
     def to_record(self) -> MetricRecord:
-        return MetricRecord({name.replace("_", "-"): value for name, value in asdict(self).items()})
+        """Plain ints and floats (a numpy scalar would pass MetricRecord's check and fail when
+        Flower counts the reply's bytes)."""
+        cast = {"int": int, "float": float}
+        return MetricRecord({f.name.replace("_", "-"): cast[f.type](getattr(self, f.name)) for f in fields(self)})
 
 
 WEIGHT_KEY = "num-examples"  # Flower's FedAvg weighted_by_key
 
 
 def train_reply(payload: bytes, metrics: TrainMetrics, note: str) -> RecordDict:
+    """The reply; no note record when there is nothing to say (Flower 1.41's count_bytes
+    refuses a ConfigRecord holding an empty string)."""
     update = Array(dtype="uint8", shape=(len(payload),), stype=CODEC_STYPE, data=payload)
-    return RecordDict({UPDATE_KEY: ArrayRecord({"payload": update}), METRICS_KEY: metrics.to_record(),
-                       NOTE_KEY: ConfigRecord({"note": note})})
+    records = {UPDATE_KEY: ArrayRecord({"payload": update}), METRICS_KEY: metrics.to_record()}
+    if note:
+        records[NOTE_KEY] = ConfigRecord({"note": note})
+    return RecordDict(records)
 
 
 def read_train_reply(content: RecordDict) -> tuple[bytes, dict, str]:

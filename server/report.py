@@ -1,4 +1,4 @@
-"""What a run leaves behind: rounds.csv, nodes.csv, drops.csv, plan_round_N.json, summary.json,
+"""What a run leaves behind: rounds.csv, devices.csv, drops.csv, plan_round_N.json, summary.json,
 plots, checkpoint.
 
 A row is made of two Flower MetricRecords: the strategy's round costs (energy and latency
@@ -9,12 +9,14 @@ where the node did not report one), joined by ';'.
 `read_rounds` is the one reader of rounds.csv (the report resuming, `fedfill run` showing
 progress, `fedfill compare` tabulating).
 
-nodes.csv has a row per planned node and round, as the strategy hands them over with the
-round's costs (its NODE_FIGURES): the plan's modeled t_cmp_s, t_com_s, bits and the uplink
-rate that sends M x bits in t_com_s (plan_uplink_bps, bit/s), beside the measured train_s
-(the device's clock), upload_s (server.timed_grid: from the reply's creation to the server
-holding it) and reply_bytes (the reply's records as Flower counts them), and status
-"used" or "dropped" with the reason. upload.png plots measured against modeled upload seconds.
+devices.csv has a row per planned node and round, as the strategy hands them over with the
+round's costs (its NODE_FIGURES): the node (its Flower node id) and partition; the plan's
+bits_planned, modeled t_cmp_s and t_com_s and the uplink rate that sends M x bits in t_com_s
+(plan_uplink_bps, bit/s); the bits the device sent, its error demand and the expected and
+measured relative error of what it sent; energy_j (the cost model at the bits sent); beside
+the measured train_s (the device's clock), upload_s (server.timed_grid: from the reply's
+creation to the server holding it) and reply_bytes (the reply's records as Flower counts
+them), and status "used" or "dropped" with the reason. upload.png plots measured against modeled upload seconds.
 Rows of a round are written with its rounds.csv row, so a resumed run rewrites none twice.
 """
 
@@ -33,10 +35,12 @@ COST_COLUMNS = (*CUMULATIVE, "round_energy_j", "round_latency_s", "round_uplink_
                 "wall_s", "train_s_max", "train_s_sum", "synthetic_used", "train_loss", "dropped_nodes")
 INTEGER_COLUMNS = {"round", "uplink_bytes", "round_uplink_bytes", "updates", "dropped", "synthetic_used"}
 TEXT_COLUMNS = {"dropped_nodes"}  # kept as written, empty included
-# nodes.csv: the round, then the strategy's figures of a node (strategies.fimi_strategy.NODE_FIGURES)
-NODE_COLUMNS = ("round", "node_id", "partition_id", "t_cmp_s", "t_com_s", "bits", "plan_uplink_bps", "train_s",
-                "upload_s", "reply_bytes", "status", "reason")
-NODE_INTEGER_COLUMNS = {"round", "node_id", "partition_id", "bits", "reply_bytes"}
+# devices.csv: the round, then the strategy's figures of a node (strategies.fimi_strategy.NODE_FIGURES)
+NODES_CSV = "devices.csv"
+NODE_COLUMNS = ("round", "node", "partition_id", "bits_planned", "bits", "error_demand", "error_expected",
+                "error_measured", "t_cmp_s", "t_com_s", "energy_j", "plan_uplink_bps", "train_s", "upload_s",
+                "reply_bytes", "status", "reason")
+NODE_INTEGER_COLUMNS = {"round", "node", "partition_id", "bits_planned", "bits", "reply_bytes"}
 NODE_TEXT_COLUMNS = {"status", "reason"}
 DROP_COLUMNS = ("round", "node", "reason")
 
@@ -63,13 +67,13 @@ def read_rounds(path: str | Path) -> list[dict]:
 
 
 def read_nodes(path: str | Path) -> list[dict]:
-    """nodes.csv as a list of rows, typed; a figure not known (no reply) is left out."""
+    """devices.csv as a list of rows, typed; a figure not known (no reply) is left out."""
     return _read_csv(path, NODE_INTEGER_COLUMNS, NODE_TEXT_COLUMNS)
 
 
 def node_label(node: dict) -> str:
     """A node's name in rounds.csv and plots: its partition id, else its Flower node id."""
-    return str(node["partition_id"] if node.get("partition_id") is not None else node["node_id"])
+    return str(node["partition_id"] if node.get("partition_id") is not None else node["node"])
 
 
 class RunReport:
@@ -89,7 +93,7 @@ class RunReport:
         """Take back the rows up to the checkpointed round, so the cumulative costs go on (and
         the per-node rows and drops of a round that never finished go)."""
         self.rows = [row for row in read_rounds(self.dir / "rounds.csv") if row["round"] <= last_round]
-        nodes = self.dir / "nodes.csv"
+        nodes = self.dir / NODES_CSV
         self.node_rows = [row for row in read_nodes(nodes) if row["round"] <= last_round] if nodes.exists() else []
         drops = self.dir / "drops.csv"
         if drops.exists():
@@ -129,15 +133,15 @@ class RunReport:
         self._write_csv(self.dir / "rounds.csv", self.columns, self.rows)
         if nodes:
             self.node_rows.extend(nodes)
-            self._write_csv(self.dir / "nodes.csv", NODE_COLUMNS, self.node_rows)
-        if dropped:  # every update not averaged, with the reason (also in nodes.csv)
+            self._write_csv(self.dir / NODES_CSV, NODE_COLUMNS, self.node_rows)
+        if dropped:  # every update not averaged, with the reason (also in devices.csv)
             path = self.dir / "drops.csv"
             new = not path.exists()
             with open(path, "a", newline="") as fh:
                 writer = csv.DictWriter(fh, fieldnames=DROP_COLUMNS)
                 if new:
                     writer.writeheader()
-                writer.writerows({"round": server_round, "node": node["node_id"], "reason": node["reason"]}
+                writer.writerows({"round": server_round, "node": node["node"], "reason": node["reason"]}
                                  for node in dropped)
         return row
 

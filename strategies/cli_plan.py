@@ -14,13 +14,16 @@ import numpy as np
 from fedfill.errors import UsageError
 
 from strategies.allocation.fimi import SEARCHES
-from strategies.allocation.policies import POLICIES, Plan, solve_plan
+from strategies.allocation.policies import POLICY_FORMS, Plan, parse_policy, solve_plan
 from strategies.allocation.scenario import ScenarioError, load_scenario, parse_scenario
 
 
 def add_arguments(parser) -> None:
     parser.add_argument("scenario", help="scenario JSON file (`fedfill scenario` writes one), or - for standard input")
-    parser.add_argument("--policy", default="fimi", help=f"one of {', '.join(POLICIES)} (default: fimi)")
+    parser.add_argument("--policy", default="fimi", help=f"{POLICY_FORMS} (default: fimi)")
+    parser.add_argument("--bits-rule", default="codec", choices=("codec", "theorem1"),
+                        help="how ondemand turns an error demand into bits: a model of fedfill's codec (default) or "
+                             "seed 000's Theorem 1 as printed")
     parser.add_argument("--seed", type=int, default=0, help="seed of the CE search; the same seed gives the same plan")
     parser.add_argument("--search", default="lagrangian", choices=SEARCHES,
                         help="time-split search: exact Lagrangian best response (default) or the paper's cross-entropy")
@@ -29,8 +32,10 @@ def add_arguments(parser) -> None:
 
 
 def run(args) -> int:
-    if args.policy not in POLICIES:
-        raise UsageError(f"unknown policy {args.policy!r}; choose one of {', '.join(POLICIES)}")
+    try:
+        parse_policy(args.policy)
+    except ValueError as err:
+        raise UsageError(str(err)) from None
     try:
         if args.scenario == "-":
             scenario = parse_scenario(json.load(sys.stdin))
@@ -44,7 +49,7 @@ def run(args) -> int:
         if not 1 <= args.bits <= 32:
             raise UsageError(f"--bits must be from 1 to 32, got {args.bits}")
         scenario = type(scenario)(scenario.system, scenario.devices.with_bits(args.bits))
-    plan = solve_plan(scenario, args.policy, seed=args.seed, search=args.search)
+    plan = solve_plan(scenario, args.policy, seed=args.seed, search=args.search, bits_rule=args.bits_rule)
     if args.json:
         print(json.dumps(plan.to_json(), indent=1))
     else:

@@ -23,12 +23,17 @@ from flwr.common import log
 from fedfill import contract
 from fedfill.codec import decode
 from strategies.allocation import Plan, Scenario, ScenarioError, System, parse_scenario, solve_plan
-from strategies.allocation.costs import update_bits
+from strategies.allocation.costs import update_bits, upload_energy
+from strategies.allocation.policies import parse_policy
 
-# What the strategy says of each planned node every round (server.report's nodes.csv columns
-# after `round`): the plan's modeled figures, the measured ones, and what became of the update.
-NODE_FIGURES = ("node_id", "partition_id", "t_cmp_s", "t_com_s", "bits", "plan_uplink_bps", "train_s", "upload_s",
-                "reply_bytes", "status", "reason")
+# What the strategy says of each planned node every round (server.report's devices.csv
+# columns after `round`): the plan's modeled figures, the measured ones, and what became of
+# the update. bits is the width the device sent (its plan's, raised where they missed its
+# error demand on its real update); energy_j is the cost model's E_cmp + E_com at those bits.
+NODE_FIGURES = ("node", "partition_id", "bits_planned", "bits", "error_demand", "error_expected", "error_measured",
+                "t_cmp_s", "t_com_s", "energy_j", "plan_uplink_bps", "train_s", "upload_s", "reply_bytes", "status",
+                "reason")
+DEMANDING_POLICIES = ("ondemand", "fimi+ondemand")  # plans whose bits answer each device's error demand
 
 
 def wait_for_nodes(grid: Grid, wanted: int, wait_s: float, accept: Callable[[int], bool] = lambda n: True) -> list[int]:
@@ -68,11 +73,12 @@ class FimiFedAvg(FedAvg):
                  node_wait_s: float = 60.0, on_plan: Callable[[int, Plan, list[int]], None] | None = None,
                  on_round_metrics: Callable[[int, MetricRecord, list[dict]], None] | None = None,
                  upload_seconds: Callable[[Message], float | None] | None = None,
-                 fraction_train: float = 1.0, min_train_nodes: int = 1) -> None:
+                 fraction_train: float = 1.0, min_train_nodes: int = 1, bits_rule: str = "codec") -> None:
         super().__init__(fraction_train=fraction_train, fraction_evaluate=0.0, min_train_nodes=min_train_nodes,
                          min_available_nodes=min_train_nodes, weighted_by_key=contract.WEIGHT_KEY,
                          arrayrecord_key=contract.ARRAYS_KEY, configrecord_key=contract.CONFIG_KEY)
-        self.system, self.policy, self.seed = system, policy, seed
+        self.system, self.policy, self.seed, self.bits_rule = system, policy, seed, bits_rule
+        self.demanding = parse_policy(policy)[0] in DEMANDING_POLICIES
         self.profiles = profiles
         self.node_wait_s = node_wait_s
         self.on_plan, self.on_round_metrics = on_plan, on_round_metrics
@@ -86,7 +92,7 @@ class FimiFedAvg(FedAvg):
         """Solve the allocation for these nodes; devices that make it infeasible sit out."""
         while node_ids:
             scenario = self._scenario(node_ids)
-            plan = solve_plan(scenario, self.policy, seed=self.seed + server_round)
+            plan = solve_plan(scenario, self.policy, seed=self.seed + server_round, bits_rule=self.bits_rule)
             if plan.feasible:
                 return plan, node_ids
             blocking = {d for reason in plan.reasons for d in reason["devices"]}
@@ -124,7 +130,8 @@ class FimiFedAvg(FedAvg):
             self.on_plan(server_round, plan, planned_ids)
         self._global = arrays
         entries = plan.to_json()["devices"] if planned_ids else []
-        self._planned = {node_id: contract.NodePlan.from_plan_entry(entry, server_round, self.policy)
+        self._planned = {node_id: contract.NodePlan.from_plan_entry(entry, server_round, self.policy,
+                                                                    self._error_demand(node_id))
                          for node_id, entry in zip(planned_ids, entries)}
         messages = [Message(content=contract.train_message_content(arrays, node_plan, config),
                             message_type=MessageType.TRAIN, dst_node_id=node_id)
@@ -132,6 +139,12 @@ class FimiFedAvg(FedAvg):
         log(INFO, "round %d: planned %d device(s), modeled energy %.4g J", server_round, len(planned_ids),
             plan.energy_j if plan.feasible else float("nan"))
         return messages
+
+    def _error_demand(self, node_id: int) -> float:
+        """The relative error the node's update may carry (its profile's quant_error), under
+        the policies that plan bits from it; 0 (none) otherwise."""
+        demand = self.profiles[node_id].get("quant_error") if self.demanding else None
+        return float(demand) if demand is not None else 0.0
 
     # ------------------------------------------------------------------ aggregation
     def decode_reply(self, message: Message) -> RecordDict:
@@ -167,6 +180,7 @@ class FimiFedAvg(FedAvg):
         # Account per planned node: an error the SuperLink raises for a dead node names the
         # SuperLink as its sender, so such errors only explain the nodes that sent nothing.
         from_planned = [m for m in replies if m.metadata.src_node_id in self._planned]
+        sent_bits: dict[int, int] = {}  # node id -> the width its used update was sent at
         foreign_errors = sorted({m.error.reason for m in replies
                                  if m.has_error() and m.metadata.src_node_id not in self._planned})
         for message in from_planned:
@@ -178,7 +192,8 @@ class FimiFedAvg(FedAvg):
             try:
                 decoded.append(Message(self.decode_reply(message), reply_to=message))
                 used.append(self._planned[node_id])
-                nodes[node_id]["train_s"] = float(decoded[-1].content[contract.METRICS_KEY]["train-seconds"])
+                sent_bits[node_id] = self._account_reply(node_id, decoded[-1].content[contract.METRICS_KEY],
+                                                         nodes[node_id])
             except contract.ReplyError as err:
                 drop(node_id, str(err))
         answered = {m.metadata.src_node_id for m in from_planned}
@@ -187,7 +202,7 @@ class FimiFedAvg(FedAvg):
         node_metrics = [m.content[contract.METRICS_KEY] for m in decoded]
         train_seconds = [float(r["train-seconds"]) for r in node_metrics]
         costs = MetricRecord({
-            "energy-j": float(sum(p.modeled_energy_j for p in used)),
+            "energy-j": float(sum(nodes[n]["energy_j"] for n in sent_bits)),
             "latency-s": float(max((p.t_cmp_s + p.t_com_s for p in used), default=0.0)),
             "uplink-bytes": wire_bytes, "updates": len(decoded),
             "dropped": sum(node["status"] == "dropped" for node in nodes.values()),
@@ -206,12 +221,36 @@ class FimiFedAvg(FedAvg):
             self.on_round_metrics(server_round, costs, list(nodes.values()))
         return new, costs
 
+    def _account_reply(self, node_id: int, metrics: MetricRecord, figures: dict) -> int:
+        """A used reply's figures into the node's row, its codec constant into its profile (the
+        next plan's bits rest on it); returns the width it was sent at."""
+        plan = self._planned[node_id]
+        bits = int(metrics.get("bits", plan.bits))
+        figures.update(train_s=float(metrics["train-seconds"]), bits=bits,
+                       error_expected=float(metrics.get("error-expected", 0.0)),
+                       error_measured=float(metrics.get("error-measured", 0.0)),
+                       energy_j=self._modeled_energy(node_id, plan, bits))
+        constant = float(metrics.get("codec-constant", 0.0))
+        if np.isfinite(constant) and constant > 0:
+            self.profiles[node_id]["codec_constant"] = constant
+        return bits
+
+    def _modeled_energy(self, node_id: int, plan: contract.NodePlan, bits: int) -> float:
+        """The cost model's E_cmp + E_com of the plan, the upload at the bits actually sent
+        (a device that raised its bits sends more in the same T_com over the same band)."""
+        if bits == plan.bits:
+            return plan.modeled_energy_j
+        e_com = upload_energy(plan.b_hz, plan.t_com_s, update_bits(self.system.model_params, bits),
+                              self.profiles[node_id]["gain"], self.system.noise_w_per_hz)
+        return plan.e_cmp_j + float(e_com)
+
     def _node_figures(self, node_id: int, plan: contract.NodePlan) -> dict:
         """A planned node's NODE_FIGURES before its reply: the plan's, the measured ones unknown.
         The plan's uplink rate is the update's size as the cost model counts it (M x bits) over
         the plan's T_com: the rate a testbed shapes the node's link to."""
-        return {"node_id": node_id, "partition_id": self.profiles[node_id].get(contract.PARTITION_FIELD),
-                "t_cmp_s": plan.t_cmp_s, "t_com_s": plan.t_com_s, "bits": plan.bits,
-                "plan_uplink_bps": (float(update_bits(self.system.model_params, plan.bits)) / plan.t_com_s
-                                    if plan.t_com_s > 0 else None),
+        return {"node": node_id, "partition_id": self.profiles[node_id].get(contract.PARTITION_FIELD),
+                "bits_planned": plan.bits, "bits": None, "error_demand": plan.error_demand or None,
+                "error_expected": None, "error_measured": None, "t_cmp_s": plan.t_cmp_s, "t_com_s": plan.t_com_s,
+                "energy_j": None, "plan_uplink_bps": (float(update_bits(self.system.model_params, plan.bits))
+                                                      / plan.t_com_s if plan.t_com_s > 0 else None),
                 "train_s": None, "upload_s": None, "reply_bytes": None, "status": "used", "reason": ""}

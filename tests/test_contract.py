@@ -9,9 +9,9 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, RecordDict
 
 from fedfill import contract
 from fedfill.codec import decode, encode
-from fedfill.config import RunConfig, add_flags
+from fedfill.config import GIVEN, JOB_DEFAULTS, RunConfig, add_flags
 from strategies.allocation import parse_scenario, solve_plan
-from strategies.allocation.presets import fimi_device_profile, fimi_scenario
+from strategies.allocation.presets import drawn_device_profile, fimi_scenario
 
 
 def test_a_plan_entry_reaches_the_device_unchanged():
@@ -31,15 +31,19 @@ def test_a_train_reply_carries_the_codec_bytes_and_the_figures():
     update = [np.linspace(-1, 1, 12, dtype=np.float32).reshape(3, 4)]
     payload = encode(update, 8, np.random.default_rng(0))
     metrics = contract.TrainMetrics(num_examples=120, d_gen_used=20, train_seconds=1.5, train_loss=0.3,
-                                    upload_bytes=len(payload), modeled_energy_j=0.02)
+                                    upload_bytes=len(payload), modeled_energy_j=0.02, bits=8, error_expected=1e-4,
+                                    error_measured=1.1e-4, codec_constant=0.9)
     content = contract.train_reply(payload, metrics, "generated 20")
     array = content[contract.UPDATE_KEY]["payload"]
     assert array.stype == contract.CODEC_STYPE and array.data == payload
     got_payload, got_metrics, note = contract.read_train_reply(content)
     assert decode(got_payload)[0].shape == (3, 4) and note == "generated 20"
     assert got_metrics == {"num-examples": 120, "d-gen-used": 20, "train-seconds": 1.5, "train-loss": 0.3,
-                           "upload-bytes": len(payload), "modeled-energy-j": 0.02}
+                           "upload-bytes": len(payload), "modeled-energy-j": 0.02, "bits": 8,
+                           "error-expected": 1e-4, "error-measured": 1.1e-4, "codec-constant": 0.9}
     assert contract.reply_bytes(content) > len(payload)
+    silent = contract.train_reply(payload, metrics, "")  # nothing to say: no record Flower cannot count
+    assert contract.read_train_reply(silent)[2] == "" and contract.reply_bytes(silent) > len(payload)
 
 
 def test_a_plain_numpy_array_is_not_taken_for_a_codec_payload():
@@ -50,7 +54,7 @@ def test_a_plain_numpy_array_is_not_taken_for_a_codec_payload():
 
 
 def test_a_drawn_profile_is_a_profile_the_planner_accepts():
-    profile = {"d_loc": 100.0, **fimi_device_profile(2, 5, seed=1)}
+    profile = {"d_loc": 100.0, **drawn_device_profile("fimi", 2, 5, seed=1)}
     assert set(contract.PROFILE_FIELDS) <= set(profile)
     drawn = fimi_scenario(5, 1).devices
     assert profile["f_max_hz"] == drawn.f_max[2] and profile["gain"] == drawn.gain[2]
@@ -68,8 +72,20 @@ def test_every_run_setting_is_a_flag_and_comes_back():
     assert (run.num_partitions, run.dirichlet_alpha, run.t_max_s, run.resume) == (4, 0.1, 30.0, True)
     assert (run.learning_fit, run.generator_steps, run.out_dir) == ("f.json", 5, "/tmp/x")
     cli = {f.name for f in fields(RunConfig) if f.metadata["cli"]}
-    assert cli == set(vars(args)), "a setting without a flag, or a flag without a setting"
+    assert cli == set(vars(args)) - {GIVEN}, "a setting without a flag, or a flag without a setting"
     assert RunConfig.from_run_config(run.to_run_config()) == run
+
+
+def test_a_job_brings_its_own_defaults_and_a_flag_the_user_gives_wins():
+    parser = argparse.ArgumentParser()
+    add_flags(parser)
+    ddpm = RunConfig.from_args(parser.parse_args(["--job", "ddpm"]), out_dir="x")
+    assert {name: getattr(ddpm, name) for name in JOB_DEFAULTS["ddpm"]} == JOB_DEFAULTS["ddpm"]
+    classifier_lr = RunConfig().lr
+    given = RunConfig.from_args(parser.parse_args(["--job", "ddpm", "--lr", str(classifier_lr), "--policy", "fp32"]),
+                                out_dir="x")
+    assert (given.lr, given.policy, given.batch_size) == (classifier_lr, "fp32", JOB_DEFAULTS["ddpm"]["batch_size"])
+    assert RunConfig.from_args(parser.parse_args([]), out_dir="x").lr == classifier_lr
 
 
 def test_run_config_values_are_read_back_with_their_types():

@@ -34,7 +34,7 @@ class Rounds:
 
     def __call__(self, server_round, record, nodes):
         self.costs[server_round], self.nodes[server_round] = dict(record), nodes
-        self.drops[server_round] = [{"node": n["node_id"], "reason": n["reason"]} for n in nodes
+        self.drops[server_round] = [{"node": n["node"], "reason": n["reason"]} for n in nodes
                                     if n["status"] == "dropped"]
 
 
@@ -69,11 +69,12 @@ def test_each_node_gets_its_own_plan():
         assert received.f_hz == entry["f_hz"] and received.server_round == 1 and received.policy == "fimi"
 
 
-def reply_to(node_id, update, weight=10, bits=8, raw=None, content=None):
+def reply_to(node_id, update, weight=10, bits=8, raw=None, content=None, codec_constant=0.0):
     request = Message(RecordDict({}), message_type=MessageType.TRAIN, dst_node_id=node_id)
     payload = raw if raw is not None else encode(update, bits, np.random.default_rng(0))
     metrics = contract.TrainMetrics(num_examples=weight, d_gen_used=2, train_seconds=0.5, train_loss=1.0,
-                                    upload_bytes=len(payload), modeled_energy_j=0.1)
+                                    upload_bytes=len(payload), modeled_energy_j=0.1, bits=bits,
+                                    codec_constant=codec_constant)
     reply = Message(content or contract.train_reply(payload, metrics, "test"), reply_to=request)
     reply.metadata.__dict__["_src_node_id"] = node_id  # Flower sets the sender when the reply travels
     return reply
@@ -106,11 +107,14 @@ def test_bad_updates_are_dropped_with_their_reason_and_good_ones_averaged():
     from strategies.fimi_strategy import NODE_FIGURES
 
     nodes_seen = strategy.rounds.nodes[1]
-    assert [n["node_id"] for n in nodes_seen] == nodes and all(tuple(n) == NODE_FIGURES for n in nodes_seen)
+    assert [n["node"] for n in nodes_seen] == nodes and all(tuple(n) == NODE_FIGURES for n in nodes_seen)
     assert [n["status"] for n in nodes_seen] == ["used", "used", "dropped", "dropped"]
     for n in nodes_seen:
-        plan = strategy._planned[n["node_id"]]
-        assert n["t_com_s"] == plan.t_com_s and n["bits"] == plan.bits
+        plan = strategy._planned[n["node"]]
+        assert n["t_com_s"] == plan.t_com_s and n["bits_planned"] == plan.bits
+        used = n["status"] == "used"
+        assert n["bits"] == (plan.bits if used else None)
+        assert n["energy_j"] == (plan.modeled_energy_j if used else None)
         assert n["plan_uplink_bps"] == pytest.approx(strategy.system.model_params * plan.bits / plan.t_com_s)
         assert n["reply_bytes"] > 0 and n["upload_s"] is None  # no timing grid given
     assert [n["train_s"] for n in nodes_seen] == [0.5, 0.5, None, None]
@@ -186,3 +190,44 @@ def test_the_strategy_times_each_reply_and_forgets_a_plan_it_did_not_send():
     strategy.configure_train(2, ArrayRecord(GLOBAL), ConfigRecord(), OnlineNodes([]))
     strategy.aggregate_train(2, [])
     assert strategy.rounds.nodes[2] == [] and strategy.rounds.costs[2]["dropped"] == 0
+
+
+def ondemand_strategy(n=3, policy="ondemand"):
+    from strategies.allocation.presets import ondemand_scenario
+
+    scenario = ondemand_scenario(n, 0)
+    profiles = {2000 + k: device for k, device in enumerate(scenario.to_json()["devices"])}
+    rounds = Rounds()
+    strategy = FimiFedAvg(scenario.system, policy, profiles, node_wait_s=0.0, on_round_metrics=rounds)
+    strategy.rounds = rounds
+    return strategy, list(profiles)
+
+
+def test_a_device_that_raised_its_bits_is_charged_for_them_and_its_codec_constant_plans_its_next_bits():
+    strategy, nodes = ondemand_strategy()
+    strategy.configure_train(1, ArrayRecord(GLOBAL), ConfigRecord(), OnlineNodes(nodes))
+    planned = dict(strategy._planned)
+    assert all(p.error_demand == strategy.profiles[n]["quant_error"] > 0 for n, p in planned.items())
+    update = [np.full((3, 2), 0.5, np.float32), np.linspace(-1, 1, 4).astype(np.float32)]
+    raised = planned[nodes[0]].bits + 2
+    replies = [reply_to(nodes[0], update, bits=raised, codec_constant=50.0)]
+    replies += [reply_to(n, update, bits=planned[n].bits, codec_constant=0.0) for n in nodes[1:]]
+    _, metrics = strategy.aggregate_train(1, replies)
+    rows = {row["node"]: row for row in strategy.rounds.nodes[1]}
+    assert rows[nodes[0]]["bits"] == raised and rows[nodes[0]]["bits_planned"] == planned[nodes[0]].bits
+    assert rows[nodes[0]]["energy_j"] > planned[nodes[0]].modeled_energy_j, "more bits in the same T_com cost more"
+    assert rows[nodes[1]]["energy_j"] == planned[nodes[1]].modeled_energy_j
+    assert metrics["energy-j"] == pytest.approx(sum(row["energy_j"] for row in rows.values()))
+    # the reported constant replaces the prior for that node only (0: none measured, keep the prior)
+    assert strategy.profiles[nodes[0]]["codec_constant"] == 50.0
+    assert "codec_constant" not in strategy.profiles[nodes[1]]
+    strategy.configure_train(2, ArrayRecord(GLOBAL), ConfigRecord(), OnlineNodes(nodes))
+    assert strategy._planned[nodes[0]].bits > planned[nodes[0]].bits, "a larger constant asks for more bits"
+    assert strategy._planned[nodes[1]].bits == planned[nodes[1]].bits
+
+
+def test_fixed_width_policies_send_their_bits_whatever_the_demand():
+    strategy, nodes = ondemand_strategy(policy="fixed-6")
+    strategy.configure_train(1, ArrayRecord(GLOBAL), ConfigRecord(), OnlineNodes(nodes))
+    assert {p.bits for p in strategy._planned.values()} == {6}
+    assert all(p.error_demand == 0.0 for p in strategy._planned.values())

@@ -208,8 +208,8 @@ def test_a_run_survives_killing_30_percent_of_the_nodes_and_they_rejoin(testbed,
     assert int(rounds[2]["dropped"]) == 1 and int(rounds[2]["updates"]) == NODES - 1
     assert rounds[2]["dropped_nodes"] == str(victim.config["partition-id"])  # named by partition
     killed_id = victim.node_id
-    nodes = _rows(out / "nodes.csv")
-    rejoined = [r for r in nodes if int(r["round"]) > 2 and int(r["node_id"]) == killed_id and r["status"] == "used"]
+    nodes = _rows(out / "devices.csv")
+    rejoined = [r for r in nodes if int(r["round"]) > 2 and int(r["node"]) == killed_id and r["status"] == "used"]
     assert rejoined, "the restarted node trained no later round"
     # every used update has a measured upload time, beside the modeled one
     used = [r for r in nodes if r["status"] == "used"]

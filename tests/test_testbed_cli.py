@@ -82,13 +82,13 @@ def test_the_uplink_table_sets_measured_beside_bytes_over_the_shaped_rate(tmp_pa
                          "plan_seen_at": 1.0, "applied_at": 1.1, "error": ""})
         writer.writerow({"round": 1, "node_id": 8, "container": "x-node-1", "rate_bps": 80_000,
                          "plan_seen_at": 1.0, "applied_at": "", "error": "gone"})
-    with open(tmp_path / "nodes.csv", "w", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=["round", "node_id", "partition_id", "t_com_s", "upload_s",
+    with open(tmp_path / "devices.csv", "w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=["round", "node", "partition_id", "t_com_s", "upload_s",
                                                 "reply_bytes", "status"])
         writer.writeheader()
-        writer.writerow({"round": 1, "node_id": 7, "partition_id": 0, "t_com_s": 1.0, "upload_s": 3.5,
+        writer.writerow({"round": 1, "node": 7, "partition_id": 0, "t_com_s": 1.0, "upload_s": 3.5,
                          "reply_bytes": 20_000, "status": "used"})
-        writer.writerow({"round": 1, "node_id": 8, "partition_id": 1, "t_com_s": 1.0, "upload_s": 9.0,
+        writer.writerow({"round": 1, "node": 8, "partition_id": 1, "t_com_s": 1.0, "upload_s": 9.0,
                          "reply_bytes": 20_000, "status": "used"})
     rows = write_uplink_report(tmp_path)
     assert len(rows) == 1  # node 8's shaping failed: no claim about its link

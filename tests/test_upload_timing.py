@@ -1,5 +1,5 @@
 """Measured upload seconds beside the plan's T_com: the ServerApp's TimedGrid (a short reply
-poll that stamps when each reply was pulled), the report's nodes.csv and upload.png, and one
+poll that stamps when each reply was pulled), the report's devices.csv and upload.png, and one
 real run on the deployment engine."""
 
 import csv
@@ -120,8 +120,11 @@ def test_everything_else_goes_to_the_wrapped_grid():
 
 
 def node_row(node_id, partition, status="used", reason="", upload=0.2):
-    return {"node_id": node_id, "partition_id": partition, "t_cmp_s": 40.0, "t_com_s": 20.0, "bits": 32,
-            "plan_uplink_bps": 1e5, "train_s": 1.0 if status == "used" else None,
+    return {"node": node_id, "partition_id": partition, "bits_planned": 8, "bits": 9 if status == "used" else None,
+            "error_demand": 1e-3, "error_expected": 9e-4 if status == "used" else None,
+            "error_measured": 9.5e-4 if status == "used" else None, "t_cmp_s": 40.0, "t_com_s": 20.0,
+            "energy_j": 0.5 if status == "used" else None, "plan_uplink_bps": 1e5,
+            "train_s": 1.0 if status == "used" else None,
             "upload_s": upload if status == "used" else None, "reply_bytes": 1000 if status == "used" else None,
             "status": status, "reason": reason}
 
@@ -139,12 +142,13 @@ def test_the_report_writes_nodes_names_the_dropped_and_resumes(tmp_path):
     rows = read_rounds(tmp_path / "rounds.csv")
     assert [r["dropped_nodes"] for r in rows] == ["", "", str(2**64 - 3), ""]  # no partition id: the node id
     assert rows[2]["dropped"] == 1 and isinstance(rows[2]["energy_j"], float)
-    nodes = read_nodes(tmp_path / "nodes.csv")
+    nodes = read_nodes(tmp_path / "devices.csv")
     assert len(nodes) == 9 and [n["round"] for n in nodes] == [1, 1, 1, 2, 2, 2, 3, 3, 3]
     assert nodes[0] == {"round": 1, **node_row(111, 0, upload=0.3)}
     # Flower's node ids are 64-bit: read back exactly, not through a float
-    assert nodes[5] == {"round": 2, "node_id": 2**64 - 3, "t_cmp_s": 40.0, "t_com_s": 20.0, "bits": 32,
-                        "plan_uplink_bps": 1e5, "status": "dropped", "reason": "no reply before the timeout"}
+    assert nodes[5] == {"round": 2, "node": 2**64 - 3, "bits_planned": 8, "error_demand": 1e-3, "t_cmp_s": 40.0,
+                        "t_com_s": 20.0, "plan_uplink_bps": 1e5, "status": "dropped",
+                        "reason": "no reply before the timeout"}
     report.plot()
     assert (tmp_path / "upload.png").stat().st_size > 0 and (tmp_path / "accuracy.png").exists()
 
@@ -154,7 +158,7 @@ def test_the_report_writes_nodes_names_the_dropped_and_resumes(tmp_path):
     resumed.round_costs(2, MetricRecord({"energy-j": 1.0}), [node_row(111, 0, "dropped", "undecodable update")])
     resumed.add_round(2, {"accuracy": 0.5, "loss": 1.0})
     assert [r["dropped_nodes"] for r in read_rounds(tmp_path / "rounds.csv")] == ["", "", "0"]
-    assert [(n["round"], n["node_id"]) for n in read_nodes(tmp_path / "nodes.csv")] == [
+    assert [(n["round"], n["node"]) for n in read_nodes(tmp_path / "devices.csv")] == [
         (1, 111), (1, 222), (1, 2**64 - 3), (2, 111)]
     with open(tmp_path / "drops.csv") as fh:
         assert list(csv.DictReader(fh)) == [{"round": "2", "node": "111", "reason": "undecodable update"}]
@@ -176,19 +180,21 @@ def test_a_deployment_run_reports_measured_uploads_beside_the_plan(tmp_path):
                            "--rounds", "2", "--generator", "none", "--out", str(tmp_path), "--timeout", "300"],
                           cwd=ROOT, capture_output=True, text=True, timeout=400)
     assert done.returncode == 0, done.stdout + done.stderr
-    nodes = read_nodes(tmp_path / "nodes.csv")
+    nodes = read_nodes(tmp_path / "devices.csv")
     params = json.loads((tmp_path / "summary.json").read_text())["model_params"]
     partitions = {int(k): p["partition_id"] for k, p in json.loads((tmp_path / "profiles.json").read_text()).items()}
     assert sorted(partitions.values()) == [0, 1, 2], "each node reported its partition"
     for server_round in (1, 2):
         plan = json.loads((tmp_path / f"plan_round_{server_round}.json").read_text())
         mine = [n for n in nodes if n["round"] == server_round]
-        assert [n["node_id"] for n in mine] == plan["node_ids"], "a row per planned node, in the plan's order"
+        assert [n["node"] for n in mine] == plan["node_ids"], "a row per planned node, in the plan's order"
         for row, entry in zip(mine, plan["devices"]):
             assert row["t_com_s"] == pytest.approx(entry["t_com_s"], rel=1e-12)
-            assert row["t_cmp_s"] == pytest.approx(entry["t_cmp_s"], rel=1e-12) and row["bits"] == entry["bits"]
+            assert row["t_cmp_s"] == pytest.approx(entry["t_cmp_s"], rel=1e-12)
+            assert row["bits"] == row["bits_planned"] == entry["bits"] and "error_demand" not in row  # FIMI: no demand
+            assert row["energy_j"] == pytest.approx(entry["e_cmp_j"] + entry["e_com_j"], rel=1e-12)
             assert row["plan_uplink_bps"] == pytest.approx(params * entry["bits"] / entry["t_com_s"])
-            assert row["partition_id"] == partitions[row["node_id"]]
+            assert row["partition_id"] == partitions[row["node"]]
             assert row["status"] == "used" and row["reply_bytes"] > params * entry["bits"] / 8
             assert 0 < row["upload_s"] < 30 and row["train_s"] > 0
     rows = read_rounds(tmp_path / "rounds.csv")

@@ -17,9 +17,10 @@ energy coefficient 1e-26, B = 50 MHz per device, |h|^2 = 0.001, path-loss expone
 N0 = -95 dBm/MHz, M = 37M parameters. The paper places every device at 45 m and gives no
 P_max or T_max: we draw distances U(30, 60) m so devices differ, take P_max = 23 dBm and
 T_max = 15 s (the middle of its Fig. 4 range), and quantization demands that land on 6-8
-bits, the paper's range, under the planner's default rule: our codec's model
-K / (L - 1)^2 with the prior K = ln(2M)/3 (quantization.py). The devices report no codec
-constant yet (round 1). Under seed 000's Theorem 1 the same demands give 1-2 bits fewer.
+bits, the paper's range, by its Theorem 1 (L* = sqrt(1/(2q)) levels): the demands are the
+paper's, the bits are whatever our codec needs to keep them. Under the planner's default rule
+(our codec's model K / (L - 1)^2, quantization.py) they take 1-2 bits more with the prior K
+of round 1, and as many as the update's own K asks for after it.
 """
 
 from __future__ import annotations
@@ -27,10 +28,12 @@ from __future__ import annotations
 import numpy as np
 
 from .learning import LearningModel
-from .quantization import prior_codec_constant
 from .scenario import Devices, Scenario, System
 
 VGG9_PARAMS = 3_491_530
+# seed 000's C, 3.25 Mcycles per sample for its 37M-parameter model, per parameter: a job
+# with another model scales C by its size (the paper gives one model; compute ~ parameters)
+PAPER_OMEGA_PER_PARAM = 3.25e6 / 37e6
 PRESETS = ("fimi", "ondemand")
 
 
@@ -84,11 +87,10 @@ def ondemand_scenario(num_devices: int, seed: int) -> Scenario:
         alpha=4.0, beta=0.25, gamma=0.2, d_gen_max=0.0,
     )
     distance = rng.uniform(30.0, 60.0, num_devices)
-    # The codec model meets q at `bits` when K / (2**(bits-1) - 1)^2 <= q: a demand q = K / x^2
-    # with x strictly between 2**(bits-2) - 1 and 2**(bits-1) - 1 needs exactly `bits`.
-    bits = rng.integers(6, 9, num_devices)
-    x = 2.0 ** (bits - 2) - 1 + 2.0 ** (bits - 2) * rng.uniform(0.05, 0.95, num_devices)
-    demand = prior_codec_constant(system.model_params) / x ** 2
+    # Levels L* = sqrt(1 / (2 q)) for a relative error demand q; Theorem 1's bits = 1 sign + ceil(log2 L*).
+    magnitude_bits = rng.integers(5, 8, num_devices)  # -> 6..8 bits in all
+    levels = 2.0 ** (magnitude_bits - 1) * rng.uniform(1.05, 1.95, num_devices)
+    demand = 1.0 / (2.0 * levels ** 2)
     devices = Devices(
         ids=tuple(f"dev{k:04d}" for k in range(num_devices)),
         d_loc=np.full(num_devices, 512.0), f_max=np.full(num_devices, 1e9), eps=np.full(num_devices, 1e-26),
@@ -98,9 +100,15 @@ def ondemand_scenario(num_devices: int, seed: int) -> Scenario:
     return Scenario(system, devices)
 
 
-def fimi_device_profile(index: int, num_devices: int, seed: int) -> dict:
-    """Device `index` of `fimi_scenario(num_devices, seed)` as a profile (the contract's fields):
-    how a simulated node with no measured profile draws its own, the same on every process."""
-    devices = fimi_scenario(num_devices, seed).devices
-    return {"f_max_hz": float(devices.f_max[index]), "eps": float(devices.eps[index]),
-            "p_max_w": float(devices.p_max[index]), "gain": float(devices.gain[index])}
+def drawn_device_profile(preset: str, index: int, num_devices: int, seed: int) -> dict:
+    """Device `index` of the preset's scenario for `num_devices` and `seed` as a profile (the
+    contract's fields, and the error demand where the preset has one): how a simulated node
+    with no measured profile draws its own, the same on every process."""
+    if preset not in PRESETS:
+        raise ValueError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
+    devices = (fimi_scenario if preset == "fimi" else ondemand_scenario)(num_devices, seed).devices
+    profile = {"f_max_hz": float(devices.f_max[index]), "eps": float(devices.eps[index]),
+               "p_max_w": float(devices.p_max[index]), "gain": float(devices.gain[index])}
+    if not np.isnan(devices.quant_error[index]):
+        profile["quant_error"] = float(devices.quant_error[index])
+    return profile
