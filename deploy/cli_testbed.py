@@ -16,9 +16,7 @@ from fedfill.errors import UsageError
 
 
 def add_arguments(parser) -> None:
-    from fedfill.config import add_flags
-    from fedfill.job import JOBS
-    from strategies.allocation import POLICIES
+    from server.cli_run import add_run_flags
 
     from .image import DEFAULT_BASE_IMAGE, DEFAULT_IMAGE
 
@@ -38,14 +36,17 @@ def add_arguments(parser) -> None:
     up.add_argument("--runs-dir", default="runs", help="where reports go (mounted into the SuperLink container)")
     up.add_argument("--memory", default="1g", help="memory limit of each node container (default 1g)")
     up.add_argument("--no-generator", action="store_true", help="no generation service: local data only")
-    up.add_argument("--seed", type=int, default=0, help="seed of FIMI's device draw when no --scenario")
+    up.add_argument("--seed", type=int, default=0, help="seed of the device draw when no --scenario")
+    up.add_argument("--preset", choices=("fimi", "ondemand"), default="fimi",
+                    help="whose devices to draw when no --scenario: FIMI's (the classifier job) or seed 000's, "
+                         "error demands included (the ddpm job)")
 
     run = sub.add_parser("run", help="run the job against the testbed; the report of `fedfill run`")
     run.add_argument("--out", default="", help="report directory under the runs dir (default RUNS_DIR/testbed)")
     run.add_argument("--uplink-scale", type=float, default=1.0,
                      help="each node's egress is shaped to the plan's uplink rate times this (default 1)")
     run.add_argument("--timeout", type=float, default=3600.0)
-    add_flags(run, choices={"policy": POLICIES, "job": tuple(JOBS)}, skip=("num_partitions",))  # the testbed's
+    add_run_flags(run, skip=("num_partitions",))  # the testbed's
 
     kill = sub.add_parser("kill", help="kill containers (names like node-2, superlink) or a random fraction of nodes")
     kill.add_argument("names", nargs="*")
@@ -97,7 +98,7 @@ def _up(args) -> int:
 
     if args.nodes < 1:
         raise UsageError("--nodes must be at least 1")
-    configs = node_configs(args.nodes, args.scenario, seed=args.seed, profiles_always=True)
+    configs = node_configs(args.nodes, args.scenario, seed=args.seed, profiles_always=True, preset=args.preset)
     testbed = _testbed(args)
     state = testbed.up(configs, image=args.image, port=args.port, runs_dir=Path(args.runs_dir),
                        memory=args.memory, generator=not args.no_generator)
@@ -112,7 +113,7 @@ def _run(args) -> int:
 
     from deploy.local import flower_environment
     from fedfill.config import RunConfig
-    from server.cli_run import drive, interrupts_stop_the_run, prepare_out
+    from server.cli_run import check_job, drive, interrupts_stop_the_run, prepare_out
 
     from .shaper import UplinkShaper
     from .testbed import GENERATOR_PORT
@@ -128,6 +129,9 @@ def _run(args) -> int:
     if not out.is_relative_to(runs_dir):
         raise UsageError(f"--out must be under the testbed's runs directory {runs_dir} (the only host directory "
                          "its SuperLink container sees)")
+    job = RunConfig.from_args(args, out_dir=str(out), num_partitions=len(state.nodes),
+                              generator_address=f"{testbed.generator}:{GENERATOR_PORT}" if state.generator else "")
+    check_job(job)
     started = time.monotonic()
     testbed.ensure_running(state)
     # a driver that was killed left its ServerApp running: stop it before anything reads the
@@ -135,12 +139,10 @@ def _run(args) -> int:
     for run_id in testbed.stop_runs(state, wait_s=60.0):
         print(f"  stopped run {run_id}, left running by an earlier driver")
     out = prepare_out(out, args.resume)
-    job = RunConfig.from_args(args, out_dir=str(out), num_partitions=len(state.nodes),
-                              generator_address=f"{testbed.generator}:{GENERATOR_PORT}" if state.generator else "")
     env = flower_environment(testbed.connect_cli(state))
     shaper = UplinkShaper(testbed, out, {n.node_id: n.container for n in state.nodes}, args.uplink_scale)
-    print(f"fedfill testbed run: {args.policy} on {args.dataset}, {len(state.nodes)} nodes of testbed {state.name}, "
-          f"{args.rounds} rounds, uplinks shaped to the plan x {args.uplink_scale:g} -> {out}")
+    print(f"fedfill testbed run: {job.job} job, {job.policy} on {args.dataset}, {len(state.nodes)} nodes of testbed "
+          f"{state.name}, {args.rounds} rounds, uplinks shaped to the plan x {args.uplink_scale:g} -> {out}")
     shaper.start()
     with interrupts_stop_the_run():
         try:

@@ -11,18 +11,7 @@ import time
 
 import numpy as np
 
-from fedfill.config import RunConfig
-from fedfill.data import ImageDataset
 from fedfill.job import Job, LocalResult, run_split
-
-
-@functools.lru_cache(maxsize=4)
-def _partitions(run: RunConfig, num_partitions: int):
-    """The clients' pool and its Dirichlet split, once per process (Ray reuses its actors)."""
-    from fedfill.partition import dirichlet_partition
-
-    pool = run_split(run).clients
-    return pool, dirichlet_partition(pool.labels, num_partitions, run.dirichlet_alpha, run.seed)
 
 
 class ClassifierJob(Job):
@@ -45,10 +34,6 @@ class ClassifierJob(Job):
 
         torch.manual_seed(self.run.seed)
         return get_weights(self._model())
-
-    def node_data(self, partition_id: int, num_partitions: int) -> ImageDataset:
-        pool, parts = _partitions(self.run, num_partitions)
-        return pool.subset(parts[partition_id])
 
     def train(self, weights, images, labels, *, seed: int, threads: int = 1) -> LocalResult:
         import torch

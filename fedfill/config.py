@@ -27,7 +27,10 @@ class RunConfig:
     dirichlet_alpha: float = setting(0.3, "Dirichlet concentration of the label split", flag="--alpha")
     seed: int = setting(0, "seed of the split, the plans and the training; the same seed, the same run")
     rounds: int = setting(30, "federated rounds")
-    policy: str = setting("fimi", "the allocation policy the strategy plans with")
+    policy: str = setting("fimi", "the allocation policy the strategy plans with (strategies.allocation: "
+                                  "fimi, tfl, hdc, fixed, ondemand, fimi+ondemand, or fp32 / fixed-N: every device at N bits)")
+    bits_rule: str = setting("codec", "how ondemand turns an error demand into bits: codec (a model of fedfill's "
+                                      "codec) or theorem1 (seed 000's Theorem 1 as printed)")
     local_epochs: int = setting(1, "tau: local epochs per round")
     # FIMI uses lr 0.02, batch 64 on 1250 samples a device; a digits device holds ~100, and
     # 0.05 / 16 reaches 94% in 30 rounds where 0.02 / 64 reaches 76% (measured, README).
@@ -43,6 +46,15 @@ class RunConfig:
                                      cli=False)  # `fedfill run --generator` sets it
     generator_steps: int = setting(20, "sampling steps the generation service uses")
     generator_guidance: float = setting(2.0, "classifier-free guidance scale of the generated samples")
+    # the ddpm job (generation.finetune)
+    start_checkpoint: str = setting("", "the generator the ddpm job fine-tunes; empty: the shipped one that saw "
+                                        "only digits 0-4")
+    trainable: str = setting("full", "what the ddpm job fine-tunes and uploads: full (every UNet weight) or lora "
+                                     "(LoRA adapters on its attention and convolution layers)")
+    lora_rank: int = setting(4, "rank of the LoRA adapters (--trainable lora)")
+    eval_per_class: int = setting(30, "samples per class the ddpm job's evaluation draws each round")
+    inception: str = setting("", "the FID Inception TorchScript (inception-2015-12-05.pt), if you have it: the "
+                                 "ddpm job's evaluation adds the standard FID")
     out_dir: str = setting("runs/latest", "report directory", cli=False)  # `fedfill run --out` sets it
     resume: bool = setting(False, "continue the run in the report directory from its last checkpoint")
     node_wait_s: float = setting(60.0, "how long the server waits for nodes before going on with fewer")
@@ -64,9 +76,31 @@ class RunConfig:
 
     @classmethod
     def from_args(cls, args: argparse.Namespace, **fixed) -> "RunConfig":
-        """From the flags `add_flags` made, plus the fields the launcher sets itself."""
-        return cls(**{f.name: getattr(args, f.name) for f in fields(cls) if f.metadata["cli"] and f.name not in fixed},
-                   **fixed)
+        """From the flags `add_flags` made, plus the fields the launcher sets itself; a flag
+        the user did not give takes its job's default (JOB_DEFAULTS) where the job has one."""
+        given = getattr(args, GIVEN, set())
+        values = {f.name: getattr(args, f.name) for f in fields(cls) if f.metadata["cli"] and f.name not in fixed}
+        job = fixed.get("job", values.get("job", cls.job))
+        values.update({name: value for name, value in JOB_DEFAULTS.get(job, {}).items()
+                       if name not in given and name not in fixed})
+        return cls(**values, **fixed)
+
+
+# run-config values a job changes from the defaults above when the user gives none
+JOB_DEFAULTS = {
+    # seed 000: per-device bits from the error demand, T_max 15 s (strategies.allocation.presets);
+    # AdamW at 5e-4 on batches of 32, 5 local epochs (measured on digits, README)
+    "ddpm": {"policy": "ondemand", "lr": 5e-4, "batch_size": 32, "local_epochs": 5, "t_max_s": 15.0},
+}
+GIVEN = "given_flags"  # the argparse namespace attribute naming the run-config flags the user gave
+
+
+class _Given(argparse.Action):
+    """Store the value and remember that the user gave it (RunConfig.from_args)."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        setattr(namespace, self.dest, True if self.nargs == 0 else values)
+        setattr(namespace, GIVEN, {*getattr(namespace, GIVEN, set()), self.dest})
 
 
 def key_of(name: str) -> str:
@@ -74,22 +108,25 @@ def key_of(name: str) -> str:
 
 
 def add_flags(parser: argparse.ArgumentParser, choices: dict[str, tuple] | None = None,
-              skip: tuple[str, ...] = ()) -> None:
+              skip: tuple[str, ...] = (), types: dict | None = None) -> None:
     """One option per run-config field (`--the-key`, or the field's own flag); `choices`
-    narrows a field to the values a role knows (the policies live with the planner); `skip`
-    leaves out fields the launcher sets itself (a testbed knows its number of nodes)."""
-    choices = choices or {}
+    narrows a field to the values a role knows, `types` checks one with a function (the
+    policies live with the planner); `skip` leaves out fields the launcher sets itself (a
+    testbed knows its number of nodes)."""
+    choices, types = choices or {}, types or {}
     for f in fields(RunConfig):
         if not f.metadata["cli"] or f.name in skip:
             continue
         flag = f.metadata["flag"] or "--" + key_of(f.name)
         default = f.default
         if isinstance(default, bool):
-            parser.add_argument(flag, dest=f.name, action="store_true", help=f.metadata["help"])
+            parser.add_argument(flag, dest=f.name, action=_Given, nargs=0, default=False, help=f.metadata["help"])
             continue
-        parser.add_argument(flag, dest=f.name, type=type(default), default=default, choices=choices.get(f.name),
-                            metavar=None if f.name in choices else key_of(f.name).upper(),
-                            help=f"{f.metadata['help']} (default: {default!r})")
+        job_defaults = {job: values[f.name] for job, values in JOB_DEFAULTS.items() if f.name in values}
+        shown = f"default: {default!r}" + "".join(f"; {v!r} for --job {job}" for job, v in job_defaults.items())
+        parser.add_argument(flag, dest=f.name, action=_Given, type=types.get(f.name, type(default)), default=default,
+                            choices=choices.get(f.name), metavar=None if f.name in choices else key_of(f.name).upper(),
+                            help=f"{f.metadata['help']} ({shown})")
 
 
 def toml_value(value) -> str:

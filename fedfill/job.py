@@ -3,7 +3,8 @@
 The ServerApp, the ClientApp and the strategy are the same for every job; a job supplies its
 model, a node's data, the local training step and the central evaluation (the shape of
 Flower's example apps' task module). The classifier job (VGG-9 on images, seed 003) is the
-first; the diffusion fine-tuning job (seed 000) is meant to be the second.
+first; the diffusion fine-tuning job (a DDPM fine-tuned with on-demand quantization, seed
+000) is the second.
 
 Jobs are named in the run config (`job = "classifier"`) and found through JOBS, a name ->
 "module:Class" map, so that the shared layer names a job without importing its code.
@@ -21,7 +22,7 @@ import numpy as np
 from fedfill.config import RunConfig
 from fedfill.data import DatasetSplit, ImageDataset, load_dataset, split_dataset
 
-JOBS = {"classifier": "fedfill.classifier:ClassifierJob"}
+JOBS = {"classifier": "fedfill.classifier:ClassifierJob", "ddpm": "generation.finetune:DiffusionJob"}
 
 
 @dataclass
@@ -39,6 +40,8 @@ class Job(ABC):
     #: the central evaluation's columns in rounds.csv; the first is the headline metric
     #: (higher is better) that "best" and the compare table's targets refer to
     metrics: tuple[str, ...] = ()
+    #: the paper setting of its cost model and drawn devices (strategies.allocation.presets)
+    preset: str = "fimi"
 
     def __init__(self, run: RunConfig):
         self.run = run
@@ -47,9 +50,10 @@ class Job(ABC):
     def initial_weights(self) -> list[np.ndarray]:
         """The global model before round 1 (the same for the same seed)."""
 
-    @abstractmethod
     def node_data(self, partition_id: int, num_partitions: int) -> ImageDataset:
-        """The local data of one node of the fleet."""
+        """The local data of one node of the fleet: its Dirichlet share of the clients' pool."""
+        pool, parts = _partitions(self.run, num_partitions)
+        return pool.subset(parts[partition_id])
 
     @abstractmethod
     def train(self, weights: list[np.ndarray], images: np.ndarray, labels: np.ndarray, *, seed: int,
@@ -60,12 +64,26 @@ class Job(ABC):
     def evaluate(self, weights: list[np.ndarray]) -> dict[str, float]:
         """Central evaluation of global weights: one value per name in `metrics`."""
 
+    def save(self, weights: list[np.ndarray], out_dir) -> str | None:
+        """Write the final model in the job's own format (the run's checkpoint.npz aside), if
+        it has one; returns what was written."""
+        return None
+
 
 def load_job(run: RunConfig) -> Job:
     if run.job not in JOBS:
         raise ValueError(f"unknown job {run.job!r}; choose one of {', '.join(JOBS)}")
     module_name, class_name = JOBS[run.job].split(":")
     return getattr(importlib.import_module(module_name), class_name)(run)
+
+
+@functools.lru_cache(maxsize=4)
+def _partitions(run: RunConfig, num_partitions: int):
+    """The clients' pool and its Dirichlet split, once per process (Ray reuses its actors)."""
+    from fedfill.partition import dirichlet_partition
+
+    pool = run_split(run).clients
+    return pool, dirichlet_partition(pool.labels, num_partitions, run.dirichlet_alpha, run.seed)
 
 
 @functools.lru_cache(maxsize=2)

@@ -23,7 +23,7 @@ from server.report import RunReport
 from server.timed_grid import TimedGrid
 from strategies.allocation import LearningModel, System
 from strategies.allocation.learning import shipped_fit
-from strategies.allocation.presets import fimi_scenario
+from strategies.allocation.presets import PAPER_OMEGA_PER_PARAM, fimi_scenario, ondemand_scenario
 from strategies.fimi_strategy import FimiFedAvg, wait_for_nodes
 
 app = ServerApp()
@@ -51,12 +51,21 @@ def learning_model(run: RunConfig) -> LearningModel | None:
     return LearningModel.load(run.learning_fit) if run.learning_fit else shipped_fit(run.dataset)
 
 
-def run_system(run: RunConfig, model_params: int, profiles: dict[int, dict]) -> System:
-    """FIMI §V-A's system with this run's model size and T_max, and its learning fit.
+def run_system(run: RunConfig, model_params: int, profiles: dict[int, dict], preset: str = "fimi") -> System:
+    """The job's paper system with this run's model size, T_max and local epochs.
+
+    ondemand (seed 000 §IV-A): no synthetic data; C, the cycles per sample, scaled to the
+    model's size from the paper's 3.25 Mcycles for 37M parameters.
+
+    fimi (§V-A), with the run's learning fit.
 
     The paper gives no zeta; we set it so that the error target asks, on average, for
     `synthetic_fraction` more data per device than it holds (design choice, see README).
     """
+    if preset == "ondemand":
+        base = ondemand_scenario(max(1, len(profiles)), run.seed).system
+        return replace(base, model_params=float(model_params), omega=PAPER_OMEGA_PER_PARAM * model_params,
+                       t_max_s=run.t_max_s, tau=float(run.local_epochs))
     learning = learning_model(run)
     base = fimi_scenario(max(1, len(profiles)), run.seed, learning).system
     mean_d_loc = float(np.mean([p["d_loc"] for p in profiles.values()])) if profiles else 1.0
@@ -86,7 +95,7 @@ def main(grid: Grid, context: Context) -> None:
     profiles = collect_profiles(grid, run.num_partitions, run.node_wait_s, run.reply_timeout_s)
     if not profiles:
         raise RuntimeError("no node reported a device profile: nothing to train")
-    system = run_system(run, model_params, profiles)
+    system = run_system(run, model_params, profiles, job.preset)
     report = RunReport(out_dir, {"job": run.job, "policy": run.policy, "dataset": run.dataset,
                                  "alpha": run.dirichlet_alpha, "seed": run.seed, "nodes": len(profiles),
                                  "model_params": model_params}, metrics=job.metrics)
@@ -94,7 +103,7 @@ def main(grid: Grid, context: Context) -> None:
     (out_dir / "profiles.json").write_text(json.dumps({str(k): v for k, v in profiles.items()}, indent=1) + "\n")
     strategy = FimiFedAvg(system, run.policy, profiles, seed=run.seed, node_wait_s=run.node_wait_s,
                           on_plan=report.write_plan, on_round_metrics=report.round_costs,
-                          upload_seconds=grid.upload_seconds, min_train_nodes=1)
+                          upload_seconds=grid.upload_seconds, min_train_nodes=1, bits_rule=run.bits_rule)
     initial, done = ArrayRecord(weights), 0
     checkpoint = out_dir / "checkpoint.npz"
     if run.resume and checkpoint.exists():
@@ -116,10 +125,13 @@ def main(grid: Grid, context: Context) -> None:
             ", ".join(f"{k} {v:.4f}" for k, v in evaluation.items()), row["energy_j"], row["uplink_bytes"] / 1e6)
         return MetricRecord(evaluation)
 
+    final = initial
     if run.rounds > done:
-        strategy.start(grid, initial, num_rounds=run.rounds - done, timeout=run.reply_timeout_s,
-                       train_config=ConfigRecord({"local-epochs": run.local_epochs}), evaluate_fn=evaluate)
-    summary = report.summary({"environment": environment()})
+        result = strategy.start(grid, initial, num_rounds=run.rounds - done, timeout=run.reply_timeout_s,
+                                train_config=ConfigRecord({"local-epochs": run.local_epochs}), evaluate_fn=evaluate)
+        final = result.arrays
+    saved = job.save(final.to_numpy_ndarrays(), out_dir)
+    summary = report.summary({"environment": environment(), **({"model": saved} if saved else {})})
     report.plot()
     log(INFO, "done: best %s %s, energy %.3f J; report in %s", job.metrics[0], summary[f"best_{job.metrics[0]}"],
         summary["energy_j"], out_dir)

@@ -1,6 +1,11 @@
-"""`fedfill compare`: run several policies on the same split and seed and tabulate seed 003's
-Table I — energy, latency and uplink spent until the global accuracy first reaches the
-target, and the best accuracy — with one plot for all policies and Fig. 5b's per-device view.
+"""`fedfill compare`: run several policies on the same split and seed.
+
+The classifier job tabulates seed 003's Table I — energy, latency and uplink spent until the
+global accuracy first reaches the target, and the best accuracy — with one plot for all
+policies and Fig. 5b's per-device view. The ddpm job tabulates seed 000's comparison: per
+scheme the generator's quality at round 0 and at the end, the energy and bytes spent, the
+worst measured/demanded quantization error, with Fig. 2's quality-and-energy bars and
+Fig. 4's energy against the latency budget.
 """
 
 from __future__ import annotations
@@ -20,16 +25,23 @@ def add_arguments(parser) -> None:
 
     cli_run.add_arguments(parser)
     parser.set_defaults(out="runs/compare")
-    parser.add_argument("--policies", default="tfl,hdc,fimi", help="comma-separated policies (default: tfl,hdc,fimi)")
-    parser.add_argument("--target", type=float, default=0.8, help="target global test accuracy (default: 0.8)")
+    parser.add_argument("--policies", help="comma-separated policies (default: " + "; ".join(
+        f"{', '.join(p)} for --job {job}" for job, p in DEFAULT_POLICIES.items()) + ")")
+    parser.add_argument("--target", type=float, default=0.8,
+                        help="target of the headline metric: global test accuracy, or the ddpm job's class fidelity "
+                             "(default: 0.8)")
 
 
-def costs_at_target(rows: list[dict], target: float) -> dict:
-    """Cumulative costs at the first round whose accuracy reaches the target (None if never)."""
+DEFAULT_POLICIES = {"classifier": ("tfl", "hdc", "fimi"), "ddpm": ("fp32", "fixed-8", "fixed-6", "ondemand")}
+HEADLINE = {"classifier": "accuracy", "ddpm": "fidelity"}
+
+
+def costs_at_target(rows: list[dict], target: float, metric: str = "accuracy") -> dict:
+    """Cumulative costs at the first round whose headline metric reaches the target (None if never)."""
     trained = [r for r in rows if r["round"] > 0]
-    best = max((r["accuracy"] for r in trained), default=None)
-    hit = next((r for r in trained if r["accuracy"] >= target), None)
-    return {"best_accuracy": best,
+    best = max((r[metric] for r in trained), default=None)
+    hit = next((r for r in trained if r[metric] >= target), None)
+    return {f"best_{metric}": best,
             "energy_at_target_j": hit["energy_j"] if hit else None,
             "latency_at_target_s": hit["latency_s"] if hit else None,
             "uplink_at_target_bytes": int(hit["uplink_bytes"]) if hit else None,
@@ -39,31 +51,144 @@ def costs_at_target(rows: list[dict], target: float) -> dict:
 def run(args) -> int:
     from server import cli_run
 
-    policies = [p.strip() for p in args.policies.split(",") if p.strip()]
-    from strategies.allocation import POLICIES as allowed
+    from strategies.allocation.policies import parse_policy
 
-    unknown = [p for p in policies if p not in allowed]
-    if unknown or not policies:
-        raise UsageError(f"unknown policy {unknown[0] if unknown else ''!r}; choose from {', '.join(allowed)}")
+    policies = [p.strip() for p in (args.policies or ",".join(DEFAULT_POLICIES[args.job])).split(",") if p.strip()]
+    if not policies:
+        raise UsageError("--policies names no policy")
+    for policy in policies:
+        try:
+            parse_policy(policy)
+        except ValueError as err:
+            raise UsageError(str(err)) from None
     if not 0 < args.target <= 1:
-        raise UsageError(f"--target is an accuracy in (0, 1], got {args.target}")
+        raise UsageError(f"--target is a {HEADLINE[args.job]} in (0, 1], got {args.target}")
     out = Path(args.out).resolve()
+    metric = HEADLINE[args.job]
     results = {}
     for policy in policies:
         policy_args = argparse.Namespace(**{**vars(args), "policy": policy, "out": str(out / policy)})
+        policy_args.given_flags = {*getattr(args, "given_flags", set()), "policy"}  # the job's default must not win
         if cli_run.run(policy_args) != 0:
             print(f"fedfill compare: the {policy} run failed; see {out / policy / 'flwr.log'}")
             return 1
-        results[policy] = costs_at_target(read_rounds(out / policy / "rounds.csv"), args.target)
-    summary = {"target_accuracy": args.target, "dataset": args.dataset, "alpha": args.dirichlet_alpha, "seed": args.seed,
-               "rounds": args.rounds, "nodes": args.num_partitions, "policies": results}
+        results[policy] = costs_at_target(read_rounds(out / policy / "rounds.csv"), args.target, metric)
+        if args.job == "ddpm":
+            results[policy].update(diffusion_figures(out / policy))
+    summary = {f"target_{metric}": args.target, "job": args.job, "dataset": args.dataset, "alpha": args.dirichlet_alpha,
+               "seed": args.seed, "rounds": args.rounds, "nodes": args.num_partitions, "policies": results}
     (out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
-    print_table(summary)
-    plot_policies(out, policies, args.target)
-    if "fimi" in policies:
+    if args.job == "ddpm":
+        print_diffusion_table(summary)
+        plot_schemes(out, summary)
+        plot_energy_against_budget(out, policies)
+        print(f"compare: {out}/summary.json, schemes.png, energy_vs_tmax.png, policies.png")
+    else:
+        print_table(summary)
+    plot_policies(out, policies, args.target, metric)
+    if "fimi" in policies and args.job == "classifier":
         plot_synthetic_per_device(out / "fimi", out / "fimi_devices.png")
-    print(f"compare: {out}/summary.json, policies.png" + (", fimi_devices.png" if "fimi" in policies else ""))
+    if args.job == "classifier":
+        print(f"compare: {out}/summary.json, policies.png" + (", fimi_devices.png" if "fimi" in policies else ""))
     return 0
+
+
+def diffusion_figures(run_dir: Path) -> dict:
+    """A ddpm run's quality at round 0 and at the end, its cumulative costs, and the worst
+    measured / demanded quantization error over its devices and rounds."""
+    from server.report import NODES_CSV, read_nodes
+
+    rows = read_rounds(run_dir / "rounds.csv")
+    first, last = rows[0], rows[-1]
+    out = {f"{key}_{when}": row.get(key) for key in ("frechet", "fidelity", "frechet_unseen", "fidelity_unseen")
+           for when, row in (("start", first), ("end", last))}
+    out.update(energy_j=last["energy_j"], uplink_bytes=int(last["uplink_bytes"]), latency_s=last["latency_s"])
+    devices = read_nodes(run_dir / NODES_CSV) if (run_dir / NODES_CSV).exists() else []
+    ratios = [d["error_measured"] / d["error_demand"] for d in devices
+              if d.get("error_demand") and d.get("error_measured") is not None]
+    out["max_error_ratio"] = max(ratios, default=None)  # measured / demanded; None where no device had a demand
+    out["bits_sent"] = sorted({int(d["bits"]) for d in devices if d.get("bits") is not None})
+    return out
+
+
+def print_diffusion_table(summary: dict) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"ddpm fine-tuning on {summary['dataset']}, Dir({summary['alpha']}), {summary['nodes']} "
+                        f"devices, {summary['rounds']} rounds (Fréchet: lower is better)")
+    for column in ("policy", "bits sent", "Fréchet start -> end", "fidelity start -> end", "unseen fidelity",
+                   "energy J", "uplink MB", "max error / demand"):
+        table.add_column(column, justify="right")
+    for name, r in summary["policies"].items():
+        ratio = r.get("max_error_ratio")
+        table.add_row(name, ",".join(map(str, r["bits_sent"])), f"{r['frechet_start']:.3f} -> {r['frechet_end']:.3f}",
+                      f"{r['fidelity_start']:.1%} -> {r['fidelity_end']:.1%}",
+                      f"{r['fidelity_unseen_start']:.1%} -> {r['fidelity_unseen_end']:.1%}",
+                      f"{r['energy_j']:.4g}", f"{r['uplink_bytes'] / 1e6:.2f}", "-" if ratio is None else f"{ratio:.3f}")
+    Console(width=160).print(table)
+
+
+def plot_schemes(out: Path, summary: dict) -> None:
+    """Seed 000's Fig. 2: each scheme's final quality beside the device energy it spent."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(summary["policies"])
+    results = [summary["policies"][n] for n in names]
+    fig, axes = plt.subplots(1, 3, figsize=(13, 4))
+    x = range(len(names))
+    axes[0].bar(x, [r["frechet_end"] for r in results], color="tab:blue")
+    axes[0].axhline(results[0]["frechet_start"], color="grey", ls="--", lw=0.8, label="round 0 (the start)")
+    axes[0].set_ylabel("Fréchet distance, reference features (lower is better)")
+    axes[1].bar(x, [r["fidelity_unseen_end"] for r in results], color="tab:green")
+    axes[1].axhline(results[0]["fidelity_unseen_start"], color="grey", ls="--", lw=0.8, label="round 0 (the start)")
+    axes[1].set_ylabel("class fidelity on the classes the start never saw")
+    axes[2].bar(x, [r["energy_j"] for r in results], color="tab:orange")
+    axes[2].set_ylabel("cumulative device energy (J, seed 000's model)")
+    for ax in axes:
+        ax.set_xticks(list(x), names)
+        ax.grid(alpha=0.3, axis="y")
+    axes[0].legend(fontsize=8)
+    axes[1].legend(fontsize=8)
+    fig.suptitle(f"{summary['nodes']} devices, {summary['rounds']} rounds")
+    fig.tight_layout()
+    fig.savefig(out / "schemes.png", dpi=110)
+    plt.close(fig)
+
+
+def plot_energy_against_budget(out: Path, policies: list[str], budgets=None) -> None:
+    """Seed 000's Fig. 4: a round's planned device energy against the latency budget T_max,
+    per scheme, on the run's own devices (the planner alone, on system.json and profiles.json
+    of the first run: the bits of `ondemand` rest on the codec constant's prior)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    from strategies.allocation import parse_scenario, solve_plan
+
+    system = json.loads((out / policies[0] / "system.json").read_text())
+    profiles = json.loads((out / policies[0] / "profiles.json").read_text())
+    devices = [{**p, "id": node} for node, p in profiles.items()]
+    budgets = budgets if budgets is not None else np.linspace(0.2, 2.0, 10) * system["t_max_s"]
+    fig, ax = plt.subplots(figsize=(6, 4.2))
+    for policy in policies:
+        energy = []
+        for t_max in budgets:
+            plan = solve_plan(parse_scenario({"system": {**system, "t_max_s": float(t_max)}, "devices": devices}),
+                              policy)
+            energy.append(plan.energy_j if plan.feasible else np.nan)
+        ax.plot(budgets, energy, marker=".", label=policy)
+    ax.set(yscale="log", xlabel="latency budget T_max (s)", ylabel="planned device energy per round (J)")
+    ax.grid(alpha=0.3, which="both")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out / "energy_vs_tmax.png", dpi=110)
+    plt.close(fig)
 
 
 def print_table(summary: dict) -> None:
@@ -95,7 +220,7 @@ def print_table(summary: dict) -> None:
     Console(width=140).print(table)
 
 
-def plot_policies(out: Path, policies: list[str], target: float) -> None:
+def plot_policies(out: Path, policies: list[str], target: float, metric: str = "accuracy") -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -104,14 +229,14 @@ def plot_policies(out: Path, policies: list[str], target: float) -> None:
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
     for policy in policies:
         rows = read_rounds(out / policy / "rounds.csv")
-        acc = [r["accuracy"] for r in rows]
+        acc = [r[metric] for r in rows]
         axes[0].plot([r["energy_j"] for r in rows], acc, label=policy)
         axes[1].plot([r["latency_s"] / 3600 for r in rows], acc, label=policy)
     axes[0].set_xlabel("cumulative device energy (J, cost model)")
     axes[1].set_xlabel("cumulative latency (h, cost model)")
     for ax in axes:
         ax.axhline(target, color="grey", lw=0.8, ls="--")
-        ax.set_ylabel("global test accuracy")
+        ax.set_ylabel("global test accuracy" if metric == "accuracy" else metric.replace("_", " "))
         ax.grid(alpha=0.3)
         ax.legend()
     fig.tight_layout()

@@ -12,6 +12,7 @@ it started.
 
 from __future__ import annotations
 
+import argparse
 import signal
 import subprocess
 import sys
@@ -27,10 +28,36 @@ from fedfill.config import RunConfig, add_flags, run_config_toml
 from server.report import read_rounds
 
 
-def add_arguments(parser) -> None:
+def add_run_flags(parser, skip: tuple[str, ...] = ()) -> None:
+    """The run-config flags of `fedfill run` and `fedfill testbed run`, each checked as it is
+    parsed: the jobs and bit rules as choices, a policy by the planner's own parser."""
     from fedfill.job import JOBS
-    from strategies.allocation import POLICIES
+    from strategies.allocation.policies import parse_policy
 
+    def policy(name: str) -> str:
+        try:
+            parse_policy(name)
+        except ValueError as err:
+            raise argparse.ArgumentTypeError(str(err)) from None
+        return name
+
+    add_flags(parser, choices={"job": tuple(JOBS), "bits_rule": ("codec", "theorem1"), "trainable": ("full", "lora")},
+              types={"policy": policy}, skip=skip)
+
+
+def check_job(job: RunConfig) -> None:
+    """What a job needs that the flags alone cannot check, before anything starts."""
+    if job.job == "ddpm":
+        from generation.finetune import check_run
+        from generation.model import CheckpointError
+
+        try:
+            check_run(job)
+        except (CheckpointError, ValueError) as err:
+            raise UsageError(str(err)) from None
+
+
+def add_arguments(parser) -> None:
     parser.add_argument("--engine", choices=("simulation", "deployment"), default="simulation",
                         help="Flower's simulation engine (Ray) or its deployment engine (real SuperLink/SuperNode processes)")
     parser.add_argument("--scenario", help="scenario JSON whose device i profiles SuperNode i (deployment engine)")
@@ -44,7 +71,7 @@ def add_arguments(parser) -> None:
                         help="with --superlink: the CA of its TLS certificate (without it: plaintext)")
     parser.add_argument("--out", default="runs/latest", help="report directory (default: runs/latest)")
     parser.add_argument("--timeout", type=float, default=3600.0, help="give up after this many seconds")
-    add_flags(parser, choices={"policy": POLICIES, "job": tuple(JOBS)})
+    add_run_flags(parser)
 
 
 def run(args) -> int:
@@ -59,8 +86,12 @@ def run(args) -> int:
             load_dataset(args.dataset, args.data_dir or None)
         except (FileNotFoundError, ValueError) as err:
             raise UsageError(str(err)) from None
-    out = prepare_out(Path(args.out), args.resume)
     generator_mode = args.generator
+    if generator_mode == "auto" and args.job == "ddpm":
+        generator_mode = "none"  # the ddpm job trains on local data only (seed 000)
+    job = RunConfig.from_args(args, out_dir=str(Path(args.out).resolve()),
+                              generator_address="" if generator_mode in ("auto", "none") else generator_mode)
+    check_job(job)
     if generator_mode == "auto" and args.dataset != "digits":
         print("fedfill run: no shipped generator for this dataset; train one with `fedfill generator train` "
               "and pass --generator HOST:PORT of its service. Running without synthetic data.")
@@ -68,8 +99,7 @@ def run(args) -> int:
     if generator_mode == "auto" and args.superlink:
         raise UsageError("with --superlink, name the generation service its nodes reach (--generator HOST:PORT) "
                          "or run without one (--generator none)")
-    job = RunConfig.from_args(args, out_dir=str(out),
-                              generator_address="" if generator_mode in ("auto", "none") else generator_mode)
+    out = prepare_out(Path(args.out), args.resume)
     configs = [] if args.superlink else node_configs(args.num_partitions, args.scenario)
     from deploy.flower_cli import write_flwr_connection
     from deploy.local import LocalFederation, LocalSimulation, flower_environment
@@ -77,8 +107,8 @@ def run(args) -> int:
     home = out / ".flwr"
     env = flower_environment(home)
     engine = f"the SuperLink at {args.superlink}" if args.superlink else f"{args.engine} engine"
-    print(f"fedfill run: {args.policy} on {args.dataset}, {args.num_partitions} nodes, {args.rounds} rounds, "
-          f"{engine} -> {out}")
+    print(f"fedfill run: {job.job} job, {job.policy} on {args.dataset}, {args.num_partitions} nodes, "
+          f"{args.rounds} rounds, {engine} -> {out}")
     started = time.monotonic()
     federation = generation = None
     with interrupts_stop_the_run():
@@ -149,7 +179,7 @@ def drive(job: RunConfig, out: Path, env: dict, started: float, timeout: float, 
         tail = (out / "flwr.log").read_text(errors="replace").splitlines()[-15:]
         print("fedfill run: the Flower run did not finish; last lines of flwr.log:", *tail, sep="\n  ", file=sys.stderr)
         return 1
-    print(f"report: {out}/rounds.csv, nodes.csv, summary.json, accuracy.png, upload.png, plan_round_N.json "
+    print(f"report: {out}/rounds.csv, devices.csv, summary.json, plots, plan_round_N.json "
           f"({time.monotonic() - started:.0f} s)")
     return 0
 
@@ -175,9 +205,10 @@ def _raise_interrupt(signum, frame) -> None:
     raise KeyboardInterrupt
 
 
-def node_configs(num_partitions: int, scenario: str | None, *, seed: int = 0, profiles_always: bool = False) -> list[dict]:
+def node_configs(num_partitions: int, scenario: str | None, *, seed: int = 0, profiles_always: bool = False,
+                 preset: str = "fimi") -> list[dict]:
     """Each SuperNode's --node-config: its partition and its device profile, from the scenario
-    when given, else (profiles_always) FIMI's draw that a node would make for itself."""
+    when given, else (profiles_always) the preset's draw that a node would make for itself."""
     configs = [{"partition-id": k, "num-partitions": num_partitions} for k in range(num_partitions)]
     if scenario:
         from strategies.allocation import ScenarioError, load_scenario
@@ -189,9 +220,9 @@ def node_configs(num_partitions: int, scenario: str | None, *, seed: int = 0, pr
         if len(devices) != num_partitions:
             raise UsageError(f"the scenario {scenario} has {len(devices)} devices but --nodes is {num_partitions}")
     elif profiles_always:
-        from strategies.allocation.presets import fimi_device_profile
+        from strategies.allocation.presets import drawn_device_profile
 
-        devices = [fimi_device_profile(k, num_partitions, seed) for k in range(num_partitions)]
+        devices = [drawn_device_profile(preset, k, num_partitions, seed) for k in range(num_partitions)]
     else:
         return configs
     for config, device in zip(configs, devices):  # the contract's profile fields, under node-config keys
@@ -213,7 +244,9 @@ def _follow(process: subprocess.Popen, rounds_csv: Path, started: float, timeout
             rows = read_rounds(rounds_csv)
             for row in rows[shown:]:
                 dropped = row["dropped"]
-                console.print(f"  round [bold]{row['round']:3d}[/]  accuracy [green]{row['accuracy']:.4f}[/]  "
+                metrics = list(row)[1:list(row).index("energy_j")]  # the job's evaluation columns
+                shown_metrics = "  ".join(f"{name} [green]{row[name]:.4f}[/]" for name in metrics if name in row)
+                console.print(f"  round [bold]{row['round']:3d}[/]  {shown_metrics}  "
                               f"energy {row['energy_j']:9.3f} J  uplink {row['uplink_bytes'] / 1e6:8.2f} MB  "
                               f"synthetic {row['synthetic_used']:5d}  "
                               + (f"[red]dropped {dropped}[/]  " if dropped else "dropped 0  ")
