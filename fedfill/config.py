@@ -34,7 +34,7 @@ class RunConfig:
     local_epochs: int = setting(1, "tau: local epochs per round")
     # FIMI uses lr 0.02, batch 64 on 1250 samples a device; a digits device holds ~100, and
     # 0.05 / 16 reaches 94% in 30 rounds where 0.02 / 64 reaches 76% (measured, README).
-    lr: float = setting(0.05, "local SGD learning rate")
+    lr: float = setting(0.05, "local learning rate (SGD for the classifier, AdamW for ddpm)")
     batch_size: int = setting(16, "local batch size")
     t_max_s: float = setting(60.0, "latency budget of a round, seconds", flag="--t-max")
     # The paper gives no zeta: the error target asks for this much more data per device on average.

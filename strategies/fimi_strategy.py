@@ -79,6 +79,10 @@ class FimiFedAvg(FedAvg):
                          arrayrecord_key=contract.ARRAYS_KEY, configrecord_key=contract.CONFIG_KEY)
         self.system, self.policy, self.seed, self.bits_rule = system, policy, seed, bits_rule
         self.demanding = parse_policy(policy)[0] in DEMANDING_POLICIES
+        undemanding = [n for n, profile in profiles.items() if profile.get("quant_error") is None]
+        if self.demanding and undemanding:
+            log(WARNING, "policy %s: %d node(s) reported no error demand (quant_error) and send their own bits "
+                "(32 unless their profile says otherwise): %s", policy, len(undemanding), undemanding)
         self.profiles = profiles
         self.node_wait_s = node_wait_s
         self.on_plan, self.on_round_metrics = on_plan, on_round_metrics
