@@ -66,6 +66,9 @@ def _add_train_arguments(train) -> None:
     train.add_argument("--lr", type=float, default=1e-3)
     train.add_argument("--seed", type=int, default=0)
     train.add_argument("--split-seed", type=int, default=0, help="seed of the public/clients/test split")
+    train.add_argument("--classes", help="train only on the public split's images of these classes, e.g. 0,1,2,3,4 "
+                       "or 0-4 (default: all); the generator still has every class of the dataset, to learn the "
+                       "others later")
 
 
 def run(args) -> int:
@@ -79,20 +82,33 @@ def run(args) -> int:
 def _train(args) -> int:
     from fedfill.data import split_dataset
 
-    from .train import train_generator
+    from .train import parse_classes, train_generator
 
     if args.steps < 1 or args.batch_size < 1:
         raise UsageError("--steps and --batch-size must be positive")
     split = split_dataset(_load(args.dataset, args.data_dir), seed=args.split_seed)
+    classes = None
+    if args.classes is not None:
+        try:
+            classes = parse_classes(args.classes, split.public.num_classes)
+        except ValueError as err:
+            raise UsageError(str(err)) from None
+        counts = split.public.class_counts()
+        empty = [c for c in classes if counts[c] == 0]
+        if empty:
+            raise UsageError(f"--classes {args.classes}: the public split of {args.dataset} holds no images of "
+                             f"class {empty[0]}")
     data_dir = ["--data-dir", args.data_dir] if args.data_dir else []
+    # the classes as a canonical list: "0-4" and "4,0-3" record (and make) the same checkpoint
+    chosen = ["--classes", ",".join(map(str, classes))] if classes is not None else []
     command = shlex.join(["fedfill", "generator", "train", "--dataset", args.dataset, *data_dir, "--out", args.out,
                           "--steps", str(args.steps), "--batch-size", str(args.batch_size), "--lr", str(args.lr),
-                          "--seed", str(args.seed), "--split-seed", str(args.split_seed)])
+                          "--seed", str(args.seed), "--split-seed", str(args.split_seed), *chosen])
     try:
         train_generator(split.public.images, split.public.labels, split.public.class_names, args.out,
                         steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed, command=command,
                         dataset=args.dataset, data_dir=str(Path(args.data_dir).resolve()) if args.data_dir else "",
-                        split_seed=args.split_seed)
+                        split_seed=args.split_seed, classes=classes)
     except ValueError as err:
         raise UsageError(str(err)) from None
     print(f"checkpoint: {args.out} (a diffusers pipeline directory; generator.json: classes and provenance)")

@@ -5,12 +5,17 @@ weights (what gets saved: it samples better than the raw weights), and label dro
 label replaced by the null class with probability p) so that the same network also learns
 the unconditional score that classifier-free guidance needs. It saves a resumable state
 every `save_every` steps: an interrupted run loses at most that much.
+
+`classes` trains on the images of some classes only, while the UNet keeps one class
+embedding per class of the dataset (and the null class): a starting generator that has never
+seen the other classes and can learn them later (fine-tuning under a domain shift).
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import time
 from pathlib import Path
 
@@ -31,11 +36,13 @@ def train_generator(images: np.ndarray, labels: np.ndarray, class_names, out_dir
                     batch_size: int = 128, lr: float = 1e-3, ema_decay: float = 0.999, label_dropout: float = 0.1,
                     seed: int = 0, save_every: int = 500, block_out_channels=(32, 64), command: str = "",
                     dataset: str = "", data_dir: str = "", split_seed: int | None = None, progress: bool = True,
-                    threads: int = 0) -> GeneratorConfig:
+                    threads: int = 0, classes=None) -> GeneratorConfig:
     """Train and save to `out_dir` (resuming from its train_state.pt if there is one).
 
     dataset, data_dir and split_seed say where `images` came from; they go into the
     checkpoint's provenance so that `fedfill generator evaluate` scores against that data.
+    classes: the class indices to train on (default: all of `class_names`); the network still
+    has every class. Recorded as provenance "trained_classes" (the full list by default).
     """
     import torch
     from diffusers import DDPMScheduler
@@ -43,16 +50,23 @@ def train_generator(images: np.ndarray, labels: np.ndarray, class_names, out_dir
 
     if threads:
         torch.set_num_threads(threads)
+    num_classes = len(class_names)
+    trained_classes = check_classes(classes, num_classes)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    num_classes = len(class_names)
+    if len(trained_classes) < num_classes:  # all classes: the arrays as given, so the same draws as ever
+        keep = np.isin(labels, trained_classes)
+        images, labels = images[keep], labels[keep]
+    if len(labels) == 0:
+        raise ValueError(f"no images of classes {trained_classes} to train on")
     config = GeneratorConfig(image_size=images.shape[1], channels=images.shape[3], num_classes=num_classes,
                              block_out_channels=tuple(block_out_channels), class_names=tuple(class_names),
                              provenance={"command": command, "seed": seed, "steps": steps, "batch_size": batch_size,
                                          "lr": lr, "ema_decay": ema_decay, "label_dropout": label_dropout,
                                          "train_images": int(len(labels)), "dataset": dataset,
-                                         "data_dir": data_dir, "split_seed": split_seed})
+                                         "data_dir": data_dir, "split_seed": split_seed,
+                                         "trained_classes": trained_classes})
     torch.manual_seed(seed)
     unet = build_unet(config).to(device)
     # EMAModel's decay is ours, min(ema_decay, (1 + n) / (10 + n)) at update n = 0, 1, ..., except at
@@ -66,6 +80,10 @@ def train_generator(images: np.ndarray, labels: np.ndarray, class_names, out_dir
         state = torch.load(state_path, map_location=device, weights_only=False)
         if state["architecture"] != _architecture(config):
             raise ValueError(f"{state_path} was written for another model or dataset; use another --out or delete it")
+        resumed_classes = state.get("trained_classes", list(range(num_classes)))  # older states: all classes
+        if resumed_classes != trained_classes:
+            raise ValueError(f"{state_path} was written for training on classes {_spell(resumed_classes)}, "
+                             f"this run trains on {_spell(trained_classes)}; use another --out or delete it")
         unet.load_state_dict(state["unet"])
         _load_ema(ema, state["ema"], unet, step=state["step"])
         optimizer.load_state_dict(state["optimizer"])
@@ -106,7 +124,8 @@ def train_generator(images: np.ndarray, labels: np.ndarray, class_names, out_dir
                 (out_dir / stale).unlink(missing_ok=True)
             tmp = state_path.with_name(state_path.name + ".tmp")
             torch.save({"unet": unet.state_dict(), "ema": ema.state_dict(), "optimizer": optimizer.state_dict(),
-                        "rng": torch.get_rng_state(), "step": step, "architecture": _architecture(config)}, tmp)
+                        "rng": torch.get_rng_state(), "step": step, "architecture": _architecture(config),
+                        "trained_classes": trained_classes}, tmp)
             os.replace(tmp, state_path)  # an interrupted save leaves the previous state whole
     if bar is not None:
         bar.close()
@@ -114,6 +133,52 @@ def train_generator(images: np.ndarray, labels: np.ndarray, class_names, out_dir
         (out_dir / "train_log.json").write_text(json.dumps(
             {"steps": step, "seconds": time.perf_counter() - started, "final_loss": float(np.mean(losses[-100:]))}) + "\n")
     return config
+
+
+def parse_classes(spec: str, num_classes: int) -> list[int]:
+    """"0,1,2,3,4", "0-4" or a mix ("0-2,7") -> sorted class indices of a dataset of
+    `num_classes` classes; ValueError saying what is wrong with a malformed or empty spec, an
+    unknown class or a class named twice."""
+    classes: list[int] = []
+    items = [item.strip() for item in spec.split(",")]
+    if not spec.strip() or all(not item for item in items):
+        raise ValueError("--classes is empty: give class indices such as 0,1,2,3,4 or 0-4")
+    for item in items:
+        match = re.fullmatch(r"([0-9]+)(?:\s*-\s*([0-9]+))?", item)
+        if match is None:
+            raise ValueError(f"--classes {spec!r}: {item!r} is not a class index (N) or a range (N-M)")
+        first = int(match[1])
+        last = int(match[2]) if match[2] is not None else first
+        if last < first:
+            raise ValueError(f"--classes {spec!r}: the range {item!r} runs backwards")
+        if last >= num_classes:  # before expanding the range: "0-99999999999" is refused, not built
+            raise ValueError(f"--classes {spec!r}: unknown class {last}, "
+                             f"the dataset has classes 0..{num_classes - 1}")
+        classes.extend(range(first, last + 1))
+    twice = sorted({c for c in classes if classes.count(c) > 1})
+    if twice:
+        raise ValueError(f"--classes {spec!r} names class{'es' if len(twice) > 1 else ''} "
+                         f"{', '.join(map(str, twice))} twice")
+    return sorted(classes)
+
+
+def check_classes(classes, num_classes: int) -> list[int]:
+    """The trained classes as a sorted list of distinct ints in 0..num_classes-1 (None: all)."""
+    if classes is None:
+        return list(range(num_classes))
+    chosen = [int(c) for c in classes]
+    if not chosen:
+        raise ValueError("no classes to train on")
+    if len(set(chosen)) != len(chosen):
+        raise ValueError(f"classes {chosen}: a class named twice")
+    unknown = [c for c in chosen if not 0 <= c < num_classes]
+    if unknown:
+        raise ValueError(f"unknown class {unknown[0]}: the dataset has classes 0..{num_classes - 1}")
+    return sorted(chosen)
+
+
+def _spell(classes: list[int]) -> str:
+    return ",".join(map(str, classes))
 
 
 def _architecture(config: GeneratorConfig) -> dict:
