@@ -12,6 +12,12 @@ command -v docker-compose >/dev/null || docker compose version >/dev/null 2>&1 |
 if [ "${#missing[@]}" -gt 0 ]; then
   apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null || exit 1
 fi
+# A daemon that died leaves containerd's pid file; once the pid is reused by another process,
+# dockerd takes it for a running containerd and times out waiting on its socket.
+pidfile=/var/run/docker/containerd/containerd.pid
+if [ -f "$pidfile" ] && [ "$(cat /proc/"$(cat "$pidfile")"/comm 2>/dev/null)" != containerd ]; then
+  rm -f "$pidfile"
+fi
 nohup dockerd --data-root /var/lib/fedfill-docker >/var/log/fedfill-dockerd.log 2>&1 &
 for _ in $(seq 60); do
   docker info >/dev/null 2>&1 && exit 0
