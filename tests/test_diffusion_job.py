@@ -102,28 +102,33 @@ def fedfill(*args, timeout=900):
 
 @pytest.mark.slow
 def test_compare_runs_the_ddpm_job_under_each_scheme_and_keeps_every_demand(tmp_path):
-    """Two schemes on the simulation engine: the report's columns, the demands kept on the
-    devices, the codec constants fed back into the next plan, the figures, the saved generator."""
-    done = fedfill("compare", "--job", "ddpm", "--policies", "fp32,ondemand", "--nodes", "2", "--rounds", "2",
-                   "--local-epochs", "1", "--eval-per-class", "3", "--out", str(tmp_path), "--timeout", "800")
+    """One compare on the deployment engine with LoRA adapters (the simulation engine runs the
+    same apps: the classifier job's tests cover it): the report's columns, the demands kept on
+    the devices, only the adapters on the wire, the figures, the saved generator."""
+    done = fedfill("compare", "--job", "ddpm", "--engine", "deployment", "--trainable", "lora", "--lora-rank", "2",
+                   "--policies", "fp32,ondemand", "--nodes", "2", "--rounds", "1", "--local-epochs", "1",
+                   "--eval-per-class", "3", "--out", str(tmp_path), "--timeout", "800")
     assert done.returncode == 0, done.stdout + done.stderr
+    adapters = load_job(replace(RUN, trainable="lora", lora_rank=2)).initial_weights()
     for policy in ("fp32", "ondemand"):
         table = rows(tmp_path / policy / "rounds.csv")
-        assert [int(r["round"]) for r in table] == [0, 1, 2]
+        assert [int(r["round"]) for r in table] == [0, 1]
         assert {"frechet", "fidelity", "energy_j", "latency_s", "uplink_bytes"} <= set(table[0])
-        assert float(table[0]["energy_j"]) == 0 < float(table[1]["energy_j"]) < float(table[2]["energy_j"])
+        assert float(table[0]["energy_j"]) == 0 < float(table[1]["energy_j"])
         devices = rows(tmp_path / policy / "devices.csv")
-        assert len(devices) == 4 and all(d["status"] == "used" for d in devices)
+        assert len(devices) == 2 and all(d["status"] == "used" for d in devices)
+        summary = json.loads((tmp_path / policy / "summary.json").read_text())
+        assert summary["model_params"] == sum(a.size for a in adapters) < 100_000, "adapters only"
     fp32 = rows(tmp_path / "fp32" / "devices.csv")
     assert {d["bits"] for d in fp32} == {"32"} and all(d["error_demand"] == "" for d in fp32)
-    ondemand = rows(tmp_path / "ondemand" / "devices.csv")
-    for d in ondemand:
+    payload = codec.payload_bytes([a.size for a in adapters], 32)
+    assert 2 * payload <= int(rows(tmp_path / "fp32" / "rounds.csv")[1]["uplink_bytes"]) <= 2 * (payload + 2_000)
+    for d in rows(tmp_path / "ondemand" / "devices.csv"):
         assert int(d["bits"]) >= int(d["bits_planned"]) and int(d["bits"]) < 32
         assert float(d["error_expected"]) <= float(d["error_demand"])
         assert float(d["error_measured"]) <= 1.5 * float(d["error_demand"])
-    fp32_bytes = int(rows(tmp_path / "fp32" / "rounds.csv")[2]["uplink_bytes"])
-    ondemand_bytes = int(rows(tmp_path / "ondemand" / "rounds.csv")[2]["uplink_bytes"])
-    assert ondemand_bytes < fp32_bytes / 3, "6-8 bit updates against 32-bit ones"
+    fp32_bytes = int(rows(tmp_path / "fp32" / "rounds.csv")[1]["uplink_bytes"])
+    assert int(rows(tmp_path / "ondemand" / "rounds.csv")[1]["uplink_bytes"]) < fp32_bytes / 2
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["policies"]["ondemand"]["max_error_ratio"] <= 1.5
     assert summary["policies"]["fp32"]["max_error_ratio"] is None
@@ -131,27 +136,8 @@ def test_compare_runs_the_ddpm_job_under_each_scheme_and_keeps_every_demand(tmp_
         assert (tmp_path / picture).stat().st_size > 0
     from generation.model import load_generator
 
-    config, _ = load_generator(tmp_path / "ondemand" / "generator")
+    config, pipe = load_generator(tmp_path / "ondemand" / "generator")  # merged: a plain UNet diffusers loads
     assert config.provenance["federated"]["policy"] == "ondemand" and config.num_classes == 10
-
-
-@pytest.mark.slow
-def test_lora_fine_tuning_on_the_deployment_engine_uploads_only_the_adapters(tmp_path):
-    done = fedfill("run", "--job", "ddpm", "--engine", "deployment", "--trainable", "lora", "--lora-rank", "2",
-                   "--policy", "fixed-8", "--nodes", "2", "--rounds", "1", "--local-epochs", "1",
-                   "--eval-per-class", "3", "--out", str(tmp_path), "--timeout", "600")
-    assert done.returncode == 0, done.stdout + done.stderr
-    summary = json.loads((tmp_path / "summary.json").read_text())
-    assert summary["model_params"] < 100_000, "adapters only, not the 1.0M-parameter UNet"
-    devices = rows(tmp_path / "devices.csv")
-    assert {d["bits"] for d in devices} == {"8"} and all(d["status"] == "used" for d in devices)
-    adapters = load_job(replace(RUN, trainable="lora", lora_rank=2)).initial_weights()
-    assert summary["model_params"] == sum(a.size for a in adapters)
-    payload = codec.payload_bytes([a.size for a in adapters], 8)
-    assert 2 * payload <= int(rows(tmp_path / "rounds.csv")[1]["uplink_bytes"]) <= 2 * (payload + 2_000)
-    from generation.model import load_generator
-
-    config, pipe = load_generator(tmp_path / "generator")  # merged: a plain UNet diffusers loads
     assert type(pipe.unet).__name__ == "UNet2DModel" and config.provenance["federated"]["trainable"] == "lora"
 
 
