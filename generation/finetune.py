@@ -183,8 +183,8 @@ class DiffusionJob(Job):
     # ------------------------------------------------------------------ the server's view
     @functools.cached_property
     def _judge(self):
-        """The reference classifier (trained on real client images) and the real test images'
-        features, overall and per class: made once per run."""
+        """The reference classifier (trained on real client images), the test split and its
+        images' features: made once per run."""
         from .quality import ReferenceClassifier
 
         split = run_split(self.run)

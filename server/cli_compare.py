@@ -15,6 +15,7 @@ import json
 import math
 from pathlib import Path
 
+from fedfill.config import GIVEN
 from fedfill.errors import UsageError
 from server.report import read_rounds
 from strategies.allocation.presets import fimi_path_gain
@@ -68,7 +69,7 @@ def run(args) -> int:
     results = {}
     for policy in policies:
         policy_args = argparse.Namespace(**{**vars(args), "policy": policy, "out": str(out / policy)})
-        policy_args.given_flags = {*getattr(args, "given_flags", set()), "policy"}  # the job's default must not win
+        setattr(policy_args, GIVEN, {*getattr(args, GIVEN, set()), "policy"})  # the job's default must not win
         if cli_run.run(policy_args) != 0:
             print(f"fedfill compare: the {policy} run failed; see {out / policy / 'flwr.log'}")
             return 1
@@ -78,18 +79,17 @@ def run(args) -> int:
     summary = {f"target_{metric}": args.target, "job": args.job, "dataset": args.dataset, "alpha": args.dirichlet_alpha,
                "seed": args.seed, "rounds": args.rounds, "nodes": args.num_partitions, "policies": results}
     (out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
+    plot_policies(out, policies, args.target, metric)
     if args.job == "ddpm":
         print_diffusion_table(summary)
         plot_schemes(out, summary)
         plot_energy_against_budget(out, policies)
         print(f"compare: {out}/summary.json, schemes.png, energy_vs_tmax.png, policies.png")
-    else:
-        print_table(summary)
-    plot_policies(out, policies, args.target, metric)
-    if "fimi" in policies and args.job == "classifier":
+        return 0
+    print_table(summary)
+    if "fimi" in policies:
         plot_synthetic_per_device(out / "fimi", out / "fimi_devices.png")
-    if args.job == "classifier":
-        print(f"compare: {out}/summary.json, policies.png" + (", fimi_devices.png" if "fimi" in policies else ""))
+    print(f"compare: {out}/summary.json, policies.png" + (", fimi_devices.png" if "fimi" in policies else ""))
     return 0
 
 

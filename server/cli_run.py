@@ -245,7 +245,7 @@ def _follow(process: subprocess.Popen, rounds_csv: Path, started: float, timeout
             for row in rows[shown:]:
                 dropped = row["dropped"]
                 metrics = list(row)[1:list(row).index("energy_j")]  # the job's evaluation columns
-                shown_metrics = "  ".join(f"{name} [green]{row[name]:.4f}[/]" for name in metrics if name in row)
+                shown_metrics = "  ".join(f"{name} [green]{row[name]:.4f}[/]" for name in metrics)
                 console.print(f"  round [bold]{row['round']:3d}[/]  {shown_metrics}  "
                               f"energy {row['energy_j']:9.3f} J  uplink {row['uplink_bytes'] / 1e6:8.2f} MB  "
                               f"synthetic {row['synthetic_used']:5d}  "

@@ -173,7 +173,7 @@ class FimiFedAvg(FedAvg):
         server_round += self.round_offset
         replies = list(replies)
         decoded: list[Message] = []  # FedAvg's input: replies carrying decoded updates
-        used: list[contract.NodePlan] = []  # the plans of the nodes whose updates are used
+        used: list[int] = []  # the nodes whose updates are used
         nodes = {node_id: self._node_figures(node_id, plan) for node_id, plan in self._planned.items()}
         wire_bytes = 0
 
@@ -184,7 +184,6 @@ class FimiFedAvg(FedAvg):
         # Account per planned node: an error the SuperLink raises for a dead node names the
         # SuperLink as its sender, so such errors only explain the nodes that sent nothing.
         from_planned = [m for m in replies if m.metadata.src_node_id in self._planned]
-        sent_bits: dict[int, int] = {}  # node id -> the width its used update was sent at
         foreign_errors = sorted({m.error.reason for m in replies
                                  if m.has_error() and m.metadata.src_node_id not in self._planned})
         for message in from_planned:
@@ -195,9 +194,8 @@ class FimiFedAvg(FedAvg):
                 nodes[node_id].update(reply_bytes=size, upload_s=self.upload_seconds(message))
             try:
                 decoded.append(Message(self.decode_reply(message), reply_to=message))
-                used.append(self._planned[node_id])
-                sent_bits[node_id] = self._account_reply(node_id, decoded[-1].content[contract.METRICS_KEY],
-                                                         nodes[node_id])
+                used.append(node_id)
+                self._account_reply(node_id, decoded[-1].content[contract.METRICS_KEY], nodes[node_id])
             except contract.ReplyError as err:
                 drop(node_id, str(err))
         answered = {m.metadata.src_node_id for m in from_planned}
@@ -206,8 +204,8 @@ class FimiFedAvg(FedAvg):
         node_metrics = [m.content[contract.METRICS_KEY] for m in decoded]
         train_seconds = [float(r["train-seconds"]) for r in node_metrics]
         costs = MetricRecord({
-            "energy-j": float(sum(nodes[n]["energy_j"] for n in sent_bits)),
-            "latency-s": float(max((p.t_cmp_s + p.t_com_s for p in used), default=0.0)),
+            "energy-j": float(sum(nodes[n]["energy_j"] for n in used)),
+            "latency-s": float(max((self._planned[n].t_cmp_s + self._planned[n].t_com_s for n in used), default=0.0)),
             "uplink-bytes": wire_bytes, "updates": len(decoded),
             "dropped": sum(node["status"] == "dropped" for node in nodes.values()),
             "train-s-max": max(train_seconds, default=0.0), "train-s-sum": float(sum(train_seconds)),
@@ -225,9 +223,9 @@ class FimiFedAvg(FedAvg):
             self.on_round_metrics(server_round, costs, list(nodes.values()))
         return new, costs
 
-    def _account_reply(self, node_id: int, metrics: MetricRecord, figures: dict) -> int:
+    def _account_reply(self, node_id: int, metrics: MetricRecord, figures: dict) -> None:
         """A used reply's figures into the node's row, its codec constant into its profile (the
-        next plan's bits rest on it); returns the width it was sent at."""
+        next plan's bits rest on it)."""
         plan = self._planned[node_id]
         bits = int(metrics.get("bits", plan.bits))
         figures.update(train_s=float(metrics["train-seconds"]), bits=bits,
@@ -237,7 +235,6 @@ class FimiFedAvg(FedAvg):
         constant = float(metrics.get("codec-constant", 0.0))
         if np.isfinite(constant) and constant > 0:
             self.profiles[node_id]["codec_constant"] = constant
-        return bits
 
     def _modeled_energy(self, node_id: int, plan: contract.NodePlan, bits: int) -> float:
         """The cost model's E_cmp + E_com of the plan, the upload at the bits actually sent

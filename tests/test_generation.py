@@ -67,11 +67,16 @@ def test_diffusers_alone_loads_the_checkpoint_and_draws_what_sample_draws(genera
     assert type(pipe.scheduler).__name__ == "DDIMScheduler", "sample() leaves the caller's scheduler alone"
 
 
-def test_shipped_digits_generator_draws_its_classes_without_copying(generator):
+def judged_samples(generator):
+    """40 samples of every digit (DDIM 20 steps, guidance 2, seed 1) and the quality report on them."""
     config, pipe = generator
     labels = np.repeat(np.arange(10), 40)
     images = sample(config, pipe, labels, steps=20, guidance=2.0, seed=1)
-    report = evaluate_generator(images, labels, split_dataset(load_digits(), seed=0))
+    return images, labels, evaluate_generator(images, labels, split_dataset(load_digits(), seed=0))
+
+
+def test_shipped_digits_generator_draws_its_classes_without_copying(generator):
+    images, labels, report = judged_samples(generator)
     assert report["reference_accuracy_on_real_test"] > 0.9, "the judge itself must be competent"
     assert report["fidelity"] >= 0.9
     assert min(report["fidelity_per_class"].values()) >= 0.7
@@ -346,10 +351,7 @@ def test_starting_checkpoint_has_every_class_but_learned_digits_0_to_4(starting_
 
 
 def test_starting_checkpoint_draws_the_digits_it_saw_and_not_those_it_never_saw(starting_generator):
-    config, pipe = starting_generator
-    labels = np.repeat(np.arange(10), 40)
-    images = sample(config, pipe, labels, steps=20, guidance=2.0, seed=1)
-    report = evaluate_generator(images, labels, split_dataset(load_digits(), seed=0))
+    _, _, report = judged_samples(starting_generator)
     assert report["reference_accuracy_on_real_test"] > 0.9, "the judge itself must be competent"
     seen = [report["fidelity_per_class"][c] for c in range(5)]
     unseen = [report["fidelity_per_class"][c] for c in range(5, 10)]
