@@ -4,7 +4,9 @@ each other, so a key or a field is named once.
 
   QUERY reply     ConfigRecord "profile": the device profile (PROFILE_FIELDS; never the
                   class histogram, only D_loc leaves the device), and PARTITION_FIELD when
-                  the node config names the node's partition (reports name nodes by it)
+                  the node config names the node's partition (reports name nodes by it);
+                  or, from a node that cannot take part (its own data unusable), no profile
+                  and ConfigRecord "note" saying why: the node sits the run out
   TRAIN           ArrayRecord "arrays" (the global model) and ConfigRecord "config": this
                   node's own plan entry (NodePlan) and the round's train config
   TRAIN reply     ArrayRecord "update": one Array whose bytes are the codec's payload
@@ -52,8 +54,17 @@ def profile_reply(profile: dict) -> RecordDict:
     return RecordDict({PROFILE_KEY: ConfigRecord(profile)})
 
 
+def sit_out_reply(reason: str) -> RecordDict:
+    """A node's answer to QUERY when it cannot take part: the reason, and no profile (so the
+    server never plans it; the round goes on with the others)."""
+    return RecordDict({NOTE_KEY: ConfigRecord({"note": reason or "no reason given"})})
+
+
 def read_profile(content: RecordDict) -> dict:
     if PROFILE_KEY not in content.config_records:
+        note = content.config_records.get(NOTE_KEY)
+        if note is not None:
+            raise ReplyError(f"the node sits out: {note.get('note', '')}")
         raise ReplyError("no device profile in the reply")
     return dict(content.config_records[PROFILE_KEY])
 
