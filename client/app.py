@@ -1,6 +1,7 @@
 """ClientApp: a device of the fleet, for any job (fedfill.job).
 
-query: report the device profile (never the class histogram: only D_loc leaves the device).
+query: report the device profile (never the class histogram: only D_loc leaves the device),
+or sit the run out, with the reason, when the node's own data cannot be used.
 train: follow this node's plan — fill the missing classes with synthetic samples (the
 request rule of strategies.allocation.augmentation), train tau epochs on local + synthetic
 data, upload the update quantized to the plan's bits with its figures in a MetricRecord.
@@ -19,17 +20,29 @@ from flwr.common import log
 
 from fedfill import contract
 from fedfill.config import RunConfig
-from fedfill.job import load_job
+from fedfill.data import ImageDataset, NodeDataError
+from fedfill.job import Job, load_job
 
 app = ClientApp()
 
 SYNTHETIC_KEY = "synthetic"  # context.state record holding this device's generated samples
+DATA_DIR_KEY = "data-dir"  # node config: the node's own files (class folders or an .npz)
 
 
 def node_partition(run: RunConfig, context: Context) -> tuple[int, int]:
     """(partition id, number of partitions) from the node config (Flower sets them in simulation)."""
     return (int(context.node_config.get("partition-id", 0)),
             int(context.node_config.get("num-partitions", run.num_partitions)))
+
+
+def local_data(run: RunConfig, job: Job, context: Context) -> ImageDataset:
+    """What this node trains on: its own files when the node config names a data-dir (a real
+    board), else its partition of the run's global split (simulation, the testbed). Raises
+    NodeDataError when the node's own files cannot be used."""
+    data_dir = str(context.node_config.get(DATA_DIR_KEY, ""))
+    if data_dir:
+        return job.own_data(data_dir)
+    return job.node_data(*node_partition(run, context))
 
 
 def device_profile(run: RunConfig, context: Context, d_loc: int, preset: str = "fimi") -> dict:
@@ -55,7 +68,11 @@ def device_profile(run: RunConfig, context: Context, d_loc: int, preset: str = "
 def query(message: Message, context: Context) -> Message:
     run = RunConfig.from_run_config(context.run_config)
     job = load_job(run)
-    data = job.node_data(*node_partition(run, context))
+    try:
+        data = local_data(run, job, context)
+    except NodeDataError as err:  # the round goes on with the other nodes
+        log(WARNING, "this node sits the run out: %s", err)
+        return Message(contract.sit_out_reply(str(err)), reply_to=message)
     return Message(contract.profile_reply(device_profile(run, context, len(data), job.preset)), reply_to=message)
 
 
@@ -124,8 +141,8 @@ def train(message: Message, context: Context) -> Message:
     run = RunConfig.from_run_config(context.run_config)
     job = load_job(run)
     plan = contract.NodePlan.from_config(message.content[contract.CONFIG_KEY])
-    partition_id, num_partitions = node_partition(run, context)
-    data = job.node_data(partition_id, num_partitions)
+    partition_id = node_partition(run, context)[0]
+    data = local_data(run, job, context)  # NodeDataError: Flower's error reply, the strategy drops the node
     request = synthetic_request(plan.policy, data.class_counts(), plan.d_gen)
     syn_images, syn_labels, note = fetch_synthetic(run, context, request, data.images.shape[1:])
     images = np.concatenate([data.images, syn_images])

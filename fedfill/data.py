@@ -9,12 +9,17 @@ published format (no machine here reaches a dataset hub, and torchvision has no 
 CIFAR-10 python batches, GTSRB training folders, Fashion-MNIST idx files, CINIC-10 PNG
 folders. By default the published train and test parts are merged (`part="all"`), because
 `split_dataset` makes the project's own stratified public / clients / test split.
+
+`load_node_data` reads one real node's own files (its `data-dir`: class folders or an npz)
+fitted to a job's classes and image shape.
 """
 
 from __future__ import annotations
 
 import gzip
 import pickle
+import zipfile
+import zlib
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -207,19 +212,32 @@ def _load_cifar10(root: Path, part: str) -> ImageDataset:
     return _concat(parts)
 
 
-def _read_image(path: Path, box: tuple[int, int, int, int] | None = None, size: int | None = None) -> np.ndarray:
+def _read_image(path: Path, box: tuple[int, int, int, int] | None = None, size: int | tuple[int, int] | None = None,
+                channels: int = 3) -> np.ndarray:
+    """One image file as uint8 [H, W, channels], cropped to `box` and resized to `size`
+    (a side, or (height, width)) when given."""
     from PIL import Image, UnidentifiedImageError
 
     try:
         with Image.open(path) as img:
-            img = img.convert("RGB")
             if box is not None:
                 img = img.crop(box)
-            if size is not None and img.size != (size, size):
-                img = img.resize((size, size), Image.BILINEAR)
-            return np.asarray(img, dtype=np.uint8)
+            return _fit_image(img, size, channels)
     except (UnidentifiedImageError, OSError) as err:
         raise ValueError(f"{path}: unreadable image ({err})") from err
+
+
+def _fit_image(img, size: int | tuple[int, int] | None, channels: int) -> np.ndarray:
+    """A Pillow image as uint8 [H, W, channels] (1: grey, 3: RGB), resized to `size` (a side,
+    or (height, width)) when given, so images from anywhere fit one model's input."""
+    from PIL import Image
+
+    img = img.convert({1: "L", 3: "RGB"}[channels])
+    if size is not None:
+        height, width = (size, size) if isinstance(size, int) else size
+        if img.size != (width, height):
+            img = img.resize((width, height), Image.BILINEAR)
+    return np.asarray(img, dtype=np.uint8).reshape(img.height, img.width, channels)
 
 
 def _read_images(jobs: list[tuple], reader: Callable[..., np.ndarray] = _read_image) -> np.ndarray:
@@ -370,3 +388,102 @@ def _load_cinic10(root: Path, part: str) -> ImageDataset:
     if not jobs:
         raise FileNotFoundError(f"{root}: no <part>/<class>/*.png images found")
     return ImageDataset(_read_images(jobs), np.asarray(labels, dtype=np.int64), CIFAR10_CLASSES)
+
+
+# ---------------------------------------------------------------- a node's own data
+
+class NodeDataError(ValueError):
+    """A node's own data that cannot be used; the message names the path and what is wrong."""
+
+
+def load_node_data(path: str | Path, class_names: tuple[str, ...], image_shape: tuple[int, int, int]) -> ImageDataset:
+    """The files of one node (its `data-dir`), labelled by the job's classes and fitted to the
+    job's (H, W, C) images, so that a real node trains on its own data and nothing else.
+
+    Two layouts:
+      - a folder with one subfolder per class, named as in `class_names`, holding image files
+        (anything Pillow opens); a class folder may be empty or missing (a node rarely holds
+        every class), files beside the class folders and hidden entries are ignored, and
+        every other file in a class folder must be an image;
+      - an `.npz` file with `images` (uint8 [N, H, W, C], or [N, H, W] for grey) and
+        `labels` (integers in 0..len(class_names)-1), read without pickle so a crafted file
+        cannot run code.
+    Either way the images are converted to the job's channels (grey or RGB) and resized to
+    its H x W, as the published datasets are; a node's files come from its own camera.
+
+    Raises NodeDataError naming the path and the problem: no such path, no images, a class
+    the job does not know, an unreadable image, a malformed npz.
+    """
+    path = Path(path).expanduser()
+    height, width, channels = image_shape
+    if channels not in (1, 3):
+        raise ValueError(f"the job's images must have 1 or 3 channels, got {image_shape}")
+    if path.is_dir():
+        images, labels = _read_class_folders(path, class_names, (height, width), channels)
+    elif path.is_file() and path.suffix == ".npz":
+        images, labels = _read_node_npz(path, len(class_names), (height, width), channels)
+    elif path.exists():
+        raise NodeDataError(f"{path}: expected a folder with one subfolder per class or an .npz file")
+    else:
+        raise NodeDataError(f"{path}: no such file or folder (this node's data-dir)")
+    return ImageDataset(images, labels, tuple(class_names))
+
+
+def _read_class_folders(folder: Path, class_names: tuple[str, ...], size: tuple[int, int],
+                        channels: int) -> tuple[np.ndarray, np.ndarray]:
+    known = ", ".join(class_names)
+    class_dirs = sorted(d for d in folder.iterdir() if d.is_dir() and not d.name.startswith("."))
+    if not class_dirs:
+        raise NodeDataError(f"{folder}: no class folders; expected one subfolder per class named {known}")
+    jobs: list[tuple] = []
+    labels: list[int] = []
+    for class_dir in class_dirs:
+        if class_dir.name not in class_names:
+            raise NodeDataError(f"{class_dir}: the job has no class {class_dir.name!r}; its classes are {known}")
+        files = sorted(f for f in class_dir.iterdir() if f.is_file() and not f.name.startswith("."))
+        jobs += [(f, None, size, channels) for f in files]
+        labels += [class_names.index(class_dir.name)] * len(files)
+    if not jobs:
+        raise NodeDataError(f"{folder}: the class folders hold no images")
+    try:
+        images = _read_images(jobs)
+    except ValueError as err:  # _read_image names the file
+        raise NodeDataError(str(err)) from err
+    return images, np.asarray(labels, dtype=np.int64)
+
+
+def _read_node_npz(path: Path, num_classes: int, size: tuple[int, int],
+                   channels: int) -> tuple[np.ndarray, np.ndarray]:
+    from PIL import Image
+
+    try:
+        npz = np.load(path, allow_pickle=False)
+        if not isinstance(npz, np.lib.npyio.NpzFile):
+            raise NodeDataError(f"{path}: not an npz archive (one bare array)")
+        with npz:
+            missing = {"images", "labels"} - set(npz.files)
+            if missing:
+                raise NodeDataError(f"{path}: expected arrays 'images' and 'labels', missing "
+                                    f"{', '.join(sorted(missing))} (found {', '.join(npz.files) or 'none'})")
+            images, labels = npz["images"], npz["labels"]
+    except NodeDataError:
+        raise
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error) as err:
+        # not a zip, a corrupt member, or an object array (which would need pickle)
+        raise NodeDataError(f"{path}: unreadable npz ({err})") from err
+    if images.dtype != np.uint8 or images.ndim not in (3, 4) or (images.ndim == 4 and images.shape[-1] not in (1, 3)):
+        raise NodeDataError(f"{path}: 'images' must be uint8 [N, H, W, C] with C 1 or 3, or [N, H, W] for grey; "
+                            f"got {images.dtype} {images.shape}")
+    if not len(images):
+        raise NodeDataError(f"{path}: no images")
+    if labels.dtype.kind not in "iu" or labels.shape != (len(images),):
+        raise NodeDataError(f"{path}: 'labels' must be {len(images)} integers, got {labels.dtype} {labels.shape}")
+    if labels.min() < 0 or labels.max() >= num_classes:
+        bad = labels[(labels < 0) | (labels >= num_classes)][0]
+        raise NodeDataError(f"{path}: label {bad} is no class of the job (0..{num_classes - 1})")
+    if images.ndim == 3:
+        images = images[..., None]
+    if images.shape[1:] != (*size, channels):
+        images = np.stack([_fit_image(Image.fromarray(img[..., 0] if img.shape[-1] == 1 else img), size, channels)
+                           for img in images])
+    return np.ascontiguousarray(images), labels.astype(np.int64)

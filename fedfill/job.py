@@ -16,11 +16,12 @@ import functools
 import importlib
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
 from fedfill.config import RunConfig
-from fedfill.data import DatasetSplit, ImageDataset, load_dataset, split_dataset
+from fedfill.data import DatasetSplit, ImageDataset, load_dataset, load_node_data, split_dataset
 
 JOBS = {"classifier": "fedfill.classifier:ClassifierJob", "ddpm": "generation.finetune:DiffusionJob"}
 
@@ -55,6 +56,13 @@ class Job(ABC):
         pool, parts = _partitions(self.run, num_partitions)
         return pool.subset(parts[partition_id])
 
+    def own_data(self, data_dir: str) -> ImageDataset:
+        """A real node's own files (its `data-dir`), labelled by the run's classes and fitted
+        to the run's image shape so that the job's model takes them. Raises NodeDataError
+        (fedfill.data) when they cannot be used."""
+        pool = run_split(self.run).clients
+        return _own_data(str(Path(data_dir).expanduser().resolve()), pool.class_names, pool.images.shape[1:])
+
     @abstractmethod
     def train(self, weights: list[np.ndarray], images: np.ndarray, labels: np.ndarray, *, seed: int,
               threads: int = 1) -> LocalResult:
@@ -84,6 +92,13 @@ def _partitions(run: RunConfig, num_partitions: int):
 
     pool = run_split(run).clients
     return pool, dirichlet_partition(pool.labels, num_partitions, run.dirichlet_alpha, run.seed)
+
+
+@functools.lru_cache(maxsize=2)
+def _own_data(data_dir: str, class_names: tuple[str, ...], image_shape: tuple[int, int, int]) -> ImageDataset:
+    """A node's files, read once per process (a warm process serves many messages; a failed
+    read is not cached, so a mended data-dir is read again)."""
+    return load_node_data(data_dir, class_names, image_shape)
 
 
 @functools.lru_cache(maxsize=2)
