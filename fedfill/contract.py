@@ -133,15 +133,24 @@ class TrainMetrics:
     error_expected: float = 0.0  # exact E||u - Q(u)||^2 / ||u||^2 of the sent width on this update
     error_measured: float = 0.0  # ||u - Q(u)||^2 / ||u||^2 of the payload actually sent
     codec_constant: float = 0.0  # K of this update (fedfill.codec.codec_constant): plans the next bits
+    # The board's own energy meter (fedfill.board) over the local step (data, training,
+    # quantization; the upload happens after the reply is made): joules and seconds, None
+    # where the node has no sensor (then no key is sent: a figure is never invented)
+    measured_energy_j: float | None = None
+    measured_s: float | None = None
 
     def to_record(self) -> MetricRecord:
         """Plain ints and floats (a numpy scalar would pass MetricRecord's check and fail when
-        Flower counts the reply's bytes)."""
+        Flower counts the reply's bytes); a figure that is None is left out."""
         cast = {"int": int, "float": float}
-        return MetricRecord({f.name.replace("_", "-"): cast[f.type](getattr(self, f.name)) for f in fields(self)})
+        return MetricRecord({f.name.replace("_", "-"): cast[f.type.split(" ")[0]](getattr(self, f.name))
+                             for f in fields(self) if getattr(self, f.name) is not None})
 
 
 WEIGHT_KEY = "num-examples"  # Flower's FedAvg weighted_by_key
+# Figures only some nodes send (a board with sensors): the server reads them per node and
+# never averages them (Flower's FedAvg needs every reply's MetricRecord to hold the same keys)
+NODE_ONLY_METRICS = ("measured-energy-j", "measured-s")
 
 
 def train_reply(payload: bytes, metrics: TrainMetrics, note: str) -> RecordDict:

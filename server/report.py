@@ -13,10 +13,12 @@ devices.csv has a row per planned node and round, as the strategy hands them ove
 round's costs (its NODE_FIGURES): the node (its Flower node id) and partition; the plan's
 bits_planned, modeled t_cmp_s and t_com_s and the uplink rate that sends M x bits in t_com_s
 (plan_uplink_bps, bit/s); the bits the device sent, its error demand and the expected and
-measured relative error of what it sent; energy_j (the cost model at the bits sent); beside
-the measured train_s (the device's clock), upload_s (server.timed_grid: from the reply's
-creation to the server holding it) and reply_bytes (the reply's records as Flower counts
-them), and status "used" or "dropped" with the reason. upload.png plots measured against modeled upload seconds.
+measured relative error of what it sent; energy_j (the cost model at the bits sent) and
+e_cmp_j (its local-step part) beside measured_energy_j and measured_s (the board's own meter
+over the local step, fedfill.board; empty where the node has no sensor); the measured
+train_s (the device's clock), upload_s (server.timed_grid: from the reply's creation to the
+server holding it) and reply_bytes (the reply's records as Flower counts them), and status "used" or "dropped" with the reason. upload.png plots measured against
+modeled upload seconds, energy.png measured against modeled local-step energy.
 Rows of a round are written with its rounds.csv row, so a resumed run rewrites none twice.
 """
 
@@ -38,8 +40,8 @@ TEXT_COLUMNS = {"dropped_nodes"}  # kept as written, empty included
 # devices.csv: the round, then the strategy's figures of a node (strategies.fimi_strategy.NODE_FIGURES)
 NODES_CSV = "devices.csv"
 NODE_COLUMNS = ("round", "node", "partition_id", "bits_planned", "bits", "error_demand", "error_expected",
-                "error_measured", "t_cmp_s", "t_com_s", "energy_j", "plan_uplink_bps", "train_s", "upload_s",
-                "reply_bytes", "status", "reason")
+                "error_measured", "t_cmp_s", "t_com_s", "energy_j", "e_cmp_j", "measured_energy_j", "measured_s",
+                "plan_uplink_bps", "train_s", "upload_s", "reply_bytes", "status", "reason")
 NODE_INTEGER_COLUMNS = {"round", "node", "partition_id", "bits_planned", "bits", "reply_bytes"}
 NODE_TEXT_COLUMNS = {"status", "reason"}
 DROP_COLUMNS = ("round", "node", "reason")
@@ -164,8 +166,10 @@ class RunReport:
         return out
 
     def plot(self) -> Path | None:
-        """accuracy.png (the headline metric against cumulative energy and time), and upload.png."""
+        """accuracy.png (the headline metric against cumulative energy and time), upload.png and
+        energy.png."""
         self.plot_uploads()
+        self.plot_energy()
         if len(self.rows) < 2:
             return None
         import matplotlib
@@ -192,9 +196,25 @@ class RunReport:
 
     def plot_uploads(self) -> Path | None:
         """upload.png: each node's measured upload seconds against the plan's T_com, one point
-        per reply, log-log with the y = x line (a link shaped to the plan's rate lands on it)."""
-        timed = [row for row in self.node_rows if row.get("upload_s") is not None and row.get("t_com_s")]
-        if not timed:
+        per reply (a link shaped to the plan's rate lands on the y = x line)."""
+        return self._plot_measured_against_modeled(
+            "t_com_s", "upload_s", "upload.png", "modeled upload T_com (s, plan)",
+            "measured upload (s, reply created -> pulled)", "uploads", floor=1e-3)
+
+    def plot_energy(self) -> Path | None:
+        """energy.png: each node's energy over its local step as its board measured it against
+        the cost model's E_cmp (eps is configured or drawn, never measured: the gap is the
+        model's), only where nodes have sensors."""
+        return self._plot_measured_against_modeled(
+            "e_cmp_j", "measured_energy_j", "energy.png", "modeled E_cmp (J, cost model)",
+            "measured (J, board's rails over the local step)", "local steps")
+
+    def _plot_measured_against_modeled(self, modeled: str, measured: str, filename: str, xlabel: str,
+                                       ylabel: str, what: str, floor: float = 1e-9) -> Path | None:
+        """A devices.csv figure as measured against its model: one point per node and round,
+        log-log, with the y = x line; nothing when no row has both."""
+        rows = [row for row in self.node_rows if row.get(measured) is not None and row.get(modeled)]
+        if not rows:
             return None
         import matplotlib
 
@@ -203,25 +223,24 @@ class RunReport:
         from matplotlib.ticker import FormatStrFormatter, LogLocator, NullFormatter
 
         fig, ax = plt.subplots(figsize=(5.5, 5))
-        labels = sorted({node_label(row) for row in timed}, key=lambda label: (len(label), label))
+        labels = sorted({node_label(row) for row in rows}, key=lambda label: (len(label), label))
         for label in labels:
-            mine = [row for row in timed if node_label(row) == label]
-            ax.scatter([row["t_com_s"] for row in mine], [max(row["upload_s"], 1e-3) for row in mine],
+            mine = [row for row in rows if node_label(row) == label]
+            ax.scatter([row[modeled] for row in mine], [max(row[measured], floor) for row in mine],
                        label=f"node {label}", s=18)
-        values = [row["t_com_s"] for row in timed] + [max(row["upload_s"], 1e-3) for row in timed]
+        values = [row[modeled] for row in rows] + [max(row[measured], floor) for row in rows]
         low, high = min(values) / 2, max(values) * 2
         ax.plot([low, high], [low, high], color="grey", lw=1, ls="--", label="measured = modeled")
-        ax.set(xscale="log", yscale="log", xlim=(low, high), ylim=(low, high),
-               xlabel="modeled upload T_com (s, plan)", ylabel="measured upload (s, reply created -> pulled)")
+        ax.set(xscale="log", yscale="log", xlim=(low, high), ylim=(low, high), xlabel=xlabel, ylabel=ylabel)
         for axis in (ax.xaxis, ax.yaxis):  # plain numbers at 1, 2, 5 x 10^k
             axis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))
             axis.set_major_formatter(FormatStrFormatter("%g"))
             axis.set_minor_formatter(NullFormatter())
         ax.grid(alpha=0.3, which="both")
         ax.legend(fontsize=7, ncol=2 if len(labels) > 8 else 1)
-        ax.set_title(f"{len(timed)} uploads, {len(labels)} nodes")
+        ax.set_title(f"{len(rows)} {what}, {len(labels)} nodes")
         fig.tight_layout()
-        path = self.dir / "upload.png"
+        path = self.dir / filename
         fig.savefig(path, dpi=110)
         plt.close(fig)
         return path

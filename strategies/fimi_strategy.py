@@ -29,10 +29,12 @@ from strategies.allocation.policies import parse_policy
 # What the strategy says of each planned node every round (server.report's devices.csv
 # columns after `round`): the plan's modeled figures, the measured ones, and what became of
 # the update. bits is the width the device sent (its plan's, raised where they missed its
-# error demand on its real update); energy_j is the cost model's E_cmp + E_com at those bits.
+# error demand on its real update); energy_j is the cost model's E_cmp + E_com at those bits,
+# e_cmp_j its local-step part, which measured_energy_j (the board's meter over the local step,
+# empty where the node has no sensor) stands beside.
 NODE_FIGURES = ("node", "partition_id", "bits_planned", "bits", "error_demand", "error_expected", "error_measured",
-                "t_cmp_s", "t_com_s", "energy_j", "plan_uplink_bps", "train_s", "upload_s", "reply_bytes", "status",
-                "reason")
+                "t_cmp_s", "t_com_s", "energy_j", "e_cmp_j", "measured_energy_j", "measured_s", "plan_uplink_bps",
+                "train_s", "upload_s", "reply_bytes", "status", "reason")
 DEMANDING_POLICIES = ("ondemand", "fimi+ondemand")  # plans whose bits answer each device's error demand
 
 
@@ -167,7 +169,10 @@ class FimiFedAvg(FedAvg):
             raise contract.ReplyError("update holds NaN or infinite values")
         # float64: the weighted sum then equals the hand-written mean it replaced, bit for bit.
         arrays = ArrayRecord({k: Array(u.astype(np.float64)) for k, u in zip(keys, update)})
-        return RecordDict({contract.UPDATE_KEY: arrays, contract.METRICS_KEY: MetricRecord(metrics)})
+        # Flower averages only MetricRecords with the same keys: a board's meter figures (sent
+        # by some nodes only) stay out of the average and go to the node's row instead.
+        averaged = {key: value for key, value in metrics.items() if key not in contract.NODE_ONLY_METRICS}
+        return RecordDict({contract.UPDATE_KEY: arrays, contract.METRICS_KEY: MetricRecord(averaged)})
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]):
         server_round += self.round_offset
@@ -195,7 +200,7 @@ class FimiFedAvg(FedAvg):
             try:
                 decoded.append(Message(self.decode_reply(message), reply_to=message))
                 used.append(node_id)
-                self._account_reply(node_id, decoded[-1].content[contract.METRICS_KEY], nodes[node_id])
+                self._account_reply(node_id, message.content[contract.METRICS_KEY], nodes[node_id])
             except contract.ReplyError as err:
                 drop(node_id, str(err))
         answered = {m.metadata.src_node_id for m in from_planned}
@@ -231,7 +236,9 @@ class FimiFedAvg(FedAvg):
         figures.update(train_s=float(metrics["train-seconds"]), bits=bits,
                        error_expected=float(metrics.get("error-expected", 0.0)),
                        error_measured=float(metrics.get("error-measured", 0.0)),
-                       energy_j=self._modeled_energy(node_id, plan, bits))
+                       energy_j=self._modeled_energy(node_id, plan, bits),
+                       measured_energy_j=_finite(metrics.get("measured-energy-j")),
+                       measured_s=_finite(metrics.get("measured-s")))
         constant = float(metrics.get("codec-constant", 0.0))
         if np.isfinite(constant) and constant > 0:
             self.profiles[node_id]["codec_constant"] = constant
@@ -252,6 +259,14 @@ class FimiFedAvg(FedAvg):
         return {"node": node_id, "partition_id": self.profiles[node_id].get(contract.PARTITION_FIELD),
                 "bits_planned": plan.bits, "bits": None, "error_demand": plan.error_demand or None,
                 "error_expected": None, "error_measured": None, "t_cmp_s": plan.t_cmp_s, "t_com_s": plan.t_com_s,
-                "energy_j": None, "plan_uplink_bps": (float(update_bits(self.system.model_params, plan.bits))
+                "energy_j": None, "e_cmp_j": plan.e_cmp_j, "measured_energy_j": None, "measured_s": None,
+                "plan_uplink_bps": (float(update_bits(self.system.model_params, plan.bits))
                                                       / plan.t_com_s if plan.t_com_s > 0 else None),
                 "train_s": None, "upload_s": None, "reply_bytes": None, "status": "used", "reason": ""}
+
+
+def _finite(value) -> float | None:
+    """A measured figure as a float, or None where the node sent none (or sent nonsense)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not np.isfinite(value) or value < 0:
+        return None
+    return float(value)

@@ -1,7 +1,7 @@
 """The message contract and the run-config schema: what one side writes, the other reads back."""
 
 import argparse
-from dataclasses import fields
+from dataclasses import fields, replace
 
 import numpy as np
 import pytest
@@ -42,6 +42,9 @@ def test_a_train_reply_carries_the_codec_bytes_and_the_figures():
                            "upload-bytes": len(payload), "modeled-energy-j": 0.02, "bits": 8,
                            "error-expected": 1e-4, "error-measured": 1.1e-4, "codec-constant": 0.9}
     assert contract.reply_bytes(content) > len(payload)
+    metered = replace(metrics, measured_energy_j=4.25, measured_s=1.7)  # a board with sensors says more
+    assert contract.read_train_reply(contract.train_reply(payload, metered, ""))[1] == {
+        **got_metrics, "measured-energy-j": 4.25, "measured-s": 1.7}
     silent = contract.train_reply(payload, metrics, "")  # nothing to say: no record Flower cannot count
     assert contract.read_train_reply(silent)[2] == "" and contract.reply_bytes(silent) > len(payload)
 

@@ -69,12 +69,13 @@ def test_each_node_gets_its_own_plan():
         assert received.f_hz == entry["f_hz"] and received.server_round == 1 and received.policy == "fimi"
 
 
-def reply_to(node_id, update, weight=10, bits=8, raw=None, content=None, codec_constant=0.0):
+def reply_to(node_id, update, weight=10, bits=8, raw=None, content=None, codec_constant=0.0, measured_j=None):
     request = Message(RecordDict({}), message_type=MessageType.TRAIN, dst_node_id=node_id)
     payload = raw if raw is not None else encode(update, bits, np.random.default_rng(0))
     metrics = contract.TrainMetrics(num_examples=weight, d_gen_used=2, train_seconds=0.5, train_loss=1.0,
                                     upload_bytes=len(payload), modeled_energy_j=0.1, bits=bits,
-                                    codec_constant=codec_constant)
+                                    codec_constant=codec_constant, measured_energy_j=measured_j,
+                                    measured_s=None if measured_j is None else 0.6)
     reply = Message(content or contract.train_reply(payload, metrics, "test"), reply_to=request)
     reply.metadata.__dict__["_src_node_id"] = node_id  # Flower sets the sender when the reply travels
     return reply
@@ -190,6 +191,20 @@ def test_the_strategy_times_each_reply_and_forgets_a_plan_it_did_not_send():
     strategy.configure_train(2, ArrayRecord(GLOBAL), ConfigRecord(), OnlineNodes([]))
     strategy.aggregate_train(2, [])
     assert strategy.rounds.nodes[2] == [] and strategy.rounds.costs[2]["dropped"] == 0
+
+
+def test_a_boards_measured_energy_stands_beside_the_modeled_and_none_is_invented():
+    strategy, nodes = strategy_for(3)
+    strategy.configure_train(1, ArrayRecord(GLOBAL), ConfigRecord(), OnlineNodes(nodes))
+    update = [np.full((3, 2), 1.0, np.float32), np.full(4, 1.0, np.float32)]
+    strategy.aggregate_train(1, [reply_to(nodes[0], update, bits=32, measured_j=3.5),
+                                 reply_to(nodes[1], update, bits=32),
+                                 reply_to(nodes[2], update, bits=32, measured_j=float("nan"))])
+    rows = {row["node"]: row for row in strategy.rounds.nodes[1]}
+    assert (rows[nodes[0]]["measured_energy_j"], rows[nodes[0]]["measured_s"]) == (3.5, 0.6)
+    assert rows[nodes[0]]["e_cmp_j"] == strategy._planned[nodes[0]].e_cmp_j > 0, "the modeled local step beside it"
+    assert rows[nodes[1]]["measured_energy_j"] is None, "no sensor: nothing measured"
+    assert rows[nodes[2]]["measured_energy_j"] is None, "a meter's nonsense is not a figure"
 
 
 def ondemand_strategy(n=3, policy="ondemand"):

@@ -119,11 +119,13 @@ def test_everything_else_goes_to_the_wrapped_grid():
     assert list(timed.send_and_receive([], timeout=1)) == []
 
 
-def node_row(node_id, partition, status="used", reason="", upload=0.2):
+def node_row(node_id, partition, status="used", reason="", upload=0.2, measured_j=None):
+    """A devices.csv row; measured_j: what the node's board meter gave (None: no sensor)."""
     return {"node": node_id, "partition_id": partition, "bits_planned": 8, "bits": 9 if status == "used" else None,
             "error_demand": 1e-3, "error_expected": 9e-4 if status == "used" else None,
             "error_measured": 9.5e-4 if status == "used" else None, "t_cmp_s": 40.0, "t_com_s": 20.0,
-            "energy_j": 0.5 if status == "used" else None, "plan_uplink_bps": 1e5,
+            "energy_j": 0.5 if status == "used" else None, "e_cmp_j": 0.3, "measured_energy_j": measured_j,
+            "measured_s": 1.2 if measured_j is not None else None, "plan_uplink_bps": 1e5,
             "train_s": 1.0 if status == "used" else None,
             "upload_s": upload if status == "used" else None, "reply_bytes": 1000 if status == "used" else None,
             "status": status, "reason": reason}
@@ -136,7 +138,7 @@ def test_the_report_writes_nodes_names_the_dropped_and_resumes(tmp_path):
     for server_round in (1, 2, 3):
         dropped = "no reply before the timeout" if server_round == 2 else ""
         report.round_costs(server_round, MetricRecord({"energy-j": 1.0, "updates": 2, "dropped": int(bool(dropped))}),
-                           [node_row(111, 0, upload=0.3), node_row(222, 1),
+                           [node_row(111, 0, upload=0.3, measured_j=7.5), node_row(222, 1),
                             node_row(2**64 - 3, None, "dropped" if dropped else "used", dropped)])
         report.add_round(server_round, {"accuracy": 0.2 * server_round, "loss": 1.0})
     rows = read_rounds(tmp_path / "rounds.csv")
@@ -144,13 +146,15 @@ def test_the_report_writes_nodes_names_the_dropped_and_resumes(tmp_path):
     assert rows[2]["dropped"] == 1 and isinstance(rows[2]["energy_j"], float)
     nodes = read_nodes(tmp_path / "devices.csv")
     assert len(nodes) == 9 and [n["round"] for n in nodes] == [1, 1, 1, 2, 2, 2, 3, 3, 3]
-    assert nodes[0] == {"round": 1, **node_row(111, 0, upload=0.3)}
+    assert nodes[0] == {"round": 1, **node_row(111, 0, upload=0.3, measured_j=7.5)}
+    assert "measured_energy_j" not in nodes[1], "no sensor: the column is empty, never invented"
     # Flower's node ids are 64-bit: read back exactly, not through a float
     assert nodes[5] == {"round": 2, "node": 2**64 - 3, "bits_planned": 8, "error_demand": 1e-3, "t_cmp_s": 40.0,
-                        "t_com_s": 20.0, "plan_uplink_bps": 1e5, "status": "dropped",
+                        "t_com_s": 20.0, "e_cmp_j": 0.3, "plan_uplink_bps": 1e5, "status": "dropped",
                         "reason": "no reply before the timeout"}
     report.plot()
     assert (tmp_path / "upload.png").stat().st_size > 0 and (tmp_path / "accuracy.png").exists()
+    assert (tmp_path / "energy.png").stat().st_size > 0, "measured against modeled energy where a board measured"
 
     # a run that died after round 3's rows but with its checkpoint at round 1 resumes there
     resumed = RunReport(tmp_path, {"policy": "fimi"})
