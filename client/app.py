@@ -11,6 +11,7 @@ It speaks to the server only through fedfill.contract: it never imports the stra
 
 from __future__ import annotations
 
+from dataclasses import replace
 from logging import INFO, WARNING
 
 import numpy as np
@@ -19,6 +20,7 @@ from flwr.clientapp import ClientApp
 from flwr.common import log
 
 from fedfill import contract
+from fedfill.board import BoardProfile, EnergyMeter, read_board
 from fedfill.config import RunConfig
 from fedfill.data import ImageDataset, NodeDataError
 from fedfill.job import Job, load_job
@@ -27,6 +29,7 @@ app = ClientApp()
 
 SYNTHETIC_KEY = "synthetic"  # context.state record holding this device's generated samples
 DATA_DIR_KEY = "data-dir"  # node config: the node's own files (class folders or an .npz)
+SYSFS_ROOT_KEY = "sysfs-root"  # node config: read the board's profile and meter its energy there
 
 
 def node_partition(run: RunConfig, context: Context) -> tuple[int, int]:
@@ -45,17 +48,36 @@ def local_data(run: RunConfig, job: Job, context: Context) -> ImageDataset:
     return job.node_data(*node_partition(run, context))
 
 
-def device_profile(run: RunConfig, context: Context, d_loc: int, preset: str = "fimi") -> dict:
-    """The profile from the node config when the operator gave one, else drawn as the job's
-    paper does (FIMI §V-A; seed 000 §IV-A, error demand included)."""
-    keys = {name: contract.node_config_key(name) for name in contract.PROFILE_FIELDS}
-    if all(key in context.node_config for key in keys.values()):
-        profile = {name: float(context.node_config[key]) for name, key in keys.items()}
-    else:
+def board_root(context: Context) -> str | None:
+    """The root of this board's sysfs when the node config names one (`sysfs-root`: "/" on a
+    board, a copied tree in tests): the node then reads its profile from the board and meters
+    its energy. None in simulation, where nodes share a host and a meter would measure it all."""
+    root = str(context.node_config.get(SYSFS_ROOT_KEY, ""))
+    return root or None
+
+
+def device_profile(run: RunConfig, context: Context, d_loc: int, preset: str = "fimi",
+                   board: BoardProfile | None = None) -> dict:
+    """The device profile, field by field: what the operator put in the node config, else what
+    the board measured (f_max only: eps, transmit power and channel gain cannot be read from a
+    board), else drawn as the job's paper does (FIMI §V-A; seed 000 §IV-A, error demand
+    included). A board's other figures go along as `board_*` fields, for the report only.
+    `measured` names the planner's fields the board gave."""
+    given = {name: float(context.node_config[contract.node_config_key(name)]) for name in contract.PROFILE_FIELDS
+             if contract.node_config_key(name) in context.node_config}
+    measured = board.profile_fields() if board is not None else {}
+    if "f_max_hz" in measured and "f_max_hz" not in given:
+        given["f_max_hz"] = float(measured["f_max_hz"])
+    profile = given
+    if set(given) != set(contract.PROFILE_FIELDS):
         from strategies.allocation.presets import drawn_device_profile
 
-        profile = drawn_device_profile(preset, *node_partition(run, context), run.seed)
+        profile = {**drawn_device_profile(preset, *node_partition(run, context), run.seed), **given}
     profile = {"d_loc": float(d_loc), **profile}
+    if board is not None:
+        if "f_max_hz" in measured and profile["f_max_hz"] == measured["f_max_hz"]:
+            profile["measured"] = "f_max_hz"
+        profile.update({f"board_{name}": value for name, value in measured.items() if name != "f_max_hz"})
     for name, cast in contract.OPTIONAL_PROFILE_FIELDS.items():
         if contract.node_config_key(name) in context.node_config:
             profile[name] = cast(context.node_config[contract.node_config_key(name)])
@@ -73,7 +95,12 @@ def query(message: Message, context: Context) -> Message:
     except NodeDataError as err:  # the round goes on with the other nodes
         log(WARNING, "this node sits the run out: %s", err)
         return Message(contract.sit_out_reply(str(err)), reply_to=message)
-    return Message(contract.profile_reply(device_profile(run, context, len(data), job.preset)), reply_to=message)
+    root = board_root(context)
+    board = read_board(root) if root else None
+    if board is not None:
+        log(INFO, "board at %s: %s", root, board.profile_fields() or "nothing measurable")
+    return Message(contract.profile_reply(device_profile(run, context, len(data), job.preset, board)),
+                   reply_to=message)
 
 
 def fetch_synthetic(run: RunConfig, context: Context, request: np.ndarray, image_shape):
@@ -136,6 +163,24 @@ def quantize_update(update: list[np.ndarray], plan: contract.NodePlan, rng: np.r
 
 @app.train()
 def train(message: Message, context: Context) -> Message:
+    """The local step, metered by the board's rails where the node has them."""
+    root = board_root(context)
+    meter = EnergyMeter(root).start() if root else None
+    try:
+        payload, metrics, note = local_step(message, context)
+    finally:  # a failed step still joins the meter's thread (a warm process lives on)
+        reading = meter.stop() if meter is not None else None
+    if reading is not None and reading.joules is not None:
+        metrics = replace(metrics, measured_energy_j=reading.joules, measured_s=reading.seconds)
+    if reading is not None:
+        log(INFO, "the board measured %s over %.2f s (the plan models E_cmp %.4g J)",
+            f"{reading.joules:.4g} J" if reading.joules is not None else "no energy (no sensor)", reading.seconds,
+            contract.NodePlan.from_config(message.content[contract.CONFIG_KEY]).e_cmp_j)
+    return Message(contract.train_reply(payload, metrics, note), reply_to=message)
+
+
+def local_step(message: Message, context: Context) -> tuple[bytes, contract.TrainMetrics, str]:
+    """Follow the plan: synthetic samples, local training, the update through the codec."""
     from strategies.allocation.augmentation import synthetic_request
 
     run = RunConfig.from_run_config(context.run_config)
@@ -162,4 +207,4 @@ def train(message: Message, context: Context) -> Message:
     metrics = contract.TrainMetrics(num_examples=int(len(labels)), d_gen_used=int(len(syn_labels)),
                                     train_seconds=train_seconds, train_loss=result.loss, upload_bytes=len(payload),
                                     modeled_energy_j=plan.modeled_energy_j, **figures)
-    return Message(contract.train_reply(payload, metrics, note), reply_to=message)
+    return payload, metrics, note
