@@ -110,6 +110,43 @@ def write_pki(root: Path, nodes: int, superlink_names: Sequence[str] = ("superli
     return pki
 
 
+def write_node_key(private_path: Path, public_path: Path, comment: str) -> None:
+    """One SuperNode key pair at the given paths, outside write_pki's numbered testbed nodes
+    (an edge board's, deploy/bundle.py): an existing key is kept, since it is what the
+    SuperLink has registered; a missing one is made; the public line ends with `comment`."""
+    _ensure_node_key(Path(private_path), Path(public_path), comment)
+
+
+def superlink_pki_for(root: Path, host: str, *, days: int = 365) -> tuple[Pki, bool]:
+    """The CA and a SuperLink certificate under `root` that covers `host` (the name or address
+    edge boards dial), written only where needed. A certificate that already covers `host` and
+    is current is kept; otherwise it is issued again for the names it covered plus `host`, so a
+    running testbed's names stay covered. `days` is the validity of what is made now (a CA that
+    exists keeps its own). Returns the paths and whether the SuperLink's certificate (or the
+    CA) was written: then the SuperLink must be restarted with it."""
+    pki = Pki.at(root)
+    before = _read_or_none(pki.superlink_cert), _read_or_none(pki.ca_cert)
+    write_pki(root, 0, [*_certificate_names(pki.superlink_cert), host], days=days)
+    return pki, (_read_or_none(pki.superlink_cert), _read_or_none(pki.ca_cert)) != before
+
+
+def _certificate_names(cert_path: Path) -> list[str]:
+    """The DNS names and IP addresses a certificate covers, in its order; none if unreadable."""
+    try:
+        cert = x509.load_pem_x509_certificate(cert_path.read_bytes())
+        sans = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    except (OSError, ValueError, x509.ExtensionNotFound):
+        return []
+    return [str(name.value) for name in sans if isinstance(name, (x509.DNSName, x509.IPAddress))]
+
+
+def _read_or_none(path: Path) -> bytes | None:
+    try:
+        return path.read_bytes()
+    except OSError:
+        return None
+
+
 def _builder(subject: x509.Name, issuer: x509.Name, public_key, now: dt.datetime,
              validity: dt.timedelta) -> x509.CertificateBuilder:
     return (x509.CertificateBuilder().subject_name(subject).issuer_name(issuer).public_key(public_key)

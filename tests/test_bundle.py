@@ -1,0 +1,350 @@
+"""deploy/bundle.py: the directory an operator copies to an edge board. Its files are read the
+way the board reads them (bash sources node.env, Flower parses the node config, configparser
+and `systemd-analyze verify` read the unit, `bash -n` reads install.sh), and one slow test
+joins a real TLS SuperLink with SuperNode authentication: the bundle's register command, then
+flower-supernode started from the unit's own ExecStart line, listed online.
+"""
+
+from __future__ import annotations
+
+import configparser
+import ipaddress
+import re
+import shlex
+import shutil
+import stat
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+
+from deploy.bundle import CONTENTS, parse_superlink, write_bundle
+from deploy.pki import write_pki
+
+NODE_CONFIG = {"data-dir": "/var/lib/fedfill/data", "sysfs-root": "/sys", "partition-id": 2, "eps": 0.05,
+               "p-max-w": 15.0, "gain": 1e-05}
+
+
+def _mode(path: Path) -> int:
+    return stat.S_IMODE(path.stat().st_mode)
+
+
+def _sourced(env_file: Path, *names: str) -> list[str]:
+    """The variables' values after bash sources the file (what the shell, like systemd, reads)."""
+    script = f"set -euo pipefail; source {shlex.quote(str(env_file))}; printf '%s\\0' " + " ".join(
+        f'"${{{name}}}"' for name in names)
+    result = subprocess.run(["bash", "-c", script], capture_output=True, text=True, check=True)
+    return result.stdout.split("\0")[:-1]
+
+
+def _unit(path: Path) -> configparser.ConfigParser:
+    unit = configparser.ConfigParser(strict=False, interpolation=None)
+    unit.optionxform = str  # systemd's keys are case-sensitive
+    unit.read(path)
+    return unit
+
+
+def _environment_lines(path: Path) -> dict[str, str]:
+    """Every Environment= assignment of the unit (configparser keeps only the last of repeated keys)."""
+    pairs = [line.split("=", 1)[1] for line in path.read_text().splitlines() if line.startswith("Environment=")]
+    return dict(pair.split("=", 1) for pair in pairs)
+
+
+def _exec_start(unit_path: Path, env: dict[str, str], etc: Path) -> list[str]:
+    """The unit's ExecStart as systemd expands it: `${VAR}` becomes exactly one argument, and
+    /etc/fedfill/ is where the bundle's files are here."""
+    words = shlex.split(_unit(unit_path)["Service"]["ExecStart"])
+    expanded = []
+    for word in words:
+        if match := re.fullmatch(r"\$\{(\w+)\}", word):
+            expanded.append(env[match.group(1)])
+        else:
+            assert "$" not in word, f"{word!r}: only whole-word ${{VAR}} keeps a value one argument"
+            expanded.append(word.replace("/etc/fedfill/", f"{etc}/"))
+    return expanded
+
+
+@pytest.fixture
+def bundle(tmp_path):
+    return write_bundle("jetson-01", "superlink.lan:9092", tmp_path / "out", pki_root=tmp_path / "pki",
+                        node_config=NODE_CONFIG)
+
+
+def test_files_and_modes(bundle, tmp_path):
+    assert bundle.dir == (tmp_path / "out" / "jetson-01").resolve()
+    assert [p.name for p in bundle.files] == list(CONTENTS)
+    assert sorted(p.name for p in bundle.dir.iterdir()) == sorted([*CONTENTS, "wheels"])
+    assert _mode(bundle.dir) == 0o700  # it holds a private key
+    assert _mode(bundle.dir / "supernode.key") == 0o600
+    assert _mode(bundle.dir / "install.sh") & 0o111
+    assert not list((tmp_path / "out").glob(".*"))  # no staging or old copy left behind
+
+
+def test_key_pair_is_what_flower_reads(bundle, tmp_path):
+    from flwr.cli.supernode.register import try_load_public_key
+
+    private = serialization.load_ssh_private_key((bundle.dir / "supernode.key").read_bytes(), password=None)
+    public = serialization.load_ssh_public_key((bundle.dir / "supernode.pub").read_bytes())
+    assert isinstance(private, ec.EllipticCurvePrivateKey) and isinstance(private.curve, ec.SECP384R1)
+    assert public == private.public_key()
+    assert (bundle.dir / "supernode.pub").read_text().split()[2] == "fedfill-board-jetson-01"
+    # The server side keeps the same public key, the one the register command names.
+    assert bundle.board_public_key == (tmp_path / "pki" / "boards" / "jetson-01.pub").resolve()
+    assert bundle.board_public_key.read_bytes() == (bundle.dir / "supernode.pub").read_bytes()
+    assert try_load_public_key(bundle.board_public_key)
+
+
+def test_the_ca_signed_a_superlink_certificate_for_the_host(bundle, tmp_path):
+    pki = tmp_path / "pki"
+    ca = x509.load_pem_x509_certificate((pki / "ca.crt").read_bytes())
+    cert = x509.load_pem_x509_certificate((pki / "superlink.crt").read_bytes())
+    cert.verify_directly_issued_by(ca)
+    assert "superlink.lan" in cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value \
+        .get_values_for_type(x509.DNSName)
+    key = serialization.load_pem_private_key((pki / "superlink.key").read_bytes(), password=None)
+    assert key.public_key() == cert.public_key()
+    assert (bundle.dir / "ca.crt").read_bytes() == (pki / "ca.crt").read_bytes()
+    assert bundle.certificate_written and "(re)start the SuperLink" in bundle.summary()
+
+
+def test_an_existing_pki_is_kept_or_extended_never_narrowed(tmp_path):
+    """A testbed's PKI (names superlink, localhost, 127.0.0.1) serves boards too: a host it
+    covers leaves it alone; a new host gets a certificate for the old names plus the new one."""
+    pki = write_pki(tmp_path / "pki", 1, ("superlink",))
+    before = {p: p.read_bytes() for p in (pki.ca_cert, pki.superlink_cert, pki.node_private_key(0))}
+    covered = write_bundle("a", "localhost:9092", tmp_path / "out", pki_root=pki.root)
+    assert not covered.certificate_written
+    assert {p: p.read_bytes() for p in before} == before
+    assert "(re)start the SuperLink" not in covered.summary()
+
+    extended = write_bundle("b", "10.0.0.7:9092", tmp_path / "out", pki_root=pki.root)
+    assert extended.certificate_written
+    assert pki.ca_cert.read_bytes() == before[pki.ca_cert]  # same CA: earlier bundles stay valid
+    san = x509.load_pem_x509_certificate(pki.superlink_cert.read_bytes()).extensions.get_extension_for_class(
+        x509.SubjectAlternativeName).value
+    assert set(san.get_values_for_type(x509.DNSName)) == {"superlink", "localhost"}
+    assert set(san.get_values_for_type(x509.IPAddress)) == {ipaddress.ip_address("127.0.0.1"),
+                                                            ipaddress.ip_address("10.0.0.7")}
+    assert pki.node_private_key(0).read_bytes() == before[pki.node_private_key(0)]
+
+
+def test_node_env_sources_and_the_node_config_round_trips(bundle):
+    from flwr.common.config import parse_config_args
+
+    superlink, node_config = _sourced(bundle.dir / "node.env", "FEDFILL_SUPERLINK", "FEDFILL_NODE_CONFIG")
+    assert superlink == "superlink.lan:9092"
+    assert parse_config_args([node_config]) == NODE_CONFIG  # Flower's own --node-config parser
+
+
+def test_empty_node_config(tmp_path):
+    from flwr.common.config import parse_config_args
+
+    bundle = write_bundle("b", "superlink.lan:9092", tmp_path / "out", pki_root=tmp_path / "pki")
+    [node_config] = _sourced(bundle.dir / "node.env", "FEDFILL_NODE_CONFIG")
+    assert node_config == "" and parse_config_args([node_config] if node_config else None) == {}
+
+
+def test_unit_has_what_the_board_needs(bundle):
+    path = bundle.dir / "fedfill-supernode.service"
+    unit = _unit(path)
+    assert unit["Unit"]["After"] == unit["Unit"]["Wants"] == "network-online.target"
+    assert unit["Install"]["WantedBy"] == "multi-user.target"
+    service = unit["Service"]
+    assert service["EnvironmentFile"] == "/etc/fedfill/node.env"
+    assert (service["Restart"], service["RestartSec"]) == ("on-failure", "10")
+    assert service["User"] == "fedfill"
+    assert service["ExecStart"] == (
+        "/opt/fedfill/venv/bin/flower-supernode --superlink ${FEDFILL_SUPERLINK} --root-certificates "
+        "/etc/fedfill/ca.crt --auth-supernode-private-key /etc/fedfill/supernode.key --isolation subprocess "
+        "--node-config ${FEDFILL_NODE_CONFIG}")
+    environment = _environment_lines(path)
+    assert environment["PATH"] == "/opt/fedfill/venv/bin:/usr/local/bin:/usr/bin:/bin"
+    assert environment["FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION"] == "1"
+    assert environment["FLWR_DISABLE_UPDATE_CHECK"] == "1"
+    # The node config, with its spaces, stays one argument after --node-config.
+    _, config = _sourced(bundle.dir / "node.env", "FEDFILL_SUPERLINK", "FEDFILL_NODE_CONFIG")
+    command = _exec_start(path, {"FEDFILL_SUPERLINK": "superlink.lan:9092", "FEDFILL_NODE_CONFIG": config},
+                          bundle.dir)
+    assert command[command.index("--node-config") + 1] == config and " " in config
+    assert command[command.index("--auth-supernode-private-key") + 1] == str(bundle.dir / "supernode.key")
+
+
+@pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="no systemd-analyze here")
+def test_systemd_accepts_the_unit(tmp_path):
+    venv = tmp_path / "venv"
+    (venv / "bin").mkdir(parents=True)
+    (venv / "bin" / "flower-supernode").write_text("#!/bin/sh\n")
+    (venv / "bin" / "flower-supernode").chmod(0o755)  # verify checks that ExecStart's command exists
+    bundle = write_bundle("b", "superlink.lan:9092", tmp_path / "out", pki_root=tmp_path / "pki", venv=str(venv))
+    result = subprocess.run(["systemd-analyze", "verify", str(bundle.dir / "fedfill-supernode.service")],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0 and not result.stderr.strip(), result.stderr
+
+
+def test_install_script(bundle):
+    script = bundle.dir / "install.sh"
+    subprocess.run(["bash", "-n", str(script)], check=True)
+    text = script.read_text()
+    assert text.startswith("#!/usr/bin/env bash\n") and "\nset -euo pipefail\n" in text
+    assert '-m venv --system-site-packages "$VENV"' in text and "VENV=/opt/fedfill/venv" in text
+    assert 'SOURCE=(--no-index --find-links "$BUNDLE/wheels")' in text
+    assert "install -d -m 0700 -o" in text and 'install -m 0600 -o "$SERVICE_USER"' in text
+    assert "useradd --system" in text
+    for line in ("systemctl daemon-reload", "systemctl enable fedfill-supernode.service",
+                 "systemctl restart fedfill-supernode.service"):
+        assert f"\n{line}\n" in text
+
+
+def test_install_keeps_the_boards_torch_out_of_the_requirements(bundle):
+    """The Python the installer runs to list fedfill's other dependencies, run on this
+    checkout's installed fedfill: everything but torch and the extras."""
+    from importlib.metadata import requires
+
+    program = re.search(r"<<'PY'\n(.*?)\nPY\n", (bundle.dir / "install.sh").read_text(), re.S).group(1)
+    listed = subprocess.run(["python", "-c", program], capture_output=True, text=True, check=True).stdout.split("\n")
+    expected = [r for r in requires("fedfill") if "extra ==" not in r and not r.startswith("torch")]
+    assert [line for line in listed if line] == expected
+    assert expected and not any(line.startswith("torch") for line in listed)
+
+
+def test_an_existing_bundle_is_refused_and_force_keeps_its_key(bundle, tmp_path):
+    with pytest.raises(FileExistsError, match="exists; pass force=True"):
+        write_bundle("jetson-01", "superlink.lan:9092", tmp_path / "out", pki_root=tmp_path / "pki")
+    key, public = (bundle.dir / "supernode.key").read_bytes(), bundle.board_public_key.read_bytes()
+    (bundle.dir / "wheels" / "fedfill-0.1.0-py3-none-any.whl").write_bytes(b"a wheel the operator put here")
+
+    again = write_bundle("jetson-01", "other.lan:9093", tmp_path / "out", pki_root=tmp_path / "pki", force=True)
+    assert again.key_kept and not again.replaced_registered_key
+    assert (again.dir / "supernode.key").read_bytes() == key and _mode(again.dir / "supernode.key") == 0o600
+    assert again.board_public_key.read_bytes() == public
+    assert (again.dir / "wheels" / "fedfill-0.1.0-py3-none-any.whl").exists()
+    assert _sourced(again.dir / "node.env", "FEDFILL_SUPERLINK") == ["other.lan:9093"]
+    assert "Kept the key pair" in again.summary()
+
+
+def test_a_new_key_for_a_registered_name_is_flagged(bundle, tmp_path):
+    shutil.rmtree(bundle.dir)  # the bundle is lost; the server side still has the key it registered
+    fresh = write_bundle("jetson-01", "superlink.lan:9092", tmp_path / "out", pki_root=tmp_path / "pki")
+    assert fresh.replaced_registered_key and not fresh.key_kept
+    assert "flwr supernode unregister NODE_ID fedfill" in fresh.summary()
+
+
+def test_register_command_and_summary(bundle, tmp_path):
+    assert bundle.register_command == f"flwr supernode register {bundle.board_public_key} fedfill"
+    summary = bundle.summary()
+    pki = (tmp_path / "pki").resolve()
+    for needed in (bundle.register_command, f"--ssl-ca-certfile {pki / 'ca.crt'}",
+                   f"--ssl-certfile {pki / 'superlink.crt'}", f"--ssl-keyfile {pki / 'superlink.key'}",
+                   "--enable-supernode-auth", "[superlink.fedfill]", 'address = "superlink.lan:9092"',
+                   "sudo bash jetson-01/install.sh", *CONTENTS):
+        assert needed in summary, needed
+    assert bundle.register_command in (bundle.dir / "README.txt").read_text()
+
+
+@pytest.mark.parametrize("name", ["", "a" * 64, "has space", "dot.ted", "slash/y", "ümlaut"])
+def test_bad_names_are_refused(name, tmp_path):
+    with pytest.raises(ValueError, match="board name must be 1-63 letters, digits, '-' or '_'"):
+        write_bundle(name, "superlink.lan:9092", tmp_path / "out", pki_root=tmp_path / "pki")
+    assert not (tmp_path / "pki").exists()  # nothing written before the checks
+
+
+@pytest.mark.parametrize(("address", "why"), [
+    ("superlink.lan", "superlink must be HOST:PORT"),
+    (":9092", "superlink must be HOST:PORT"),
+    ("superlink.lan:0", "port must be a number from 1 to 65535"),
+    ("superlink.lan:65536", "port must be a number from 1 to 65535"),
+    ("superlink.lan:http", "port must be a number from 1 to 65535"),
+    ("super link:9092", "neither an IP address nor a DNS name"),
+    ("-bad-.lan:9092", "neither an IP address nor a DNS name"),
+    ("::1:9092", "IPv6 address in brackets"),
+    ("[zz::1]:9092", "is not an IPv6 address"),
+    ("0.0.0.0:9092", "not an address a board can dial"),
+])
+def test_bad_superlink_addresses_are_refused(address, why, tmp_path):
+    with pytest.raises(ValueError, match=re.escape(why)):
+        write_bundle("b", address, tmp_path / "out", pki_root=tmp_path / "pki")
+
+
+def test_good_superlink_addresses():
+    assert parse_superlink("SuperLink.LAN:9092") == ("superlink.lan", 9092)
+    assert parse_superlink("192.168.1.10:1") == ("192.168.1.10", 1)
+    assert parse_superlink("[fd00::5]:65535") == ("fd00::5", 65535)
+
+
+@pytest.mark.parametrize(("config", "why"), [
+    ({"flag": True}, "values must be str, int or float"),
+    ({"bad key": 1}, "use letters, digits"),
+    ({"s": 'has "quotes"'}, "may not hold quotes"),
+    ({"x": float("nan")}, "must be finite"),
+])
+def test_bad_node_configs_are_refused(config, why, tmp_path):
+    with pytest.raises(ValueError, match=re.escape(why)):
+        write_bundle("b", "superlink.lan:9092", tmp_path / "out", pki_root=tmp_path / "pki", node_config=config)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(240)
+def test_a_board_from_its_bundle_joins_a_real_superlink(tmp_path):
+    """A TLS SuperLink with --enable-supernode-auth on loopback; the bundle's register command,
+    run as printed; flower-supernode from the unit's ExecStart with node.env's values and the
+    bundle's key and CA; the SuperLink lists it online."""
+    from deploy.flower_cli import list_supernodes, write_flwr_connection
+    from deploy.local import flower_environment, free_port, group_alive, stop_group, wait_for_port
+
+    start_s = 90.0  # the machine may be busy
+    home = tmp_path / "flwr"
+    env = flower_environment(home)  # home/bin holds Flower's commands: the bundle's venv is `home`
+    port = free_port()
+    bundle = write_bundle("board-1", f"127.0.0.1:{port}", tmp_path / "out", pki_root=tmp_path / "pki",
+                          node_config={"data-dir": str(tmp_path / "data"), "partition-id": 0, "eps": 0.05},
+                          venv=str(home))
+    pki = bundle.pki
+    processes: dict[str, subprocess.Popen] = {}
+
+    def spawn(name: str, command: list[str]) -> Path:
+        log = tmp_path / f"{name}.log"
+        with open(log, "w") as out:
+            processes[name] = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=tmp_path,
+                                               start_new_session=True)
+        return log
+
+    try:
+        spawn("superlink", [
+            "flower-superlink", "--ssl-ca-certfile", str(pki.ca_cert), "--ssl-certfile", str(pki.superlink_cert),
+            "--ssl-keyfile", str(pki.superlink_key), "--enable-supernode-auth", "--isolation", "process",
+            "--host", "127.0.0.1", "--port", str(port), "--database", str(tmp_path / "state.db"),
+            "--disable-runtime-dependency-installation"])
+        wait_for_port(port, start_s, processes["superlink"])
+        write_flwr_connection(home, bundle.superlink, root_certificates=pki.ca_cert, name=bundle.connection)
+        registered = subprocess.run(shlex.split(bundle.register_command), env=env, cwd=home, capture_output=True,
+                                    text=True, timeout=start_s)
+        assert registered.returncode == 0, registered.stdout + registered.stderr
+        [node] = list_supernodes(home, bundle.connection, timeout_s=start_s)
+        assert node["status"] == "registered"
+        node_id = int(node["node-id"])
+
+        superlink, config = _sourced(bundle.dir / "node.env", "FEDFILL_SUPERLINK", "FEDFILL_NODE_CONFIG")
+        command = _exec_start(bundle.dir / "fedfill-supernode.service",
+                              {"FEDFILL_SUPERLINK": superlink, "FEDFILL_NODE_CONFIG": config}, bundle.dir)
+        assert command[0] == str(home / "bin" / "flower-supernode")
+        # Its own runtime API port: on a board the default 9094 is free, here it may not be.
+        log = spawn("supernode", [*command, "--port", str(free_port())])
+
+        deadline = time.monotonic() + start_s
+        status = None
+        while time.monotonic() < deadline and status != "online":
+            assert processes["supernode"].poll() is None, log.read_text(errors="replace")[-3000:]
+            time.sleep(1.0)
+            status = {int(n["node-id"]): n["status"]
+                      for n in list_supernodes(home, bundle.connection, timeout_s=start_s)}.get(node_id)
+        assert status == "online", log.read_text(errors="replace")[-3000:]
+        assert f"SuperNode ID: {node_id}" in log.read_text(errors="replace")
+    finally:
+        for process in reversed(processes.values()):
+            stop_group(process)
+        left = [name for name, process in processes.items() if group_alive(process.pid)]
+        assert not left, f"processes left running: {left}"
