@@ -139,6 +139,36 @@ def write_bundle(name: str, superlink: str, out_dir: Path, *, pki_root: Path, no
     return bundle
 
 
+def unit_command(bundle_dir: Path) -> tuple[list[str], dict[str, str], dict]:
+    """What systemd runs for a bundle's unit: (the ExecStart argv, the environment of its
+    Environment= lines and node.env, the node config as Flower parses it). `${VAR}` becomes
+    exactly one argument, as in systemd. A container that runs the bundle (the testbed's
+    add_board, Dockerfile.jetson) runs this, so what is tested is what a board runs."""
+    from flwr.common.config import parse_config_args
+
+    bundle_dir = Path(bundle_dir)
+    environment, exec_start = {}, None
+    for line in (bundle_dir / UNIT_NAME).read_text().splitlines():
+        key, sep, value = line.partition("=")
+        if sep and key == "Environment":
+            name, _, text = value.partition("=")
+            environment[name] = text
+        elif sep and key == "ExecStart":
+            exec_start = value
+    for line in (bundle_dir / NODE_ENV).read_text().splitlines():
+        if line.strip() and not line.lstrip().startswith("#"):
+            name, _, text = line.partition("=")
+            environment[name.strip()] = "".join(shlex.split(text))  # one shell word, quotes removed
+    if exec_start is None:
+        raise ValueError(f"{bundle_dir / UNIT_NAME}: no ExecStart line")
+    argv = []
+    for word in shlex.split(exec_start):
+        match = re.fullmatch(r"\$\{(\w+)\}", word)
+        argv.append(environment[match.group(1)] if match else word)
+    config = parse_config_args([environment["FEDFILL_NODE_CONFIG"]]) if environment.get("FEDFILL_NODE_CONFIG") else {}
+    return argv, environment, dict(config)
+
+
 def parse_superlink(address: str) -> tuple[str, int]:
     """HOST and PORT of `HOST:PORT` (IPv6 as `[ADDR]:PORT`), or a ValueError saying what is wrong.
     HOST is what the board dials, so a wildcard address (0.0.0.0, ::) is refused."""

@@ -1,6 +1,7 @@
-"""`fedfill board`: what a node learns from the board it runs on.
+"""`fedfill board`: what a node learns from the board it runs on, and what a board needs.
 
   profile   this board's cores, CPU frequency, memory, GPU and power rails, read from sysfs
+  bundle    the directory one board needs to join as a SuperNode (deploy/bundle.py)
 """
 
 from __future__ import annotations
@@ -18,9 +19,23 @@ def add_arguments(parser) -> None:
                          help="the root holding the board's sys/ and proc/meminfo (default /: this board)")
     profile.add_argument("--json", action="store_true", help="print every field as JSON")
 
+    bundle = sub.add_parser("bundle", help="write what one board needs: its SuperNode key pair, the CA, its node "
+                                           "config, a systemd unit and an install script")
+    bundle.add_argument("--name", required=True, help="the board's name (letters, digits, - and _)")
+    bundle.add_argument("--superlink", required=True, metavar="HOST:PORT", help="the SuperLink as the board dials it")
+    bundle.add_argument("--out", required=True, metavar="DIR", help="the bundle goes to DIR/NAME")
+    bundle.add_argument("--pki", default=str(Path.home() / ".fedfill" / "pki"), metavar="DIR",
+                        help="the server side's CA and SuperLink certificate, made there if absent "
+                             "(default ~/.fedfill/pki; a testbed's: its state directory's pki/)")
+    bundle.add_argument("--node-config", default='sysfs-root="/"', metavar="'KEY=VALUE ...'",
+                        help="the node config, in flower-supernode's syntax, e.g. 'data-dir=\"/data\" eps=0.05' "
+                             "(default sysfs-root=\"/\": read the board's profile and meter its energy)")
+    bundle.add_argument("--venv", default=None, help="the board's virtual environment (default /opt/fedfill/venv)")
+    bundle.add_argument("--force", action="store_true", help="replace an existing bundle of that name (its key is kept)")
+
 
 def run(args) -> int:
-    return {"profile": _profile}[args.action](args)
+    return {"profile": _profile, "bundle": _bundle}[args.action](args)
 
 
 def _profile(args) -> int:
@@ -54,3 +69,23 @@ def _summary(profile) -> list[tuple[str, str]]:
         ("power", known(profile.power_w, f"{profile.power_w or 0:.2f} W (measured by {profile.energy_counter})")),
         ("rails", rails),
     ]
+
+
+def _bundle(args) -> int:
+    from flwr.common.config import parse_config_args
+
+    from .bundle import DEFAULT_VENV, write_bundle
+
+    try:
+        config = parse_config_args([args.node_config]) if args.node_config.strip() else {}
+    except Exception as err:  # noqa: BLE001 - Flower's parser raises several kinds
+        raise UsageError(f"--node-config {args.node_config!r}: {err}") from None
+    try:
+        bundle = write_bundle(args.name, args.superlink, Path(args.out), pki_root=Path(args.pki),
+                              node_config=dict(config), venv=args.venv or DEFAULT_VENV, force=args.force)
+    except FileExistsError as err:
+        raise UsageError(str(err)) from None
+    except ValueError as err:
+        raise UsageError(str(err)) from None
+    print(bundle.summary())
+    return 0

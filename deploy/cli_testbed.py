@@ -48,6 +48,13 @@ def add_arguments(parser) -> None:
     run.add_argument("--timeout", type=float, default=3600.0)
     add_run_flags(run, skip=("num_partitions",))  # the testbed's
 
+    board = sub.add_parser("add-board", help="a node container that runs a board's bundle (`fedfill board bundle`), "
+                                             "with a copy of a board's sysfs tree and its data mounted")
+    board.add_argument("bundle", help="the bundle directory, made for this testbed: --superlink NAME-superlink:8000 "
+                                      "--pki (the testbed's pki directory)")
+    board.add_argument("--mount", action="append", default=[], metavar="HOST_DIR:CONTAINER_DIR",
+                       help="a host directory the board sees read-only (its sysfs tree, its data-dir); repeatable")
+
     kill = sub.add_parser("kill", help="kill containers (names like node-2, superlink) or a random fraction of nodes")
     kill.add_argument("names", nargs="*")
     kill.add_argument("--fraction", type=float, default=0.0)
@@ -71,8 +78,7 @@ def add_arguments(parser) -> None:
 
 def run(args) -> int:
     return {"build": _build, "up": _up, "run": _run, "kill": _kill, "restart": _restart, "status": _status,
-            "down": _down, "pki": _pki,
-            "register": _register}[args.action](args)
+            "down": _down, "pki": _pki, "register": _register, "add-board": _add_board}[args.action](args)
 
 
 def _testbed(args):
@@ -104,6 +110,20 @@ def _up(args) -> int:
                        memory=args.memory, generator=not args.no_generator)
     print(f"testbed {state.name}: SuperLink on 127.0.0.1:{state.port} (TLS, SuperNode auth), "
           f"{len(state.nodes)} nodes, reports in {state.runs_dir}")
+    _print_status(testbed.status())
+    return 0
+
+
+def _add_board(args) -> int:
+    mounts = {}
+    for spec in args.mount:
+        host, sep, target = spec.rpartition(":")
+        if not sep or not host or not target.startswith("/"):
+            raise UsageError(f"--mount {spec!r}: expected HOST_DIR:/CONTAINER_DIR")
+        mounts[host] = target
+    testbed = _testbed(args)
+    node = testbed.add_board(Path(args.bundle), mounts)
+    print(f"board {node.container}: node id {node.node_id}, node config {node.config}")
     _print_status(testbed.status())
     return 0
 

@@ -78,6 +78,8 @@ class NodeState:
     config: dict  # its --node-config: partition, and the device profile
     cpus: float
     node_id: int = 0  # the SuperLink's id for its registered key
+    bundle: str = ""  # a board's bundle directory (add_board): the node runs the bundle's command
+    mounts: dict = field(default_factory=dict)  # a board's host directories -> container paths
 
 
 @dataclass
@@ -233,6 +235,60 @@ class Testbed:
             # for `shape`'s root exec only: the node's own processes run as the host's user,
             # which holds the capability only when that user is root
             cap_add=["NET_ADMIN"])
+
+    # ------------------------------------------------------------------ boards
+    def board(self, bundle_name: str) -> str:
+        return f"{self.name}-board-{bundle_name}"
+
+    def add_board(self, bundle_dir: Path, mounts: dict[str, str] | None = None) -> NodeState:
+        """A board without a board: a node container that runs exactly what a bundle
+        (`fedfill board bundle`) runs on a board (its systemd unit's command line and
+        environment, its key and CA at /etc/fedfill), with the host directories `mounts` maps
+        to container paths (a copy of a board's sysfs tree where the bundle's `sysfs-root`
+        points, the board's own data where its `data-dir` does). Its key is registered with
+        the SuperLink first, as the operator's command would. The bundle must be made for this
+        testbed: its SuperLink `{name}-superlink:8000` and this testbed's CA (`--pki` = the
+        testbed's pki directory)."""
+        from . import bundle as bundles
+        from .flower_cli import AlreadyRegistered, register_supernode
+
+        state = self.state()
+        bundle_dir = Path(bundle_dir).resolve()
+        command, environment, config = bundles.unit_command(bundle_dir)
+        wanted = f"{self.superlink}:{SUPERLINK_PORT}"
+        if environment.get("FEDFILL_SUPERLINK") != wanted:
+            raise UsageError(f"bundle {bundle_dir} dials {environment.get('FEDFILL_SUPERLINK')!r}, this testbed's "
+                             f"SuperLink is {wanted!r}: make it with `fedfill board bundle --superlink {wanted}`")
+        if (bundle_dir / bundles.CA_CERT).read_bytes() != (self.dir / "pki" / "ca.crt").read_bytes():
+            raise UsageError(f"bundle {bundle_dir} trusts another CA than this testbed's: make it with "
+                             f"`fedfill board bundle --pki {self.dir / 'pki'}`")
+        for host_path in mounts or {}:
+            if not Path(host_path).exists():
+                raise UsageError(f"nothing at {host_path} to mount into the board")
+        name = self.board(bundle_dir.name)
+        if any(node.container == name for node in state.nodes):
+            raise UsageError(f"board {bundle_dir.name!r} is already in testbed {self.name!r}")
+        node = NodeState(len(state.nodes), name, config, cpus_for(float(config.get("f-max-hz", F_REF_HZ))),
+                         bundle=str(bundle_dir), mounts={str(Path(k).resolve()): v for k, v in (mounts or {}).items()})
+        try:
+            node.node_id = register_supernode(bundle_dir / bundles.PUBLIC_KEY, self.connect_cli(state))
+        except AlreadyRegistered:
+            raise UsageError(f"the SuperLink already holds board {bundle_dir.name!r}'s key: is it in another "
+                             "testbed of this SuperLink?") from None
+        self.progress(f"  registered board {bundle_dir.name}'s key: node id {node.node_id}")
+        state.nodes.append(node)
+        state.save(self.state_file)
+        self._start_board(state, node, command, environment)
+        return node
+
+    def _start_board(self, state: TestbedState, node: NodeState, command: list[str], environment: dict) -> None:
+        from . import bundle as bundles
+
+        volumes = {str(Path(node.bundle) / f): {"bind": f"{bundles.ETC}/{f}", "mode": "ro"}
+                   for f in (bundles.PRIVATE_KEY, bundles.CA_CERT, bundles.NODE_ENV)}
+        volumes.update({host: {"bind": target, "mode": "ro"} for host, target in node.mounts.items()})
+        self._run(state, node.container, "board", command, environment=environment, volumes=volumes,
+                  nano_cpus=int(node.cpus * 1e9), mem_limit=state.memory, cap_add=["NET_ADMIN"])
 
     def _wait_superlink(self, state: TestbedState, timeout_s: float) -> None:
         """Until the SuperLink completes a TLS handshake with our CA on its published port

@@ -232,8 +232,9 @@ class RunReport:
         low, high = min(values) / 2, max(values) * 2
         ax.plot([low, high], [low, high], color="grey", lw=1, ls="--", label="measured = modeled")
         ax.set(xscale="log", yscale="log", xlim=(low, high), ylim=(low, high), xlabel=xlabel, ylabel=ylabel)
-        for axis in (ax.xaxis, ax.yaxis):  # plain numbers at 1, 2, 5 x 10^k
-            axis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))
+        subs = (1.0, 2.0, 5.0) if high / low < 1e3 else (1.0,)  # plain numbers at 1, 2, 5 x 10^k, or 10^k
+        for axis in (ax.xaxis, ax.yaxis):
+            axis.set_major_locator(LogLocator(subs=subs))
             axis.set_major_formatter(FormatStrFormatter("%g"))
             axis.set_minor_formatter(NullFormatter())
         ax.grid(alpha=0.3, which="both")

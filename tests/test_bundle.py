@@ -21,8 +21,9 @@ import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
+from flwr.common.config import parse_config_args
 
-from deploy.bundle import CONTENTS, parse_superlink, write_bundle
+from deploy.bundle import CONTENTS, parse_superlink, unit_command, write_bundle
 from deploy.pki import write_pki
 
 NODE_CONFIG = {"data-dir": "/var/lib/fedfill/data", "sysfs-root": "/sys", "partition-id": 2, "eps": 0.05,
@@ -46,26 +47,6 @@ def _unit(path: Path) -> configparser.ConfigParser:
     unit.optionxform = str  # systemd's keys are case-sensitive
     unit.read(path)
     return unit
-
-
-def _environment_lines(path: Path) -> dict[str, str]:
-    """Every Environment= assignment of the unit (configparser keeps only the last of repeated keys)."""
-    pairs = [line.split("=", 1)[1] for line in path.read_text().splitlines() if line.startswith("Environment=")]
-    return dict(pair.split("=", 1) for pair in pairs)
-
-
-def _exec_start(unit_path: Path, env: dict[str, str], etc: Path) -> list[str]:
-    """The unit's ExecStart as systemd expands it: `${VAR}` becomes exactly one argument, and
-    /etc/fedfill/ is where the bundle's files are here."""
-    words = shlex.split(_unit(unit_path)["Service"]["ExecStart"])
-    expanded = []
-    for word in words:
-        if match := re.fullmatch(r"\$\{(\w+)\}", word):
-            expanded.append(env[match.group(1)])
-        else:
-            assert "$" not in word, f"{word!r}: only whole-word ${{VAR}} keeps a value one argument"
-            expanded.append(word.replace("/etc/fedfill/", f"{etc}/"))
-    return expanded
 
 
 @pytest.fixture
@@ -133,8 +114,6 @@ def test_an_existing_pki_is_kept_or_extended_never_narrowed(tmp_path):
 
 
 def test_node_env_sources_and_the_node_config_round_trips(bundle):
-    from flwr.common.config import parse_config_args
-
     superlink, node_config = _sourced(bundle.dir / "node.env", "FEDFILL_SUPERLINK", "FEDFILL_NODE_CONFIG")
     assert superlink == "superlink.lan:9092"
     assert parse_config_args([node_config]) == NODE_CONFIG  # Flower's own --node-config parser
@@ -161,16 +140,17 @@ def test_unit_has_what_the_board_needs(bundle):
         "/opt/fedfill/venv/bin/flower-supernode --superlink ${FEDFILL_SUPERLINK} --root-certificates "
         "/etc/fedfill/ca.crt --auth-supernode-private-key /etc/fedfill/supernode.key --isolation subprocess "
         "--node-config ${FEDFILL_NODE_CONFIG}")
-    environment = _environment_lines(path)
+    command, environment, node_config = unit_command(bundle.dir)
     assert environment["PATH"] == "/opt/fedfill/venv/bin:/usr/local/bin:/usr/bin:/bin"
     assert environment["FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION"] == "1"
     assert environment["FLWR_DISABLE_UPDATE_CHECK"] == "1"
-    # The node config, with its spaces, stays one argument after --node-config.
-    _, config = _sourced(bundle.dir / "node.env", "FEDFILL_SUPERLINK", "FEDFILL_NODE_CONFIG")
-    command = _exec_start(path, {"FEDFILL_SUPERLINK": "superlink.lan:9092", "FEDFILL_NODE_CONFIG": config},
-                          bundle.dir)
+    # node.env as bash reads it is what the command carries; the node config, with its spaces,
+    # stays one argument after --node-config
+    superlink, config = _sourced(bundle.dir / "node.env", "FEDFILL_SUPERLINK", "FEDFILL_NODE_CONFIG")
+    assert command[command.index("--superlink") + 1] == superlink == bundle.superlink
     assert command[command.index("--node-config") + 1] == config and " " in config
-    assert command[command.index("--auth-supernode-private-key") + 1] == str(bundle.dir / "supernode.key")
+    assert node_config == parse_config_args([config])
+    assert command[command.index("--auth-supernode-private-key") + 1] == "/etc/fedfill/supernode.key"
 
 
 @pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="no systemd-analyze here")
@@ -327,9 +307,8 @@ def test_a_board_from_its_bundle_joins_a_real_superlink(tmp_path):
         assert node["status"] == "registered"
         node_id = int(node["node-id"])
 
-        superlink, config = _sourced(bundle.dir / "node.env", "FEDFILL_SUPERLINK", "FEDFILL_NODE_CONFIG")
-        command = _exec_start(bundle.dir / "fedfill-supernode.service",
-                              {"FEDFILL_SUPERLINK": superlink, "FEDFILL_NODE_CONFIG": config}, bundle.dir)
+        # the unit's command, its files where the bundle holds them here (/etc/fedfill on a board)
+        command = [word.replace("/etc/fedfill/", f"{bundle.dir}/") for word in unit_command(bundle.dir)[0]]
         assert command[0] == str(home / "bin" / "flower-supernode")
         # Its own runtime API port: on a board the default 9094 is free, here it may not be.
         log = spawn("supernode", [*command, "--port", str(free_port())])
@@ -348,3 +327,17 @@ def test_a_board_from_its_bundle_joins_a_real_superlink(tmp_path):
             stop_group(process)
         left = [name for name, process in processes.items() if group_alive(process.pid)]
         assert not left, f"processes left running: {left}"
+
+
+def test_the_board_bundle_command(tmp_path, capsys):
+    from fedfill.cli import main
+
+    args = ["board", "bundle", "--name", "orin-7", "--superlink", "10.0.0.5:9092", "--out", str(tmp_path / "out"),
+            "--pki", str(tmp_path / "pki"), "--node-config", 'sysfs-root="/" data-dir="/data" eps=5e-28']
+    assert main(args) == 0
+    printed = capsys.readouterr().out
+    assert "flwr supernode register" in printed and "install.sh" in printed
+    assert unit_command(tmp_path / "out" / "orin-7")[2] == {"sysfs-root": "/", "data-dir": "/data", "eps": 5e-28}
+    assert main(args) == 2 and "--force" in capsys.readouterr().err, "an existing bundle is refused"
+    assert main([*args, "--force"]) == 0
+    assert main([*args[:-1], "data-dir=/unquoted/path", "--force"]) == 2, "Flower's node-config syntax is checked"

@@ -267,6 +267,59 @@ def test_a_killed_driver_is_stopped_and_the_run_resumes(testbed, xdg_state):
     assert [int(r["round"]) for r in _rows(out / "rounds.csv")] == [0, 1, 2, 3]
 
 
+def test_a_board_from_its_bundle_joins_reports_its_profile_trains_on_its_data_and_meters_its_energy(
+        testbed, xdg_state, tmp_path):
+    """A board without a board: a container runs a bundle's own SuperNode command with a copy of
+    an Orin NX's sysfs tree and the board's own data mounted; it joins the TLS SuperLink with
+    its registered key, reports the board's f_max, trains on its files only, and its rails'
+    energy (static: 6.0 W x the step's seconds) lands in devices.csv beside the model's."""
+    import numpy as np
+
+    from deploy.bundle import write_bundle
+    from deploy.testbed import SUPERLINK_PORT
+    from fedfill.config import RunConfig
+    from fedfill.job import run_split
+    from tests.board_trees import EXPECTED, write_tree
+
+    tree = write_tree("orin-nx", tmp_path / "orin-nx")
+    own = run_split(RunConfig()).clients.subset(np.arange(0, 240, 4))  # 60 images of the board's own
+    (tmp_path / "data").mkdir()
+    np.savez(tmp_path / "data" / "own.npz", images=own.images, labels=own.labels)
+    bundle = write_bundle("orin-1", f"{testbed.superlink}:{SUPERLINK_PORT}", tmp_path / "bundles",
+                          pki_root=testbed.dir / "pki", venv="/opt/fedfill",
+                          node_config={"sysfs-root": "/board", "data-dir": "/data/own.npz"})
+    elsewhere = write_bundle("elsewhere", f"10.9.9.9:{SUPERLINK_PORT}", tmp_path / "bundles",
+                             pki_root=testbed.dir / "pki", venv="/opt/fedfill")
+    refused = _fedfill(xdg_state, "add-board", str(elsewhere.dir))
+    output, _ = refused.communicate(timeout=120)
+    assert refused.returncode == 2 and "fedfill board bundle --superlink" in output, output
+    add = _fedfill(xdg_state, "add-board", str(bundle.dir), "--mount", f"{tree}:/board",
+                   "--mount", f"{tmp_path / 'data'}:/data")
+    output, _ = add.communicate(timeout=300)
+    assert add.returncode == 0, output
+    board = next(n for n in testbed.state().nodes if n.bundle)
+    out = Path(testbed.state().runs_dir) / "board"
+    driver = _fedfill(xdg_state, "run", "--rounds", "1", "--out", str(out), "--reply-timeout-s", "300")
+    output, _ = driver.communicate(timeout=900)
+    print(output)
+    assert driver.returncode == 0, output + testbed.logs(board.container, 40)
+
+    import json
+
+    profile = json.loads((out / "profiles.json").read_text())[str(board.node_id)]
+    assert profile["f_max_hz"] == EXPECTED["orin-nx"]["f_max_hz"] and profile["measured"] == "f_max_hz"
+    assert profile["board_power_w"] == EXPECTED["orin-nx"]["power_w"] and profile["d_loc"] == 60
+    [row] = [r for r in _rows(out / "devices.csv") if int(r["node"]) == board.node_id]
+    assert row["status"] == "used", row
+    measured, seconds = float(row["measured_energy_j"]), float(row["measured_s"])
+    assert seconds >= float(row["train_s"]) > 0
+    assert measured == pytest.approx(EXPECTED["orin-nx"]["power_w"] * seconds, rel=1e-6)
+    assert float(row["e_cmp_j"]) > 0, "the model's figure beside it"
+    others = [r for r in _rows(out / "devices.csv") if int(r["node"]) != board.node_id]
+    assert others and all(r["measured_energy_j"] == "" for r in others), "no sensor, no figure"
+    assert (out / "energy.png").stat().st_size > 0
+
+
 def test_down_leaves_nothing_behind(client, image, tmp_path):
     """A second testbed, removed with the CLI after its command 'crashed' (state kept, no
     process left): every container, network and key goes."""
