@@ -267,20 +267,34 @@ def test_bad_node_configs_are_refused(config, why, tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(240)
-def test_a_board_from_its_bundle_joins_a_real_superlink(tmp_path):
-    """A TLS SuperLink with --enable-supernode-auth on loopback; the bundle's register command,
-    run as printed; flower-supernode from the unit's ExecStart with node.env's values and the
-    bundle's key and CA; the SuperLink lists it online."""
+@pytest.mark.timeout(600)
+def test_a_board_from_its_bundle_joins_trains_on_its_data_and_meters_its_energy_on_loopback(tmp_path):
+    """The board flow without Docker (tests/test_testbed.py has it in containers): a TLS
+    SuperLink with --enable-supernode-auth on loopback; the bundle's register command, run as
+    printed; flower-supernode from the unit's ExecStart with node.env's values, the bundle's key
+    and CA, a copy of an Orin NX's sysfs tree and the board's own 60 images; the SuperLink lists
+    it online; one round of the job reports the board's f_max and the rails' energy."""
+    import csv
+    import json
+    import sys
+
+    import numpy as np
+
     from deploy.flower_cli import list_supernodes, write_flwr_connection
     from deploy.local import flower_environment, free_port, group_alive, stop_group, wait_for_port
+    from fedfill.config import RunConfig
+    from fedfill.job import run_split
+    from tests.board_trees import EXPECTED, write_tree
 
     start_s = 90.0  # the machine may be busy
     home = tmp_path / "flwr"
     env = flower_environment(home)  # home/bin holds Flower's commands: the bundle's venv is `home`
     port = free_port()
+    tree = write_tree("orin-nx", tmp_path / "orin-nx")
+    own = run_split(RunConfig()).clients.subset(np.arange(0, 240, 4))  # the board's own 60 images
+    np.savez(tmp_path / "own.npz", images=own.images, labels=own.labels)
     bundle = write_bundle("board-1", f"127.0.0.1:{port}", tmp_path / "out", pki_root=tmp_path / "pki",
-                          node_config={"data-dir": str(tmp_path / "data"), "partition-id": 0, "eps": 0.05},
+                          node_config={"data-dir": str(tmp_path / "own.npz"), "sysfs-root": str(tree)},
                           venv=str(home))
     pki = bundle.pki
     processes: dict[str, subprocess.Popen] = {}
@@ -295,7 +309,7 @@ def test_a_board_from_its_bundle_joins_a_real_superlink(tmp_path):
     try:
         spawn("superlink", [
             "flower-superlink", "--ssl-ca-certfile", str(pki.ca_cert), "--ssl-certfile", str(pki.superlink_cert),
-            "--ssl-keyfile", str(pki.superlink_key), "--enable-supernode-auth", "--isolation", "process",
+            "--ssl-keyfile", str(pki.superlink_key), "--enable-supernode-auth", "--isolation", "subprocess",
             "--host", "127.0.0.1", "--port", str(port), "--database", str(tmp_path / "state.db"),
             "--disable-runtime-dependency-installation"])
         wait_for_port(port, start_s, processes["superlink"])
@@ -322,11 +336,26 @@ def test_a_board_from_its_bundle_joins_a_real_superlink(tmp_path):
                       for n in list_supernodes(home, bundle.connection, timeout_s=start_s)}.get(node_id)
         assert status == "online", log.read_text(errors="replace")[-3000:]
         assert f"SuperNode ID: {node_id}" in log.read_text(errors="replace")
+
+        out = tmp_path / "run"
+        job = subprocess.run([sys.executable, "-m", "fedfill", "run", "--superlink", bundle.superlink,
+                              "--root-certificates", str(pki.ca_cert), "--generator", "none", "--nodes", "1",
+                              "--rounds", "1", "--out", str(out)], env=env, capture_output=True, text=True,
+                             timeout=420)
+        assert job.returncode == 0, job.stdout[-3000:] + job.stderr[-3000:] + log.read_text(errors="replace")[-3000:]
     finally:
         for process in reversed(processes.values()):
             stop_group(process)
         left = [name for name, process in processes.items() if group_alive(process.pid)]
         assert not left, f"processes left running: {left}"
+    profile = json.loads((out / "profiles.json").read_text())[str(node_id)]
+    assert (profile["f_max_hz"], profile["measured"], profile["d_loc"]) == (EXPECTED["orin-nx"]["f_max_hz"], "f_max_hz", 60)
+    with open(out / "devices.csv") as fh:
+        [row] = list(csv.DictReader(fh))
+    assert row["status"] == "used", row
+    assert float(row["measured_energy_j"]) == pytest.approx(EXPECTED["orin-nx"]["power_w"] * float(row["measured_s"]),
+                                                             rel=1e-6)
+    assert float(row["measured_s"]) >= float(row["train_s"]) > 0 and float(row["e_cmp_j"]) > 0
 
 
 def test_the_board_bundle_command(tmp_path, capsys):
