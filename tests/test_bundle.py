@@ -1,8 +1,9 @@
 """deploy/bundle.py: the directory an operator copies to an edge board. Its files are read the
 way the board reads them (bash sources node.env, Flower parses the node config, configparser
 and `systemd-analyze verify` read the unit, `bash -n` reads install.sh), and one slow test
-joins a real TLS SuperLink with SuperNode authentication: the bundle's register command, then
-flower-supernode started from the unit's own ExecStart line, listed online.
+runs a board's whole flow on loopback: the bundle's register command, flower-supernode started
+from the unit's own ExecStart line, online on a TLS SuperLink with SuperNode authentication,
+then one round on the board's own data with its rails' energy in the report.
 """
 
 from __future__ import annotations
