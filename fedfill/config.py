@@ -42,6 +42,13 @@ class RunConfig:
                                              "on average (sets FIMI's zeta)")
     learning_fit: str = setting("", "learning-model fit JSON from `fedfill fit-learning`; "
                                     "empty: the one shipped for the dataset")
+    # the server's screening and merging of updates (strategies.fimi_strategy, check_aggregation)
+    aggregation: str = setting("fedavg", "how the server merges the screened updates: fedavg (weighted by D_loc + "
+                                         "D_gen), median (coordinate-wise) or trimmed-mean (both unweighted, "
+                                         "Flower's FedMedian and FedTrimmedAvg)")
+    trim_beta: float = setting(0.2, "the fraction trimmed-mean cuts from each tail of every coordinate, in [0, 0.5)")
+    norm_bound: float = setting(10.0, "drop an update whose L2 norm exceeds this many times the round's median "
+                                      "update norm (rounds of 3 or more updates); 0: no norm screening")
     generator_address: str = setting("", "host:port of the generation service; empty: no synthetic data",
                                      cli=False)  # `fedfill run --generator` sets it
     generator_steps: int = setting(20, "sampling steps the generation service uses")
@@ -84,6 +91,21 @@ class RunConfig:
         values.update({name: value for name, value in JOB_DEFAULTS.get(job, {}).items()
                        if name not in given and name not in fixed})
         return cls(**values, **fixed)
+
+
+AGGREGATIONS = ("fedavg", "median", "trimmed-mean")  # the rules of RunConfig.aggregation
+
+
+def check_aggregation(aggregation: str, trim_beta: float, norm_bound: float) -> None:
+    """ValueError naming the bad setting, so a run refuses it before it starts (the strategy
+    checks again when it is built)."""
+    if aggregation not in AGGREGATIONS:
+        raise ValueError(f"unknown aggregation {aggregation!r}: choose one of {', '.join(AGGREGATIONS)}")
+    if not 0.0 <= trim_beta < 0.5:
+        raise ValueError(f"trim-beta {trim_beta} is outside [0, 0.5): trimmed-mean cuts that fraction from "
+                         "each tail, and at 0.5 nothing is left")
+    if not norm_bound >= 0.0:  # NaN too
+        raise ValueError(f"norm-bound {norm_bound} must be 0 (no norm screening) or positive")
 
 
 # run-config values a job changes from the defaults above when the user gives none
