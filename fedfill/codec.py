@@ -43,18 +43,51 @@ plan), and `bits_for_demand` the fewest bits whose exact error meets a demand.
 bits = 32 sends raw float32 (no quantization). bits = 1 is rejected: a sign alone cannot
 carry an unbiased magnitude.
 
-Wire format: a 16-byte payload header (magic, version, tensor count, CRC-32 of everything
-after it), then per tensor a 36-byte header (dtype, bits, ndim, up to 6 dims, lo, hi as
-float32) followed by ceil(n * bits / 8) bytes of packed codes. The two headers are
-little-endian (struct "<"). The packed codes are big-endian: each code is written most
-significant bit first, codes follow one another with no gap, and the last byte is zero-padded;
-that holds at every width, so 8-bit codes are plain bytes, 16-bit codes big-endian uint16,
-and the raw float32 of bits = 32 go as big-endian 32-bit words (their bit pattern, most
-significant byte first). `payload_bytes` gives the exact size from the element counts alone.
+Wire format. Every multi-byte header field is little-endian; the packed codes are big-endian
+(most significant bit and byte first). Offsets in bytes:
+
+    payload header, 16 bytes (struct "<4sB3xII"):
+      0   4 bytes          magic b"FFQC"
+      4   uint8            version, 1
+      5   3 bytes          padding, written as zeros, ignored on reading
+      8   uint32 LE        tensor count
+      12  uint32 LE        CRC-32 (zlib.crc32: the ISO-HDLC/PNG polynomial) of every byte after
+                           this header, up to the end of the payload
+    then, per tensor, a 36-byte header (struct "<BBB1x6Iff"):
+      0   uint8            dtype code, the dtype decode returns: 0 float32, 1 float64, 2 float16
+      1   uint8            bits, 2..32
+      2   uint8            ndim, 0..6
+      3   1 byte           padding, written as zero, ignored on reading
+      4   6 x uint32 LE    the shape: the first ndim are the dimensions (C order), the rest 0
+      28  float32 LE       lo
+      32  float32 LE       hi
+    directly followed by its ceil(n * bits / 8) bytes of packed codes, n the product of the
+    dimensions (1 for ndim 0). Nothing follows the last tensor.
+
+Packed codes: the n codes of `bits` bits are one bit string, each code written most
+significant bit first, codes back to back with no gap; the string fills bytes from the most
+significant bit of the first byte down (the first code's top bit is bit 7 of byte 0), and the
+last byte is zero-padded in its low bits. That holds at every width: 8-bit codes are plain
+bytes, 16-bit codes big-endian uint16, and the raw float32 of bits = 32 go as big-endian
+32-bit words (the IEEE-754 bit pattern, most significant byte first).
+
+What a code means. At bits = 32 it is a float32 (lo and hi are written as 0 and ignored). At
+bits < 32 its top bit is the sign (1: negative) and its low bits - 1 bits the level index j;
+with L = 2**(bits - 1), the code "sign 1, j 0" is exactly 0, and any other is
++-(lo + j * s), s = (hi - lo) / (L - 1), with lo and hi widened to float64, s computed first
+and the sum in float64, then rounded once to float32. The float32 values are then cast to
+the header's dtype. `payload_bytes` gives the exact size from the element counts alone.
+
+`decode` refuses, with a ValueError saying why, anything else: a wrong magic, version or
+CRC, a count or a shape the payload's bytes cannot hold (checked before anything is
+allocated, so a header claiming 10**12 elements costs nothing), an unknown dtype, bits
+outside 2..32, dimensions beyond ndim that are not 0, lo and hi not 0 <= lo <= hi finite,
+non-finite values, values that overflow the dtype, and bytes after the last tensor.
 """
 
 from __future__ import annotations
 
+import math
 import struct
 import zlib
 from collections.abc import Sequence
@@ -377,9 +410,14 @@ def encode(arrays: Sequence[np.ndarray], bits: int, rng: np.random.Generator) ->
 def decode(payload: bytes, expected_shapes: Sequence[tuple[int, ...]] | None = None) -> list[np.ndarray]:
     """Unpack a payload; a truncated, corrupted or wrong-shape one raises ValueError saying why.
 
-    `expected_shapes` (the model's) lets the server reject an update for another model.
+    `expected_shapes` (the model's) lets the server reject an update for another model. Every
+    count and size a header claims is checked against the bytes actually there before any
+    array is made: a hostile header costs no memory.
     """
-    view = memoryview(payload)
+    try:
+        view = memoryview(payload).cast("B")
+    except TypeError:
+        raise ValueError(f"a codec payload is bytes, got {type(payload).__name__}") from None
     if len(view) < PAYLOAD_HEADER_BYTES:
         raise ValueError(f"payload of {len(view)} bytes is shorter than its {PAYLOAD_HEADER_BYTES}-byte header")
     magic, version, count, crc = _PAYLOAD_HEADER.unpack_from(view, 0)
@@ -391,6 +429,8 @@ def decode(payload: bytes, expected_shapes: Sequence[tuple[int, ...]] | None = N
         raise ValueError("payload checksum mismatch: truncated or corrupted in transit")
     if expected_shapes is not None and count != len(expected_shapes):
         raise ValueError(f"payload has {count} tensors, the model has {len(expected_shapes)}")
+    if count * TENSOR_HEADER_BYTES > len(view) - PAYLOAD_HEADER_BYTES:
+        raise ValueError(f"payload claims {count} tensors, its {len(view)} bytes cannot hold their headers")
     out: list[np.ndarray] = []
     offset = PAYLOAD_HEADER_BYTES
     for i in range(count):
@@ -410,10 +450,13 @@ def decode(payload: bytes, expected_shapes: Sequence[tuple[int, ...]] | None = N
         shape = tuple(int(d) for d in dims[:ndim])
         if expected_shapes is not None and shape != tuple(expected_shapes[i]):
             raise ValueError(f"tensor {i}: shape {shape}, the model expects {tuple(expected_shapes[i])}")
-        n = int(np.prod(shape, dtype=np.int64))
-        size = packed_bytes(n, bits)
+        n = math.prod(shape)  # Python ints: a product of six uint32 never wraps around
+        size = (n * bits + 7) // 8
         if offset + size > len(view):
-            raise ValueError(f"tensor {i}: needs {size} bytes of data, only {len(view) - offset} left")
+            raise ValueError(f"tensor {i}: shape {shape} at {bits} bits needs {size} bytes of data, "
+                             f"only {len(view) - offset} left")
+        if math.prod(d for d in shape if d) * 8 > np.iinfo(np.intp).max:  # numpy refuses such a shape, even empty
+            raise ValueError(f"tensor {i}: shape {shape} is larger than any array can be")
         codes = unpack_codes(view[offset:offset + size], n, bits)
         offset += size
         if bits == 32:
@@ -422,7 +465,12 @@ def decode(payload: bytes, expected_shapes: Sequence[tuple[int, ...]] | None = N
                 raise ValueError(f"tensor {i}: contains NaN or infinity")
         else:
             values = dequantize(codes, bits, lo, hi)
-        out.append(values.reshape(shape).astype(_DTYPES[dtype_code], copy=False))
+        dtype = _DTYPES[dtype_code]
+        with np.errstate(over="ignore"):  # float16 holds less than float32: checked just below
+            values = values.reshape(shape).astype(dtype, copy=False)
+        if dtype.itemsize < 4 and not np.all(np.isfinite(values)):
+            raise ValueError(f"tensor {i}: values beyond the range of {dtype}")
+        out.append(values)
     if offset != len(view):
         raise ValueError(f"{len(view) - offset} unexpected bytes after the last tensor")
     return out
