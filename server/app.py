@@ -1,5 +1,6 @@
-"""ServerApp, for any job (fedfill.job): profiles by QUERY, a plan per round, FedAvg, central
-evaluation, a checkpoint and a report row every round."""
+"""ServerApp, for any job (fedfill.job): profiles by QUERY, a plan per round, screened updates
+merged by FedAvg (or the run's robust rule), central evaluation, a checkpoint and a report row
+every round."""
 
 from __future__ import annotations
 
@@ -97,13 +98,15 @@ def main(grid: Grid, context: Context) -> None:
         raise RuntimeError("no node reported a device profile: nothing to train")
     system = run_system(run, model_params, profiles, job.preset)
     report = RunReport(out_dir, {"job": run.job, "policy": run.policy, "dataset": run.dataset,
+                                 "aggregation": run.aggregation, "norm_bound": run.norm_bound,
                                  "alpha": run.dirichlet_alpha, "seed": run.seed, "nodes": len(profiles),
                                  "model_params": model_params}, metrics=job.metrics)
     (out_dir / "system.json").write_text(json.dumps(system.__dict__, indent=1) + "\n")
     (out_dir / "profiles.json").write_text(json.dumps({str(k): v for k, v in profiles.items()}, indent=1) + "\n")
     strategy = FimiFedAvg(system, run.policy, profiles, seed=run.seed, node_wait_s=run.node_wait_s,
                           on_plan=report.write_plan, on_round_metrics=report.round_costs,
-                          upload_seconds=grid.upload_seconds, min_train_nodes=1, bits_rule=run.bits_rule)
+                          upload_seconds=grid.upload_seconds, min_train_nodes=1, bits_rule=run.bits_rule,
+                          aggregation=run.aggregation, trim_beta=run.trim_beta, norm_bound=run.norm_bound)
     initial, done = ArrayRecord(weights), 0
     checkpoint = out_dir / "checkpoint.npz"
     if run.resume and checkpoint.exists():

@@ -3,16 +3,18 @@ plots, checkpoint.
 
 A row is made of two Flower MetricRecords: the strategy's round costs (energy and latency
 from the cost model, cumulated here; uplink bytes as Flower counts the replies' records;
-training seconds as the devices measured them) and the job's central evaluation, plus
-`dropped_nodes`: the nodes whose update was not averaged, by partition id (the Flower node id
-where the node did not report one), joined by ';'.
+training seconds as the devices measured them; `dropped` updates and its classes, which add up
+to it: dropped_no_reply, dropped_unusable (an error, undecodable, wrong shape, NaN),
+dropped_norm (beyond the round's norm bound), dropped_duplicate (a node's second reply in a
+round)) and the job's central evaluation, plus `dropped_nodes`: the nodes whose update was not
+merged, by partition id (the Flower node id where the node did not report one), joined by ';'.
 `read_rounds` is the one reader of rounds.csv (the report resuming, `fedfill run` showing
 progress, `fedfill compare` tabulating).
 
-devices.csv has a row per planned node and round, as the strategy hands them over with the
-round's costs (its NODE_FIGURES): the node (its Flower node id) and partition; the plan's
-bits_planned, modeled t_cmp_s and t_com_s and the uplink rate that sends M x bits in t_com_s
-(plan_uplink_bps, bit/s); the bits the device sent, its error demand and the expected and
+devices.csv has a row per planned node and round (and one more per duplicate reply a node
+sent, status "dropped"), as the strategy hands them over with the round's costs (its
+NODE_FIGURES): the node (its Flower node id) and partition; the plan's bits_planned, modeled
+t_cmp_s and t_com_s and the uplink rate that sends M x bits in t_com_s (plan_uplink_bps, bit/s); the bits the device sent, its error demand and the expected and
 measured relative error of what it sent; energy_j (the cost model at the bits sent) and
 e_cmp_j (its local-step part) beside measured_energy_j and measured_s (the board's own meter
 over the local step, fedfill.board; empty where the node has no sensor); the measured
@@ -33,9 +35,13 @@ import numpy as np
 
 # Per-round columns after the job's evaluation metrics; the cumulative ones come first.
 CUMULATIVE = ("energy_j", "latency_s", "uplink_bytes")
+# the classes of `dropped` (strategies.fimi_strategy.DROP_CLASSES)
+DROPPED_BY_CLASS = ("dropped_no_reply", "dropped_unusable", "dropped_norm", "dropped_duplicate")
 COST_COLUMNS = (*CUMULATIVE, "round_energy_j", "round_latency_s", "round_uplink_bytes", "updates", "dropped",
-                "wall_s", "train_s_max", "train_s_sum", "synthetic_used", "train_loss", "dropped_nodes")
-INTEGER_COLUMNS = {"round", "uplink_bytes", "round_uplink_bytes", "updates", "dropped", "synthetic_used"}
+                *DROPPED_BY_CLASS, "wall_s", "train_s_max", "train_s_sum", "synthetic_used", "train_loss",
+                "dropped_nodes")
+INTEGER_COLUMNS = {"round", "uplink_bytes", "round_uplink_bytes", "updates", "dropped", *DROPPED_BY_CLASS,
+                   "synthetic_used"}
 TEXT_COLUMNS = {"dropped_nodes"}  # kept as written, empty included
 # devices.csv: the round, then the strategy's figures of a node (strategies.fimi_strategy.NODE_FIGURES)
 NODES_CSV = "devices.csv"
@@ -122,7 +128,7 @@ class RunReport:
             zero = 0 if key in INTEGER_COLUMNS else 0.0  # a column keeps one type, round 0 included
             row[key] = previous[key] + costs.get(key, zero)
             row[f"round_{key}"] = costs.get(key, zero)
-        row.update({key: costs.get(key, 0) for key in ("updates", "dropped", "synthetic_used")})
+        row.update({key: costs.get(key, 0) for key in ("updates", "dropped", *DROPPED_BY_CLASS, "synthetic_used")})
         row.update({key: costs.get(key, 0.0) for key in ("train_s_max", "train_s_sum")})
         row["train_loss"] = costs.get("train_loss", "")  # none before round 1 or when no update came
         # measured: wall time of the round as the server saw it
@@ -130,7 +136,9 @@ class RunReport:
         self._last = time.monotonic()
         nodes = self._nodes.pop(server_round, [])
         dropped = [node for node in nodes if node["status"] == "dropped"]
-        row["dropped_nodes"] = ";".join(node_label(node) for node in dropped)
+        merged = {node["node"] for node in nodes if node["status"] == "used"}  # a duplicate's first reply stands
+        row["dropped_nodes"] = ";".join(dict.fromkeys(node_label(node) for node in dropped
+                                                      if node["node"] not in merged))
         self.rows.append(row)
         self._write_csv(self.dir / "rounds.csv", self.columns, self.rows)
         if nodes:

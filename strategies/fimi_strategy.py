@@ -1,7 +1,9 @@
 """FedAvg that plans every round: the allocation engine decides each sampled device's
 synthetic data, CPU frequency, band, power and bits; each node gets its own ConfigRecord;
-quantized updates are decoded and screened, then Flower's FedAvg averages them with weights
-D_loc + D_gen (FIMI S4).
+quantized updates are decoded and screened, then Flower's maths merges them: FedAvg with weights
+D_loc + D_gen (FIMI S4, the default), or the coordinate-wise median or trimmed mean of Flower's
+FedMedian and FedTrimmedAvg (unweighted, as Flower's are), which a few hostile updates cannot
+drag far.
 
 Thin glue: the maths lives in `strategies.allocation`, the codec in `fedfill.codec`, the
 message keys in `fedfill.contract`.
@@ -12,16 +14,18 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import asdict
+from functools import partial
 from logging import INFO, WARNING
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp import Grid
-from flwr.serverapp.strategy import FedAvg
+from flwr.serverapp.strategy import FedAvg, FedMedian, FedTrimmedAvg
 from flwr.common import log
 
 from fedfill import contract
 from fedfill.codec import decode
+from fedfill.config import check_aggregation
 from strategies.allocation import Plan, Scenario, ScenarioError, System, parse_scenario, solve_plan
 from strategies.allocation.costs import update_bits, upload_energy
 from strategies.allocation.policies import parse_policy
@@ -36,6 +40,12 @@ NODE_FIGURES = ("node", "partition_id", "bits_planned", "bits", "error_demand", 
                 "t_cmp_s", "t_com_s", "energy_j", "e_cmp_j", "measured_energy_j", "measured_s", "plan_uplink_bps",
                 "train_s", "upload_s", "reply_bytes", "status", "reason")
 DEMANDING_POLICIES = ("ondemand", "fimi+ondemand")  # plans whose bits answer each device's error demand
+# Why an update was not merged, by class: the round's MetricRecord counts each as dropped-<class>
+# (rounds.csv's dropped_<class>, which add up to `dropped`).
+DROP_CLASSES = ("no-reply", "unusable", "norm", "duplicate")
+# Flower's strategies whose aggregate_train merges the screened updates, by RunConfig.aggregation
+FLOWER_RULES = {"fedavg": FedAvg, "median": FedMedian, "trimmed-mean": FedTrimmedAvg}
+NORM_SCREEN_MIN_UPDATES = 3  # below this a median says nothing about which update is the odd one
 
 
 def wait_for_nodes(grid: Grid, wanted: int, wait_s: float, accept: Callable[[int], bool] = lambda n: True) -> list[int]:
@@ -57,7 +67,8 @@ def wait_for_nodes(grid: Grid, wanted: int, wait_s: float, accept: Callable[[int
 
 
 class FimiFedAvg(FedAvg):
-    """Per-device plans, quantized uploads, FedAvg over the updates that pass inspection.
+    """Per-device plans, quantized uploads, Flower's FedAvg (or median, or trimmed mean) over the
+    updates that pass inspection.
 
     `profiles` maps a Flower node id to its device profile (the contract's profile fields).
     `on_plan(round, plan, node_ids)` sees every plan (the report writes it to disk).
@@ -69,16 +80,33 @@ class FimiFedAvg(FedAvg):
     upload seconds and reply bytes, "used" or "dropped" with the reason, also logged).
     `upload_seconds(reply)` gives a reply's measured upload seconds (server.timed_grid's
     TimedGrid.upload_seconds), or None where unknown.
+
+    Screening, before any merging: one reply per node per round (a second one from the same
+    node, which a hostile or broken node or SuperLink path could send, is dropped unread with
+    the reason "duplicate"); then a reply that carries no usable update is dropped; then, when
+    `norm_bound` > 0 and 3 or more updates are left, an update whose L2 norm exceeds norm_bound x
+    the median of those updates' norms. The median, because the attackers' own norms barely
+    move it (a mean or maximum they would set themselves); below 3 updates no norm is screened,
+    since a median of one or two says nothing about which update is the odd one.
+    `aggregation` picks Flower's strategy whose aggregate_train merges what is left (FLOWER_RULES;
+    `trim_beta` is FedTrimmedAvg's beta: it cuts int(beta x n) updates from each tail of every
+    coordinate, none below 5 updates at 0.2). Bad settings raise ValueError here.
     """
 
     def __init__(self, system: System, policy: str, profiles: dict[int, dict], *, seed: int = 0,
                  node_wait_s: float = 60.0, on_plan: Callable[[int, Plan, list[int]], None] | None = None,
                  on_round_metrics: Callable[[int, MetricRecord, list[dict]], None] | None = None,
                  upload_seconds: Callable[[Message], float | None] | None = None,
-                 fraction_train: float = 1.0, min_train_nodes: int = 1, bits_rule: str = "codec") -> None:
+                 fraction_train: float = 1.0, min_train_nodes: int = 1, bits_rule: str = "codec",
+                 aggregation: str = "fedavg", trim_beta: float = 0.2, norm_bound: float = 10.0) -> None:
+        check_aggregation(aggregation, trim_beta, norm_bound)
+        keys = dict(weighted_by_key=contract.WEIGHT_KEY, arrayrecord_key=contract.ARRAYS_KEY,
+                    configrecord_key=contract.CONFIG_KEY)
         super().__init__(fraction_train=fraction_train, fraction_evaluate=0.0, min_train_nodes=min_train_nodes,
-                         min_available_nodes=min_train_nodes, weighted_by_key=contract.WEIGHT_KEY,
-                         arrayrecord_key=contract.ARRAYS_KEY, configrecord_key=contract.CONFIG_KEY)
+                         min_available_nodes=min_train_nodes, **keys)
+        rule = FLOWER_RULES[aggregation]
+        self.aggregation, self.norm_bound = aggregation, norm_bound
+        self.merger: FedAvg = (partial(rule, beta=trim_beta) if rule is FedTrimmedAvg else rule)(**keys)
         self.system, self.policy, self.seed, self.bits_rule = system, policy, seed, bits_rule
         self.demanding = parse_policy(policy)[0] in DEMANDING_POLICIES
         undemanding = [n for n, profile in profiles.items() if profile.get("quant_error") is None]
@@ -177,56 +205,96 @@ class FimiFedAvg(FedAvg):
     def aggregate_train(self, server_round: int, replies: Iterable[Message]):
         server_round += self.round_offset
         replies = list(replies)
-        decoded: list[Message] = []  # FedAvg's input: replies carrying decoded updates
-        used: list[int] = []  # the nodes whose updates are used
         nodes = {node_id: self._node_figures(node_id, plan) for node_id, plan in self._planned.items()}
+        extra_rows: list[dict] = []  # one per duplicate reply, beside its node's own row
+        dropped = dict.fromkeys(DROP_CLASSES, 0)
         wire_bytes = 0
 
-        def drop(node_id: int, reason: str) -> None:
-            log(WARNING, "round %d: dropped the update of node %d: %s", server_round, node_id, reason)
-            nodes[node_id].update(status="dropped", reason=reason)
+        def drop(figures: dict, reason: str, kind: str) -> None:
+            log(WARNING, "round %d: dropped the update of node %d: %s", server_round, figures["node"], reason)
+            figures.update(status="dropped", reason=reason)
+            dropped[kind] += 1
 
         # Account per planned node: an error the SuperLink raises for a dead node names the
         # SuperLink as its sender, so such errors only explain the nodes that sent nothing.
         from_planned = [m for m in replies if m.metadata.src_node_id in self._planned]
         foreign_errors = sorted({m.error.reason for m in replies
                                  if m.has_error() and m.metadata.src_node_id not in self._planned})
+        candidates: list[tuple[int, Message, Message]] = []  # (node, its reply, the reply decoded)
+        answered: set[int] = set()
         for message in from_planned:
             node_id = message.metadata.src_node_id
+            figures = nodes[node_id]
+            if node_id in answered:  # one update per node per round: later ones are not read
+                figures = self._node_figures(node_id, self._planned[node_id])
+                extra_rows.append(figures)
             if not message.has_error():
                 size = contract.reply_bytes(message.content)
                 wire_bytes += size
-                nodes[node_id].update(reply_bytes=size, upload_s=self.upload_seconds(message))
+                figures.update(reply_bytes=size, upload_s=self.upload_seconds(message))
+            if node_id in answered:
+                drop(figures, "duplicate: a second reply from this node in the round (one update per node "
+                     "per round; the first one stands)", "duplicate")
+                continue
+            answered.add(node_id)
             try:
-                decoded.append(Message(self.decode_reply(message), reply_to=message))
-                used.append(node_id)
+                candidates.append((node_id, message, Message(self.decode_reply(message), reply_to=message)))
+            except contract.ReplyError as err:
+                drop(figures, str(err), "unusable")
+        for node_id in sorted(set(self._planned) - answered):
+            drop(nodes[node_id], "no reply" + (f" ({'; '.join(foreign_errors)})" if foreign_errors
+                                                else " before the timeout"), "no-reply")
+        too_large = self._beyond_norm_bound([decoded for _, _, decoded in candidates])
+        decoded: list[Message] = []  # Flower's input: replies carrying decoded updates
+        used: list[int] = []  # the nodes whose updates are used
+        for (node_id, message, reply), reason in zip(candidates, too_large):
+            if reason:
+                drop(nodes[node_id], reason, "norm")
+                continue
+            try:
                 self._account_reply(node_id, message.content[contract.METRICS_KEY], nodes[node_id])
             except contract.ReplyError as err:
-                drop(node_id, str(err))
-        answered = {m.metadata.src_node_id for m in from_planned}
-        for node_id in sorted(set(self._planned) - answered):
-            drop(node_id, "no reply" + (f" ({'; '.join(foreign_errors)})" if foreign_errors else " before the timeout"))
+                drop(nodes[node_id], str(err), "unusable")
+                continue
+            decoded.append(reply)
+            used.append(node_id)
         node_metrics = [m.content[contract.METRICS_KEY] for m in decoded]
         train_seconds = [float(r["train-seconds"]) for r in node_metrics]
         costs = MetricRecord({
             "energy-j": float(sum(nodes[n]["energy_j"] for n in used)),
             "latency-s": float(max((self._planned[n].t_cmp_s + self._planned[n].t_com_s for n in used), default=0.0)),
-            "uplink-bytes": wire_bytes, "updates": len(decoded),
-            "dropped": sum(node["status"] == "dropped" for node in nodes.values()),
+            "uplink-bytes": wire_bytes, "updates": len(decoded), "dropped": sum(dropped.values()),
+            **{f"dropped-{kind}": count for kind, count in dropped.items()},
             "train-s-max": max(train_seconds, default=0.0), "train-s-sum": float(sum(train_seconds)),
             "synthetic-used": int(sum(int(r["d-gen-used"]) for r in node_metrics)),
         })
         new = None
         if decoded:
-            mean_update, node_means = super().aggregate_train(server_round, decoded)
-            new = ArrayRecord({k: Array((g.numpy() + mean_update[k].numpy()).astype(g.numpy().dtype))
+            merged_update, node_means = self.merger.aggregate_train(server_round, decoded)
+            new = ArrayRecord({k: Array((g.numpy() + merged_update[k].numpy()).astype(g.numpy().dtype))
                                for k, g in self._global.items()})
             costs["train-loss"] = float(node_means["train-loss"])
         else:
             log(WARNING, "round %d: no usable update, the global model stays as it was", server_round)
         if self.on_round_metrics:
-            self.on_round_metrics(server_round, costs, list(nodes.values()))
+            self.on_round_metrics(server_round, costs, [*nodes.values(), *extra_rows])
         return new, costs
+
+    def _beyond_norm_bound(self, decoded: list[Message]) -> list[str]:
+        """For each decoded reply, why its update is too large to merge ("" where it is not):
+        its L2 norm over all arrays above norm_bound x the median of the round's norms (see the
+        class docstring: no screening below NORM_SCREEN_MIN_UPDATES updates, nor when the
+        median is 0 and there is no scale to judge by)."""
+        norms = [float(np.sqrt(sum(np.sum(np.square(a.numpy())) for a in m.content[contract.UPDATE_KEY].values())))
+                 for m in decoded]
+        if not self.norm_bound or len(norms) < NORM_SCREEN_MIN_UPDATES:
+            return [""] * len(norms)
+        median = float(np.median(norms))
+        if not median > 0:
+            return [""] * len(norms)
+        bound = self.norm_bound * median
+        return [f"update norm {norm:.4g} exceeds the bound {bound:.4g} ({self.norm_bound:g} x the round's median "
+                f"update norm {median:.4g})" if not norm <= bound else "" for norm in norms]
 
     def _account_reply(self, node_id: int, metrics: MetricRecord, figures: dict) -> None:
         """A used reply's figures into the node's row, its codec constant into its profile (the
