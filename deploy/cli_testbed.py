@@ -102,8 +102,7 @@ def _build(args) -> int:
 def _up(args) -> int:
     from server.cli_run import node_configs
 
-    if args.nodes < 1:
-        raise UsageError("--nodes must be at least 1")
+    check_up_options(args)
     configs = node_configs(args.nodes, args.scenario, seed=args.seed, profiles_always=True, preset=args.preset)
     testbed = _testbed(args)
     state = testbed.up(configs, image=args.image, port=args.port, runs_dir=Path(args.runs_dir),
@@ -112,6 +111,34 @@ def _up(args) -> int:
           f"{len(state.nodes)} nodes, reports in {state.runs_dir}")
     _print_status(testbed.status())
     return 0
+
+
+def check_up_options(args) -> None:
+    """What `testbed up` is given, before any container starts (a bad memory limit would
+    otherwise fail at the first node, with the SuperLink already up)."""
+    from server.cli_run import check_report_dir
+
+    if args.nodes < 1:
+        raise UsageError(f"--nodes {args.nodes}: must be at least 1")
+    if args.seed < 0:
+        raise UsageError(f"--seed {args.seed}: must be 0 or more (numpy's generators refuse negative seeds)")
+    if not 1 <= args.port <= 65535:
+        raise UsageError(f"--port {args.port}: must be in 1..65535")
+    check_report_dir("--runs-dir", Path(args.runs_dir))
+    try:
+        from docker.errors import DockerException
+        from docker.utils import parse_bytes
+    except ImportError:
+        return  # the testbed says how to install the Docker SDK when it needs it
+    try:
+        memory = parse_bytes(args.memory)
+    except DockerException as err:
+        raise UsageError(f"--memory {args.memory}: {err}") from None
+    if memory < MIN_MEMORY:
+        raise UsageError(f"--memory {args.memory}: Docker's smallest memory limit is 6m; a node needs about 1g")
+
+
+MIN_MEMORY = 6 * 2**20  # Docker refuses a container memory limit below 6 MiB
 
 
 def _add_board(args) -> int:
@@ -132,16 +159,21 @@ def _run(args) -> int:
     import time
 
     from deploy.local import flower_environment
+    import math
+
     from fedfill.config import RunConfig
-    from server.cli_run import check_job, drive, interrupts_stop_the_run, prepare_out
+    from server.checks import check_job, check_settings
+    from server.cli_run import drive, interrupts_stop_the_run, prepare_out
 
     from .shaper import UplinkShaper
     from .testbed import GENERATOR_PORT
 
-    if args.rounds < 1:
-        raise UsageError("--rounds must be at least 1")
-    if args.uplink_scale <= 0:
-        raise UsageError("--uplink-scale must be positive")
+    if not (math.isfinite(args.uplink_scale) and args.uplink_scale > 0):
+        raise UsageError(f"--uplink-scale {args.uplink_scale}: must be a positive number (1: the plan's rate)")
+    if not (math.isfinite(args.timeout) and args.timeout > 0):
+        raise UsageError(f"--timeout {args.timeout}: must be a positive number of seconds")
+    # the settings alone first: a typo needs no Docker; the nodes' count comes with the testbed
+    check_settings(RunConfig.from_args(args, num_partitions=1))
     testbed = _testbed(args)
     state = testbed.state()
     runs_dir = Path(state.runs_dir)
@@ -151,7 +183,7 @@ def _run(args) -> int:
                          "its SuperLink container sees)")
     job = RunConfig.from_args(args, out_dir=str(out), num_partitions=len(state.nodes),
                               generator_address=f"{testbed.generator}:{GENERATOR_PORT}" if state.generator else "")
-    check_job(job)
+    check_job(job, [node.config for node in state.nodes])
     started = time.monotonic()
     testbed.ensure_running(state)
     # a driver that was killed left its ServerApp running: stop it before anything reads the

@@ -62,14 +62,17 @@ def run(args) -> int:
             parse_policy(policy)
         except ValueError as err:
             raise UsageError(str(err)) from None
+    if len(set(policies)) < len(policies):
+        raise UsageError(f"--policies {args.policies}: a policy named twice (each one's report goes to OUT/POLICY)")
     if not 0 < args.target <= 1:
         raise UsageError(f"--target is a {HEADLINE[args.job]} in (0, 1], got {args.target}")
     out = Path(args.out).resolve()
     metric = HEADLINE[args.job]
+    runs = {policy: policy_run_args(args, policy, out) for policy in policies}
+    for policy_args in runs.values():  # every run checked before the first one starts
+        cli_run.checked_job(policy_args)
     results = {}
-    for policy in policies:
-        policy_args = argparse.Namespace(**{**vars(args), "policy": policy, "out": str(out / policy)})
-        setattr(policy_args, GIVEN, {*getattr(args, GIVEN, set()), "policy"})  # the job's default must not win
+    for policy, policy_args in runs.items():
         if cli_run.run(policy_args) != 0:
             print(f"fedfill compare: the {policy} run failed; see {out / policy / 'flwr.log'}")
             return 1
@@ -91,6 +94,13 @@ def run(args) -> int:
         plot_synthetic_per_device(out / "fimi", out / "fimi_devices.png")
     print(f"compare: {out}/summary.json, policies.png" + (", fimi_devices.png" if "fimi" in policies else ""))
     return 0
+
+
+def policy_run_args(args, policy: str, out: Path) -> argparse.Namespace:
+    """`fedfill run`'s arguments for one policy of the comparison, its report in OUT/POLICY."""
+    policy_args = argparse.Namespace(**{**vars(args), "policy": policy, "out": str(out / policy)})
+    setattr(policy_args, GIVEN, {*getattr(args, GIVEN, set()), "policy"})  # the job's default must not win
+    return policy_args
 
 
 def diffusion_figures(run_dir: Path) -> dict:

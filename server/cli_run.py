@@ -13,6 +13,7 @@ it started.
 from __future__ import annotations
 
 import argparse
+import math
 import signal
 import subprocess
 import sys
@@ -45,18 +46,6 @@ def add_run_flags(parser, skip: tuple[str, ...] = ()) -> None:
               types={"policy": policy}, skip=skip)
 
 
-def check_job(job: RunConfig) -> None:
-    """What a job needs that the flags alone cannot check, before anything starts."""
-    if job.job == "ddpm":
-        from generation.finetune import check_run
-        from generation.model import CheckpointError
-
-        try:
-            check_run(job)
-        except (CheckpointError, ValueError) as err:
-            raise UsageError(str(err)) from None
-
-
 def add_arguments(parser) -> None:
     parser.add_argument("--engine", choices=("simulation", "deployment"), default="simulation",
                         help="Flower's simulation engine (Ray) or its deployment engine (real SuperLink/SuperNode processes)")
@@ -74,24 +63,15 @@ def add_arguments(parser) -> None:
     add_run_flags(parser)
 
 
-def run(args) -> int:
-    if args.num_partitions < 1 or args.rounds < 1:
-        raise UsageError("--nodes and --rounds must be at least 1")
-    if args.root_certificates and not args.superlink:
-        raise UsageError("--root-certificates goes with --superlink")
-    if args.dataset != "digits":
-        from fedfill.data import load_dataset
+def checked_job(args) -> tuple[RunConfig, str]:
+    """The run's settings from the flags, and how it gets its generator (auto, none or an
+    address), with everything checked (server.checks) before any process starts."""
+    from server.checks import check_job
 
-        try:  # fail here, with the reason, rather than inside every ClientApp
-            load_dataset(args.dataset, args.data_dir or None)
-        except (FileNotFoundError, ValueError) as err:
-            raise UsageError(str(err)) from None
+    check_launcher_options(args)
     generator_mode = args.generator
     if generator_mode == "auto" and args.job == "ddpm":
         generator_mode = "none"  # the ddpm job trains on local data only (seed 000)
-    job = RunConfig.from_args(args, out_dir=str(Path(args.out).resolve()),
-                              generator_address="" if generator_mode in ("auto", "none") else generator_mode)
-    check_job(job)
     if generator_mode == "auto" and args.dataset != "digits":
         print("fedfill run: no shipped generator for this dataset; train one with `fedfill generator train` "
               "and pass --generator HOST:PORT of its service. Running without synthetic data.")
@@ -99,6 +79,52 @@ def run(args) -> int:
     if generator_mode == "auto" and args.superlink:
         raise UsageError("with --superlink, name the generation service its nodes reach (--generator HOST:PORT) "
                          "or run without one (--generator none)")
+    job = RunConfig.from_args(args, out_dir=str(Path(args.out).resolve()),
+                              generator_address="" if generator_mode in ("auto", "none") else generator_mode)
+    # a scenario profiles the deployment engine's nodes; a SuperLink's nodes are someone else's
+    configs = [] if args.superlink else node_configs(args.num_partitions, args.scenario) if args.scenario else None
+    check_job(job, configs)
+    return job, generator_mode
+
+
+def check_launcher_options(args) -> None:
+    """The options of `fedfill run` that are not run settings: the engine, the addresses, the
+    files and the report directory."""
+    if args.scenario and (args.engine != "deployment" or args.superlink):
+        raise UsageError(f"--scenario {args.scenario}: it profiles the SuperNodes the deployment engine starts; "
+                         "add --engine deployment" + (" and leave out --superlink (its nodes have their own profiles)"
+                                                      if args.superlink else ""))
+    if args.root_certificates and not args.superlink:
+        raise UsageError("--root-certificates goes with --superlink")
+    if args.root_certificates and not Path(args.root_certificates).is_file():
+        raise UsageError(f"--root-certificates {args.root_certificates}: no such file (the PEM CA certificate of "
+                         "the SuperLink's TLS certificate)")
+    if args.superlink:
+        check_address("--superlink", args.superlink)
+    if args.generator not in ("auto", "none"):
+        check_address("--generator", args.generator, "auto, none or HOST:PORT of a running generation service")
+    if not (math.isfinite(args.timeout) and args.timeout > 0):
+        raise UsageError(f"--timeout {args.timeout}: must be a positive number of seconds")
+    check_report_dir("--out", Path(args.out))
+
+
+def check_report_dir(option: str, out: Path) -> None:
+    """A directory there, or one that can be made: no file in its place or above it."""
+    out = out.resolve()
+    existing = next(p for p in (out, *out.parents) if p.exists())
+    if not existing.is_dir():
+        raise UsageError(f"{option} {out}: {existing} is a file; the report needs a directory")
+
+
+def check_address(option: str, address: str, expected: str = "HOST:PORT") -> None:
+    """HOST:PORT with a port in 1..65535 (gRPC's form; [v6]:port too)."""
+    host, sep, port = address.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 1 <= int(port) <= 65535:
+        raise UsageError(f"{option} {address}: expected {expected}, with a port in 1..65535")
+
+
+def run(args) -> int:
+    job, generator_mode = checked_job(args)
     out = prepare_out(Path(args.out), args.resume)
     configs = [] if args.superlink else node_configs(args.num_partitions, args.scenario)
     from deploy.flower_cli import write_flwr_connection

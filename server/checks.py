@@ -1,0 +1,247 @@
+"""A run's whole configuration, checked before any process starts.
+
+A bad value that slips through costs minutes: Ray, the SuperLink and the generation service
+come up, and the run dies inside every ClientApp (or trains nobody) with a traceback. Here
+each one stops the command at once as a UsageError (exit 2) naming the option, the value,
+why, and what would work. `fedfill run`, `fedfill compare` (every policy, before the first
+run) and `fedfill testbed run` all call `check_job`.
+
+Three stages, cheapest first, so that a typo costs no data loading:
+  settings    each value alone (check_settings)
+  the split   the Dirichlet partitioner itself on the clients' pool (check_split)
+  round 1     the strategy's own planning on the devices the nodes will report (check_first_plan)
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from contextlib import contextmanager
+from dataclasses import fields, replace
+
+from fedfill import contract
+from fedfill.config import RunConfig, check_aggregation, key_of
+from fedfill.errors import UsageError
+
+# what the generation service serves (generation.service.GenerationService.check)
+GENERATOR_STEPS = (1, 1000)
+GENERATOR_GUIDANCE = (0.0, 20.0)
+
+
+def flag_of(name: str) -> str:
+    """The `fedfill run` option of a run-config field."""
+    field = next(f for f in fields(RunConfig) if f.name == name)
+    return field.metadata["flag"] or "--" + key_of(name)
+
+
+def _finite(value) -> bool:
+    return isinstance(value, (int, float)) and math.isfinite(value)
+
+
+# field -> (is the value good, what would work); NaN fails every comparison, so `_finite` first
+_RULES = {
+    "num_partitions": (lambda v: v >= 1, "at least 1"),
+    "rounds": (lambda v: v >= 1, "at least 1"),
+    "dirichlet_alpha": (lambda v: _finite(v) and v > 0,
+                        "a positive number (0.1: a few classes per node; 100: near IID)"),
+    "seed": (lambda v: v >= 0, "0 or more (numpy's generators refuse negative seeds)"),
+    "local_epochs": (lambda v: v >= 1, "at least 1"),
+    "lr": (lambda v: _finite(v) and v > 0, "a positive finite number"),
+    "batch_size": (lambda v: v >= 1, "at least 1"),
+    "t_max_s": (lambda v: _finite(v) and v > 0, "a positive number of seconds"),
+    "synthetic_fraction": (lambda v: _finite(v) and v >= 0, "0 or a positive number (0.5: half as much again)"),
+    "generator_steps": (lambda v: GENERATOR_STEPS[0] <= v <= GENERATOR_STEPS[1],
+                        "in {}..{} (what the generation service serves)".format(*GENERATOR_STEPS)),
+    "generator_guidance": (lambda v: _finite(v) and GENERATOR_GUIDANCE[0] <= v <= GENERATOR_GUIDANCE[1],
+                           "in [{:g}, {:g}] (what the generation service serves)".format(*GENERATOR_GUIDANCE)),
+    "lora_rank": (lambda v: v >= 1, "at least 1"),
+    "node_wait_s": (lambda v: _finite(v) and v >= 0, "0 or a positive number of seconds"),
+    "reply_timeout_s": (lambda v: _finite(v) and v > 0, "a positive number of seconds"),
+}
+
+
+def check_settings(job: RunConfig) -> None:
+    """Each value alone, and the files the run reads: no data loaded, no model built."""
+    for name, (good, works) in _RULES.items():
+        value = getattr(job, name)
+        if not good(value):
+            raise UsageError(f"{flag_of(name)} {value}: must be {works}")
+    try:
+        check_aggregation(job.aggregation, job.trim_beta, job.norm_bound)
+    except ValueError as err:
+        raise UsageError(str(err)) from None
+    if job.learning_fit:
+        check_learning_fit(job.learning_fit)
+    if job.dataset.lower() == "digits" and job.data_dir:
+        raise UsageError(f"--data-dir {job.data_dir}: digits is embedded and reads no directory; "
+                         "name the dataset that lives there (--dataset cifar10, gtsrb, fmnist or cinic10)")
+
+
+def check_learning_fit(path: str) -> None:
+    """The fit the server plans with: a JSON object with finite alpha, beta, gamma (what
+    `fedfill fit-learning` writes), refused here rather than when the ServerApp starts."""
+    from pathlib import Path
+
+    from strategies.allocation import LearningModel
+
+    flag = flag_of("learning_fit")
+    if not Path(path).is_file():
+        raise UsageError(f"{flag} {path}: no such file (write one with `fedfill fit-learning`, or leave the "
+                         "option out for the fit shipped with the dataset)")
+    try:
+        model = LearningModel.load(path)
+    except (ValueError, TypeError, UnicodeDecodeError) as err:  # JSONDecodeError is a ValueError
+        raise UsageError(f"{flag} {path}: not a learning-model fit JSON from `fedfill fit-learning` "
+                         f"({str(err).splitlines()[0][:160]})") from None
+    if not all(_finite(v) for v in (model.alpha, model.beta, model.gamma)) or model.alpha <= 0 or model.beta <= 0:
+        raise UsageError(f"{flag} {path}: alpha {model.alpha}, beta {model.beta}, gamma {model.gamma}: "
+                         "the power law needs finite numbers with alpha and beta above 0")
+
+
+def clients_pool(job: RunConfig):
+    """The pool the nodes' partitions come from, as every process of the run derives it."""
+    from fedfill.job import run_split
+
+    try:
+        return run_split(job).clients
+    except (FileNotFoundError, ValueError) as err:
+        raise UsageError(f"--dataset {job.dataset}" + (f" --data-dir {job.data_dir}" if job.data_dir else "")
+                         + f": {err}") from None
+
+
+def check_split(job: RunConfig):
+    """The nodes' partitions, made by the partitioner each node runs; where it refuses, the
+    largest node count it accepts for this alpha and seed. Returns the partitions."""
+    from fedfill.partition import dirichlet_partition
+
+    labels = clients_pool(job).labels
+    try:
+        return dirichlet_partition(labels, job.num_partitions, job.dirichlet_alpha, job.seed)
+    except ValueError as err:
+        most = largest_node_count(labels, job.dirichlet_alpha, job.seed, job.num_partitions)
+        raise UsageError(f"--nodes {job.num_partitions}: the Dirichlet split refuses it ({err}, the clients' "
+                         f"pool of {job.dataset}); at most --nodes {most} works with --alpha {job.dirichlet_alpha} "
+                         f"and --seed {job.seed}" + (" (the split moves samples to short nodes, so no alpha "
+                                                     "gives more)" if most else "")) from None
+
+
+def largest_node_count(labels, alpha: float, seed: int, refused: int) -> int:
+    """The largest node count below `refused` that the partitioner accepts (0: none), found
+    by bisection over the partitioner itself, so the answer is what the nodes will do."""
+    from fedfill.partition import dirichlet_partition
+
+    def accepted(nodes: int) -> bool:
+        try:
+            dirichlet_partition(labels, nodes, alpha, seed)
+        except ValueError:
+            return False
+        return True
+
+    low, high = 0, refused  # accepted(low) holds (0 vacuously), accepted(high) does not
+    while high - low > 1:
+        middle = (low + high) // 2
+        low, high = (middle, high) if accepted(middle) else (low, middle)
+    return low
+
+
+def planned_profiles(job: RunConfig, node_configs: list[dict], sizes: list[int], preset: str) -> dict[int, dict] | None:
+    """The profiles the nodes will report in their QUERY reply (client.app.device_profile):
+    the node config's fields where given, else the preset's draw, with D_loc their partition's
+    size. None where a node reads a board or its own files: only it knows its profile."""
+    from strategies.allocation.presets import drawn_device_profile
+
+    profiles = {}
+    for k, config in enumerate(node_configs):
+        if config.get("data-dir") or config.get("sysfs-root"):
+            return None
+        partition = int(config.get("partition-id", k))
+        given = {name: float(config[contract.node_config_key(name)]) for name in contract.PROFILE_FIELDS
+                 if contract.node_config_key(name) in config}
+        if set(given) != set(contract.PROFILE_FIELDS):
+            given = {**drawn_device_profile(preset, partition, job.num_partitions, job.seed), **given}
+        optional = {name: cast(config[contract.node_config_key(name)])
+                    for name, cast in contract.OPTIONAL_PROFILE_FIELDS.items() if contract.node_config_key(name) in config}
+        profiles[k] = {"d_loc": float(sizes[partition]), **given, **optional}
+    return profiles
+
+
+@contextmanager
+def _quiet_flower():
+    """The strategy logs every infeasible plan (and Flower its settings) as warnings: not
+    while probing budgets."""
+    logger = logging.getLogger("flwr")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
+def check_first_plan(job: RunConfig, profiles: dict[int, dict]) -> None:
+    """Round 1's plan as the strategy makes it (devices that make it infeasible sit out):
+    a budget that plans nobody trains nobody, so refuse it and name the smallest --t-max
+    that plans every device."""
+    from fedfill.job import load_job
+    from server.app import run_system
+    from strategies.fimi_strategy import FimiFedAvg
+
+    job_impl = load_job(job)
+    model_params = int(sum(w.size for w in job_impl.initial_weights()))
+
+    def planned(t_max: float):
+        system = run_system(replace(job, t_max_s=t_max), model_params, profiles, job_impl.preset)
+        with _quiet_flower():
+            strategy = FimiFedAvg(system, job.policy, profiles, seed=job.seed, bits_rule=job.bits_rule)
+            return strategy.plan_round(1, list(profiles))
+
+    plan, nodes = planned(job.t_max_s)
+    if nodes:
+        return
+    why = "; ".join(f"{r['constraint']}: {r['message']}" for r in plan.reasons) or "no device can be planned"
+    smallest = smallest_t_max(lambda t: len(planned(t)[1]) == len(profiles), job.t_max_s)
+    works = f"--t-max {smallest:.3g} or more plans every device" if smallest else "no --t-max up to 1e6 s plans them"
+    raise UsageError(f"{flag_of('t_max_s')} {job.t_max_s:g}: the {job.policy} plan of round 1 leaves every one of "
+                     f"the {len(profiles)} devices out ({why}); {works}")
+
+
+def smallest_t_max(plans_all, refused: float, limit: float = 1e6) -> float | None:
+    """A budget above `refused` for which `plans_all(t_max)` holds, within 10 % of the
+    smallest (None when even `limit` fails): doubling, then bisection. Each feasible plan
+    costs the planner a second or more, hence the coarse answer."""
+    high = max(refused, 1e-3) * 2
+    while not plans_all(high):
+        if high >= limit:
+            return None
+        high *= 2
+    low = high / 2 if high / 2 > refused else refused
+    while high / low > 1.1:
+        middle = math.sqrt(low * high)
+        low, high = (low, middle) if plans_all(middle) else (middle, high)
+    return high
+
+
+def check_job(job: RunConfig, node_configs: list[dict] | None = None) -> None:
+    """Everything about a run that can be known before it starts, cheapest first. Round 1's
+    plan is checked where the nodes' profiles can be known: `node_configs` (the testbed's,
+    a scenario's), else the drawn profiles of simulated nodes; pass [] when the nodes are
+    someone else's (--superlink)."""
+    check_settings(job)
+    if job.job == "ddpm":
+        from generation.finetune import check_run
+        from generation.model import CheckpointError
+
+        try:
+            check_run(job)
+        except (CheckpointError, ValueError) as err:
+            raise UsageError(str(err)) from None
+    partitions = check_split(job)
+    if node_configs == []:
+        return
+    from fedfill.job import load_job
+
+    configs = node_configs or [{"partition-id": k, "num-partitions": job.num_partitions}
+                               for k in range(job.num_partitions)]
+    profiles = planned_profiles(job, configs, [len(p) for p in partitions], load_job(job).preset)
+    if profiles is not None:
+        check_first_plan(job, profiles)
