@@ -24,10 +24,14 @@ SECONDS = 10.0  # a refused run's budget, imports aside (a started one takes min
 @pytest.fixture(scope="module", autouse=True)
 def warm_imports():
     """Pay the heavy imports (scikit-learn's digits, torch for the model's size, Flower for
-    the strategy) once, so that the timings below measure the checks themselves."""
+    the strategy, diffusers for the ddpm job) once, so that the timings below measure the
+    checks themselves."""
     import sklearn.datasets  # noqa: F401
     import torch  # noqa: F401
+    from diffusers import UNet2DModel  # noqa: F401
 
+    import generation.finetune  # noqa: F401
+    import generation.pipeline  # noqa: F401
     import server.app  # noqa: F401
 
 
