@@ -73,11 +73,12 @@ class FimiFedAvg(FedAvg):
     `profiles` maps a Flower node id to its device profile (the contract's profile fields).
     `on_plan(round, plan, node_ids)` sees every plan (the report writes it to disk).
     `aggregate_train` returns the round's costs as a MetricRecord (modeled energy and latency,
-    measured bytes and training seconds, updates used and dropped, and FedAvg's weighted mean of
-    the nodes' training loss): Flower keeps it in its Result, and `on_round_metrics(round,
-    record, nodes)` hands the same record to the report as the round ends, with one dict per
-    planned node (NODE_FIGURES: its plan's modeled times and rate, its measured training and
-    upload seconds and reply bytes, "used" or "dropped" with the reason, also logged).
+    measured bytes and training seconds, updates used and dropped, the drops by class
+    (dropped-<DROP_CLASSES>), and the weighted mean of the nodes' training loss): Flower keeps
+    it in its Result, and `on_round_metrics(round, record, nodes)` hands the same record to the
+    report as the round ends, with one dict per planned node, and one more per duplicate reply
+    (NODE_FIGURES: its plan's modeled times and rate, its measured training and upload seconds
+    and reply bytes, "used" or "dropped" with the reason, also logged).
     `upload_seconds(reply)` gives a reply's measured upload seconds (server.timed_grid's
     TimedGrid.upload_seconds), or None where unknown.
 
@@ -86,8 +87,9 @@ class FimiFedAvg(FedAvg):
     the reason "duplicate"); then a reply that carries no usable update is dropped; then, when
     `norm_bound` > 0 and 3 or more updates are left, an update whose L2 norm exceeds norm_bound x
     the median of those updates' norms. The median, because the attackers' own norms barely
-    move it (a mean or maximum they would set themselves); below 3 updates no norm is screened,
-    since a median of one or two says nothing about which update is the odd one.
+    move it while they are fewer than half (a mean or maximum they would set themselves);
+    below 3 updates no norm is screened, since a median of one or two says nothing about which
+    update is the odd one.
     `aggregation` picks Flower's strategy whose aggregate_train merges what is left (FLOWER_RULES;
     `trim_beta` is FedTrimmedAvg's beta: it cuts int(beta x n) updates from each tail of every
     coordinate, none below 5 updates at 0.2). Bad settings raise ValueError here.
@@ -106,6 +108,8 @@ class FimiFedAvg(FedAvg):
                          min_available_nodes=min_train_nodes, **keys)
         rule = FLOWER_RULES[aggregation]
         self.aggregation, self.norm_bound = aggregation, norm_bound
+        # Flower's strategy of the rule, used for its aggregate_train alone: whatever the rule,
+        # FimiFedAvg stays one class that plans, decodes and screens
         self.merger: FedAvg = (partial(rule, beta=trim_beta) if rule is FedTrimmedAvg else rule)(**keys)
         self.system, self.policy, self.seed, self.bits_rule = system, policy, seed, bits_rule
         self.demanding = parse_policy(policy)[0] in DEMANDING_POLICIES

@@ -43,12 +43,12 @@ def merged_update(arrays: ArrayRecord) -> list[np.ndarray]:
 def test_median_is_the_coordinate_wise_median_whatever_the_weights():
     strategy, nodes = planned_strategy(3, aggregation="median", norm_bound=0)
     updates = [update_of(1.0, seed) for seed in range(3)]
-    replies = [reply_to(node, update, weight=w, bits=32) for node, update, w in zip(nodes, updates, (1, 1000, 1))]
+    replies = [reply_to(node, update, weight=w, bits=32) for node, update, w in zip(nodes, updates, (3, 1000, 3))]
     arrays, metrics = strategy.aggregate_train(1, replies)
     assert metrics["updates"] == 3
     for got, layers in zip(merged_update(arrays), zip(*updates)):
         assert np.allclose(got, np.median(np.stack(layers), axis=0), atol=1e-6)
-        assert not np.allclose(got, np.average(np.stack(layers), axis=0, weights=[1, 1000, 1]), atol=1e-3)
+        assert not np.allclose(got, np.average(np.stack(layers), axis=0, weights=[3, 1000, 3]), atol=1e-3)
 
 
 def test_trimmed_mean_cuts_beta_of_each_tail_of_every_coordinate():
