@@ -24,6 +24,7 @@ from fedfill.board import BoardProfile, EnergyMeter, read_board
 from fedfill.config import RunConfig
 from fedfill.data import ImageDataset, NodeDataError
 from fedfill.job import Job, load_job
+from fedfill.profile import node_profile
 
 app = ClientApp()
 
@@ -58,32 +59,13 @@ def board_root(context: Context) -> str | None:
 
 def device_profile(run: RunConfig, context: Context, d_loc: int, preset: str = "fimi",
                    board: BoardProfile | None = None) -> dict:
-    """The device profile, field by field: what the operator put in the node config, else what
-    the board measured (f_max only: eps, transmit power and channel gain cannot be read from a
-    board), else drawn as the job's paper does (FIMI §V-A; seed 000 §IV-A, error demand
-    included). A board's other figures go along as `board_*` fields, for the report only.
-    `measured` names the planner's fields the board gave."""
-    given = {name: float(context.node_config[contract.node_config_key(name)]) for name in contract.PROFILE_FIELDS
-             if contract.node_config_key(name) in context.node_config}
-    measured = board.profile_fields() if board is not None else {}
-    if "f_max_hz" in measured and "f_max_hz" not in given:
-        given["f_max_hz"] = float(measured["f_max_hz"])
-    profile = given
-    if set(given) != set(contract.PROFILE_FIELDS):
+    """This node's profile (fedfill.profile's rule): its node config, its board, the draw."""
+    def draw() -> dict:
         from strategies.allocation.presets import drawn_device_profile
 
-        profile = {**drawn_device_profile(preset, *node_partition(run, context), run.seed), **given}
-    profile = {"d_loc": float(d_loc), **profile}
-    if board is not None:
-        if "f_max_hz" in measured and profile["f_max_hz"] == measured["f_max_hz"]:
-            profile["measured"] = "f_max_hz"
-        profile.update({f"board_{name}": value for name, value in measured.items() if name != "f_max_hz"})
-    for name, cast in contract.OPTIONAL_PROFILE_FIELDS.items():
-        if contract.node_config_key(name) in context.node_config:
-            profile[name] = cast(context.node_config[contract.node_config_key(name)])
-    if "partition-id" in context.node_config:  # names the node in the server's report
-        profile[contract.PARTITION_FIELD] = int(context.node_config["partition-id"])
-    return profile
+        return drawn_device_profile(preset, *node_partition(run, context), run.seed)
+
+    return node_profile(context.node_config, d_loc, draw, board.profile_fields() if board is not None else None)
 
 
 @app.query()

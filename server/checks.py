@@ -145,9 +145,10 @@ def largest_node_count(labels, alpha: float, seed: int, refused: int) -> int:
 
 
 def planned_profiles(job: RunConfig, node_configs: list[dict], sizes: list[int], preset: str) -> dict[int, dict] | None:
-    """The profiles the nodes will report in their QUERY reply (client.app.device_profile):
-    the node config's fields where given, else the preset's draw, with D_loc their partition's
-    size. None where a node reads a board or its own files: only it knows its profile."""
+    """The profiles the nodes will report in their QUERY reply (fedfill.profile's rule, the
+    ClientApp's), with D_loc their partition's size. None where a node reads a board or its
+    own files: only it knows its profile."""
+    from fedfill.profile import node_profile
     from strategies.allocation.presets import drawn_device_profile
 
     profiles = {}
@@ -155,13 +156,8 @@ def planned_profiles(job: RunConfig, node_configs: list[dict], sizes: list[int],
         if config.get("data-dir") or config.get("sysfs-root"):
             return None
         partition = int(config.get("partition-id", k))
-        given = {name: float(config[contract.node_config_key(name)]) for name in contract.PROFILE_FIELDS
-                 if contract.node_config_key(name) in config}
-        if set(given) != set(contract.PROFILE_FIELDS):
-            given = {**drawn_device_profile(preset, partition, job.num_partitions, job.seed), **given}
-        optional = {name: cast(config[contract.node_config_key(name)])
-                    for name, cast in contract.OPTIONAL_PROFILE_FIELDS.items() if contract.node_config_key(name) in config}
-        profiles[k] = {"d_loc": float(sizes[partition]), **given, **optional}
+        profiles[k] = node_profile(config, sizes[partition], lambda: drawn_device_profile(
+            preset, partition, job.num_partitions, job.seed))  # noqa: B023 - called at once
     return profiles
 
 
