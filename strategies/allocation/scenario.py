@@ -123,14 +123,25 @@ class Scenario:
         return {"system": asdict(self.system), "devices": devices}
 
 
+def _shown(value) -> str:
+    """A value as an error message quotes it: a hostile file's megabyte string is cut short."""
+    if isinstance(value, int) and abs(value) >= 10**30:  # (repr fails beyond 4,300 digits)
+        return f"an integer of {len(str(abs(value))) if abs(value) < 10**4000 else 'over 4,000'} digits"
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
 def _number(value, where: str, positive: bool) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise ScenarioError(f"{where} must be a number, got {value!r}")
-    x = float(value)
+        raise ScenarioError(f"{where} must be a number, got {_shown(value)}")
+    try:
+        x = float(value)
+    except OverflowError:  # an integer beyond float range (JSON allows any number of digits)
+        x = math.inf
     if not math.isfinite(x):
-        raise ScenarioError(f"{where} must be finite, got {value!r}")
+        raise ScenarioError(f"{where} must be finite, got {_shown(value)}")
     if x < 0 or (positive and x == 0):
-        raise ScenarioError(f"{where} must be {'positive' if positive else 'non-negative'}, got {value!r}")
+        raise ScenarioError(f"{where} must be {'positive' if positive else 'non-negative'}, got {_shown(value)}")
     return x
 
 
@@ -162,23 +173,27 @@ def parse_scenario(data) -> Scenario:
         raise ScenarioError("'devices' must be a non-empty list")
     columns: dict[str, list] = {name: [] for name in _DEVICE_RULES}
     ids, bits, quant_error, codec_constant, class_counts = [], [], [], [], []
+    seen = set()  # the ids so far: a list lookup made 20,000 devices take seconds
     for k, dev in enumerate(devices_data):
         if not isinstance(dev, dict):
             raise ScenarioError(f"devices[{k}] must be an object")
         if "id" not in dev:
             raise ScenarioError(f"devices[{k}]: missing field 'id'")
+        if isinstance(dev["id"], int) and abs(dev["id"]) >= 10**30:
+            raise ScenarioError(f"devices[{k}]: field 'id' is {_shown(dev['id'])}, not a name")
         dev_id = str(dev["id"])
-        if dev_id in ids:
-            raise ScenarioError(f"device '{dev_id}': duplicate id")
+        where = f"device '{dev_id if len(dev_id) <= 40 else dev_id[:37] + '...'}'"
+        if dev_id in seen:
+            raise ScenarioError(f"{where}: duplicate id")
+        seen.add(dev_id)
         ids.append(dev_id)
-        where = f"device '{dev_id}'"
         for name, positive in _DEVICE_RULES.items():
             if name not in dev:
                 raise ScenarioError(f"{where}: missing field '{name}'")
             columns[name].append(_number(dev[name], f"{where}: field '{name}'", positive))
         b = dev.get("bits", 32)
         if isinstance(b, bool) or not isinstance(b, int) or not 1 <= b <= 32:
-            raise ScenarioError(f"{where}: field 'bits' must be an integer from 1 to 32, got {b!r}")
+            raise ScenarioError(f"{where}: field 'bits' must be an integer from 1 to 32, got {_shown(b)}")
         bits.append(b)
         q = dev.get("quant_error")
         quant_error.append(math.nan if q is None else
@@ -189,11 +204,12 @@ def parse_scenario(data) -> Scenario:
         if counts is not None:
             if not isinstance(counts, list) or not counts:
                 raise ScenarioError(f"{where}: field 'class_counts' must be a non-empty list")
-            arr = np.array([_number(c, f"{where}: field 'class_counts'", False) for c in counts])
-            if np.any(arr != np.round(arr)):
+            values = [_number(c, f"{where}: field 'class_counts'", False) for c in counts]
+            if any(c != round(c) for c in values):
                 raise ScenarioError(f"{where}: field 'class_counts' must hold whole numbers")
-            if arr.sum() != columns["d_loc"][-1]:
-                raise ScenarioError(f"{where}: class_counts sum to {arr.sum():g} but d_loc is {columns['d_loc'][-1]:g}")
+            total = sum(values)  # Python floats: a sum beyond float range is inf, with no numpy warning
+            if total != columns["d_loc"][-1]:
+                raise ScenarioError(f"{where}: class_counts sum to {total:g} but d_loc is {columns['d_loc'][-1]:g}")
         class_counts.append(counts)
     given = [c is not None for c in class_counts]
     if any(given) and not all(given):
@@ -216,8 +232,21 @@ def load_scenario(path: str | Path) -> Scenario:
         text = Path(path).read_text()
     except OSError as err:
         raise ScenarioError(f"cannot read scenario {path}: {err.strerror}") from None
+    except UnicodeDecodeError as err:
+        raise ScenarioError(f"{path} is not UTF-8 text: {err.reason} at byte {err.start}") from None
+    return parse_scenario_text(text, str(path))
+
+
+def parse_scenario_text(text: str, source: str = "scenario") -> Scenario:
+    """`parse_scenario` of a JSON text; every way the text can be broken is a ScenarioError
+    (JSON's own errors, nesting too deep for the parser, a number of more digits than Python
+    converts)."""
     try:
         data = json.loads(text)
     except json.JSONDecodeError as err:
-        raise ScenarioError(f"{path} is not valid JSON: {err}") from None
+        raise ScenarioError(f"{source} is not valid JSON: {err}") from None
+    except RecursionError:
+        raise ScenarioError(f"{source} is not usable JSON: nested too deeply") from None
+    except ValueError as err:  # e.g. an integer literal beyond Python's digit limit
+        raise ScenarioError(f"{source} is not usable JSON: {_shown(str(err))}") from None
     return parse_scenario(data)
