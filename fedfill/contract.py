@@ -17,10 +17,12 @@ each other, so a key or a field is named once.
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, fields
 
 from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
+from fedfill.codec import MAX_BITS, MIN_BITS
 from fedfill.codec import VERSION as CODEC_VERSION
 
 ARRAYS_KEY = "arrays"  # Flower's default arrayrecord_key: the global model
@@ -49,6 +51,41 @@ class ReplyError(ValueError):
     """A reply that cannot be used, with the reason the server logs."""
 
 
+def _shown(value) -> str:
+    """A value as a reason quotes it: a hostile node's megabyte string is cut short."""
+    if isinstance(value, int) and abs(value) >= 10**30:  # (repr fails beyond 4,300 digits)
+        return f"an integer of {len(str(abs(value))) if abs(value) < 10**4000 else 'over 4,000'} digits"
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def _figure(value, where: str, *, whole: bool = False, positive: bool = False, signed: bool = False,
+            at_most: float | None = None):
+    """`value` if it is a finite number (not a bool) that fits the rule, else ReplyError naming
+    `where`: non-negative unless `signed`, non-zero if `positive`, whole if `whole`."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ReplyError(f"{where} must be a number, got {_shown(value)}")
+    try:
+        x = float(value)
+    except OverflowError:  # an integer beyond float range
+        x = math.inf
+    if not math.isfinite(x):
+        raise ReplyError(f"{where} must be finite, got {_shown(value)}")
+    if (x < 0 and not signed) or (positive and x <= 0):
+        raise ReplyError(f"{where} must be {'positive' if positive else 'non-negative'}, got {_shown(value)}")
+    if whole and x != math.floor(x):
+        raise ReplyError(f"{where} must be a whole number, got {_shown(value)}")
+    if at_most is not None and x > at_most:
+        raise ReplyError(f"{where} must be at most {at_most:g}, got {_shown(value)}")
+    return value
+
+
+def _bits(value, where: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not MIN_BITS <= value <= MAX_BITS:
+        raise ReplyError(f"{where} must be an integer from {MIN_BITS} to {MAX_BITS}, got {_shown(value)}")
+    return value
+
+
 # ---------------------------------------------------------------------------- QUERY
 def profile_reply(profile: dict) -> RecordDict:
     return RecordDict({PROFILE_KEY: ConfigRecord(profile)})
@@ -61,12 +98,37 @@ def sit_out_reply(reason: str) -> RecordDict:
 
 
 def read_profile(content: RecordDict) -> dict:
+    """The node's device profile, checked field by field, or ReplyError naming the field at
+    fault: D_loc and PROFILE_FIELDS finite positive numbers, the optional fields of their type
+    and range, the partition id a whole number or a name, every other field (a board's
+    figures, for the report) text, numbers or lists of them. So a profile read here is one the
+    planner accepts and the report can write as JSON: one node's broken profile costs that
+    node its place, not the run."""
     if PROFILE_KEY not in content.config_records:
         note = content.config_records.get(NOTE_KEY)
         if note is not None:
-            raise ReplyError(f"the node sits out: {note.get('note', '')}")
+            raise ReplyError(f"the node sits out: {str(note.get('note', ''))[:200]}")
         raise ReplyError("no device profile in the reply")
-    return dict(content.config_records[PROFILE_KEY])
+    profile = dict(content.config_records[PROFILE_KEY])
+    for name in ("d_loc", *PROFILE_FIELDS):
+        if name not in profile:
+            raise ReplyError(f"profile: missing field '{name}'")
+        _figure(profile[name], f"profile field '{name}'", positive=True)
+    if "bits" in profile:
+        _bits(profile["bits"], "profile field 'bits'")
+    if "quant_error" in profile:
+        _figure(profile["quant_error"], "profile field 'quant_error' (a relative error demand)", positive=True,
+                at_most=math.nextafter(1.0, 0.0))
+    if "codec_constant" in profile:
+        _figure(profile["codec_constant"], "profile field 'codec_constant'", positive=True)
+    partition = profile.get(PARTITION_FIELD)
+    if partition is not None and not isinstance(partition, str):
+        _figure(partition, f"profile field '{PARTITION_FIELD}'", whole=True)
+    for name, value in profile.items():
+        items = value if isinstance(value, list) else [value]
+        if any(isinstance(item, bytes) for item in items):
+            raise ReplyError(f"profile field '{name}' holds bytes: a profile is text and numbers")
+    return profile
 
 
 # ---------------------------------------------------------------------------- TRAIN
@@ -163,25 +225,65 @@ def train_reply(payload: bytes, metrics: TrainMetrics, note: str) -> RecordDict:
     return RecordDict(records)
 
 
+MAX_EXAMPLES = 2**53  # a sample count float64 holds exactly: the FedAvg weights then sum without overflow
+# The rule of every TrainMetrics figure but the node-only ones (key -> _figure's keywords; bits apart)
+_METRIC_RULES = {
+    WEIGHT_KEY: dict(whole=True, positive=True, at_most=MAX_EXAMPLES), "d-gen-used": dict(whole=True),
+    "train-seconds": {}, "train-loss": dict(signed=True), "upload-bytes": dict(whole=True),
+    "modeled-energy-j": {}, "error-expected": {}, "error-measured": {}, "codec-constant": {},
+}
+
+
 def read_train_reply(content: RecordDict) -> tuple[bytes, dict, str]:
-    """(codec payload, metrics by key, note), or ReplyError naming what is wrong."""
+    """(codec payload, metrics by key, note), or ReplyError naming what is wrong.
+
+    Every TrainMetrics figure must be there (the node-only ones may be) and be a finite number
+    within its range: Flower averages the MetricRecords only when all hold the same keys, and
+    a NaN or a 1e308 weight would poison the average. Keys the contract does not name are
+    left out of the metrics returned; the node-only figures are returned as sent (the strategy
+    keeps only sensible ones)."""
     record = content.array_records.get(UPDATE_KEY)
     array = record.get("payload") if record is not None else None
     if array is None:
         raise ReplyError("no quantized update in the reply")
     if array.stype != CODEC_STYPE:
-        raise ReplyError(f"update of serialization type {array.stype!r}, expected {CODEC_STYPE!r}")
+        raise ReplyError(f"update of serialization type {_shown(array.stype)}, expected {CODEC_STYPE!r}")
     metrics = content.metric_records.get(METRICS_KEY)
     if metrics is None:
         raise ReplyError("no metrics in the reply")
-    weight = metrics.get(WEIGHT_KEY)
-    if not isinstance(weight, (int, float)) or not weight > 0 or weight == float("inf"):
-        raise ReplyError(f"bad {WEIGHT_KEY} {weight!r}")
+    for key, rule in _METRIC_RULES.items():
+        if key not in metrics:
+            raise ReplyError(f"metric '{key}' missing from the reply")
+        _figure(metrics[key], f"metric '{key}'", **rule)
+    if "bits" not in metrics:
+        raise ReplyError("metric 'bits' missing from the reply")
+    _bits(metrics["bits"], "metric 'bits'")
+    if metrics["d-gen-used"] > metrics[WEIGHT_KEY]:
+        raise ReplyError(f"metric 'd-gen-used' {metrics['d-gen-used']} exceeds {WEIGHT_KEY} {metrics[WEIGHT_KEY]}")
     note_record = content.config_records.get(NOTE_KEY)
-    note = str(note_record.get("note", "")) if note_record is not None else ""
-    return array.data, dict(metrics), note
+    note = note_record.get("note", "") if note_record is not None else ""
+    if not isinstance(note, str):
+        raise ReplyError(f"the reply's note must be text, got {type(note).__name__}")
+    known = (*_METRIC_RULES, "bits", *NODE_ONLY_METRICS)
+    return array.data, {key: metrics[key] for key in known if key in metrics}, note
 
 
 def reply_bytes(content: RecordDict) -> int:
-    """Bytes a reply carried, as Flower counts its records (payload, keys and values)."""
-    return sum(record.count_bytes() for record in content.values())
+    """Bytes a reply carried, as Flower counts its records (payload, keys and values). A record
+    Flower 1.41's count_bytes trips on (an empty string or an empty list in it: a node's
+    reply, so never a reason to stop the round) is counted here by the same rule."""
+    total = 0
+    for record in content.values():
+        try:
+            total += record.count_bytes()
+        except (ValueError, IndexError):
+            total += sum(len(key) + _value_bytes(value) for key, value in record.items())
+    return total
+
+
+def _value_bytes(value) -> int:
+    if isinstance(value, list):
+        return sum(_value_bytes(item) for item in value)
+    if isinstance(value, (str, bytes)):
+        return len(value)
+    return 1 if isinstance(value, bool) else 8  # ints and floats go as 64 bits
