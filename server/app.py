@@ -20,6 +20,7 @@ import fedfill
 from fedfill import contract
 from fedfill.config import RunConfig
 from fedfill.job import load_job
+from server.checkpoint import read_checkpoint, write_checkpoint
 from server.report import RunReport
 from server.timed_grid import TimedGrid
 from strategies.allocation import LearningModel, System
@@ -110,9 +111,8 @@ def main(grid: Grid, context: Context) -> None:
     initial, done = ArrayRecord(weights), 0
     checkpoint = out_dir / "checkpoint.npz"
     if run.resume and checkpoint.exists():
-        with np.load(checkpoint) as saved:
-            done = int(saved["round"])
-            initial = ArrayRecord([saved[f"arr_{i}"] for i in range(len(saved.files) - 1)])
+        done, resumed = read_checkpoint(checkpoint, weights)
+        initial = ArrayRecord(resumed)
         report.resume_from(done)
         strategy.round_offset = done
         log(INFO, "resuming after round %d of %d from %s", done, run.rounds, checkpoint)
@@ -123,7 +123,7 @@ def main(grid: Grid, context: Context) -> None:
         server_round += done
         evaluation = job.evaluate(arrays.to_numpy_ndarrays())
         row = report.add_round(server_round, evaluation)
-        np.savez(checkpoint, round=server_round, *arrays.to_numpy_ndarrays())
+        write_checkpoint(checkpoint, server_round, arrays.to_numpy_ndarrays())
         log(INFO, "round %d: %s, energy so far %.3f J, uplink %.2f MB", server_round,
             ", ".join(f"{k} {v:.4f}" for k, v in evaluation.items()), row["energy_j"], row["uplink_bytes"] / 1e6)
         return MetricRecord(evaluation)
