@@ -102,10 +102,17 @@ def load_generator(directory: str | Path = DEFAULT_CHECKPOINT):
 
     directory = Path(directory)
     _check_layout(directory)
+    # Every JSON file diffusers reads is read here first: diffusers would only say "not a valid
+    # JSON file", and takes a scheduler config that is not an object for a hub repository id
+    # (then retries the network for half a minute, local_files_only notwithstanding).
+    _check_pipeline_index(directory / "model_index.json")
     meta = _read_json(directory / GENERATOR_JSON, "generator.json")
-    _read_json(directory / UNET_CONFIG, "UNet config")  # diffusers would only say "not a valid JSON file"
+    _read_json(directory / UNET_CONFIG, "UNet config")
+    _read_json(directory / SCHEDULER_CONFIG, "scheduler config")
     weights = directory / WEIGHTS
     _check_weights(weights)
+    # A config diffusers does not expect fails anywhere in its code, with any exception
+    # (KeyError, IndexError, UnboundLocalError, ...): each is a checkpoint that cannot be used.
     with _diffusers_quiet():
         try:
             unet, info = UNet2DModel.from_pretrained(directory, subfolder="unet", local_files_only=True,
@@ -113,7 +120,7 @@ def load_generator(directory: str | Path = DEFAULT_CHECKPOINT):
                                                      output_loading_info=True)
         except RuntimeError as err:  # shapes in the file differ from those unet/config.json builds
             raise CheckpointError(f"{weights} does not match its {UNET_CONFIG}: {_second_line(err)}") from None
-        except (OSError, ValueError, TypeError) as err:
+        except Exception as err:  # noqa: BLE001 - see above
             raise CheckpointError(f"{directory / 'unet'} cannot be loaded: {_first_line(err)}") from None
         wrong = info["missing_keys"] + info["unexpected_keys"] + [k[0] for k in info["mismatched_keys"]]
         if wrong:
@@ -122,7 +129,7 @@ def load_generator(directory: str | Path = DEFAULT_CHECKPOINT):
         try:
             pipe = ClassConditionalPipeline.from_pretrained(directory, unet=unet, local_files_only=True,
                                                             low_cpu_mem_usage=False)
-        except (OSError, ValueError, TypeError, AttributeError) as err:
+        except Exception as err:  # noqa: BLE001 - see above
             raise CheckpointError(f"{directory} is not a loadable pipeline: {_first_line(err)}") from None
     config = _config_from(directory, pipe, meta)
     pipe.set_progress_bar_config(disable=True)  # a service log and a CLI's stderr are no place for bars
@@ -160,11 +167,27 @@ def _read_json(path: Path, what: str) -> dict:
         data = json.loads(path.read_text())
     except FileNotFoundError:
         raise CheckpointError(f"{path} is missing") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise CheckpointError(f"{path} is not a valid {what}: {err}") from None
+    except OSError as err:  # a directory in its place, unreadable, ...
+        raise CheckpointError(f"{path} cannot be read: {err.strerror or err}") from None
+    except RecursionError:
+        raise CheckpointError(f"{path} is not a valid {what}: nested too deeply") from None
+    except ValueError as err:  # JSON's errors, undecodable bytes, an integer of more digits than Python reads
+        raise CheckpointError(f"{path} is not a valid {what}: {_first_line(err)}") from None
     if not isinstance(data, dict):
         raise CheckpointError(f"{path} is not a valid {what}: not a JSON object")
     return data
+
+
+def _check_pipeline_index(path: Path) -> None:
+    """model_index.json names the pipeline's class and a [library, class] pair per component."""
+    index = _read_json(path, "pipeline index")
+    if not isinstance(index.get("_class_name"), str):
+        raise CheckpointError(f"{path} is not a valid pipeline index: no pipeline class name")
+    for component in ("unet", "scheduler"):
+        entry = index.get(component)
+        if not (isinstance(entry, list) and len(entry) == 2 and all(isinstance(e, str) for e in entry)):
+            raise CheckpointError(f"{path} is not a valid pipeline index: '{component}' must be a "
+                                  f"[library, class] pair, got {str(entry)[:80]}")
 
 
 def _check_weights(path: Path) -> None:
@@ -188,6 +211,8 @@ def _config_from(directory: Path, pipe, meta: dict) -> GeneratorConfig:
         raise CheckpointError(f"{directory / UNET_CONFIG} has no class embedding: not a class-conditional generator")
     names = meta.get("class_names")
     null = meta.get("null_class")
+    if not isinstance(meta.get("provenance") or {}, dict):
+        raise CheckpointError(f"{directory / GENERATOR_JSON}: 'provenance' must be an object")
     if not isinstance(names, list) or len(names) != num_classes or null != num_classes:
         raise CheckpointError(f"{directory / GENERATOR_JSON} does not match its {UNET_CONFIG}: the UNet has "
                               f"{num_classes} classes + null class {num_classes}, generator.json lists "
