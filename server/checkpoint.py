@@ -10,7 +10,7 @@ reading a byte of it, so every header is checked against the model first.
 
 from __future__ import annotations
 
-import lzma
+import io
 import zipfile
 import zlib
 from collections.abc import Sequence
@@ -37,8 +37,19 @@ def read_checkpoint(path: str | Path, like: Sequence[np.ndarray]) -> tuple[int, 
     path = Path(path)
     expected = {f"arr_{i}.npy": (tuple(a.shape), np.asarray(a).dtype) for i, a in enumerate(like)}
     expected[f"{ROUND_KEY}.npy"] = None
+    # np.savez stores its members: the file is the arrays, their .npy headers and the zip's own
+    # headers. Read whole into memory, so that a zip directory claiming gigabytes makes reads
+    # come back short (a file object's read(n) allocates n bytes first).
+    largest = sum(np.asarray(a).nbytes for a in like) + len(expected) * 2 * _HEADER_ROOM
     try:
-        with zipfile.ZipFile(path) as archive:
+        size = path.stat().st_size
+        if size > largest:
+            raise CheckpointError(f"{path} is {size} bytes, a checkpoint of this model at most {largest}")
+        data = path.read_bytes()
+    except OSError as err:
+        raise CheckpointError(f"cannot read checkpoint {path}: {err.strerror or err}") from None
+    try:
+        with zipfile.ZipFile(io.BytesIO(data)) as archive:
             names = archive.namelist()
             if sorted(names) != sorted(expected):
                 raise CheckpointError(f"{path} holds {_listed(names)}, a checkpoint of this model holds "
@@ -49,8 +60,8 @@ def read_checkpoint(path: str | Path, like: Sequence[np.ndarray]) -> tuple[int, 
         raise
     # What a damaged zip raises, from zipfile and the decompressors it drives (an encrypted
     # member is a RuntimeError, an unknown compression method NotImplementedError).
-    except (zipfile.BadZipFile, zipfile.LargeZipFile, OSError, EOFError, zlib.error, lzma.LZMAError,
-            NotImplementedError, RuntimeError, ValueError) as err:
+    except (zipfile.BadZipFile, zipfile.LargeZipFile, OSError, EOFError, zlib.error, NotImplementedError,
+            RuntimeError, ValueError) as err:
         raise CheckpointError(f"{path} is not a readable checkpoint: {str(err)[:200]}") from None
     if saved_round.dtype.kind not in "iu" or int(saved_round) < 0:
         raise CheckpointError(f"{path}: the round must be a non-negative integer, got {saved_round!r}")
@@ -60,6 +71,9 @@ def read_checkpoint(path: str | Path, like: Sequence[np.ndarray]) -> tuple[int, 
 def _member(archive: zipfile.ZipFile, name: str, shape: tuple[int, ...], dtype: np.dtype | None) -> np.ndarray:
     """One .npy member, its declared size and header checked before its data is read."""
     info = archive.getinfo(name)
+    if info.compress_type not in (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED):
+        # what np.savez and np.savez_compressed write; an LZMA header may ask for a 4 GiB dictionary
+        raise CheckpointError(f"{name} is compressed with zip method {info.compress_type}: np.savez stores or deflates")
     room = _HEADER_ROOM + (int(np.prod(shape)) * dtype.itemsize if dtype is not None else 8)
     if info.file_size > room:
         raise CheckpointError(f"{name} inflates to {info.file_size} bytes, a {shape} array takes at most {room}")
@@ -72,6 +86,9 @@ def _member(archive: zipfile.ZipFile, name: str, shape: tuple[int, ...], dtype: 
             raise CheckpointError(f"{name}: .npy format version {version}, not one np.savez writes")
     if saved_dtype.hasobject:
         raise CheckpointError(f"{name} holds Python objects: a checkpoint holds numbers only")
+    if dtype is None and (saved_dtype.kind not in "iu" or saved_dtype.itemsize > 8):
+        # checked before reading: one element of a dtype like "|V4294967295" is 4 GiB
+        raise CheckpointError(f"{name}: the round must be a non-negative integer, got a {saved_dtype} array")
     if saved_shape != shape or (dtype is not None and saved_dtype != dtype):
         raise CheckpointError(f"{name} is a {saved_dtype} array of shape {saved_shape}, the model's is "
                               f"{dtype if dtype is not None else 'an integer'} of shape {shape}: "
