@@ -206,7 +206,21 @@ def _check_weights(path: Path) -> None:
 
 def _config_from(directory: Path, pipe, meta: dict) -> GeneratorConfig:
     unet = pipe.unet.config
-    num_classes = int(unet.num_class_embeds or 0) - 1
+    sample_size = unet.sample_size
+    if isinstance(sample_size, (list, tuple)):
+        sample_size = sample_size[0] if sample_size else None
+    figures = {"sample_size": sample_size, "in_channels": unet.in_channels, "layers_per_block": unet.layers_per_block,
+               "num_class_embeds": unet.num_class_embeds or 0,
+               "num_train_timesteps": pipe.scheduler.config.num_train_timesteps}
+    # diffusers builds a UNet for some configs no generator of ours has (a sample_size of None)
+    wrong = {k: v for k, v in figures.items()
+             if isinstance(v, bool) or not isinstance(v, int) or v < (0 if k == "num_class_embeds" else 1)}
+    channels = unet.block_out_channels
+    if not isinstance(channels, (list, tuple)) or not all(isinstance(c, int) and c > 0 for c in channels):
+        wrong["block_out_channels"] = channels
+    if wrong:
+        raise CheckpointError(f"{directory} does not describe an image generator: {str(wrong)[:200]}")
+    num_classes = figures["num_class_embeds"] - 1
     if num_classes < 1:
         raise CheckpointError(f"{directory / UNET_CONFIG} has no class embedding: not a class-conditional generator")
     names = meta.get("class_names")
@@ -217,11 +231,9 @@ def _config_from(directory: Path, pipe, meta: dict) -> GeneratorConfig:
         raise CheckpointError(f"{directory / GENERATOR_JSON} does not match its {UNET_CONFIG}: the UNet has "
                               f"{num_classes} classes + null class {num_classes}, generator.json lists "
                               f"{len(names) if isinstance(names, list) else 'no'} class names and null class {null}")
-    size = unet.sample_size if isinstance(unet.sample_size, int) else unet.sample_size[0]
-    return GeneratorConfig(image_size=int(size), channels=int(unet.in_channels), num_classes=num_classes,
-                           block_out_channels=tuple(unet.block_out_channels),
-                           layers_per_block=int(unet.layers_per_block),
-                           train_timesteps=int(pipe.scheduler.config.num_train_timesteps),
+    return GeneratorConfig(image_size=sample_size, channels=unet.in_channels, num_classes=num_classes,
+                           block_out_channels=tuple(channels), layers_per_block=unet.layers_per_block,
+                           train_timesteps=figures["num_train_timesteps"],
                            class_names=tuple(str(n) for n in names), provenance=dict(meta.get("provenance") or {}))
 
 
