@@ -608,15 +608,20 @@ def _npy_claiming(shape, dtype="<f4", data=b"") -> bytes:
     return b"\x93NUMPY\x01\x00" + struct.pack("<H", len(header)) + header + data
 
 
+def zip_bomb() -> bytes:
+    """A checkpoint whose arr_0 inflates to 20 MiB of zeros from 20 kB."""
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w", zipfile.ZIP_DEFLATED) as archive:
+        archive.writestr("arr_0.npy", _npy_claiming((4, 3)) + bytes(20 * 2**20))
+        for i in (1, 2):
+            archive.writestr(f"arr_{i}.npy", _npy(CHECKPOINT_MODEL[i]))
+        archive.writestr("round.npy", _npy(np.array(3)))
+    return buffer.getvalue()
+
+
 def checkpoint_nasty() -> list[bytes]:
     good = {f"arr_{i}.npy": _npy(a + 1) for i, a in enumerate(CHECKPOINT_MODEL)}
     good["round.npy"] = _npy(np.array(3))
-    bomb = zipfile.ZipInfo("arr_0.npy")
-    buffer = io.BytesIO()
-    with zipfile.ZipFile(buffer, "w", zipfile.ZIP_DEFLATED) as archive:
-        archive.writestr(bomb, _npy_claiming((4, 3)) + bytes(200 * 2**20))  # 200 MB of zeros, ~200 kB zipped
-        for name in ("arr_1.npy", "arr_2.npy", "round.npy"):
-            archive.writestr(name, good[name])
     return [
         _npz({**good, "arr_0.npy": _npy_claiming((10**6, 10**6))}),  # 4 TB claimed
         _npz({**good, "arr_0.npy": _npy_claiming((4, 3), "|O")}),
@@ -629,7 +634,7 @@ def checkpoint_nasty() -> list[bytes]:
         _npz({**good, "arr_0.npy": _npy(np.zeros((4, 3), np.float64))}),
         _npz({**good, "arr_0.npy": b"\x93NUMPY\x03\x00" + bytes(40)}),
         _npz({**good, "arr_0.npy": b"\x93NUMPY\x01\x00\xff\xff" + b"{" * 65535}),
-        buffer.getvalue(), b"", b"PK\x03\x04", b"not a zip at all",
+        zip_bomb(), b"", b"PK\x03\x04", b"not a zip at all",
     ]
 
 
