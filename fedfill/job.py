@@ -51,6 +51,12 @@ class Job(ABC):
     def initial_weights(self) -> list[np.ndarray]:
         """The global model before round 1 (the same for the same seed)."""
 
+    def compute_params(self) -> int:
+        """Parameters a sample's forward and backward pass runs through: the cost model's
+        cycles per sample scale with it. By default the exchanged model; a job that trains
+        and uploads a part of a larger network (LoRA adapters) counts the whole network."""
+        return int(sum(w.size for w in self.initial_weights()))
+
     def node_data(self, partition_id: int, num_partitions: int) -> ImageDataset:
         """The local data of one node of the fleet: its Dirichlet share of the clients' pool."""
         pool, parts = _partitions(self.run, num_partitions)

@@ -134,6 +134,11 @@ class DiffusionJob(Job):
     def initial_weights(self) -> list[np.ndarray]:
         return self._get(self._unet())
 
+    def compute_params(self) -> int:
+        """Every step runs through the whole UNet, adapters or not: LoRA saves upload and
+        optimizer work, not the forward and backward passes the cycles per sample count."""
+        return int(sum(p.numel() for p in self._unet().parameters()))
+
     # ------------------------------------------------------------------ a device's step
     def train(self, weights, images, labels, *, seed: int, threads: int = 1) -> LocalResult:
         """tau epochs of epsilon-prediction steps on the local images (shuffled batches),

@@ -53,11 +53,14 @@ def learning_model(run: RunConfig) -> LearningModel | None:
     return LearningModel.load(run.learning_fit) if run.learning_fit else shipped_fit(run.dataset)
 
 
-def run_system(run: RunConfig, model_params: int, profiles: dict[int, dict], preset: str = "fimi") -> System:
+def run_system(run: RunConfig, model_params: int, profiles: dict[int, dict], preset: str = "fimi",
+               compute_params: int | None = None) -> System:
     """The job's paper system with this run's model size, T_max and local epochs.
 
     ondemand (seed 000 §IV-A): no synthetic data; C, the cycles per sample, scaled to the
-    model's size from the paper's 3.25 Mcycles for 37M parameters.
+    size of the network a step runs through (`compute_params`, Job.compute_params: the whole
+    UNet under LoRA too; default `model_params`, the exchanged size) from the paper's
+    3.25 Mcycles for 37M parameters.
 
     fimi (§V-A), with the run's learning fit.
 
@@ -66,7 +69,8 @@ def run_system(run: RunConfig, model_params: int, profiles: dict[int, dict], pre
     """
     if preset == "ondemand":
         base = ondemand_scenario(max(1, len(profiles)), run.seed).system
-        return replace(base, model_params=float(model_params), omega=PAPER_OMEGA_PER_PARAM * model_params,
+        return replace(base, model_params=float(model_params),
+                       omega=PAPER_OMEGA_PER_PARAM * (compute_params or model_params),
                        t_max_s=run.t_max_s, tau=float(run.local_epochs))
     learning = learning_model(run)
     base = fimi_scenario(max(1, len(profiles)), run.seed, learning).system
@@ -97,7 +101,7 @@ def main(grid: Grid, context: Context) -> None:
     profiles = collect_profiles(grid, run.num_partitions, run.node_wait_s, run.reply_timeout_s)
     if not profiles:
         raise RuntimeError("no node reported a device profile: nothing to train")
-    system = run_system(run, model_params, profiles, job.preset)
+    system = run_system(run, model_params, profiles, job.preset, job.compute_params())
     report = RunReport(out_dir, {"job": run.job, "policy": run.policy, "dataset": run.dataset,
                                  "aggregation": run.aggregation, "norm_bound": run.norm_bound,
                                  "alpha": run.dirichlet_alpha, "seed": run.seed, "nodes": len(profiles),

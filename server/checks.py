@@ -184,9 +184,10 @@ def check_first_plan(job: RunConfig, profiles: dict[int, dict]) -> None:
 
     job_impl = load_job(job)
     model_params = int(sum(w.size for w in job_impl.initial_weights()))
+    compute_params = job_impl.compute_params()
 
     def planned(t_max: float):
-        system = run_system(replace(job, t_max_s=t_max), model_params, profiles, job_impl.preset)
+        system = run_system(replace(job, t_max_s=t_max), model_params, profiles, job_impl.preset, compute_params)
         with _quiet_flower():
             strategy = FimiFedAvg(system, job.policy, profiles, seed=job.seed, bits_rule=job.bits_rule)
             return strategy.plan_round(1, list(profiles))

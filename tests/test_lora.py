@@ -194,3 +194,21 @@ def test_without_peft_the_error_names_the_extra(base, monkeypatch):
     monkeypatch.setitem(sys.modules, "peft", None)  # makes `import peft` fail
     with pytest.raises(ImportError, match=r"pip install 'fedfill\[lora\]'"):
         add_lora(base, 4)
+
+
+def test_lora_uploads_the_adapters_but_its_steps_cost_the_whole_unet():
+    """The cost model's cycles per sample follow the network a step runs through (the whole
+    UNet), its upload the adapters alone."""
+    from fedfill.config import RunConfig
+    from fedfill.job import load_job
+    from server.app import run_system
+    from strategies.allocation.presets import PAPER_OMEGA_PER_PARAM
+
+    lora = load_job(RunConfig(job="ddpm", trainable="lora", lora_rank=4))
+    full = load_job(RunConfig(job="ddpm"))
+    exchanged = sum(w.size for w in lora.initial_weights())
+    whole = full.compute_params()
+    assert whole == sum(w.size for w in full.initial_weights()), "full fine-tuning: both are the UNet"
+    assert lora.compute_params() == whole + exchanged, "the UNet and its adapters run in every step"
+    system = run_system(lora.run, exchanged, {0: {"d_loc": 100.0}}, "ondemand", lora.compute_params())
+    assert (system.model_params, system.omega) == (exchanged, PAPER_OMEGA_PER_PARAM * (whole + exchanged))
