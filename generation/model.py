@@ -107,10 +107,10 @@ def load_generator(directory: str | Path = DEFAULT_CHECKPOINT):
     # (then retries the network for half a minute, local_files_only notwithstanding).
     _check_pipeline_index(directory / "model_index.json")
     meta = _read_json(directory / GENERATOR_JSON, "generator.json")
-    _read_json(directory / UNET_CONFIG, "UNet config")
+    unet_config = _read_json(directory / UNET_CONFIG, "UNet config")
     _read_json(directory / SCHEDULER_CONFIG, "scheduler config")
     weights = directory / WEIGHTS
-    _check_weights(weights)
+    _check_sizes(directory / UNET_CONFIG, unet_config, _check_weights(weights))
     # A config diffusers does not expect fails anywhere in its code, with any exception
     # (KeyError, IndexError, UnboundLocalError, ...): each is a checkpoint that cannot be used.
     with _diffusers_quiet():
@@ -190,18 +190,37 @@ def _check_pipeline_index(path: Path) -> None:
                                   f"[library, class] pair, got {str(entry)[:80]}")
 
 
-def _check_weights(path: Path) -> None:
+def _check_weights(path: Path) -> int:
     """Open the safetensors header: says "missing" or "corrupted" where diffusers would fall
-    back to a pickle or lose the reason."""
+    back to a pickle or lose the reason. Returns the largest of the tensor count and the
+    tensors' dimensions."""
     from safetensors import SafetensorError, safe_open
 
     if not path.is_file():
         raise CheckpointError(f"{path} is missing")
     try:
         with safe_open(str(path), "pt") as handle:
-            handle.keys()
+            names = list(handle.keys())
+            dims = [d for name in names for d in handle.get_slice(name).get_shape()]
     except (SafetensorError, OSError, ValueError) as err:
         raise CheckpointError(f"{path} is corrupted: {_first_line(err)}") from None
+    return max([len(names), *dims])
+
+
+MAX_SAMPLE_SIZE = 2**14  # pixels a side: far beyond any generator here, and bounded
+
+
+def _check_sizes(path: Path, config: dict, largest: int) -> None:
+    """No integer of the UNet config (a layer count, a width, a class count) exceeds both the
+    weights' largest dimension and their tensor count: diffusers builds the UNet before the
+    weights are compared with it, and a layers_per_block of 10**400 built layers until memory
+    ran out. The image size is not a tensor dimension; it is held below MAX_SAMPLE_SIZE."""
+    for key, value in config.items():
+        items = value if isinstance(value, list) else [value]
+        bound = MAX_SAMPLE_SIZE if key == "sample_size" else largest
+        if any(isinstance(v, int) and not isinstance(v, bool) and v > bound for v in items):
+            raise CheckpointError(f"{path}: '{key}' is {str(value)[:40]}, beyond what the weights (largest "
+                                  f"dimension or tensor count {largest}) can describe")
 
 
 def _config_from(directory: Path, pipe, meta: dict) -> GeneratorConfig:

@@ -427,6 +427,8 @@ def test_a_broken_generator_checkpoint_is_refused_at_once_with_a_reason(tiny_gen
     ("time_embedding_type", 0.5, "cannot be loaded"),  # an UnboundLocalError inside diffusers before
     ("sample_size", None, "does not describe an image generator"),  # diffusers builds it; a TypeError after
     ("sample_size", [], "does not describe an image generator"),  # an IndexError
+    ("layers_per_block", 10**400, "beyond what the weights"),  # diffusers built layers until memory ran out
+    ("block_out_channels", [8, 2**40], "beyond what the weights"),
 ])
 def test_a_unet_config_diffusers_trips_on_is_a_checkpoint_error(tiny_generator, tmp_path, field, value, reason):
     from generation.model import CheckpointError as GeneratorCheckpointError
