@@ -15,7 +15,7 @@ from fedfill.errors import UsageError
 
 from strategies.allocation.fimi import SEARCHES
 from strategies.allocation.policies import POLICY_FORMS, Plan, parse_policy, solve_plan
-from strategies.allocation.scenario import ScenarioError, load_scenario, parse_scenario
+from strategies.allocation.scenario import ScenarioError, load_scenario, parse_scenario_text
 
 
 def add_arguments(parser) -> None:
@@ -38,11 +38,9 @@ def run(args) -> int:
         raise UsageError(str(err)) from None
     try:
         if args.scenario == "-":
-            scenario = parse_scenario(json.load(sys.stdin))
+            scenario = parse_scenario_text(sys.stdin.read(), "standard input")
         else:
             scenario = load_scenario(args.scenario)
-    except json.JSONDecodeError as err:
-        raise UsageError(f"standard input is not valid JSON: {err}") from None
     except ScenarioError as err:
         raise UsageError(str(err)) from None
     if args.bits is not None:

@@ -106,3 +106,9 @@ def test_unknown_policy_and_missing_file_exit_2(scenario_file, tmp_path):
     (tmp_path / "bad.json").write_text("{not json")
     done = fedfill("plan", str(tmp_path / "bad.json"))
     assert done.returncode == 2 and "not valid JSON" in done.stderr
+
+
+def test_standard_input_that_is_not_usable_json_exits_2_with_the_reason():
+    for text, reason in (('{"system": 1', "not valid JSON"), ("[" * 100_000, "nested too deeply")):
+        done = fedfill("plan", "-", stdin=text)
+        assert done.returncode == 2 and reason in done.stderr and "Traceback" not in done.stderr, done.stderr
