@@ -5,7 +5,9 @@ per entry point, from a fixed seed, through the real functions.
 
 Why: the server reads bytes from every device (the codec payload, the reply's records, the
 device profile), an operator's files (a scenario, a run's checkpoint, a generator
-checkpoint); one malformed input that crashes the ServerApp loses a round for everyone.
+checkpoint), and the generation service reads every device's requests (`generate`: over real
+gRPC, bench/fuzz_service.py's hostile requests; a refusal there is a status with a reason);
+one malformed input that crashes the ServerApp loses a round for everyone.
 
 Per entry point it prints: cases tried, refused (a clear reason: the entry point's own error
 type with a message, counted per reason class), accepted, crashes (anything else: IndexError,
@@ -22,7 +24,7 @@ ones, files deleted), plus hand-written nasty cases first (a header claiming 10*
 elements, an int64-wrapping shape, deep JSON nesting, a zip bomb, ...). The same seed gives
 the same counts.
 
-Adding an entry point (the generation service's Generate, say): write
+Adding an entry point: write
 `def my_fuzz(rng: np.random.Generator, cases: int) -> Fuzz` returning the inputs (at least
 `cases`, an iterable), the target (one input -> the real entry point; returns when accepted,
 raises when it refuses) and the refusal types, and add it to ENTRY_POINTS under its name.
@@ -782,6 +784,52 @@ def generator_fuzz(rng: np.random.Generator, cases: int) -> Fuzz:
 
 
 # name -> builder; the slowest first, so that --jobs runs them beside the quick ones
+# ---------------------------------------------------------------------------- the generation service
+
+class Rejected(Exception):
+    """A gRPC status the service gives a request it refuses (INVALID_ARGUMENT, RESOURCE_EXHAUSTED)."""
+
+
+def generate_fuzz(rng: np.random.Generator, cases: int) -> Fuzz:
+    """Generate over real gRPC: a service in its own process (bench/fuzz_service.py, whose
+    hostile requests these are), one channel. A refusal is a status with its reason; any other
+    status, a dead server or an answer against the request's expectation is a crash."""
+    import grpc
+
+    if str(Path(__file__).parent) not in sys.path:  # its sibling, also when imported from the tests
+        sys.path.insert(0, str(Path(__file__).parent))
+    import fuzz_service as fs
+
+    scratch = tempfile.TemporaryDirectory(prefix="fuzz-generate-")
+    service = fs.ServiceProcess(scratch.name, max_images=fs.FUZZ_MAX_IMAGES)
+    channel = grpc.insecure_channel(service.address)
+
+    def inputs():
+        while True:
+            yield fs.hostile_case(rng, service.num_classes, service.max_images)
+
+    def target(case):
+        try:
+            got = fs.images_in(fs.call_raw(channel, case.data), service.image_shape)
+        except grpc.RpcError as err:
+            if err.code() in fs.REJECTIONS and err.details():
+                if case.expect == "accept":
+                    raise AcceptedButUnusable(f"a valid request refused: {err.details()}") from None
+                raise Rejected(f"{err.code().name}: {err.details()}") from None
+            raise RuntimeError(f"{err.code().name}: {err.details()} (server alive: {service.alive()})") from None
+        if case.expect == "reject" or (case.images is not None and got != case.images):
+            raise AcceptedButUnusable(f"{case.kind}: answered with {got} images")
+        return got
+
+    def close():
+        channel.close()
+        service.stop()
+        scratch.cleanup()
+
+    return Fuzz(inputs=inputs(), target=target, refusals=(Rejected,), size=lambda case: len(case.data), close=close,
+                scrub=scratch.name)
+
+
 ENTRY_POINTS: dict[str, Callable[[np.random.Generator, int], Fuzz]] = {
     "generator_checkpoint": generator_fuzz,
     "train_reply": reply_fuzz,
@@ -789,6 +837,7 @@ ENTRY_POINTS: dict[str, Callable[[np.random.Generator, int], Fuzz]] = {
     "scenario": scenario_fuzz,
     "profile": profile_fuzz,
     "checkpoint": checkpoint_fuzz,
+    "generate": generate_fuzz,
 }
 
 
