@@ -142,7 +142,7 @@ def test_compare_runs_the_ddpm_job_under_each_scheme_and_keeps_every_demand(tmp_
 
 
 def test_bad_ddpm_settings_stop_the_run_before_anything_starts(tmp_path):
-    for args, message in ((["--trainable", "lora", "--lora-rank", "0"], "LoRA rank must be a positive integer"),
+    for args, message in ((["--trainable", "lora", "--lora-rank", "0"], "--lora-rank 0: must be at least 1"),
                           (["--start-checkpoint", str(tmp_path / "nowhere")], "no generator checkpoint"),
                           (["--policy", "fixed-1"], "policy")):
         done = fedfill("run", "--job", "ddpm", "--out", str(tmp_path / "out"), *args, timeout=120)

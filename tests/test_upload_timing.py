@@ -179,17 +179,37 @@ def test_an_older_rounds_csv_without_the_column_still_reads_and_resumes(tmp_path
 
 
 @pytest.mark.slow
-def test_a_deployment_run_reports_measured_uploads_beside_the_plan(tmp_path):
+def test_a_deployment_run_reports_scenario_profiles_and_measured_uploads_beside_the_plan(tmp_path):
+    """One run of real SuperLink and SuperNode processes: each node reports the profile the
+    scenario gave it (8-bit uploads here), and the report has a row per planned node and round
+    with its measured upload beside the plan; nothing is left running."""
+    from tests.test_job_simulation import processes_of_run
+
+    scenario = tmp_path / "s.json"
+    made = subprocess.run([sys.executable, "-m", "fedfill", "scenario", "--devices", "3", "--seed", "5",
+                           "--out", str(scenario)], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert made.returncode == 0, made.stderr
+    data = json.loads(scenario.read_text())
+    for device in data["devices"]:
+        device["bits"] = 8  # these devices upload 8-bit updates
+    scenario.write_text(json.dumps(data))
+    out = tmp_path / "run"
     done = subprocess.run([sys.executable, "-m", "fedfill", "run", "--engine", "deployment", "--nodes", "3",
-                           "--rounds", "2", "--generator", "none", "--out", str(tmp_path), "--timeout", "300"],
-                          cwd=ROOT, capture_output=True, text=True, timeout=400)
+                           "--rounds", "2", "--scenario", str(scenario), "--generator", "none", "--out", str(out),
+                           "--timeout", "300"], cwd=ROOT, capture_output=True, text=True, timeout=400)
     assert done.returncode == 0, done.stdout + done.stderr
-    nodes = read_nodes(tmp_path / "devices.csv")
-    params = json.loads((tmp_path / "summary.json").read_text())["model_params"]
-    partitions = {int(k): p["partition_id"] for k, p in json.loads((tmp_path / "profiles.json").read_text()).items()}
+    reported = json.loads((out / "profiles.json").read_text())
+    # each SuperNode reported the profile the scenario gave it (D_loc is its real partition size)
+    assert sorted(p["gain"] for p in reported.values()) == pytest.approx(sorted(d["gain"] for d in data["devices"]))
+    assert sorted(p["f_max_hz"] for p in reported.values()) == pytest.approx(
+        sorted(d["f_max_hz"] for d in data["devices"]))
+    nodes = read_nodes(out / "devices.csv")
+    params = json.loads((out / "summary.json").read_text())["model_params"]
+    partitions = {int(k): p["partition_id"] for k, p in reported.items()}
     assert sorted(partitions.values()) == [0, 1, 2], "each node reported its partition"
     for server_round in (1, 2):
-        plan = json.loads((tmp_path / f"plan_round_{server_round}.json").read_text())
+        plan = json.loads((out / f"plan_round_{server_round}.json").read_text())
+        assert plan["feasible"] and all(d["bits"] == 8 for d in plan["devices"])
         mine = [n for n in nodes if n["round"] == server_round]
         assert [n["node"] for n in mine] == plan["node_ids"], "a row per planned node, in the plan's order"
         for row, entry in zip(mine, plan["devices"]):
@@ -201,6 +221,11 @@ def test_a_deployment_run_reports_measured_uploads_beside_the_plan(tmp_path):
             assert row["partition_id"] == partitions[row["node"]]
             assert row["status"] == "used" and row["reply_bytes"] > params * entry["bits"] / 8
             assert 0 < row["upload_s"] < 30 and row["train_s"] > 0
-    rows = read_rounds(tmp_path / "rounds.csv")
+    rows = read_rounds(out / "rounds.csv")
     assert [r["dropped_nodes"] for r in rows] == ["", "", ""]
-    assert (tmp_path / "upload.png").stat().st_size > 0
+    per_update = rows[1]["round_uplink_bytes"] / rows[1]["updates"]
+    assert params <= per_update <= params * 1.05, "an 8-bit update carries about M bytes on the wire"
+    assert (out / "upload.png").stat().st_size > 0
+    assert (out / "logs" / "supernode-2.log").exists()
+    assert not (out / ".flwr" / "runtime-envs").exists()
+    assert processes_of_run(out) == [], "processes of the run were left running"
