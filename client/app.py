@@ -146,10 +146,11 @@ def quantize_update(update: list[np.ndarray], plan: contract.NodePlan, rng: np.r
 @app.train()
 def train(message: Message, context: Context) -> Message:
     """The local step, metered by the board's rails where the node has them."""
+    plan = contract.NodePlan.from_config(message.content[contract.CONFIG_KEY])
     root = board_root(context)
     meter = EnergyMeter(root).start() if root else None
     try:
-        payload, metrics, note = local_step(message, context)
+        payload, metrics, note = local_step(message, context, plan)
     finally:  # a failed step still joins the meter's thread (a warm process lives on)
         reading = meter.stop() if meter is not None else None
     if reading is not None and reading.joules is not None:
@@ -157,17 +158,16 @@ def train(message: Message, context: Context) -> Message:
     if reading is not None:
         log(INFO, "the board measured %s over %.2f s (the plan models E_cmp %.4g J)",
             f"{reading.joules:.4g} J" if reading.joules is not None else "no energy (no sensor)", reading.seconds,
-            contract.NodePlan.from_config(message.content[contract.CONFIG_KEY]).e_cmp_j)
+            plan.e_cmp_j)
     return Message(contract.train_reply(payload, metrics, note), reply_to=message)
 
 
-def local_step(message: Message, context: Context) -> tuple[bytes, contract.TrainMetrics, str]:
+def local_step(message: Message, context: Context, plan: contract.NodePlan) -> tuple[bytes, contract.TrainMetrics, str]:
     """Follow the plan: synthetic samples, local training, the update through the codec."""
     from strategies.allocation.augmentation import synthetic_request
 
     run = RunConfig.from_run_config(context.run_config)
     job = load_job(run)
-    plan = contract.NodePlan.from_config(message.content[contract.CONFIG_KEY])
     partition_id = node_partition(run, context)[0]
     data = local_data(run, job, context)  # NodeDataError: Flower's error reply, the strategy drops the node
     request = synthetic_request(plan.policy, data.class_counts(), plan.d_gen)
