@@ -268,6 +268,16 @@ def read_train_reply(content: RecordDict) -> tuple[bytes, dict, str]:
     return array.data, {key: metrics[key] for key in known if key in metrics}, note
 
 
+def node_figure(metrics, key: str) -> float | None:
+    """A node-only figure (NODE_ONLY_METRICS) of a reply's metrics as a float, or None where
+    the node sent none or one that is not a finite non-negative number: a meter's nonsense is
+    no figure, and no reason to drop the node's update."""
+    try:
+        return float(_figure(metrics[key], f"metric '{key}'")) if key in metrics else None
+    except ReplyError:
+        return None
+
+
 def reply_bytes(content: RecordDict) -> int:
     """Bytes a reply carried, as Flower counts its records (payload, keys and values). A record
     Flower 1.41's count_bytes trips on (an empty string or an empty list in it: a node's

@@ -309,8 +309,8 @@ class FimiFedAvg(FedAvg):
                        error_expected=float(metrics.get("error-expected", 0.0)),
                        error_measured=float(metrics.get("error-measured", 0.0)),
                        energy_j=self._modeled_energy(node_id, plan, bits),
-                       measured_energy_j=_finite(metrics.get("measured-energy-j")),
-                       measured_s=_finite(metrics.get("measured-s")))
+                       measured_energy_j=contract.node_figure(metrics, "measured-energy-j"),
+                       measured_s=contract.node_figure(metrics, "measured-s"))
         constant = float(metrics.get("codec-constant", 0.0))
         if np.isfinite(constant) and constant > 0:
             self.profiles[node_id]["codec_constant"] = constant
@@ -335,10 +335,3 @@ class FimiFedAvg(FedAvg):
                 "plan_uplink_bps": (float(update_bits(self.system.model_params, plan.bits))
                                                       / plan.t_com_s if plan.t_com_s > 0 else None),
                 "train_s": None, "upload_s": None, "reply_bytes": None, "status": "used", "reason": ""}
-
-
-def _finite(value) -> float | None:
-    """A measured figure as a float, or None where the node sent none (or sent nonsense)."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not np.isfinite(value) or value < 0:
-        return None
-    return float(value)
