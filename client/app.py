@@ -11,8 +11,11 @@ It speaks to the server only through fedfill.contract: it never imports the stra
 
 from __future__ import annotations
 
+import os
+import time
 from dataclasses import replace
 from logging import INFO, WARNING
+from pathlib import Path
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, Context, Message
@@ -27,6 +30,13 @@ from fedfill.job import Job, load_job
 from fedfill.profile import node_profile
 
 app = ClientApp()
+
+#: What the handlers import on first use, for the warm ClientApp's fork-server (client.warm)
+#: to import once per node instead of once per task: both jobs, the codec, the request rule,
+#: the generation client, the embedded dataset.
+WARM_IMPORTS = ("torch", "sklearn.datasets", "fedfill.classifier", "fedfill.codec", "generation.client",
+                "generation.finetune", "generation.pipeline", "generation.lora", "strategies.allocation.augmentation",
+                "strategies.allocation.presets", "client.app")
 
 SYNTHETIC_KEY = "synthetic"  # context.state record holding this device's generated samples
 DATA_DIR_KEY = "data-dir"  # node config: the node's own files (class folders or an .npz)
@@ -143,9 +153,22 @@ def quantize_update(update: list[np.ndarray], plan: contract.NodePlan, rng: np.r
     return payload, figures
 
 
+def process_started_at() -> float | None:
+    """When this process began (Unix seconds; a warm ClientApp's: when it was forked), from
+    Linux's /proc; None elsewhere. With the handler's own start it shows the ClientApp's
+    launch: imports and Flower's hand-over of the task."""
+    try:  # the start in clock ticks since boot; /proc/uptime (0.01 s) sets it on today's clock
+        ticks = int(Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()[19])
+        uptime = float(Path("/proc/uptime").read_text().split()[0])
+    except (OSError, IndexError, ValueError):
+        return None
+    return time.time() - (uptime - ticks / os.sysconf("SC_CLK_TCK"))
+
+
 @app.train()
 def train(message: Message, context: Context) -> Message:
     """The local step, metered by the board's rails where the node has them."""
+    handler_started_at = time.time()
     plan = contract.NodePlan.from_config(message.content[contract.CONFIG_KEY])
     root = board_root(context)
     meter = EnergyMeter(root).start() if root else None
@@ -153,6 +176,7 @@ def train(message: Message, context: Context) -> Message:
         payload, metrics, note = local_step(message, context, plan)
     finally:  # a failed step still joins the meter's thread (a warm process lives on)
         reading = meter.stop() if meter is not None else None
+    metrics = replace(metrics, process_started_at=process_started_at(), handler_started_at=handler_started_at)
     if reading is not None and reading.joules is not None:
         metrics = replace(metrics, measured_energy_j=reading.joules, measured_s=reading.seconds)
     if reading is not None:
@@ -175,7 +199,7 @@ def local_step(message: Message, context: Context, plan: contract.NodePlan) -> t
     images = np.concatenate([data.images, syn_images])
     labels = np.concatenate([data.labels, syn_labels])
 
-    global_weights = message.content[contract.ARRAYS_KEY].to_numpy_ndarrays()
+    global_weights = contract.read_global_model(message.content)
     seed = run.seed * 1000 + plan.server_round * 100 + partition_id
     result = job.train(global_weights, images, labels, seed=seed, threads=int(context.node_config.get("threads", 1)))
     train_seconds = result.seconds

@@ -178,19 +178,28 @@ class _Components:
         self.stop()
 
 
+def supernode_command(clientapp: str = "warm") -> list[str]:
+    """The command that starts a SuperNode: Flower's flower-supernode through `fedfill
+    supernode` (client/supernode.py), its arguments to follow. `clientapp` "warm" forks each
+    task's ClientApp from a process that imported Flower and the app once; "flower" is
+    Flower's SuperNode as it ships."""
+    return [sys.executable, "-m", "fedfill", "supernode", "--clientapp", clientapp]
+
+
 @dataclass
 class LocalFederation(_Components):
-    """Flower's deployment engine: a SuperLink and N SuperNodes; `address` is what `flwr run`
-    connects to."""
+    """Flower's deployment engine: a SuperLink and N SuperNodes (warm ClientApps unless
+    `clientapp` is "flower"); `address` is what `flwr run` connects to."""
 
     node_configs: list[dict] = field(default_factory=list)
+    clientapp: str = "warm"
 
     def start(self, timeout_s: float = 60.0) -> "LocalFederation":
         self._start_superlink(timeout_s, simulation=False)
         for k, config in enumerate(self.node_configs):
             self._spawn(f"supernode-{k}", [
-                "flower-supernode", "--insecure", "--superlink", self.address, "--port", str(free_port()),
-                "--node-config", node_config_arg(config), "--max-wait-time", "120"])
+                *supernode_command(self.clientapp), "--insecure", "--superlink", self.address,
+                "--port", str(free_port()), "--node-config", node_config_arg(config), "--max-wait-time", "120"])
         return self
 
 

@@ -22,6 +22,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "testbed": ("deploy.cli_testbed", "build, start, drive, break and remove the multi-container testbed"),
     "compare": ("server.cli_compare", "run several policies on the same split and tabulate seed 003's Table I"),
     "board": ("deploy.cli_board", "read this board's profile; write a node bundle for a board"),
+    "supernode": ("client.supernode", "Flower's SuperNode with a warm ClientApp (flower-supernode's arguments)"),
 }
 
 
@@ -37,7 +38,10 @@ def main(argv: list[str] | None = None) -> int:
             module = importlib.import_module(module_name)
             module.add_arguments(p)
             modules[name] = module
-    args = parser.parse_args(argv)
+    args, unknown = parser.parse_known_args(argv)
+    if unknown and not getattr(modules.get(args.command), "PASSES_UNKNOWN_ARGS", False):
+        parser.parse_args(argv)  # argparse's own message and exit 2
+    args.passed = unknown  # a command that wraps another's arguments gets them, in order
     try:
         return int(modules[args.command].run(args) or 0)
     except UsageError as err:

@@ -7,8 +7,12 @@ each other, so a key or a field is named once.
                   the node config names the node's partition (reports name nodes by it);
                   or, from a node that cannot take part (its own data unusable), no profile
                   and ConfigRecord "note" saying why: the node sits the run out
-  TRAIN           ArrayRecord "arrays" (the global model) and ConfigRecord "config": this
-                  node's own plan entry (NodePlan) and the round's train config
+  TRAIN           ArrayRecord "arrays": the global model as one Array "payload" whose bytes
+                  are the codec's payload at 32 bits (raw float32, exact for the float32
+                  models of both jobs; one object on the wire where a model of L layers is
+                  2L + 1, each a request at every Flower hop; a model with other dtypes goes
+                  as Flower's per-layer ArrayRecord); ConfigRecord "config": this node's own
+                  plan entry (NodePlan) and the round's train config
   TRAIN reply     ArrayRecord "update": one Array whose bytes are the codec's payload
                   (stype CODEC_STYPE); MetricRecord "metrics": TrainMetrics, "num-examples"
                   being the FedAvg weight D_loc + D_gen (FIMI S4); ConfigRecord "note": what
@@ -176,8 +180,33 @@ class NodePlan:
 
 def train_message_content(arrays: ArrayRecord, plan: NodePlan, train_config: ConfigRecord) -> RecordDict:
     """A fresh RecordDict per node: each carries that node's own plan (Flower's FedAvg would
-    put one shared ConfigRecord in every message)."""
+    put one shared ConfigRecord in every message); the model goes as `global_model_record`
+    makes it (pass the same one to every node: Flower sends an object the messages share once)."""
     return RecordDict({ARRAYS_KEY: arrays, CONFIG_KEY: ConfigRecord({**dict(train_config), **plan.to_config()})})
+
+
+def global_model_record(arrays: ArrayRecord) -> ArrayRecord:
+    """The global model as a TRAIN message carries it (module docstring): one codec payload at
+    32 bits when every array is float32, else the per-layer record as it is."""
+    from fedfill.codec import encode
+
+    weights = arrays.to_numpy_ndarrays()
+    if not all(w.dtype == "float32" for w in weights):
+        return arrays
+    payload = encode(weights, 32, rng=None)
+    return ArrayRecord({"payload": Array(dtype="uint8", shape=(len(payload),), stype=CODEC_STYPE, data=payload)})
+
+
+def read_global_model(content: RecordDict) -> list:
+    """The global model's arrays from a TRAIN message, packed or per layer; ValueError when the
+    packed payload is corrupt."""
+    from fedfill.codec import decode
+
+    arrays = content[ARRAYS_KEY]
+    packed = arrays.get("payload") if len(arrays) == 1 else None
+    if packed is not None and packed.stype == CODEC_STYPE:
+        return decode(packed.data)
+    return arrays.to_numpy_ndarrays()
 
 
 # ---------------------------------------------------------------------------- TRAIN reply
@@ -200,6 +229,11 @@ class TrainMetrics:
     # where the node has no sensor (then no key is sent: a figure is never invented)
     measured_energy_j: float | None = None
     measured_s: float | None = None
+    # When the ClientApp's process began and when its train handler did (Unix seconds, the
+    # node's clock): the server sets them against its own push and pull times to say where a
+    # round's seconds go (devices.csv's delivery_s, launch_s, handler_s). None: not known.
+    process_started_at: float | None = None
+    handler_started_at: float | None = None
 
     def to_record(self) -> MetricRecord:
         """Plain ints and floats (a numpy scalar would pass MetricRecord's check and fail when
@@ -210,9 +244,10 @@ class TrainMetrics:
 
 
 WEIGHT_KEY = "num-examples"  # Flower's FedAvg weighted_by_key
-# Figures only some nodes send (a board with sensors): the server reads them per node and
-# never averages them (Flower's FedAvg needs every reply's MetricRecord to hold the same keys)
-NODE_ONLY_METRICS = ("measured-energy-j", "measured-s")
+# Figures the server reads per node and never averages: a board's meter (only nodes with
+# sensors send it, and Flower's FedAvg needs every reply's MetricRecord to hold the same keys)
+# and the task's timestamps (an average of clock readings means nothing)
+NODE_ONLY_METRICS = ("measured-energy-j", "measured-s", "process-started-at", "handler-started-at")
 
 
 def train_reply(payload: bytes, metrics: TrainMetrics, note: str) -> RecordDict:

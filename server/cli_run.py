@@ -49,6 +49,10 @@ def add_run_flags(parser, skip: tuple[str, ...] = ()) -> None:
 def add_arguments(parser) -> None:
     parser.add_argument("--engine", choices=("simulation", "deployment"), default="simulation",
                         help="Flower's simulation engine (Ray) or its deployment engine (real SuperLink/SuperNode processes)")
+    parser.add_argument("--clientapp", choices=("warm", "flower"), default="warm",
+                        help="deployment engine: warm (default) starts each task's ClientApp from a process that "
+                             "imported Flower and the app once (fedfill supernode); flower: Flower's SuperNode as "
+                             "it ships")
     parser.add_argument("--scenario", help="scenario JSON whose device i profiles SuperNode i (deployment engine)")
     parser.add_argument("--generator", default="auto", metavar="auto|none|HOST:PORT",
                         help="auto (default): start the generation service with the shipped digits checkpoint; "
@@ -155,7 +159,7 @@ def run(args) -> int:
                 # (`options.` there is deprecated in 1.41).
                 simulation = ["--federation-config", f"num-supernodes={args.num_partitions} client-resources-num-cpus=1"]
             else:
-                federation = LocalFederation(out / "logs", env=env, node_configs=configs)
+                federation = LocalFederation(out / "logs", env=env, node_configs=configs, clientapp=args.clientapp)
                 watch = federation.check_alive
             if federation is not None:
                 federation.start()  # assigned first: an interrupted start is stopped below too

@@ -18,8 +18,11 @@ t_cmp_s and t_com_s and the uplink rate that sends M x bits in t_com_s (plan_upl
 measured relative error of what it sent; energy_j (the cost model at the bits sent) and
 e_cmp_j (its local-step part) beside measured_energy_j and measured_s (the board's own meter
 over the local step, fedfill.board; empty where the node has no sensor); the measured
-train_s (the device's clock), upload_s (server.timed_grid: from the reply's creation to the
-server holding it) and reply_bytes (the reply's records as Flower counts them), and status "used" or "dropped" with the reason. upload.png plots measured against
+train_s (the device's clock); where the rest of the node's part of the round went: delivery_s
+(from the server's push to the ClientApp's train handler), launch_s (the part of it from the
+ClientApp process's start: imports and Flower's hand-over), handler_s (from the handler's start
+to its reply: data, training, quantizing) and upload_s (server.timed_grid: from the reply's
+creation to the server holding it); reply_bytes (the reply's records as Flower counts them), and status "used" or "dropped" with the reason. upload.png plots measured against
 modeled upload seconds, energy.png measured against modeled local-step energy.
 Rows of a round are written with its rounds.csv row, so a resumed run rewrites none twice.
 """
@@ -47,7 +50,8 @@ TEXT_COLUMNS = {"dropped_nodes"}  # kept as written, empty included
 NODES_CSV = "devices.csv"
 NODE_COLUMNS = ("round", "node", "partition_id", "bits_planned", "bits", "error_demand", "error_expected",
                 "error_measured", "t_cmp_s", "t_com_s", "energy_j", "e_cmp_j", "measured_energy_j", "measured_s",
-                "plan_uplink_bps", "train_s", "upload_s", "reply_bytes", "status", "reason")
+                "plan_uplink_bps", "train_s", "delivery_s", "launch_s", "handler_s", "upload_s", "reply_bytes",
+                "status", "reason")
 NODE_INTEGER_COLUMNS = {"round", "node", "partition_id", "bits_planned", "bits", "reply_bytes"}
 NODE_TEXT_COLUMNS = {"status", "reason"}
 DROP_COLUMNS = ("round", "node", "reason")

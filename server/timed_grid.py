@@ -1,4 +1,5 @@
-"""A Grid that polls for replies quickly and remembers when each reply was pulled.
+"""A Grid that polls for replies quickly and remembers when each message was pushed and each
+reply pulled.
 
 Flower's Grid.send_and_receive pushes the messages, then pulls the replies every 3 s, so a
 round ends up to 3 s after its last reply came, and a reply's arrival is known only to
@@ -38,6 +39,7 @@ class TimedGrid(Grid):
         self.grid = grid
         self.poll_s = poll_s
         self._pulled_at: dict[str, float] = {}  # instruction message id -> wall-clock time its reply was pulled
+        self._pushed_at: dict[str, float] = {}  # instruction message id -> wall-clock time it was pushed
 
     # ---------------------------------------------------------------- delegated
     def set_run(self, run) -> None:
@@ -58,7 +60,10 @@ class TimedGrid(Grid):
         return self.grid.get_nodes()
 
     def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
-        return self.grid.push_messages(messages)
+        started = time.time()  # a SuperNode may take a message before its objects are all pushed
+        message_ids = list(self.grid.push_messages(messages))
+        self._pushed_at.update((message_id, started) for message_id in message_ids if message_id)
+        return message_ids
 
     def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
         replies = list(self.grid.pull_messages(message_ids))
@@ -74,7 +79,7 @@ class TimedGrid(Grid):
     def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
         """Push, then pull every `poll_s` until every message has a reply or `timeout` seconds
         passed (None: no limit), as Flower's Grid does with its 3 s sleep."""
-        waiting = {message_id for message_id in self.grid.push_messages(messages) if message_id}  # "" or None: not pushed
+        waiting = {message_id for message_id in self.push_messages(messages) if message_id}  # "" or None: not pushed
         deadline = None if timeout is None else time.monotonic() + timeout
         replies: list[Message] = []
         while waiting:
@@ -98,6 +103,10 @@ class TimedGrid(Grid):
     def pulled_at(self, reply: Message) -> float | None:
         """Wall-clock time (Unix seconds) the reply was pulled, None for one this grid did not pull."""
         return self._pulled_at.get(reply.metadata.reply_to_message_id)
+
+    def pushed_at(self, reply: Message) -> float | None:
+        """Wall-clock time (Unix seconds) the push of the instruction this reply answers began."""
+        return self._pushed_at.get(reply.metadata.reply_to_message_id)
 
     def upload_seconds(self, reply: Message) -> float | None:
         """Measured upload seconds of a reply (see the module docstring for what it includes),

@@ -38,7 +38,7 @@ from strategies.allocation.policies import parse_policy
 # empty where the node has no sensor) stands beside.
 NODE_FIGURES = ("node", "partition_id", "bits_planned", "bits", "error_demand", "error_expected", "error_measured",
                 "t_cmp_s", "t_com_s", "energy_j", "e_cmp_j", "measured_energy_j", "measured_s", "plan_uplink_bps",
-                "train_s", "upload_s", "reply_bytes", "status", "reason")
+                "train_s", "delivery_s", "launch_s", "handler_s", "upload_s", "reply_bytes", "status", "reason")
 DEMANDING_POLICIES = ("ondemand", "fimi+ondemand")  # plans whose bits answer each device's error demand
 # Why an update was not merged, by class: the round's MetricRecord counts each as dropped-<class>
 # (rounds.csv's dropped_<class>, which add up to `dropped`).
@@ -80,7 +80,9 @@ class FimiFedAvg(FedAvg):
     (NODE_FIGURES: its plan's modeled times and rate, its measured training and upload seconds
     and reply bytes, "used" or "dropped" with the reason, also logged).
     `upload_seconds(reply)` gives a reply's measured upload seconds (server.timed_grid's
-    TimedGrid.upload_seconds), or None where unknown.
+    TimedGrid.upload_seconds), `pushed_at(reply)` when the instruction it answers was pushed
+    (TimedGrid.pushed_at), each None where unknown; with the reply's own timestamps they say
+    where a node's part of the round went (`timeline`).
 
     Screening, before any merging: one reply per node per round (a second one from the same
     node, which a hostile or broken node or SuperLink path could send, is dropped unread with
@@ -99,6 +101,7 @@ class FimiFedAvg(FedAvg):
                  node_wait_s: float = 60.0, on_plan: Callable[[int, Plan, list[int]], None] | None = None,
                  on_round_metrics: Callable[[int, MetricRecord, list[dict]], None] | None = None,
                  upload_seconds: Callable[[Message], float | None] | None = None,
+                 pushed_at: Callable[[Message], float | None] | None = None,
                  fraction_train: float = 1.0, min_train_nodes: int = 1, bits_rule: str = "codec",
                  aggregation: str = "fedavg", trim_beta: float = 0.2, norm_bound: float = 10.0) -> None:
         check_aggregation(aggregation, trim_beta, norm_bound)
@@ -121,6 +124,7 @@ class FimiFedAvg(FedAvg):
         self.node_wait_s = node_wait_s
         self.on_plan, self.on_round_metrics = on_plan, on_round_metrics
         self.upload_seconds = upload_seconds or (lambda reply: None)
+        self.pushed_at = pushed_at or (lambda reply: None)
         self._global: ArrayRecord | None = None
         self._planned: dict[int, contract.NodePlan] = {}  # node id -> this round's plan
         self.round_offset = 0  # rounds done before a resume: Flower counts from 1 again
@@ -171,7 +175,8 @@ class FimiFedAvg(FedAvg):
         self._planned = {node_id: contract.NodePlan.from_plan_entry(entry, server_round, self.policy,
                                                                     self._error_demand(node_id))
                          for node_id, entry in zip(planned_ids, entries)}
-        messages = [Message(content=contract.train_message_content(arrays, node_plan, config),
+        sent = contract.global_model_record(arrays)
+        messages = [Message(content=contract.train_message_content(sent, node_plan, config),
                             message_type=MessageType.TRAIN, dst_node_id=node_id)
                     for node_id, node_plan in self._planned.items()]
         log(INFO, "round %d: planned %d device(s), modeled energy %.4g J", server_round, len(planned_ids),
@@ -235,7 +240,8 @@ class FimiFedAvg(FedAvg):
             if not message.has_error():
                 size = contract.reply_bytes(message.content)
                 wire_bytes += size
-                figures.update(reply_bytes=size, upload_s=self.upload_seconds(message))
+                figures.update(reply_bytes=size, upload_s=self.upload_seconds(message),
+                               **timeline(message, self.pushed_at(message)))
             if node_id in answered:
                 drop(figures, "duplicate: a second reply from this node in the round (one update per node "
                      "per round; the first one stands)", "duplicate")
@@ -334,4 +340,25 @@ class FimiFedAvg(FedAvg):
                 "energy_j": None, "e_cmp_j": plan.e_cmp_j, "measured_energy_j": None, "measured_s": None,
                 "plan_uplink_bps": (float(update_bits(self.system.model_params, plan.bits))
                                                       / plan.t_com_s if plan.t_com_s > 0 else None),
-                "train_s": None, "upload_s": None, "reply_bytes": None, "status": "used", "reason": ""}
+                "train_s": None, "delivery_s": None, "launch_s": None, "handler_s": None, "upload_s": None,
+                "reply_bytes": None, "status": "used", "reason": ""}
+
+
+def timeline(reply: Message, pushed_at: float | None) -> dict:
+    """Where a node's part of a round went, from the reply's timestamps (the node's clock)
+    against the server's push (its own: one host's clock, or NTP-synchronised hosts):
+    delivery_s from the push to the ClientApp's train handler (the SuperNode's pull, the task's
+    launch, Flower's hand-over), launch_s the part of it from the ClientApp process's start,
+    handler_s from the handler's start to the reply it made (data, training, quantizing).
+    None where a figure is missing or not a finite non-negative number."""
+    try:
+        metrics = reply.content[contract.METRICS_KEY]
+    except (KeyError, TypeError):
+        return {}
+    process, handler = (contract.node_figure(metrics, key) for key in ("process-started-at", "handler-started-at"))
+
+    def span(start: float | None, end: float | None) -> float | None:
+        return None if start is None or end is None else end - start
+
+    return {"delivery_s": span(pushed_at, handler), "launch_s": span(process, handler),
+            "handler_s": span(handler, reply.metadata.created_at)}

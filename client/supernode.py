@@ -1,0 +1,210 @@
+"""`fedfill supernode`: Flower's own SuperNode, with a warm ClientApp and short waits.
+
+    fedfill supernode [--clientapp warm|flower] [--idle-poll-s S] FLOWER-SUPERNODE-ARGS...
+
+Runs Flower's `flower-supernode` (its main, in this process, with the arguments given) after
+three launcher-level changes, measured together by bench/bench_flower.py:
+
+1. **Warm ClientApp** (client.warm): PATH starts with a directory whose `flwr-clientapp` is
+   the shim, and a fork-server that has imported Flower's ClientApp runtime and the app's
+   modules runs beside the SuperNode (restarted if it dies). Flower's SuperExec still starts
+   one `flwr-clientapp` per task, as it ships; the task just skips the imports.
+2. **SuperExec's task poll**: Flower's own setting FLWR_SUPEREXEC_TASK_POLL_INTERVAL, 1 s ->
+   0.25 s unless the environment sets it (lower made things worse on 2 cores, design §8).
+3. **The SuperNode's waits**: with nothing to pull, Flower sleeps a fixed 3 s before asking
+   the SuperLink again, and it checks for the ClientApp's reply every 0.5 s. Right after a
+   reply the next message of a round usually comes within a second or two, so here the node
+   asks again after `--idle-poll-s` (0.2 s), doubling up to Flower's 3 s while nothing comes
+   (an idle node asks as often as Flower's does), and checks for the reply every 0.1 s. These
+   waits are literals inside `flwr.supernode.start_client_internal`, so this wraps that
+   module's `time` and `_push_messages`: only for flwr 1.41.0, whose code it was written
+   against (FLOWER_VERSION; tests/test_warm_clientapp.py checks the literals are still there).
+   Another Flower version runs with its own waits and says so.
+
+`--clientapp flower` changes nothing: Flower's SuperNode as it ships, the benchmark's baseline.
+"""
+
+from __future__ import annotations
+
+import atexit
+import inspect
+import os
+import shlex
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from importlib.metadata import version
+from logging import INFO, WARNING
+from pathlib import Path
+
+from client.warm import PRELOAD_ENV, SOCKET_ENV
+
+FLOWER_VERSION = "1.41.0"  # the flwr whose SuperNode loop the waits below were written for
+FLOWER_IDLE_S = 3  # flwr 1.41 start_client_internal: `time.sleep(3)` when nothing was pulled
+FLOWER_REPLY_POLL_S = 0.5  # and `time.sleep(0.5)` while the ClientApp's reply is not there
+REPLY_POLL_S = 0.1
+TASK_POLL_ENV, TASK_POLL_S = "FLWR_SUPEREXEC_TASK_POLL_INTERVAL", "0.25"
+
+
+def add_arguments(parser) -> None:
+    parser.description = __doc__.splitlines()[0] + " Every other argument goes to flower-supernode."
+    parser.add_argument("--clientapp", choices=("warm", "flower"), default="warm",
+                        help="warm (default): a fork-server starts each task's flwr-clientapp with Flower and the "
+                             "app imported, and the node's waits are short; flower: Flower's SuperNode as it ships")
+    parser.add_argument("--idle-poll-s", type=float, default=0.2, metavar="S",
+                        help="after a reply, ask the SuperLink for the next message after S seconds, doubling up "
+                             "to Flower's 3 s while nothing comes (default 0.2)")
+
+
+PASSES_UNKNOWN_ARGS = True  # fedfill.cli hands every argument it does not know to run() as args.passed
+
+
+def run(args) -> int:
+    from fedfill.errors import UsageError
+
+    if not 0.01 <= args.idle_poll_s <= FLOWER_IDLE_S:
+        raise UsageError(f"--idle-poll-s {args.idle_poll_s}: must be between 0.01 and {FLOWER_IDLE_S} seconds")
+    if args.clientapp == "warm":
+        os.environ.setdefault(TASK_POLL_ENV, TASK_POLL_S)
+        WarmClientApp().start()
+        shorten_node_waits(args.idle_poll_s)
+    return run_flower_supernode(args.passed)
+
+
+def run_flower_supernode(flower_args: list[str]) -> int:
+    from flwr.supernode.cli.flower_supernode import flower_supernode
+
+    sys.argv = ["flower-supernode", *flower_args]
+    flower_supernode()
+    return 0
+
+
+class WarmClientApp:
+    """The fork-server of this SuperNode and the `flwr-clientapp` shim that reaches it.
+
+    The fork-server stays in this process group (ending the SuperNode's group ends it), exits
+    when this process is gone, and is restarted by a watcher thread when it dies on its own.
+    """
+
+    def __init__(self, preload: tuple[str, ...] | None = None):
+        from client.app import WARM_IMPORTS
+
+        self.directory = Path(tempfile.mkdtemp(prefix="fedfill-warm-"))
+        self.socket = str(self.directory / "clientapp.sock")
+        extra = [m for m in os.environ.get(PRELOAD_ENV, "").split(",") if m]
+        self.preload = tuple(preload if preload is not None else WARM_IMPORTS) + tuple(extra)
+        self.process: subprocess.Popen | None = None
+        self.restarts = 0
+        self._stopping = False
+
+    def start(self) -> "WarmClientApp":
+        bin_dir = self.directory / "bin"
+        bin_dir.mkdir()
+        shim = bin_dir / "flwr-clientapp"
+        shim.write_text(f"#!/bin/sh\nexec {shlex.quote(sys.executable)} -m client.warm shim \"$@\"\n")
+        shim.chmod(0o755)
+        # Flower's SuperExec is started by the SuperNode with this environment and finds
+        # flwr-clientapp by name on PATH: the shim first
+        os.environ["PATH"] = f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}"
+        os.environ[SOCKET_ENV] = self.socket
+        self._spawn()
+        threading.Thread(target=self._watch, name="fedfill-warm-watch", daemon=True).start()
+        atexit.register(self.stop)
+        return self
+
+    def _spawn(self) -> None:
+        self.process = subprocess.Popen([sys.executable, "-m", "client.warm", "serve", "--socket", self.socket,
+                                         "--preload", ",".join(self.preload), "--parent-pid", str(os.getpid())])
+
+    def _watch(self) -> None:
+        from flwr.common import log
+
+        while not self._stopping:
+            code = self.process.wait()
+            if self._stopping:
+                return
+            self.restarts += 1
+            log(WARNING, "fedfill: the warm ClientApp's fork-server exited (code %s): restarting it (%d)",
+                code, self.restarts)
+            time.sleep(min(10.0, 0.5 * self.restarts))  # a server that cannot start is not restarted in a loop
+            self._spawn()
+
+    def stop(self) -> None:
+        self._stopping = True
+        if self.process is not None and self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+        for path in sorted(self.directory.rglob("*"), reverse=True):
+            path.unlink(missing_ok=True) if not path.is_dir() else path.rmdir()
+        self.directory.rmdir()
+
+
+class _NodeClock:
+    """Stands in for the `time` module inside flwr.supernode.start_client_internal: its two
+    fixed waits become short ones (module docstring, item 3); everything else is `time`."""
+
+    def __init__(self, idle_poll_s: float):
+        self.fastest_s = idle_poll_s
+        self.idle_s = idle_poll_s
+
+    def sleep(self, seconds: float) -> None:
+        if seconds == FLOWER_IDLE_S:  # nothing was pulled
+            time.sleep(self.idle_s)
+            self.idle_s = min(2 * self.idle_s, FLOWER_IDLE_S)
+        elif seconds == FLOWER_REPLY_POLL_S:
+            time.sleep(REPLY_POLL_S)
+        else:
+            time.sleep(seconds)
+
+    def message_handled(self) -> None:
+        self.idle_s = self.fastest_s
+
+    def __getattr__(self, name):
+        return getattr(time, name)
+
+
+def node_loop_waits_found() -> tuple[bool, str]:
+    """Whether the installed Flower's SuperNode loop is the one the wrapper was written for:
+    the pinned version, with its `time.sleep(3)` and `time.sleep(0.5)` and `_push_messages`."""
+    import flwr.supernode.start_client_internal as loop
+
+    installed = version("flwr")
+    if installed != FLOWER_VERSION:
+        return False, f"flwr {installed} (the wrapper is for {FLOWER_VERSION})"
+    source = inspect.getsource(loop)
+    missing = [text for text in (f"time.sleep({FLOWER_IDLE_S})", f"time.sleep({FLOWER_REPLY_POLL_S})")
+               if text not in source]
+    if missing or not callable(getattr(loop, "_push_messages", None)):
+        return False, f"flwr {installed}'s SuperNode loop has no {' / '.join(missing) or '_push_messages'}"
+    return True, f"flwr {installed}"
+
+
+def shorten_node_waits(idle_poll_s: float) -> _NodeClock | None:
+    """Wrap the SuperNode loop's waits (module docstring, item 3); None where the installed
+    Flower is not the one it was written for (Flower's own waits then apply)."""
+    import flwr.supernode.start_client_internal as loop
+    from flwr.common import log
+
+    found, which = node_loop_waits_found()
+    if not found:
+        log(WARNING, "fedfill: %s: the SuperNode keeps Flower's own 3 s idle wait", which)
+        return None
+    clock = _NodeClock(idle_poll_s)
+    push_messages = loop._push_messages
+
+    def push_then_ask_soon(*args, **kwargs):
+        try:
+            return push_messages(*args, **kwargs)
+        finally:
+            clock.message_handled()
+
+    loop.time = clock
+    loop._push_messages = push_then_ask_soon
+    log(INFO, "fedfill: warm ClientApp; the node asks for messages after %.2g s, doubling up to %d s", idle_poll_s,
+        FLOWER_IDLE_S)
+    return clock
