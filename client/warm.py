@@ -40,15 +40,17 @@ import time
 
 SOCKET_ENV = "FEDFILL_WARM_SOCKET"  # the fork-server's Unix socket, for the shim
 PRELOAD_ENV = "FEDFILL_WARM_PRELOAD"  # extra modules to import once, comma-separated
-#: Flower's entry point of `flwr-clientapp` (flwr 1.41's console script)
+#: Flower's entry point of `flwr-clientapp` (flwr 1.41's console script): what a task runs
 FLOWER_CLIENTAPP = "flwr.supernode.cli.flwr_clientapp:flwr_clientapp"
+ENTRY_ENV = "FEDFILL_WARM_ENTRY"  # another module:function for a task to run (the tests' own)
 _HEADER = struct.Struct("!I")  # length of the JSON request that follows
 _MAX_REQUEST = 1 << 20
 
 
 # ---------------------------------------------------------------------- both sides
-def _entry(reference: str = FLOWER_CLIENTAPP):
-    module, _, attribute = reference.partition(":")
+def _entry():
+    """The function a task runs: Flower's flwr-clientapp, unless the environment names another."""
+    module, _, attribute = os.environ.get(ENTRY_ENV, FLOWER_CLIENTAPP).partition(":")
     return getattr(importlib.import_module(module), attribute)
 
 

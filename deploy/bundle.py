@@ -7,7 +7,8 @@ fedfill federation as a Flower SuperNode, in one directory the operator copies t
     supernode.pub              its public line, what the SuperLink registers
     ca.crt                     the CA that signed the SuperLink's TLS certificate
     node.env                   FEDFILL_SUPERLINK and FEDFILL_NODE_CONFIG (systemd EnvironmentFile)
-    fedfill-supernode.service  the systemd unit that runs flower-supernode from the venv
+    fedfill-supernode.service  the systemd unit that runs `fedfill supernode` (Flower's SuperNode,
+                               warm: client/supernode.py) from the venv
     install.sh                 run as root on the board: venv, fedfill, /etc/fedfill, the service
     README.txt                 what to copy and what to run on each side
     wheels/                    empty: wheels put here make install.sh install offline
@@ -45,7 +46,7 @@ CONTENTS = {
     PUBLIC_KEY: "its public key, what the SuperLink registers",
     CA_CERT: "the CA that signed the SuperLink's TLS certificate",
     NODE_ENV: "FEDFILL_SUPERLINK and FEDFILL_NODE_CONFIG (systemd EnvironmentFile)",
-    UNIT_NAME: "the systemd unit: flower-supernode from the venv",
+    UNIT_NAME: "the systemd unit: fedfill supernode (Flower's SuperNode, warm) from the venv",
     INSTALL: "the installer: run it as root on the board",
     README: "what to copy and what to run on each side",
 }
@@ -350,7 +351,9 @@ Type=simple
 User={SERVICE_USER}
 Group={SERVICE_USER}
 EnvironmentFile={ETC}/{NODE_ENV}
-# --isolation subprocess starts flwr-clientapp from PATH: the venv's, which imports fedfill.
+# fedfill supernode runs Flower's flower-supernode with a warm ClientApp (a fork-server that
+# imports Flower and fedfill once per boot, not once per task); --isolation subprocess starts
+# flower-superexec from PATH: the venv's, which imports fedfill.
 Environment=PATH={venv}/bin:/usr/local/bin:/usr/bin:/bin
 # Runtime dependency installation would `uv sync` a fresh environment per run and replace the
 # board's CUDA torch; and no update check.
@@ -361,7 +364,7 @@ Environment=HOME=/var/lib/fedfill
 Environment=PYTHONUNBUFFERED=1
 StateDirectory=fedfill
 WorkingDirectory=/var/lib/fedfill
-ExecStart={venv}/bin/flower-supernode --superlink ${{FEDFILL_SUPERLINK}} --root-certificates {ETC}/{CA_CERT} --auth-supernode-private-key {ETC}/{PRIVATE_KEY} --isolation subprocess --node-config ${{FEDFILL_NODE_CONFIG}}
+ExecStart={venv}/bin/fedfill supernode --superlink ${{FEDFILL_SUPERLINK}} --root-certificates {ETC}/{CA_CERT} --auth-supernode-private-key {ETC}/{PRIVATE_KEY} --isolation subprocess --node-config ${{FEDFILL_NODE_CONFIG}}
 Restart=on-failure
 RestartSec=10
 
@@ -447,7 +450,7 @@ else
 fi
 # Flower's commands must be the venv's, so that flwr-clientapp imports fedfill: a flwr seen
 # through the system site-packages brings none, so write them (deploy/local.py).
-if [[ ! -x $VENV/bin/flower-supernode || ! -x $VENV/bin/flwr-clientapp ]]; then
+if [[ ! -x $VENV/bin/flower-superexec || ! -x $VENV/bin/flwr-clientapp ]]; then
     "$VENV/bin/python" -c 'import sys; from pathlib import Path; from deploy.local import write_flower_commands
 write_flower_commands(Path(sys.argv[1]))' "$VENV/bin"
 fi

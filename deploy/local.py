@@ -69,10 +69,11 @@ def stop_group(process: subprocess.Popen, grace_s: float = 10.0) -> None:
 
 
 def write_flower_commands(bin_dir: Path) -> Path:
-    """Flower's console scripts, bound to this interpreter, in `bin_dir`.
+    """Flower's console scripts and fedfill's, bound to this interpreter, in `bin_dir`.
 
     Flower starts its children by name from PATH (flower-superlink -> flower-superexec ->
-    flwr-serverapp, flwr-simulation; flower-supernode -> flwr-clientapp). An environment that
+    flwr-serverapp, flwr-simulation; flower-supernode -> flwr-clientapp), and nodes start as
+    `fedfill supernode` (client/supernode.py) by name too. An environment that
     reuses another's site-packages (a venv with --system-site-packages) has no such scripts
     of its own, so PATH would find the other interpreter's and its copy of fedfill. These run
     `sys.executable`, so every Flower process of a run imports what fedfill run imports.
@@ -80,7 +81,7 @@ def write_flower_commands(bin_dir: Path) -> Path:
     from importlib.metadata import distribution
 
     bin_dir.mkdir(parents=True, exist_ok=True)
-    for entry in distribution("flwr").entry_points:
+    for entry in [*distribution("flwr").entry_points, *distribution("fedfill").entry_points]:
         if entry.group != "console_scripts":
             continue
         script = bin_dir / entry.name
@@ -180,10 +181,10 @@ class _Components:
 
 def supernode_command(clientapp: str = "warm") -> list[str]:
     """The command that starts a SuperNode: Flower's flower-supernode through `fedfill
-    supernode` (client/supernode.py), its arguments to follow. `clientapp` "warm" forks each
-    task's ClientApp from a process that imported Flower and the app once; "flower" is
-    Flower's SuperNode as it ships."""
-    return [sys.executable, "-m", "fedfill", "supernode", "--clientapp", clientapp]
+    supernode` (client/supernode.py), flower-supernode's arguments to follow. `clientapp`
+    "warm" forks each task's ClientApp from a process that imported Flower and the app once;
+    "flower" is Flower's SuperNode as it ships."""
+    return ["fedfill", "supernode", "--clientapp", clientapp]
 
 
 @dataclass

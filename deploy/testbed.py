@@ -225,8 +225,8 @@ class Testbed:
         from .local import node_config_arg
 
         key = pki.node_private_key(node.index)
-        self._run(state, node.container, "supernode", [
-            "flower-supernode", "--root-certificates", "/pki/ca.crt", "--superlink", f"{self.superlink}:{SUPERLINK_PORT}",
+        self._run(state, node.container, "supernode", [  # Flower's SuperNode, warm (client/supernode.py)
+            "fedfill", "supernode", "--root-certificates", "/pki/ca.crt", "--superlink", f"{self.superlink}:{SUPERLINK_PORT}",
             "--auth-supernode-private-key", "/pki/node.key", "--isolation", "subprocess",
             "--node-config", node_config_arg(node.config)],
             volumes={str(pki.ca_cert): {"bind": "/pki/ca.crt", "mode": "ro"},

@@ -1,7 +1,7 @@
 """deploy/bundle.py: the directory an operator copies to an edge board. Its files are read the
 way the board reads them (bash sources node.env, Flower parses the node config, configparser
 and `systemd-analyze verify` read the unit, `bash -n` reads install.sh), and one slow test
-runs a board's whole flow on loopback: the bundle's register command, flower-supernode started
+runs a board's whole flow on loopback: the bundle's register command, `fedfill supernode` started
 from the unit's own ExecStart line, online on a TLS SuperLink with SuperNode authentication,
 then one round on the board's own data with its rails' energy in the report.
 """
@@ -138,7 +138,7 @@ def test_unit_has_what_the_board_needs(bundle):
     assert (service["Restart"], service["RestartSec"]) == ("on-failure", "10")
     assert service["User"] == "fedfill"
     assert service["ExecStart"] == (
-        "/opt/fedfill/venv/bin/flower-supernode --superlink ${FEDFILL_SUPERLINK} --root-certificates "
+        "/opt/fedfill/venv/bin/fedfill supernode --superlink ${FEDFILL_SUPERLINK} --root-certificates "
         "/etc/fedfill/ca.crt --auth-supernode-private-key /etc/fedfill/supernode.key --isolation subprocess "
         "--node-config ${FEDFILL_NODE_CONFIG}")
     command, environment, node_config = unit_command(bundle.dir)
@@ -158,8 +158,8 @@ def test_unit_has_what_the_board_needs(bundle):
 def test_systemd_accepts_the_unit(tmp_path):
     venv = tmp_path / "venv"
     (venv / "bin").mkdir(parents=True)
-    (venv / "bin" / "flower-supernode").write_text("#!/bin/sh\n")
-    (venv / "bin" / "flower-supernode").chmod(0o755)  # verify checks that ExecStart's command exists
+    (venv / "bin" / "fedfill").write_text("#!/bin/sh\n")
+    (venv / "bin" / "fedfill").chmod(0o755)  # verify checks that ExecStart's command exists
     bundle = write_bundle("b", "superlink.lan:9092", tmp_path / "out", pki_root=tmp_path / "pki", venv=str(venv))
     result = subprocess.run(["systemd-analyze", "verify", str(bundle.dir / "fedfill-supernode.service")],
                             capture_output=True, text=True, timeout=60)
@@ -272,7 +272,7 @@ def test_bad_node_configs_are_refused(config, why, tmp_path):
 def test_a_board_from_its_bundle_joins_trains_on_its_data_and_meters_its_energy_on_loopback(tmp_path):
     """The board flow without Docker (tests/test_testbed.py has it in containers): a TLS
     SuperLink with --enable-supernode-auth on loopback; the bundle's register command, run as
-    printed; flower-supernode from the unit's ExecStart with node.env's values, the bundle's key
+    printed; `fedfill supernode` (Flower's, warm) from the unit's ExecStart with node.env's values, the bundle's key
     and CA, a copy of an Orin NX's sysfs tree and the board's own 60 images; the SuperLink lists
     it online; one round of the job reports the board's f_max and the rails' energy."""
     import csv
@@ -289,7 +289,7 @@ def test_a_board_from_its_bundle_joins_trains_on_its_data_and_meters_its_energy_
 
     start_s = 90.0  # the machine may be busy
     home = tmp_path / "flwr"
-    env = flower_environment(home)  # home/bin holds Flower's commands: the bundle's venv is `home`
+    env = flower_environment(home)  # home/bin holds Flower's commands and fedfill's: the bundle's venv is `home`
     port = free_port()
     tree = write_tree("orin-nx", tmp_path / "orin-nx")
     own = run_split(RunConfig()).clients.subset(np.arange(0, 240, 4))  # the board's own 60 images
@@ -324,7 +324,7 @@ def test_a_board_from_its_bundle_joins_trains_on_its_data_and_meters_its_energy_
 
         # the unit's command, its files where the bundle holds them here (/etc/fedfill on a board)
         command = [word.replace("/etc/fedfill/", f"{bundle.dir}/") for word in unit_command(bundle.dir)[0]]
-        assert command[0] == str(home / "bin" / "flower-supernode")
+        assert command[:2] == [str(home / "bin" / "fedfill"), "supernode"]
         # Its own runtime API port: on a board the default 9094 is free, here it may not be.
         log = spawn("supernode", [*command, "--port", str(free_port())])
 

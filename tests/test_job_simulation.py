@@ -132,7 +132,7 @@ def test_a_supernode_killed_mid_run_costs_its_update_not_the_round(tmp_path):
             time.sleep(1)
         address = (out / ".flwr" / "config.toml").read_text().split('address = "')[1].split('"')[0]
         victims = [int(p.parent.name) for p in Path("/proc").glob("[0-9]*/cmdline")
-                   if (lambda c: b"flower-supernode" in c and address.encode() in c and b"partition-id=2" in c)(
+                   if (lambda c: b"supernode" in c and address.encode() in c and b"partition-id=2" in c)(
                        p.read_bytes() if p.exists() else b"")]
         assert victims, "supernode 2 not found"
         os.killpg(os.getpgid(victims[0]), signal.SIGKILL)
