@@ -32,11 +32,15 @@ from fedfill.profile import node_profile
 app = ClientApp()
 
 #: What the handlers import on first use, for the warm ClientApp's fork-server (client.warm)
-#: to import once per node instead of once per task: both jobs, the codec, the request rule,
-#: the generation client, the embedded dataset.
-WARM_IMPORTS = ("torch", "sklearn.datasets", "fedfill.classifier", "fedfill.codec", "generation.client",
-                "generation.finetune", "generation.pipeline", "generation.lora", "strategies.allocation.augmentation",
-                "strategies.allocation.presets", "client.app")
+#: to import once per node instead of once per task: the app, torch, the classifier job and
+#: torch._dynamo (a first optimizer step imports it and ~800 modules with it: 1.5 s of a
+#: 0.1 s step) before the node serves (WARM_FIRST), then, between tasks, the codec, the
+#: request rule, the generation client, the embedded dataset and the diffusion job (diffusers
+#: alone takes ~5 s).
+WARM_IMPORTS = ("client.app", "torch", "fedfill.classifier", "torch._dynamo", "fedfill.codec",
+                "strategies.allocation.augmentation", "strategies.allocation.presets", "generation.client",
+                "sklearn.datasets", "generation.finetune", "generation.lora", "generation.pipeline")
+WARM_FIRST = 4
 
 SYNTHETIC_KEY = "synthetic"  # context.state record holding this device's generated samples
 DATA_DIR_KEY = "data-dir"  # node config: the node's own files (class folders or an .npz)

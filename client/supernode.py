@@ -1,6 +1,6 @@
 """`fedfill supernode`: Flower's own SuperNode, with a warm ClientApp and short waits.
 
-    fedfill supernode [--clientapp warm|flower] [--idle-poll-s S] FLOWER-SUPERNODE-ARGS...
+    fedfill supernode [--clientapp warm|flower] [--idle-poll-s S] [--active-s S] FLOWER-SUPERNODE-ARGS...
 
 Runs Flower's `flower-supernode` (its main, in this process, with the arguments given) after
 three launcher-level changes, measured together by bench/bench_flower.py:
@@ -12,10 +12,13 @@ three launcher-level changes, measured together by bench/bench_flower.py:
 2. **SuperExec's task poll**: Flower's own setting FLWR_SUPEREXEC_TASK_POLL_INTERVAL, 1 s ->
    0.25 s unless the environment sets it (lower made things worse on 2 cores, design §8).
 3. **The SuperNode's waits**: with nothing to pull, Flower sleeps a fixed 3 s before asking
-   the SuperLink again, and it checks for the ClientApp's reply every 0.5 s. Right after a
-   reply the next message of a round usually comes within a second or two, so here the node
-   asks again after `--idle-poll-s` (0.2 s), doubling up to Flower's 3 s while nothing comes
-   (an idle node asks as often as Flower's does), and checks for the reply every 0.1 s. These
+   the SuperLink again, and it checks for the ClientApp's reply every 0.5 s. A round waits for
+   its last node, and each node's pull lands anywhere in its 3 s: with 3 nodes the last of
+   them takes the round's message 2.25 s late on average (the largest of three uniform waits). Here a node that handled a
+   message in the last `--active-s` (60 s: a run is going on) asks every `--idle-poll-s`
+   (0.3 s), then doubles its wait up to Flower's 3 s (an idle node asks as often as Flower's
+   does), and it checks for the reply every 0.1 s. Each ask is a request to the SuperLink:
+   10 active nodes make ~33 a second. These
    waits are literals inside `flwr.supernode.start_client_internal`, so this wraps that
    module's `time` and `_push_messages`: only for flwr 1.41.0, whose code it was written
    against (FLOWER_VERSION; tests/test_warm_clientapp.py checks the literals are still there).
@@ -28,6 +31,7 @@ from __future__ import annotations
 
 import atexit
 import inspect
+import math
 import os
 import shlex
 import subprocess
@@ -53,9 +57,12 @@ def add_arguments(parser) -> None:
     parser.add_argument("--clientapp", choices=("warm", "flower"), default="warm",
                         help="warm (default): a fork-server starts each task's flwr-clientapp with Flower and the "
                              "app imported, and the node's waits are short; flower: Flower's SuperNode as it ships")
-    parser.add_argument("--idle-poll-s", type=float, default=0.2, metavar="S",
-                        help="after a reply, ask the SuperLink for the next message after S seconds, doubling up "
-                             "to Flower's 3 s while nothing comes (default 0.2)")
+    parser.add_argument("--idle-poll-s", type=float, default=0.3, metavar="S",
+                        help="while a run is active, ask the SuperLink for the next message every S seconds "
+                             "(default 0.3; Flower's SuperNode waits 3 s)")
+    parser.add_argument("--active-s", type=float, default=60.0, metavar="S",
+                        help="a run counts as active for S seconds after the node's last message; then the node's "
+                             "wait doubles up to Flower's 3 s (default 60)")
 
 
 PASSES_UNKNOWN_ARGS = True  # fedfill.cli hands every argument it does not know to run() as args.passed
@@ -66,10 +73,13 @@ def run(args) -> int:
 
     if not 0.01 <= args.idle_poll_s <= FLOWER_IDLE_S:
         raise UsageError(f"--idle-poll-s {args.idle_poll_s}: must be between 0.01 and {FLOWER_IDLE_S} seconds")
+    if not 0 <= args.active_s <= 86400:
+        raise UsageError(f"--active-s {args.active_s}: must be between 0 and 86400 seconds")
     if args.clientapp == "warm":
         os.environ.setdefault(TASK_POLL_ENV, TASK_POLL_S)
-        WarmClientApp().start()
-        shorten_node_waits(args.idle_poll_s)
+        warm = WarmClientApp().start()
+        shorten_node_waits(args.idle_poll_s, args.active_s)  # imports Flower's SuperNode meanwhile
+        warm.wait_serving()
     return run_flower_supernode(args.passed)
 
 
@@ -89,12 +99,13 @@ class WarmClientApp:
     """
 
     def __init__(self, preload: tuple[str, ...] | None = None):
-        from client.app import WARM_IMPORTS
+        from client.app import WARM_FIRST, WARM_IMPORTS
 
         self.directory = Path(tempfile.mkdtemp(prefix="fedfill-warm-"))
         self.socket = str(self.directory / "clientapp.sock")
         extra = [m for m in os.environ.get(PRELOAD_ENV, "").split(",") if m]
         self.preload = tuple(preload if preload is not None else WARM_IMPORTS) + tuple(extra)
+        self.first = WARM_FIRST if preload is None else len(self.preload)  # imported before the node serves
         self.process: subprocess.Popen | None = None
         self.restarts = 0
         self._stopping = False
@@ -114,9 +125,26 @@ class WarmClientApp:
         atexit.register(self.stop)
         return self
 
+    def wait_serving(self, timeout_s: float = 60.0) -> bool:
+        """Wait until the fork-server answers, so that the node's first task is warm too; after
+        `timeout_s` the node goes on (its tasks run cold until the server answers)."""
+        import socket
+
+        from flwr.common import log
+
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline and self.process.poll() is None:
+            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+                if probe.connect_ex(self.socket) == 0:
+                    return True
+            time.sleep(0.1)
+        log(WARNING, "fedfill: the warm ClientApp's fork-server does not answer; tasks start cold until it does")
+        return False
+
     def _spawn(self) -> None:
         self.process = subprocess.Popen([sys.executable, "-m", "client.warm", "serve", "--socket", self.socket,
-                                         "--preload", ",".join(self.preload), "--parent-pid", str(os.getpid())])
+                                         "--preload", ",".join(self.preload), "--first", str(self.first),
+                                         "--parent-pid", str(os.getpid())])
 
     def _watch(self) -> None:
         from flwr.common import log
@@ -148,14 +176,16 @@ class _NodeClock:
     """Stands in for the `time` module inside flwr.supernode.start_client_internal: its two
     fixed waits become short ones (module docstring, item 3); everything else is `time`."""
 
-    def __init__(self, idle_poll_s: float):
-        self.fastest_s = idle_poll_s
+    def __init__(self, idle_poll_s: float, active_s: float = 60.0):
+        self.fastest_s, self.active_s = idle_poll_s, active_s
         self.idle_s = idle_poll_s
+        self.last_message = -math.inf  # monotonic time the node last handled a message
 
     def sleep(self, seconds: float) -> None:
         if seconds == FLOWER_IDLE_S:  # nothing was pulled
+            if time.monotonic() - self.last_message > self.active_s:  # no run going on: back off to Flower's
+                self.idle_s = min(2 * self.idle_s, FLOWER_IDLE_S)
             time.sleep(self.idle_s)
-            self.idle_s = min(2 * self.idle_s, FLOWER_IDLE_S)
         elif seconds == FLOWER_REPLY_POLL_S:
             time.sleep(REPLY_POLL_S)
         else:
@@ -163,6 +193,7 @@ class _NodeClock:
 
     def message_handled(self) -> None:
         self.idle_s = self.fastest_s
+        self.last_message = time.monotonic()
 
     def __getattr__(self, name):
         return getattr(time, name)
@@ -184,7 +215,7 @@ def node_loop_waits_found() -> tuple[bool, str]:
     return True, f"flwr {installed}"
 
 
-def shorten_node_waits(idle_poll_s: float) -> _NodeClock | None:
+def shorten_node_waits(idle_poll_s: float, active_s: float = 60.0) -> _NodeClock | None:
     """Wrap the SuperNode loop's waits (module docstring, item 3); None where the installed
     Flower is not the one it was written for (Flower's own waits then apply)."""
     import flwr.supernode.start_client_internal as loop
@@ -194,7 +225,7 @@ def shorten_node_waits(idle_poll_s: float) -> _NodeClock | None:
     if not found:
         log(WARNING, "fedfill: %s: the SuperNode keeps Flower's own 3 s idle wait", which)
         return None
-    clock = _NodeClock(idle_poll_s)
+    clock = _NodeClock(idle_poll_s, active_s)
     push_messages = loop._push_messages
 
     def push_then_ask_soon(*args, **kwargs):
@@ -205,6 +236,6 @@ def shorten_node_waits(idle_poll_s: float) -> _NodeClock | None:
 
     loop.time = clock
     loop._push_messages = push_then_ask_soon
-    log(INFO, "fedfill: warm ClientApp; the node asks for messages after %.2g s, doubling up to %d s", idle_poll_s,
-        FLOWER_IDLE_S)
+    log(INFO, "fedfill: warm ClientApp; the node asks for messages every %.2g s while a run is active (%g s "
+        "after its last message), then waits up to %d s", idle_poll_s, active_s, FLOWER_IDLE_S)
     return clock

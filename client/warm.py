@@ -60,23 +60,21 @@ def _exit_code(status_code: int) -> int:
 
 
 # ---------------------------------------------------------------------- fork-server
-def preload(modules: list[str]) -> list[str]:
-    """Import Flower's ClientApp runtime and `modules` (what the app's handlers import
-    lazily); returns those that failed to import (a warm path without them still works:
-    the task imports them itself)."""
-    failed = []
-    for name in [FLOWER_CLIENTAPP.partition(":")[0], *modules]:
-        try:
-            importlib.import_module(name)
-        except Exception as err:  # noqa: BLE001 - reported, the task will import it itself
-            failed.append(f"{name} ({type(err).__name__}: {err})")
-    return failed
+def preload(name: str) -> None:
+    """Import one module for the children; a failure is reported, not fatal (a task without
+    it imports it itself, and fails there the way it would anyway)."""
+    try:
+        importlib.import_module(name)
+    except Exception as err:  # noqa: BLE001
+        print(f"fedfill warm: not preloaded: {name} ({type(err).__name__}: {err})", file=sys.stderr, flush=True)
 
 
 def _read_request(conn: socket.socket) -> tuple[dict, list[int]]:
     """One request: a length-prefixed JSON object {argv, cwd, env}, with the shim's standard
     streams as file descriptors on its first bytes."""
     data, fds, _, _ = socket.recv_fds(conn, _MAX_REQUEST, 3)
+    if not data and not fds:
+        raise EOFError  # a probe: connected and closed (`fedfill supernode` waiting for us)
     if len(data) < _HEADER.size or len(fds) != 3:
         for fd in fds:
             os.close(fd)
@@ -133,9 +131,10 @@ class ForkServer:
     died: its child is killed) and each child's pidfd (readable when it exits).
     """
 
-    def __init__(self, path: str, parent_pid: int | None = None):
+    def __init__(self, path: str, parent_pid: int | None = None, later: list[str] | None = None):
         self.path = path
         self.parent_pid = parent_pid
+        self.later = list(later or [])  # modules imported one at a time while no task is asked for
         self.selector = selectors.DefaultSelector()
         self.children: dict[int, tuple[socket.socket, int]] = {}  # pid -> (shim connection, pidfd)
         self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -153,7 +152,10 @@ class ForkServer:
         signal.signal(signal.SIGINT, self._stop)
         try:
             while not self.stopping:
-                for key, _ in self.selector.select(timeout=1.0):
+                events = self.selector.select(timeout=0 if self.later else 1.0)
+                if not events and self.later:
+                    preload(self.later.pop(0))
+                for key, _ in events:
                     kind, pid = key.data
                     if kind == "accept":
                         self._accept()
@@ -177,6 +179,9 @@ class ForkServer:
         conn, _ = self.listener.accept()
         try:
             request, fds = _read_request(conn)
+        except EOFError:
+            conn.close()
+            return
         except (OSError, ValueError) as err:
             print(f"fedfill warm: refused a request: {err}", file=sys.stderr, flush=True)
             conn.close()
@@ -217,14 +222,17 @@ class ForkServer:
         conn.close()
 
 
-def serve(path: str, modules: list[str], parent_pid: int | None = None) -> None:
+def serve(path: str, modules: list[str], parent_pid: int | None = None, first: int | None = None) -> None:
+    """Import Flower's ClientApp runtime and the first `first` of `modules` (None: all), then
+    serve; the rest are imported between tasks (a node comes up sooner, and a job that does
+    not need diffusers does not wait for it)."""
+    first = len(modules) if first is None else first
     started = time.monotonic()
-    failed = preload(modules)
-    print(f"fedfill warm: imported Flower's ClientApp and {len(modules) - len(failed)} module(s) in "
+    for name in [FLOWER_CLIENTAPP.partition(":")[0], *modules[:first]]:
+        preload(name)
+    print(f"fedfill warm: imported Flower's ClientApp and {', '.join(modules[:first]) or 'nothing else'} in "
           f"{time.monotonic() - started:.1f} s; serving on {path}", file=sys.stderr, flush=True)
-    for failure in failed:
-        print(f"fedfill warm: not preloaded: {failure}", file=sys.stderr, flush=True)
-    ForkServer(path, parent_pid).serve()
+    ForkServer(path, parent_pid, later=modules[first:]).serve()
 
 
 # ---------------------------------------------------------------------- shim
@@ -280,10 +288,12 @@ def main(argv: list[str] | None = None) -> int:
     server = sub.add_parser("serve", help="import once, then fork a flwr-clientapp per shim")
     server.add_argument("--socket", required=True)
     server.add_argument("--preload", default="", help="modules to import once, comma-separated")
+    server.add_argument("--first", type=int, default=None, help="how many of them to import before serving (default: "
+                                                                "all); the rest are imported between tasks")
     server.add_argument("--parent-pid", type=int, default=None, help="exit when this process is no longer our parent")
     sub.add_parser("shim", help="run flwr-clientapp with the arguments that follow")
     args = parser.parse_args(argv)
-    serve(args.socket, [m for m in args.preload.split(",") if m], args.parent_pid)
+    serve(args.socket, [m for m in args.preload.split(",") if m], args.parent_pid, args.first)
     return 0
 
 

@@ -143,13 +143,11 @@ def run(args) -> int:
     federation = generation = None
     with interrupts_stop_the_run():
         try:
-            if generator_mode == "auto":
+            if generator_mode == "auto":  # it loads while the engine starts
                 from deploy.local import GenerationProcess
 
-                generation = GenerationProcess(out / "logs", out / "generator-cache")
-                generation.start()
+                generation = GenerationProcess(out / "logs", out / "generator-cache").launch()
                 job = replace(job, generator_address=generation.address)
-                print(f"  generation service up on {generation.address}")
             simulation, watch = [], None
             if args.superlink:
                 address, certificates = args.superlink, args.root_certificates or None
@@ -164,6 +162,9 @@ def run(args) -> int:
             if federation is not None:
                 federation.start()  # assigned first: an interrupted start is stopped below too
                 address, certificates = federation.address, None
+            if generation is not None:
+                generation.wait_serving()
+                print(f"  generation service up on {generation.address}")
             write_flwr_connection(home, address, root_certificates=certificates)
             return drive(job, out, env, started, args.timeout, flwr_args=simulation, watch=watch)
         finally:
