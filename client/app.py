@@ -34,9 +34,9 @@ app = ClientApp()
 #: What the handlers import on first use, for the warm ClientApp's fork-server (client.warm)
 #: to import once per node instead of once per task: the app, torch, the classifier job and
 #: torch._dynamo (a first optimizer step imports it and ~800 modules with it: 1.5 s of a
-#: 0.1 s step) before the node serves (WARM_FIRST), then, between tasks, the codec, the
-#: request rule, the generation client, the embedded dataset and the diffusion job (diffusers
-#: alone takes ~5 s).
+#: 0.1 s step) before the node serves (WARM_FIRST); the codec, the request rule, the
+#: generation client, the embedded dataset and the diffusion job (diffusers alone takes ~5 s)
+#: once a task has imported them (a classifier-only node never loads diffusers).
 WARM_IMPORTS = ("client.app", "torch", "fedfill.classifier", "torch._dynamo", "fedfill.codec",
                 "strategies.allocation.augmentation", "strategies.allocation.presets", "generation.client",
                 "sklearn.datasets", "generation.finetune", "generation.lora", "generation.pipeline")

@@ -45,6 +45,7 @@ FLOWER_CLIENTAPP = "flwr.supernode.cli.flwr_clientapp:flwr_clientapp"
 ENTRY_ENV = "FEDFILL_WARM_ENTRY"  # another module:function for a task to run (the tests' own)
 _HEADER = struct.Struct("!I")  # length of the JSON request that follows
 _MAX_REQUEST = 1 << 20
+_PIPE_ATOMIC = 4096  # a write up to PIPE_BUF lands whole
 
 
 # ---------------------------------------------------------------------- both sides
@@ -91,13 +92,14 @@ def _read_request(conn: socket.socket) -> tuple[dict, list[int]]:
     return json.loads(body), fds
 
 
-def _run_child(request: dict, fds: list[int], inherited: list[socket.socket]) -> None:
+def _run_child(request: dict, fds: list[int], inherited: list, report: int, on_demand: list[str]) -> None:
     """In the forked child: become the shim's process (its streams, directory, environment,
-    arguments, default signals) and run Flower's flwr-clientapp. Never returns."""
+    arguments, default signals) and run Flower's flwr-clientapp; at the end, tell the parent
+    through `report` which of the `on_demand` modules the task imported. Never returns."""
     code = 1
     try:
-        for sock in inherited:
-            sock.close()
+        for resource in inherited:  # the server's sockets and the other children's report pipes
+            resource.close() if isinstance(resource, socket.socket) else os.close(resource)
         for target, fd in enumerate(fds):
             os.dup2(fd, target)
             os.close(fd)
@@ -121,6 +123,10 @@ def _run_child(request: dict, fds: list[int], inherited: list[socket.socket]) ->
                 stream.flush()
             except Exception:  # noqa: BLE001,S110 - the reader may be gone
                 pass
+        try:
+            os.write(report, "\n".join(m for m in on_demand if m in sys.modules).encode()[:_PIPE_ATOMIC])
+        except OSError:
+            pass
         os._exit(code)
 
 
@@ -128,15 +134,19 @@ class ForkServer:
     """Accepts shims on `path`, forks a child per request, reports its pid and exit status.
 
     One thread: a selector over the listening socket, the shims' connections (EOF = the shim
-    died: its child is killed) and each child's pidfd (readable when it exits).
+    died: its child is killed) and each child's pidfd (readable when it exits). The
+    `on_demand` modules are imported here only once a task has imported them (each child says
+    which, through a pipe, as it ends), one at a time while no task is asked for: a node whose
+    jobs never need diffusers never spends its ~5 s on it, one that does pays it once.
     """
 
-    def __init__(self, path: str, parent_pid: int | None = None, later: list[str] | None = None):
+    def __init__(self, path: str, parent_pid: int | None = None, on_demand: list[str] | None = None):
         self.path = path
         self.parent_pid = parent_pid
-        self.later = list(later or [])  # modules imported one at a time while no task is asked for
+        self.on_demand = list(on_demand or [])  # not imported yet; wanted once a task imports one
+        self.wanted: list[str] = []  # imported one at a time while no task is asked for
         self.selector = selectors.DefaultSelector()
-        self.children: dict[int, tuple[socket.socket, int]] = {}  # pid -> (shim connection, pidfd)
+        self.children: dict[int, tuple[socket.socket, int, int]] = {}  # pid -> (shim connection, pidfd, report pipe)
         self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         self.stopping = False
 
@@ -152,9 +162,9 @@ class ForkServer:
         signal.signal(signal.SIGINT, self._stop)
         try:
             while not self.stopping:
-                events = self.selector.select(timeout=0 if self.later else 1.0)
-                if not events and self.later:
-                    preload(self.later.pop(0))
+                events = self.selector.select(timeout=0 if self.wanted else 1.0)
+                if not events and self.wanted:
+                    preload(self.wanted.pop(0))
                 for key, _ in events:
                     kind, pid = key.data
                     if kind == "accept":
@@ -188,13 +198,17 @@ class ForkServer:
             return
         sys.stdout.flush()
         sys.stderr.flush()
+        report_read, report_write = os.pipe()
         pid = os.fork()
         if pid == 0:
-            _run_child(request, fds, [self.listener, conn, *(c for c, _ in self.children.values())])
+            inherited = [self.listener, conn, report_read, *(r for c, _, r in self.children.values()),
+                         *(c for c, _, _ in self.children.values())]
+            _run_child(request, fds, inherited, report_write, self.on_demand)
+        os.close(report_write)
         for fd in fds:
             os.close(fd)
         pidfd = os.pidfd_open(pid)
-        self.children[pid] = (conn, pidfd)
+        self.children[pid] = (conn, pidfd, report_read)
         self.selector.register(pidfd, selectors.EVENT_READ, ("exited", pid))
         self.selector.register(conn, selectors.EVENT_READ, ("shim", pid))
         try:
@@ -209,8 +223,14 @@ class ForkServer:
             pass
 
     def _reap(self, pid: int) -> None:
-        conn, pidfd = self.children.pop(pid)
+        conn, pidfd, report = self.children.pop(pid)
         _, status = os.waitpid(pid, 0)
+        imported = os.read(report, _PIPE_ATOMIC).decode(errors="replace").split()  # the child is gone: all there
+        os.close(report)
+        for name in imported:
+            if name in self.on_demand:
+                self.on_demand.remove(name)
+                self.wanted.append(name)
         self.selector.unregister(pidfd)
         os.close(pidfd)
         if conn in (key.fileobj for key in self.selector.get_map().values()):
@@ -224,15 +244,14 @@ class ForkServer:
 
 def serve(path: str, modules: list[str], parent_pid: int | None = None, first: int | None = None) -> None:
     """Import Flower's ClientApp runtime and the first `first` of `modules` (None: all), then
-    serve; the rest are imported between tasks (a node comes up sooner, and a job that does
-    not need diffusers does not wait for it)."""
+    serve; the rest are imported once a task has needed them (ForkServer)."""
     first = len(modules) if first is None else first
     started = time.monotonic()
     for name in [FLOWER_CLIENTAPP.partition(":")[0], *modules[:first]]:
         preload(name)
     print(f"fedfill warm: imported Flower's ClientApp and {', '.join(modules[:first]) or 'nothing else'} in "
           f"{time.monotonic() - started:.1f} s; serving on {path}", file=sys.stderr, flush=True)
-    ForkServer(path, parent_pid, later=modules[first:]).serve()
+    ForkServer(path, parent_pid, on_demand=modules[first:]).serve()
 
 
 # ---------------------------------------------------------------------- shim
@@ -289,7 +308,7 @@ def main(argv: list[str] | None = None) -> int:
     server.add_argument("--socket", required=True)
     server.add_argument("--preload", default="", help="modules to import once, comma-separated")
     server.add_argument("--first", type=int, default=None, help="how many of them to import before serving (default: "
-                                                                "all); the rest are imported between tasks")
+                                                                "all); the rest once a task has imported them")
     server.add_argument("--parent-pid", type=int, default=None, help="exit when this process is no longer our parent")
     sub.add_parser("shim", help="run flwr-clientapp with the arguments that follow")
     args = parser.parse_args(argv)
