@@ -4,7 +4,7 @@
     python bench/bench_flower.py --nodes 3 --rounds 4     # one size, quicker
     python bench/bench_flower.py --bits 8                 # quantized uploads
     python bench/bench_flower.py --engines flower,warm    # leave the simulation engine out
-    python bench/bench_flower.py --nodes 3 --local-epochs 150 --rounds 4   # clients train ~30 s
+    python bench/bench_flower.py --nodes 3 --rounds 4 --run-args "--local-epochs 80 --t-max 600"   # ~30 s of training
 
 For each fleet size, in one run: `fedfill run` on the deployment engine with Flower's
 SuperNode as it ships (`--clientapp flower`: a cold flwr-clientapp process per task, Flower's
@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import subprocess
 import sys
 import tempfile
@@ -104,8 +105,9 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=6)
     parser.add_argument("--bits", type=int, default=32, help="quantize uploads (deployment engine) to this width")
     parser.add_argument("--engines", default="flower,warm,simulation", help=f"of {', '.join(ENGINES)}")
-    parser.add_argument("--local-epochs", type=int, default=None,
-                        help="local epochs a round (default: the run's); more make each client train longer")
+    parser.add_argument("--run-args", default="",
+                        help="more `fedfill run` flags for every run, e.g. \"--local-epochs 80 --t-max 600\" "
+                             "(clients train longer)")
     parser.add_argument("--json", help="also write the figures here")
     args = parser.parse_args()
     engines = [e for e in args.engines.split(",") if e]
@@ -119,8 +121,7 @@ def main() -> int:
     for nodes in [int(n) for n in args.nodes.split(",")]:
         for engine in engines:
             extra = scenario_with_bits(nodes, args.bits) if engine != "simulation" else []
-            if args.local_epochs:
-                extra += ["--local-epochs", str(args.local_epochs)]
+            extra += shlex.split(args.run_args)
             result = measure(engine, nodes, args.rounds, extra)
             bits = args.bits if engine != "simulation" else 32
             result["ratio"] = result["bytes_per_update"] / (result["model_params"] * bits / 8)
