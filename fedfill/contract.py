@@ -9,10 +9,12 @@ each other, so a key or a field is named once.
                   and ConfigRecord "note" saying why: the node sits the run out
   TRAIN           ArrayRecord "arrays": the global model as one Array "payload" whose bytes
                   are the codec's payload at 32 bits (raw float32, exact for the float32
-                  models of both jobs; one object on the wire where a model of L layers is
-                  2L + 1, each a request at every Flower hop; a model with other dtypes goes
-                  as Flower's per-layer ArrayRecord); ConfigRecord "config": this node's own
-                  plan entry (NodePlan) and the round's train config
+                  models of both jobs). Flower moves every record, array and chunk as an
+                  object with a request of its own at each hop: a message is 5 objects so,
+                  2L + 3 for a model of L layers as Flower's per-layer record (33 for the
+                  classifier, 421 for the UNet). A model with other dtypes goes per layer.
+                  ConfigRecord "config": this node's own plan entry (NodePlan) and the
+                  round's train config
   TRAIN reply     ArrayRecord "update": one Array whose bytes are the codec's payload
                   (stype CODEC_STYPE); MetricRecord "metrics": TrainMetrics, "num-examples"
                   being the FedAvg weight D_loc + D_gen (FIMI S4); ConfigRecord "note": what
