@@ -149,6 +149,7 @@ def test_a_supernode_killed_mid_run_costs_its_update_not_the_round(tmp_path):
         planned = json.loads((out / f"plan_round_{row['round']}.json").read_text())["node_ids"]
         assert int(row["updates"]) + int(row["dropped"]) == len(planned)
     assert int(rows[1]["updates"]) == 3 and int(rows[3]["updates"]) == 2, "the dead node is no longer planned"
+    assert processes_of_run(out) == [], "processes of the run were left running"  # the warm node's included
 
 
 def test_a_wrong_dataset_path_is_refused_before_anything_starts(tmp_path):
