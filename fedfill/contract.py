@@ -249,7 +249,9 @@ WEIGHT_KEY = "num-examples"  # Flower's FedAvg weighted_by_key
 # Figures the server reads per node and never averages: a board's meter (only nodes with
 # sensors send it, and Flower's FedAvg needs every reply's MetricRecord to hold the same keys)
 # and the task's timestamps (an average of clock readings means nothing)
-NODE_ONLY_METRICS = ("measured-energy-j", "measured-s", "process-started-at", "handler-started-at")
+METER_METRICS = ("measured-energy-j", "measured-s")  # only from a node with sensors
+TASK_TIME_METRICS = ("process-started-at", "handler-started-at")
+NODE_ONLY_METRICS = (*METER_METRICS, *TASK_TIME_METRICS)
 
 
 def train_reply(payload: bytes, metrics: TrainMetrics, note: str) -> RecordDict:
