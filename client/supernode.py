@@ -34,6 +34,7 @@ import inspect
 import math
 import os
 import shlex
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -167,9 +168,7 @@ class WarmClientApp:
                 self.process.wait(timeout=5)
             except subprocess.TimeoutExpired:
                 self.process.kill()
-        for path in sorted(self.directory.rglob("*"), reverse=True):
-            path.unlink(missing_ok=True) if not path.is_dir() else path.rmdir()
-        self.directory.rmdir()
+        shutil.rmtree(self.directory, ignore_errors=True)  # also when called twice (explicitly, then at exit)
 
 
 class _NodeClock:
