@@ -98,6 +98,9 @@ def check_launcher_options(args) -> None:
         raise UsageError(f"--scenario {args.scenario}: it profiles the SuperNodes the deployment engine starts; "
                          "add --engine deployment" + (" and leave out --superlink (its nodes have their own profiles)"
                                                       if args.superlink else ""))
+    if args.clientapp != "warm" and (args.engine != "deployment" or args.superlink):
+        raise UsageError(f"--clientapp {args.clientapp}: it chooses the SuperNodes the deployment engine starts; "
+                         "add --engine deployment" + (" and leave out --superlink" if args.superlink else ""))
     if args.root_certificates and not args.superlink:
         raise UsageError("--root-certificates goes with --superlink")
     if args.root_certificates and not Path(args.root_certificates).is_file():
