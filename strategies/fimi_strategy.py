@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from functools import partial
 from logging import INFO, WARNING
 
@@ -28,7 +28,7 @@ from fedfill.codec import decode
 from fedfill.config import check_aggregation
 from strategies.allocation import Plan, Scenario, ScenarioError, System, parse_scenario, solve_plan
 from strategies.allocation.costs import update_bits, upload_energy
-from strategies.allocation.policies import parse_policy
+from strategies.allocation.policies import error_target_out_of_reach, parse_policy, reachable_delta_max
 
 # What the strategy says of each planned node every round (server.report's devices.csv
 # columns after `round`): the plan's modeled figures, the measured ones, and what became of
@@ -92,6 +92,10 @@ class FimiFedAvg(FedAvg):
     move it while they are fewer than half (a mean or maximum they would set themselves);
     below 3 updates no norm is screened, since a median of one or two says nothing about which
     update is the odd one.
+    `complementary_update(global weights, round)`, when given (the SST baseline), is the server's
+    own update trained on the synthetic data it keeps: (update arrays, examples, loss), merged
+    with the devices' updates as one more reply, weighted by its examples; a round with no
+    device update merges nothing.
     `aggregation` picks Flower's strategy whose aggregate_train merges what is left (FLOWER_RULES;
     `trim_beta` is FedTrimmedAvg's beta: it cuts int(beta x n) updates from each tail of every
     coordinate, none below 5 updates at 0.2). Bad settings raise ValueError here.
@@ -103,7 +107,9 @@ class FimiFedAvg(FedAvg):
                  upload_seconds: Callable[[Message], float | None] | None = None,
                  pushed_at: Callable[[Message], float | None] | None = None,
                  fraction_train: float = 1.0, min_train_nodes: int = 1, bits_rule: str = "codec",
-                 aggregation: str = "fedavg", trim_beta: float = 0.2, norm_bound: float = 10.0) -> None:
+                 aggregation: str = "fedavg", trim_beta: float = 0.2, norm_bound: float = 10.0,
+                 complementary_update: Callable[[list[np.ndarray], int], tuple[list[np.ndarray], int, float]]
+                 | None = None) -> None:
         check_aggregation(aggregation, trim_beta, norm_bound)
         keys = dict(weighted_by_key=contract.WEIGHT_KEY, arrayrecord_key=contract.ARRAYS_KEY,
                     configrecord_key=contract.CONFIG_KEY)
@@ -121,6 +127,7 @@ class FimiFedAvg(FedAvg):
             log(WARNING, "policy %s: %d node(s) reported no error demand (quant_error) and send their own bits "
                 "(32 unless their profile says otherwise): %s", policy, len(undemanding), undemanding)
         self.profiles = profiles
+        self.complementary_update = complementary_update
         self.node_wait_s = node_wait_s
         self.on_plan, self.on_round_metrics = on_plan, on_round_metrics
         self.upload_seconds = upload_seconds or (lambda reply: None)
@@ -131,10 +138,22 @@ class FimiFedAvg(FedAvg):
 
     # ------------------------------------------------------------------ sampling and plans
     def plan_round(self, server_round: int, node_ids: list[int]) -> tuple[Plan, list[int]]:
-        """Solve the allocation for these nodes; devices that make it infeasible sit out."""
+        """Solve the allocation for these nodes; devices that make it infeasible sit out. An
+        error target out of every device's reach (Delta_max too tight for the synthetic cap)
+        is relaxed to the tightest reachable one, said in the log and the plan's notes: a
+        round that trains nobody would help no one."""
         while node_ids:
             scenario = self._scenario(node_ids)
             plan = solve_plan(scenario, self.policy, seed=self.seed + server_round, bits_rule=self.bits_rule)
+            if error_target_out_of_reach(plan):
+                reachable = reachable_delta_max(scenario, self.policy, seed=self.seed + server_round)
+                if reachable is not None:
+                    note = (f"Delta_max {scenario.system.delta_max:g} is out of reach ({plan.reasons[0]['message']}); "
+                            f"planned for the tightest reachable Delta_max {reachable:.4g}")
+                    log(WARNING, "round %d: %s", server_round, note)
+                    relaxed = Scenario(replace(scenario.system, delta_max=reachable), scenario.devices)
+                    plan = solve_plan(relaxed, self.policy, seed=self.seed + server_round, bits_rule=self.bits_rule)
+                    plan.notes.append(note)
             if plan.feasible:
                 return plan, node_ids
             blocking = {d for reason in plan.reasons for d in reason["devices"]}
@@ -279,6 +298,9 @@ class FimiFedAvg(FedAvg):
             "synthetic-used": int(sum(int(r["d-gen-used"]) for r in node_metrics)),
         })
         new = None
+        if decoded and self.complementary_update is not None:
+            decoded.append(self._server_reply(server_round, decoded[0].content[contract.METRICS_KEY]))
+            costs["server-examples"] = int(decoded[-1].content[contract.METRICS_KEY][contract.WEIGHT_KEY])
         if decoded:
             merged_update, node_means = self.merger.aggregate_train(server_round, decoded)
             new = ArrayRecord({k: Array((g.numpy() + merged_update[k].numpy()).astype(g.numpy().dtype))
@@ -289,6 +311,18 @@ class FimiFedAvg(FedAvg):
         if self.on_round_metrics:
             self.on_round_metrics(server_round, costs, [*nodes.values(), *extra_rows])
         return new, costs
+
+    def _server_reply(self, server_round: int, template: MetricRecord) -> Message:
+        """The server's complementary update as Flower's FedAvg takes a reply: its arrays under
+        the global model's keys and a MetricRecord with the devices' keys (Flower averages only
+        records alike), its examples as the weight and its loss."""
+        keys = list(self._global.keys())
+        update, examples, loss = self.complementary_update(self._global.to_numpy_ndarrays(), server_round)
+        arrays = ArrayRecord({k: Array(np.asarray(u, dtype=np.float64)) for k, u in zip(keys, update)})
+        metrics = MetricRecord({**{k: 0.0 for k in template}, contract.WEIGHT_KEY: int(examples),
+                                "train-loss": float(loss)})
+        content = RecordDict({contract.UPDATE_KEY: arrays, contract.METRICS_KEY: metrics})
+        return Message(content, dst_node_id=0, message_type=MessageType.TRAIN)
 
     def _beyond_norm_bound(self, decoded: list[Message]) -> list[str]:
         """For each decoded reply, why its update is too large to merge ("" where it is not):

@@ -3,6 +3,7 @@ planner (to show `class_gen`) and the device (to make its request) both apply.
 
   fimi and the other policies: eq. 47 water-filling toward a uniform local histogram
   hdc: everything for the class the device holds least of (the HDC baseline)
+  fimi-uniform: the same amount for every class (the "w/o OA" ablation of Fig. 5e)
 
 The device applies it to its own class histogram, which never leaves it.
 """
@@ -38,9 +39,14 @@ def augmentation_policy(class_counts, d_gen: float) -> np.ndarray:
 
 def synthetic_request(policy: str, class_counts, d_gen: float) -> np.ndarray:
     """Whole synthetic samples per class for a device under `policy`."""
-    if policy != "hdc":
-        return augmentation_policy(class_counts, d_gen)
     counts = np.asarray(class_counts)
-    request = np.zeros(counts.size, dtype=np.int64)
-    request[np.argmin(counts)] = max(0, int(round(float(d_gen))))
-    return request
+    total = max(0, int(round(float(d_gen))))
+    if policy == "hdc":
+        request = np.zeros(counts.size, dtype=np.int64)
+        request[np.argmin(counts)] = total
+        return request
+    if policy == "fimi-uniform":  # the remainder to the classes held least, as eq. 47 would
+        request = np.full(counts.size, total // counts.size, dtype=np.int64)
+        request[np.argsort(counts, kind="stable")[:total % counts.size]] += 1
+        return request
+    return augmentation_policy(class_counts, d_gen)

@@ -35,11 +35,17 @@ class FimiProblem:
     scenario: Scenario
     s_bits: np.ndarray  # update size per device
     allow_synthetic: bool = True  # False: TFL, D_gen = 0 and no learning-error constraint
+    equal_band: bool = False  # True: every device gets B/N (the "w/o BA" ablation), no band allocation
 
     @classmethod
-    def build(cls, scenario: Scenario, allow_synthetic: bool = True) -> "FimiProblem":
+    def build(cls, scenario: Scenario, allow_synthetic: bool = True, equal_band: bool = False) -> "FimiProblem":
         s = update_bits(scenario.system.model_params, scenario.devices.bits)
-        return cls(scenario, s, allow_synthetic)
+        return cls(scenario, s, allow_synthetic, equal_band)
+
+    @property
+    def band_share(self) -> float:
+        """An equal share of the band, B/N: each device's band when equal_band holds."""
+        return self.scenario.system.bandwidth_hz / len(self.scenario.devices)
 
     @property
     def error_budget(self) -> float:
@@ -49,7 +55,8 @@ class FimiProblem:
         """Eqs. 17-18: train the local data at f_max / upload over the whole band at P_max."""
         sy, dv = self.scenario.system, self.scenario.devices
         eta_min = sy.tau * sy.omega * dv.d_loc / (sy.t_max_s * dv.f_max)
-        full_band_rate = sy.bandwidth_hz * np.log2(1.0 + dv.gain * dv.p_max / (sy.noise_w_per_hz * sy.bandwidth_hz))
+        band = self.band_share if self.equal_band else sy.bandwidth_hz  # the most a device can get
+        full_band_rate = band * np.log2(1.0 + dv.gain * dv.p_max / (sy.noise_w_per_hz * band))
         eta_max = 1.0 - self.s_bits / (sy.t_max_s * full_band_rate)
         return eta_min, eta_max
 
@@ -181,7 +188,11 @@ def solve_uplink(problem: FimiProblem, t_com: np.ndarray) -> UplinkSolution:
     feasible = np.all(np.isfinite(b_min), axis=-1) & (b_min.sum(-1) <= bw * (1.0 + 1e-12))
     b = np.array(b_min, dtype=float)
     varpi = np.full(t_com.shape[0], np.inf)
-    if np.any(feasible):
+    if problem.equal_band:  # no allocation: B/N each, enough where b_min fits in it
+        feasible = np.all(b_min <= problem.band_share * (1.0 + 1e-12), axis=-1)
+        b = np.where(b_min <= problem.band_share * (1.0 + 1e-12), problem.band_share, np.inf)
+        varpi[:] = 0.0  # no shared band constraint to price
+    elif np.any(feasible):
         t_f, bmin_f = t_com[feasible], b_min[feasible]
         # varpi between the price at which one device alone would take all of B and the price
         # at which every device is already down to b_min (eq. 40)
@@ -290,7 +301,12 @@ def _device_response(problem: FimiProblem, eta, nu, varpi):
         delta = np.where(nu > 0, _delta_at_price(problem, rho, np.where(nu > 0, nu, 1.0), lo, hi), hi)
     e_cmp = rho * (sy.gamma + delta) ** (-3.0 / sy.beta) + nu * delta
     b_min = min_bandwidth(problem, t_com)
-    b = np.where(priced, _bandwidth_at_price(problem, t_com, np.where(priced, varpi, 1.0), b_min)[0], b_min)
+    if problem.equal_band:
+        b_min = np.where(b_min <= problem.band_share * (1.0 + 1e-12), b_min, np.inf)
+        b = np.full_like(b_min, problem.band_share)
+        priced = np.zeros_like(priced)
+    else:
+        b = np.where(priced, _bandwidth_at_price(problem, t_com, np.where(priced, varpi, 1.0), b_min)[0], b_min)
     x = problem.s_bits / (b * t_com)
     e_com = sy.noise_w_per_hz * b / dv.gain * np.expm1(LN2 * x) * t_com + np.where(priced, varpi, 0.0) * b
     return np.where(np.isfinite(b_min), e_cmp + e_com, np.inf), delta, b

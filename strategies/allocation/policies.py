@@ -7,6 +7,11 @@
   ondemand       bits from each device's error demand, optimal time split, equal band share (seed 000)
   fimi+ondemand  bits from each device's demand, then FIMI with S_i = M * bits_i
 
+and FIMI with one part taken out, the ablations of seed 003's Fig. 5(e):
+
+  fimi-equal-band  every device gets B/N (w/o BA: no bandwidth allocation, power still optimised)
+  fimi-uniform     FIMI's amounts spread evenly over the classes (w/o OA: not eq. 47's filling)
+
 and two fixed-width forms of `fixed` (`parse_policy`):
 
   fp32           every device at 32 bits, raw floats (seed 000's FedAvg baseline)
@@ -20,8 +25,9 @@ from M where it has none); "theorem1" is seed 000's rule, which our codec does n
 
 from __future__ import annotations
 
+import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
@@ -33,7 +39,8 @@ from .quantization import (BITS_RULES, optimal_time_split, planned_bits, prior_c
                            split_bounds)
 from .scenario import Scenario
 
-POLICIES = ("fimi", "tfl", "hdc", "fixed", "ondemand", "fimi+ondemand")  # the base policies
+POLICIES = ("fimi", "tfl", "hdc", "fixed", "ondemand", "fimi+ondemand", "fimi-equal-band",
+            "fimi-uniform")  # the base policies
 FIXED_BITS = range(2, 33)
 POLICY_FORMS = (f"{', '.join(POLICIES)}, fp32 (every device at 32 bits: raw floats) or fixed-N "
                 f"(every device at N bits, N from {FIXED_BITS[0]} to {FIXED_BITS[-1]})")
@@ -61,6 +68,7 @@ class Plan:
     prices: dict = field(default_factory=dict)  # Lagrange multipliers of the shared constraints
     trace: SearchTrace | None = None
     seconds: float = 0.0
+    notes: list[str] = field(default_factory=list)  # what the planner changed to find a plan, said plainly
 
     @property
     def energy_j(self) -> float:
@@ -89,6 +97,8 @@ class Plan:
                 "binding": self.binding[k],
             })
         out["devices"] = devices
+        if self.notes:
+            out["notes"] = self.notes
         out["prices"] = self.prices
         out["solve_seconds"] = self.seconds
         return out
@@ -141,6 +151,32 @@ def solve_plan(scenario: Scenario, policy: str = "fimi", seed: int = 0, search: 
     return plan
 
 
+def error_target_out_of_reach(plan: Plan) -> bool:
+    """True when only the learning-error target (no device in particular) leaves no plan:
+    the synthetic cap or the devices' CPUs cannot bring the errors down to it."""
+    return (not plan.feasible and bool(plan.reasons)
+            and all(r["constraint"] == "learning_error" and not r["devices"] for r in plan.reasons))
+
+
+def reachable_delta_max(scenario: Scenario, policy: str = "fimi", seed: int = 0, steps: int = 24) -> float | None:
+    """The tightest Delta_max (within 1e-3 relative) above the scenario's for which `policy`
+    plans every device; None when even 0.999 does not. Bisection on log Delta_max: the error
+    budget grows with it, so feasibility is monotone."""
+    def feasible(delta_max: float) -> bool:
+        system = replace(scenario.system, delta_max=delta_max)
+        return solve_plan(Scenario(system, scenario.devices), policy, seed=seed).feasible
+
+    low, high = math.log(scenario.system.delta_max), math.log(0.999)
+    if not feasible(math.exp(high)):
+        return None
+    for _ in range(steps):
+        if high - low < 1e-3:
+            break
+        middle = 0.5 * (low + high)
+        low, high = (low, middle) if feasible(math.exp(middle)) else (middle, high)
+    return math.exp(high)
+
+
 def codec_constants(scenario: Scenario) -> np.ndarray:
     """Each device's codec constant: its reported one, else the prior for the model's size."""
     reported = scenario.devices.codec_constant
@@ -169,7 +205,7 @@ def _bits_from_demands(scenario: Scenario, rule: str) -> tuple[Scenario, list[di
 
 
 def _plan_fimi(scenario: Scenario, policy: str, rng, search: str, settings: CrossEntropySettings) -> Plan:
-    problem = FimiProblem.build(scenario, allow_synthetic=(policy != "tfl"))
+    problem = FimiProblem.build(scenario, allow_synthetic=(policy != "tfl"), equal_band=(policy == "fimi-equal-band"))
     trace = SearchTrace()
     eta_min, eta_max = problem.eta_bounds()
     # A device that cannot meet T_max on its own leaves nothing to search.
