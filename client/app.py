@@ -200,12 +200,17 @@ def local_step(message: Message, context: Context, plan: contract.NodePlan) -> t
     data = local_data(run, job, context)  # NodeDataError: Flower's error reply, the strategy drops the node
     request = synthetic_request(plan.policy, data.class_counts(), plan.d_gen)
     syn_images, syn_labels, note = fetch_synthetic(run, context, request, data.images.shape[1:])
-    images = np.concatenate([data.images, syn_images])
-    labels = np.concatenate([data.labels, syn_labels])
+    semi = {}
+    if run.synthetic_use == "unlabelled":  # SEMI: the generated samples, their labels withheld
+        images, labels, semi = data.images, data.labels, {"unlabelled": syn_images}
+    else:
+        images = np.concatenate([data.images, syn_images])
+        labels = np.concatenate([data.labels, syn_labels])
 
     global_weights = contract.read_global_model(message.content)
     seed = run.seed * 1000 + plan.server_round * 100 + partition_id
-    result = job.train(global_weights, images, labels, seed=seed, threads=int(context.node_config.get("threads", 1)))
+    result = job.train(global_weights, images, labels, seed=seed, threads=int(context.node_config.get("threads", 1)),
+                       **semi)
     train_seconds = result.seconds
     update = [w - g for w, g in zip(result.weights, global_weights)]
     payload, figures = quantize_update(update, plan, np.random.default_rng(plan.server_round * 7919 + partition_id))
@@ -214,7 +219,7 @@ def local_step(message: Message, context: Context, plan: contract.NodePlan) -> t
                                                 f"{plan.error_demand:.3g} on this update: sent {figures['bits']}")
     log(INFO, "partition %d: %d local + %d synthetic samples (%s), %.2f s, %d bytes at %d bits",
         partition_id, len(data), len(syn_labels), note or "none asked", train_seconds, len(payload), figures["bits"])
-    metrics = contract.TrainMetrics(num_examples=int(len(labels)), d_gen_used=int(len(syn_labels)),
+    metrics = contract.TrainMetrics(num_examples=int(len(data) + len(syn_labels)), d_gen_used=int(len(syn_labels)),
                                     train_seconds=train_seconds, train_loss=result.loss, upload_bytes=len(payload),
                                     modeled_energy_j=plan.modeled_energy_j, **figures)
     return payload, metrics, note

@@ -35,12 +35,14 @@ class ClassifierJob(Job):
         torch.manual_seed(self.run.seed)
         return get_weights(self._model())
 
-    def train(self, weights, images, labels, *, seed: int, threads: int = 1) -> LocalResult:
+    def train(self, weights, images, labels, *, seed: int, threads: int = 1,
+              unlabelled: np.ndarray | None = None) -> LocalResult:
+        """`unlabelled`: images whose labels the device does not use (SEMI's pseudo-labels)."""
         import torch
 
         from fedfill.models import get_weights, model_for_images, set_weights, train
 
-        model = model_for_images(images.shape, self._num_classes())
+        model = model_for_images(images.shape, self.num_classes)
         set_weights(model, weights)
         torch.manual_seed(seed)  # dropout draws from the global generator: same seed, same run
         # One thread: a device trains alone, and on a shared host several ClientApps at two
@@ -48,10 +50,12 @@ class ClassifierJob(Job):
         torch.set_num_threads(threads)
         started = time.perf_counter()
         loss = train(model, images, labels, epochs=self.run.local_epochs, lr=self.run.lr,
-                     batch_size=self.run.batch_size, seed=seed)
+                     batch_size=self.run.batch_size, seed=seed, unlabelled=unlabelled,
+                     threshold=self.run.pseudo_label_threshold)
         return LocalResult(get_weights(model), float(loss), time.perf_counter() - started)
 
-    def _num_classes(self) -> int:
+    @property
+    def num_classes(self) -> int:
         return self._split.clients.num_classes
 
     @functools.cached_property

@@ -42,6 +42,14 @@ class RunConfig:
                                              "on average (sets FIMI's zeta)")
     learning_fit: str = setting("", "learning-model fit JSON from `fedfill fit-learning`; "
                                     "empty: the one shipped for the dataset")
+    delta_max: float = setting(0.2, "Delta_max, FIMI's target on the global learning error (constraint 13a): "
+                                    "smaller asks for more synthetic data; zeta is set at the paper's 0.2")
+    # what the devices' synthetic samples are for (the baselines of seed 003 §V-B)
+    synthetic_use: str = setting("labelled", "labelled (FIMI: train on them with their labels), unlabelled "
+                                             "(SEMI: labels withheld, pseudo-labels above a confidence threshold) "
+                                             "or server (SST: the server keeps them and adds its own update)")
+    pseudo_label_threshold: float = setting(0.95, "SEMI: an unlabelled sample counts when the model's top "
+                                                  "class probability reaches this (FixMatch's 0.95)")
     # the server's screening and merging of updates (strategies.fimi_strategy, check_aggregation)
     aggregation: str = setting("fedavg", "how the server merges the screened updates: fedavg (weighted by D_loc + "
                                          "D_gen), median (coordinate-wise) or trimmed-mean (both unweighted, "
@@ -93,6 +101,7 @@ class RunConfig:
         return cls(**values, **fixed)
 
 
+SYNTHETIC_USES = ("labelled", "unlabelled", "server")  # RunConfig.synthetic_use: FIMI, SEMI, SST
 AGGREGATIONS = ("fedavg", "median", "trimmed-mean")  # the rules of RunConfig.aggregation
 
 

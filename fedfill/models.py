@@ -118,16 +118,24 @@ def images_to_tensor(images: np.ndarray) -> torch.Tensor:
 
 
 def train(model: nn.Module, images: np.ndarray, labels: np.ndarray, *, epochs: int = 1, lr: float = 0.02,
-          batch_size: int = 64, momentum: float = 0.0, min_steps: int = 0, seed: int = 0) -> float:
+          batch_size: int = 64, momentum: float = 0.0, min_steps: int = 0, seed: int = 0,
+          unlabelled: np.ndarray | None = None, threshold: float = 0.95) -> float:
     """Plain SGD on cross-entropy for `epochs` passes (at least `min_steps` batches); returns the mean loss.
 
     FIMI's local update is SGD with lr 0.02, batch 64 (Section V-A); `min_steps` lets a
     tiny dataset still get enough updates to converge (learning curves).
+
+    `unlabelled` images (the SEMI baseline) add the pseudo-label loss of FixMatch without its
+    augmentations: every step also takes a batch of them, labels each by the model's own
+    prediction, and adds the cross-entropy of those whose top probability reaches `threshold`
+    (averaged over the whole unlabelled batch, so a doubtful model learns little from them).
     """
     if len(labels) == 0:
         raise ValueError("no training samples")
     generator = torch.Generator().manual_seed(seed)
     x, y = images_to_tensor(images), torch.as_tensor(labels, dtype=torch.long)
+    x_u = images_to_tensor(unlabelled) if unlabelled is not None and len(unlabelled) else None
+    unlabelled_draws = torch.Generator().manual_seed(seed + 1)  # the labelled batches stay as without SEMI
     optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum)
     loss_fn = nn.CrossEntropyLoss()
     model.train()
@@ -140,11 +148,22 @@ def train(model: nn.Module, images: np.ndarray, labels: np.ndarray, *, epochs: i
             batch = order[start:start + batch_size]
             optimizer.zero_grad()
             loss = loss_fn(model(x[batch]), y[batch])
+            if x_u is not None:
+                loss = loss + pseudo_label_loss(model, x_u[torch.randint(len(x_u), (batch_size,), generator=unlabelled_draws)],
+                                                threshold)
             loss.backward()
             optimizer.step()
             total += float(loss.detach())
             steps += 1
     return total / steps
+
+
+def pseudo_label_loss(model: nn.Module, x_u: torch.Tensor, threshold: float) -> torch.Tensor:
+    """Cross-entropy against the model's own confident predictions, zero for the others."""
+    logits = model(x_u)
+    confidence, pseudo = torch.softmax(logits.detach(), dim=1).max(1)
+    mask = (confidence >= threshold).float()
+    return (nn.functional.cross_entropy(logits, pseudo, reduction="none") * mask).mean()
 
 
 @torch.no_grad()

@@ -55,6 +55,8 @@ _RULES = {
     "generator_guidance": (lambda v: _finite(v) and GENERATOR_GUIDANCE[0] <= v <= GENERATOR_GUIDANCE[1],
                            "in [{:g}, {:g}] (what the generation service serves)".format(*GENERATOR_GUIDANCE)),
     "lora_rank": (lambda v: v >= 1, "at least 1"),
+    "delta_max": (lambda v: _finite(v) and 0 < v < 1, "in (0, 1): a learning error (the paper sweeps 0.15 to 0.3)"),
+    "pseudo_label_threshold": (lambda v: _finite(v) and 0 < v <= 1, "in (0, 1]: a class probability"),
     "node_wait_s": (lambda v: _finite(v) and v >= 0, "0 or a positive number of seconds"),
     "reply_timeout_s": (lambda v: _finite(v) and v > 0, "a positive number of seconds"),
 }
@@ -70,11 +72,34 @@ def check_settings(job: RunConfig) -> None:
         check_aggregation(job.aggregation, job.trim_beta, job.norm_bound)
     except ValueError as err:
         raise UsageError(str(err)) from None
+    check_synthetic_use(job)
     if job.learning_fit:
         check_learning_fit(job.learning_fit)
     if job.dataset.lower() == "digits" and job.data_dir:
         raise UsageError(f"--data-dir {job.data_dir}: digits is embedded and reads no directory; "
                          "name the dataset that lives there (--dataset cifar10, gtsrb, fmnist or cinic10)")
+
+
+def check_synthetic_use(job: RunConfig) -> None:
+    """SEMI and SST are baselines of the classifier job; SST's devices train on local data
+    only (the paper's SST plans as TFL), so a policy that hands them synthetic data is refused."""
+    from fedfill.config import SYNTHETIC_USES
+    from strategies.allocation.policies import parse_policy
+
+    flag = flag_of("synthetic_use")
+    if job.synthetic_use not in SYNTHETIC_USES:
+        raise UsageError(f"{flag} {job.synthetic_use}: choose one of {', '.join(SYNTHETIC_USES)}")
+    if job.synthetic_use != "labelled" and job.job != "classifier":
+        raise UsageError(f"{flag} {job.synthetic_use}: SEMI and SST are baselines of the classifier job, "
+                         f"not of --job {job.job}")
+    if job.synthetic_use == "server":
+        try:
+            base = parse_policy(job.policy)[0]
+        except ValueError:
+            return  # the policy's own check names it
+        if base != "tfl":
+            raise UsageError(f"{flag} server: the server keeps the synthetic data and its devices get none, so "
+                             f"plan them without it (--policy tfl, as the paper's SST), not --policy {job.policy}")
 
 
 def check_learning_fit(path: str) -> None:

@@ -32,6 +32,7 @@ from server.report import read_rounds
 def add_run_flags(parser, skip: tuple[str, ...] = ()) -> None:
     """The run-config flags of `fedfill run` and `fedfill testbed run`, each checked as it is
     parsed: the jobs and bit rules as choices, a policy by the planner's own parser."""
+    from fedfill.config import SYNTHETIC_USES
     from fedfill.job import JOBS
     from strategies.allocation.policies import parse_policy
 
@@ -42,7 +43,8 @@ def add_run_flags(parser, skip: tuple[str, ...] = ()) -> None:
             raise argparse.ArgumentTypeError(str(err)) from None
         return name
 
-    add_flags(parser, choices={"job": tuple(JOBS), "bits_rule": ("codec", "theorem1"), "trainable": ("full", "lora")},
+    add_flags(parser, choices={"job": tuple(JOBS), "bits_rule": ("codec", "theorem1"), "trainable": ("full", "lora"),
+                               "synthetic_use": SYNTHETIC_USES},
               types={"policy": policy}, skip=skip)
 
 
@@ -57,6 +59,9 @@ def add_arguments(parser) -> None:
     parser.add_argument("--generator", default="auto", metavar="auto|none|HOST:PORT",
                         help="auto (default): start the generation service with the shipped digits checkpoint; "
                              "none: no synthetic data; HOST:PORT: a running service")
+    parser.add_argument("--generator-checkpoint", metavar="DIR",
+                        help="with --generator auto: the checkpoint the service serves (default: the shipped digits "
+                             "diffusion model; generation/checkpoints/digits-gan is the GAN baseline's)")
     parser.add_argument("--superlink", metavar="HOST:PORT",
                         help="run on a SuperLink that is already up with its nodes (a testbed, boards) instead of "
                              "starting an engine; the report directory must be the same path on its machine")
@@ -83,6 +88,9 @@ def checked_job(args) -> tuple[RunConfig, str]:
     if generator_mode == "auto" and args.superlink:
         raise UsageError("with --superlink, name the generation service its nodes reach (--generator HOST:PORT) "
                          "or run without one (--generator none)")
+    if generator_mode == "none" and args.synthetic_use != "labelled":
+        raise UsageError(f"--synthetic-use {args.synthetic_use}: the synthetic samples come from a generation "
+                         "service; use --generator auto or HOST:PORT")
     job = RunConfig.from_args(args, out_dir=str(Path(args.out).resolve()),
                               generator_address="" if generator_mode in ("auto", "none") else generator_mode)
     # a scenario profiles the deployment engine's nodes; a SuperLink's nodes are someone else's
@@ -101,6 +109,11 @@ def check_launcher_options(args) -> None:
     if args.clientapp != "warm" and (args.engine != "deployment" or args.superlink):
         raise UsageError(f"--clientapp {args.clientapp}: it chooses the SuperNodes the deployment engine starts; "
                          "add --engine deployment" + (" and leave out --superlink" if args.superlink else ""))
+    if args.generator_checkpoint:
+        if args.generator != "auto":
+            raise UsageError("--generator-checkpoint chooses what --generator auto serves; a running service "
+                             "serves its own")
+        check_generator_checkpoint(args.generator_checkpoint)
     if args.root_certificates and not args.superlink:
         raise UsageError("--root-certificates goes with --superlink")
     if args.root_certificates and not Path(args.root_certificates).is_file():
@@ -113,6 +126,17 @@ def check_launcher_options(args) -> None:
     if not (math.isfinite(args.timeout) and args.timeout > 0):
         raise UsageError(f"--timeout {args.timeout}: must be a positive number of seconds")
     check_report_dir("--out", Path(args.out))
+
+
+def check_generator_checkpoint(path: str) -> None:
+    """A checkpoint the generation service will load, refused now rather than after the
+    engine started."""
+    from generation.model import CheckpointError, load_generator
+
+    try:
+        load_generator(path)
+    except CheckpointError as err:
+        raise UsageError(f"--generator-checkpoint {path}: {err}") from None
 
 
 def check_report_dir(option: str, out: Path) -> None:
@@ -149,7 +173,8 @@ def run(args) -> int:
             if generator_mode == "auto":  # it loads while the engine starts
                 from deploy.local import GenerationProcess
 
-                generation = GenerationProcess(out / "logs", out / "generator-cache").launch()
+                generation = GenerationProcess(out / "logs", out / "generator-cache",
+                                               checkpoint=args.generator_checkpoint or "").launch()
                 job = replace(job, generator_address=generation.address)
             simulation, watch = [], None
             if args.superlink:
