@@ -21,6 +21,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "run": ("server.cli_run", "run the federated FIMI job on Flower and write its report"),
     "testbed": ("deploy.cli_testbed", "build, start, drive, break and remove the multi-container testbed"),
     "compare": ("server.cli_compare", "run several policies on the same split and tabulate seed 003's Table I"),
+    "reproduce": ("server.cli_reproduce", "seed 003's whole evaluation: Table I, Fig. 4, the ablations and sweeps"),
     "board": ("deploy.cli_board", "read this board's profile; write a node bundle for a board"),
     "supernode": ("client.supernode", "Flower's SuperNode with a warm ClientApp (flower-supernode's arguments)"),
 }

@@ -123,6 +123,23 @@ def check_learning_fit(path: str) -> None:
                          "the power law needs finite numbers with alpha and beta above 0")
 
 
+def check_generator(option: str, path: str, job: RunConfig) -> None:
+    """A generator checkpoint the generation service will load, drawing the run's classes at
+    its image size: refused here, not after the engine started."""
+    from generation.model import CheckpointError, load_generator
+
+    try:
+        config, _ = load_generator(path)
+    except CheckpointError as err:
+        raise UsageError(f"{option} {path}: {err}") from None
+    pool = clients_pool(job)
+    drawn = (config.image_size, config.image_size, config.channels)
+    if config.num_classes != pool.num_classes or drawn != pool.images.shape[1:]:
+        raise UsageError(f"{option} {path}: it draws {config.num_classes} classes of {'x'.join(map(str, drawn))} "
+                         f"images, {job.dataset} has {pool.num_classes} of {'x'.join(map(str, pool.images.shape[1:]))}"
+                         " (train one on it: fedfill generator train --dataset ...)")
+
+
 def clients_pool(job: RunConfig):
     """The pool the nodes' partitions come from, as every process of the run derives it."""
     from fedfill.job import run_split

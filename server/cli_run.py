@@ -81,7 +81,11 @@ def checked_job(args) -> tuple[RunConfig, str]:
     generator_mode = args.generator
     if generator_mode == "auto" and args.job == "ddpm":
         generator_mode = "none"  # the ddpm job trains on local data only (seed 000)
-    if generator_mode == "auto" and args.dataset != "digits":
+    if generator_mode == "auto" and args.generator_checkpoint:
+        from server.checks import check_generator
+
+        check_generator("--generator-checkpoint", args.generator_checkpoint, RunConfig.from_args(args))
+    elif generator_mode == "auto" and args.dataset != "digits":
         print("fedfill run: no shipped generator for this dataset; train one with `fedfill generator train` "
               "and pass --generator HOST:PORT of its service. Running without synthetic data.")
         generator_mode = "none"
@@ -109,11 +113,9 @@ def check_launcher_options(args) -> None:
     if args.clientapp != "warm" and (args.engine != "deployment" or args.superlink):
         raise UsageError(f"--clientapp {args.clientapp}: it chooses the SuperNodes the deployment engine starts; "
                          "add --engine deployment" + (" and leave out --superlink" if args.superlink else ""))
-    if args.generator_checkpoint:
-        if args.generator != "auto":
-            raise UsageError("--generator-checkpoint chooses what --generator auto serves; a running service "
-                             "serves its own")
-        check_generator_checkpoint(args.generator_checkpoint)
+    if args.generator_checkpoint and args.generator != "auto":
+        raise UsageError("--generator-checkpoint chooses what --generator auto serves; a running service "
+                         "serves its own")
     if args.root_certificates and not args.superlink:
         raise UsageError("--root-certificates goes with --superlink")
     if args.root_certificates and not Path(args.root_certificates).is_file():
@@ -126,17 +128,6 @@ def check_launcher_options(args) -> None:
     if not (math.isfinite(args.timeout) and args.timeout > 0):
         raise UsageError(f"--timeout {args.timeout}: must be a positive number of seconds")
     check_report_dir("--out", Path(args.out))
-
-
-def check_generator_checkpoint(path: str) -> None:
-    """A checkpoint the generation service will load, refused now rather than after the
-    engine started."""
-    from generation.model import CheckpointError, load_generator
-
-    try:
-        load_generator(path)
-    except CheckpointError as err:
-        raise UsageError(f"--generator-checkpoint {path}: {err}") from None
 
 
 def check_report_dir(option: str, out: Path) -> None:

@@ -1,0 +1,444 @@
+"""`fedfill reproduce`: seed 003's whole evaluation (Table I, Fig. 4, Fig. 5e-g) into one directory.
+
+The campaign is a list of runs, each an ordinary `fedfill run` of the classifier job in its
+own directory, so any one of them can be read, rerun or resumed alone:
+
+  DIR/split-A/<method>/      the methods of Table I and Fig. 4, per Dirichlet alpha A
+  DIR/split-A/clsd/          CLSD: centralised training on the synthetic data alone
+  DIR/split-S/fimi-*/...     on the sweep split S (the paper's Dir 0.6): the ablations of
+                             Fig. 5(e) that are no method already, and the points of the
+                             Delta_max and T_max sweeps (Fig. 5f-g) that are not FIMI's defaults
+
+A method or an ablation is a run setting, nothing more (METHODS, ABLATIONS): a planner policy,
+what the synthetic samples are for (`--synthetic-use`), and which generator serves them. One
+generation service per generator serves every run, so a request made twice is sampled once.
+Runs go `--jobs` at a time; a finished run is kept, an interrupted one resumes from its
+checkpoint, so the same command picks a campaign up where it stopped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import subprocess
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
+
+from fedfill.config import GIVEN, RunConfig
+from fedfill.errors import UsageError
+from server.report import read_rounds
+
+# Table I's methods (seed 003 §V-B) as run settings; clsd is no federated run
+METHODS = {
+    "tfl": {"policy": "tfl", "generator": ""},  # no synthetic data: no generation service
+    "semi": {"policy": "fimi", "synthetic_use": "unlabelled"},
+    "hdc": {"policy": "hdc"},
+    "sst": {"policy": "tfl", "synthetic_use": "server"},
+    "gan": {"policy": "fimi", "generator": "gan"},
+    "clsd": None,
+    "fimi": {"policy": "fimi"},
+}
+# Fig. 5(e): FIMI with one part taken out -> (label, the run that shows it)
+ABLATIONS = {
+    "no-ba": ("w/o BA", "fimi-equal-band"),  # equal bands: no bandwidth allocation
+    "no-da": ("w/o DA", "tfl"),  # no synthetic data at all: TFL
+    "no-dm": ("w/o DM", "gan"),  # a GAN in the diffusion model's place
+    "no-oa": ("w/o OA", "fimi-uniform"),  # the same amounts, uniform over classes, not eq. 47
+}
+EXTRA_RUNS = {"fimi-equal-band": {"policy": "fimi-equal-band"}, "fimi-uniform": {"policy": "fimi-uniform"}}
+DEFAULT_DELTA_MAX = (0.15, 0.2, 0.25, 0.3)  # the paper's Fig. 5(f)
+DEFAULT_T_MAX = (20.0, 30.0, 45.0, 60.0, 90.0, 120.0)  # around FIMI's 60 s (Fig. 5g)
+GAN_CHECKPOINT = Path(__file__).resolve().parents[1] / "generation" / "checkpoints" / "digits-gan"
+# what the campaign sets in each run, so not a flag of its own
+CAMPAIGN_SETTINGS = ("job", "policy", "dirichlet_alpha", "synthetic_use", "delta_max", "t_max_s", "resume")
+
+
+def add_arguments(parser) -> None:
+    from server.cli_run import add_run_flags
+
+    parser.add_argument("--out", required=True, help="the campaign's directory (rerun the command to resume it)")
+    parser.add_argument("--splits", default="0.4,0.6", help="Dirichlet alphas of Table I's columns (default 0.4,0.6)")
+    parser.add_argument("--sweep-split", type=float, help="the alpha of the ablations and sweeps (default: the last "
+                                                          "split, the paper's Dir 0.6)")
+    parser.add_argument("--methods", default=",".join(METHODS), help=f"of {', '.join(METHODS)} (default: all)")
+    parser.add_argument("--ablations", default=",".join(ABLATIONS),
+                        help=f"of {', '.join(ABLATIONS)}, or none (default: all)")
+    parser.add_argument("--delta-max", dest="sweep_delta_max", default=",".join(map(str, DEFAULT_DELTA_MAX)),
+                        help="the Delta_max sweep, values in (0, 1), or none (default 0.15,0.2,0.25,0.3)")
+    parser.add_argument("--t-max", dest="sweep_t_max", default=",".join(f"{t:g}" for t in DEFAULT_T_MAX),
+                        help="the T_max sweep in seconds, or none (default 20,30,45,60,90,120)")
+    parser.add_argument("--target", type=float, default=0.95, help="Table I's target test accuracy (default 0.95: "
+                                                                    "near what TFL reaches on digits, as the paper's "
+                                                                    "targets are near its TFL's best)")
+    parser.add_argument("--gan-checkpoint", default=str(GAN_CHECKPOINT),
+                        help="the GAN baseline's generator (default: the shipped digits GAN)")
+    parser.add_argument("--generator-checkpoint", default="",
+                        help="the diffusion generator (default: the shipped digits one)")
+    parser.add_argument("--jobs", type=int, default=max(1, (os.cpu_count() or 2) // 4),
+                        help="runs at once (default: a quarter of the cores, at least 1; each run's simulated "
+                             "devices share the cores it gets)")
+    parser.add_argument("--timeout", type=float, default=3600.0, help="give up on one run after this many seconds")
+    add_run_flags(parser, skip=CAMPAIGN_SETTINGS)
+    parser.set_defaults(num_partitions=20, rounds=100)  # the paper's 20 devices; digits flattens by ~100 rounds
+
+
+@dataclass
+class CampaignRun:
+    """One run of the campaign: where it goes and what it sets beyond the shared flags."""
+
+    name: str  # its directory under the campaign's, e.g. split-0.4/fimi
+    settings: dict = field(default_factory=dict)  # RunConfig fields
+    generator: str = "diffusion"  # which service serves it ("": none)
+    centralised: bool = False  # CLSD: no Flower, one process
+
+    def out(self, root: Path) -> Path:
+        return root / self.name
+
+
+def split_name(alpha: float) -> str:
+    return f"split-{alpha:g}"
+
+
+def campaign(splits, methods, ablations, delta_maxes, t_maxes, sweep_split: float) -> list[CampaignRun]:
+    """The runs, each once: an ablation or sweep point that is a method's run reuses it."""
+    runs: dict[str, CampaignRun] = {}
+
+    def add(alpha: float, key: str, settings: dict | None) -> str:
+        name = f"{split_name(alpha)}/{key}"
+        if name not in runs:
+            if settings is None:
+                runs[name] = CampaignRun(name, {"dirichlet_alpha": alpha}, centralised=True)
+            else:
+                settings = dict(settings)
+                generator = settings.pop("generator", "diffusion")
+                runs[name] = CampaignRun(name, {"dirichlet_alpha": alpha, **settings}, generator)
+        return name
+
+    for alpha in splits:
+        for method in methods:
+            add(alpha, method, METHODS[method])
+    if ablations or delta_maxes or t_maxes:  # what they are measured against
+        add(sweep_split, "fimi", METHODS["fimi"])
+    for ablation in ablations:
+        key = ABLATIONS[ablation][1]
+        add(sweep_split, key, METHODS.get(key) or EXTRA_RUNS[key])
+    for setting, values in (("delta_max", delta_maxes), ("t_max_s", t_maxes)):
+        for value in values:
+            add(sweep_split, sweep_point(setting, value), {"policy": "fimi", setting: value})
+    return list(runs.values())
+
+
+def sweep_point(setting: str, value: float) -> str:
+    """The run of a sweep point: FIMI's own at the default, else e.g. delta-max-0.15, t-max-30."""
+    if value == getattr(RunConfig(), setting):
+        return "fimi"
+    return {"delta_max": "delta-max", "t_max_s": "t-max"}[setting] + f"-{value:g}"
+
+
+def _names(option: str, text: str, known) -> list[str]:
+    names = [n.strip() for n in text.split(",") if n.strip()]
+    if text.strip() == "none":
+        return []
+    unknown = [n for n in names if n not in known]
+    if unknown:
+        raise UsageError(f"{option} {text}: unknown {unknown[0]!r}; choose from {', '.join(known)}")
+    if len(set(names)) < len(names):
+        raise UsageError(f"{option} {text}: a name given twice")
+    return names
+
+
+def _values(option: str, text: str, good, domain: str) -> list[float]:
+    if text.strip() == "none":
+        return []
+    try:
+        values = [float(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise UsageError(f"{option} {text}: comma-separated numbers expected") from None
+    bad = [v for v in values if not (math.isfinite(v) and good(v))]
+    if bad:
+        raise UsageError(f"{option} {text}: {bad[0]:g} is outside {domain}")
+    if len(set(values)) < len(values):
+        raise UsageError(f"{option} {text}: a value given twice")
+    return values
+
+
+@dataclass
+class Campaign:
+    runs: list[CampaignRun]
+    splits: list[float]
+    sweep_split: float
+    ablations: list[str]
+    sweeps: dict[str, list[float]]
+
+    def figures_input(self, root: Path) -> tuple[dict[str, Path], dict[str, dict[float, Path]]]:
+        """What server.paper_figures draws Fig. 5 from: the ablation variants' and the sweep
+        points' run directories."""
+        split = root / split_name(self.sweep_split)
+        variants = {"FIMI": split / "fimi", **{ABLATIONS[a][0]: split / ABLATIONS[a][1] for a in self.ablations}}
+        sweeps = {setting: {v: split / sweep_point(setting, v) for v in values} for setting, values in self.sweeps.items()}
+        return variants, sweeps
+
+
+def planned_campaign(args) -> Campaign:
+    """The runs the flags ask for, every name and value checked before anything starts."""
+    splits = _values("--splits", args.splits, lambda v: v > 0, "(0, inf): a Dirichlet alpha")
+    if not splits:
+        raise UsageError("--splits names no split")
+    sweep_split = args.sweep_split if args.sweep_split is not None else splits[-1]
+    methods = _names("--methods", args.methods, METHODS)
+    ablations = [a for a in ABLATIONS if a in _names("--ablations", args.ablations, ABLATIONS)]  # the paper's order
+    delta_maxes = _values("--delta-max", args.sweep_delta_max, lambda v: 0 < v < 1, "(0, 1): a learning error")
+    t_maxes = _values("--t-max", args.sweep_t_max, lambda v: v > 0, "(0, inf): seconds")
+    if not 0 < args.target <= 1:
+        raise UsageError(f"--target {args.target}: a test accuracy in (0, 1]")
+    if args.jobs < 1:
+        raise UsageError(f"--jobs {args.jobs}: at least 1")
+    runs = campaign(splits, methods, ablations, delta_maxes, t_maxes, sweep_split)
+    check_generators(args, {r.generator for r in runs if r.generator})
+    return Campaign(runs, splits, sweep_split, ablations, {"delta_max": delta_maxes, "t_max_s": t_maxes})
+
+
+def check_generators(args, generators: set[str]) -> None:
+    """The checkpoints the campaign's services will serve, each fit for the dataset."""
+    from server.checks import check_generator
+
+    job = RunConfig.from_args(args, **{f.name: f.default for f in fields(RunConfig) if f.name in CAMPAIGN_SETTINGS})
+    if "diffusion" in generators and not args.generator_checkpoint and args.dataset != "digits":
+        raise UsageError(f"--dataset {args.dataset}: fedfill ships generators for digits only; train one "
+                         "(`fedfill generator train`, and `--model gan` for the GAN baseline) and pass "
+                         "--generator-checkpoint (and --gan-checkpoint)")
+    if "diffusion" in generators and args.generator_checkpoint:
+        check_generator("--generator-checkpoint", args.generator_checkpoint, job)
+    if "gan" in generators:
+        try:
+            check_generator("--gan-checkpoint", args.gan_checkpoint, job)
+        except UsageError as err:
+            raise UsageError(f"{err} (the GAN baseline and the w/o DM ablation need it; train one with "
+                             "`fedfill generator train --model gan`)") from None
+
+
+def run_config(args, run: CampaignRun, root: Path, generator_address: str) -> RunConfig:
+    """The run's settings: the shared flags, the campaign's own settings at their defaults,
+    then the run's."""
+    campaign_defaults = {f.name: f.default for f in fields(RunConfig) if f.name in CAMPAIGN_SETTINGS}
+    base = RunConfig.from_args(args, **{**campaign_defaults, "job": "classifier"}, out_dir=str(run.out(root)),
+                               generator_address=generator_address)
+    return replace(base, **run.settings)
+
+
+def run_flags(config: RunConfig) -> list[str]:
+    """`fedfill run`'s flags that make exactly this RunConfig."""
+    from server.checks import flag_of
+
+    flags = []
+    for f in fields(RunConfig):
+        if not f.metadata["cli"]:
+            continue
+        value = getattr(config, f.name)
+        if isinstance(value, bool):
+            flags += [flag_of(f.name)] if value else []
+        else:
+            flags += [flag_of(f.name), str(value)]
+    return flags
+
+
+def run_state(out: Path, rounds: int) -> str:
+    """done (every round and the summary written), partial (a checkpoint to resume) or new."""
+    if (out / "clsd.json").exists():  # centralised: written once, at its end
+        return "done" if len(json.loads((out / "clsd.json").read_text())["curve"]) >= rounds else "new"
+    if (out / "summary.json").exists() and (out / "rounds.csv").exists():
+        if len(read_rounds(out / "rounds.csv")) >= rounds + 1:
+            return "done"
+    return "partial" if (out / "checkpoint.npz").exists() else "new"
+
+
+def rounds_done(out: Path) -> int:
+    try:
+        return max(0, len(read_rounds(out / "rounds.csv")) - 1)
+    except (OSError, ValueError, KeyError):
+        return 0
+
+
+def run(args) -> int:
+    from server.checks import check_job
+    from server.cli_run import check_report_dir, interrupts_stop_the_run
+
+    plan = planned_campaign(args)
+    runs, splits, sweep_split = plan.runs, plan.splits, plan.sweep_split
+    root = Path(args.out).resolve()
+    check_report_dir("--out", root)
+    configs = {r.name: run_config(args, r, root, "127.0.0.1:1") for r in runs}
+    for r in runs:  # every federated run checked before the first one starts
+        if not r.centralised:
+            try:
+                check_job(configs[r.name])
+            except UsageError as err:
+                raise UsageError(f"the run {r.name}: {err}") from None
+    root.mkdir(parents=True, exist_ok=True)
+    started = time.monotonic()
+    states = {r.name: run_state(r.out(root), args.rounds) for r in runs}
+    todo = [r for r in runs if states[r.name] != "done"]
+    print(f"fedfill reproduce: {len(runs)} runs ({len(runs) - len(todo)} already done), {args.num_partitions} "
+          f"devices, {args.rounds} rounds, splits {', '.join(map(str, splits))} -> {root}")
+    failed: list[str] = []
+    services = {}
+    with interrupts_stop_the_run():
+        try:
+            services = start_services(root, {r.generator for r in todo if r.generator}, args)
+            progress = CampaignProgress(root, runs, args.rounds, states)
+            with progress:
+                def one(r: CampaignRun) -> None:
+                    config = replace(configs[r.name], generator_address=services[r.generator].address
+                                     if r.generator in services else "")
+                    progress.started(r)
+                    if r.centralised:
+                        ok = run_centralised_logged(config, r.out(root), args.rounds)
+                    else:
+                        ok = run_federated(config, r.out(root), states[r.name] == "partial", args.timeout)
+                    progress.finished(r, ok)
+                    if not ok:
+                        failed.append(r.name)
+
+                with ThreadPoolExecutor(max_workers=args.jobs) as pool:
+                    for _ in pool.map(one, todo):
+                        pass
+        finally:
+            for service in services.values():
+                service.stop()
+    wall = time.monotonic() - started
+    from server.paper_figures import write_evaluation
+
+    written = write_evaluation(root, splits, args.target, *plan.figures_input(root), sweep_split)
+    (root / "campaign.json").write_text(json.dumps(
+        {"wall_s_this_invocation": wall, "runs": [r.name for r in runs], "failed": failed, "splits": splits,
+         "sweep_split": sweep_split, "nodes": args.num_partitions, "rounds": args.rounds, "seed": args.seed,
+         "dataset": args.dataset, "target_accuracy": args.target}, indent=1) + "\n")
+    print(f"reproduce: {', '.join(written)} in {root} ({wall / 60:.1f} min)")
+    if failed:
+        print(f"fedfill reproduce: {len(failed)} run(s) failed: {', '.join(failed)} (see their run.log); rerun the "
+              "command to retry them", file=sys.stderr)
+        return 1
+    return 0
+
+
+def start_services(root: Path, generators: set[str], args) -> dict:
+    """One generation service per generator the pending runs need, with a cache that outlives
+    the campaign (a resumed campaign asks again and is served from it)."""
+    from deploy.local import GenerationProcess
+
+    checkpoints = {"diffusion": args.generator_checkpoint, "gan": args.gan_checkpoint}
+    services = {name: GenerationProcess(root / "logs" / name, root / "generator-cache" / name,
+                                        checkpoint=checkpoints[name]).launch() for name in sorted(generators)}
+    for service in services.values():
+        service.wait_serving()
+    return services
+
+
+def run_federated(config: RunConfig, out: Path, resume: bool, timeout: float) -> bool:
+    """`fedfill run` of one campaign run, its output in OUT/run.log."""
+    out.mkdir(parents=True, exist_ok=True)
+    command = [sys.executable, "-m", "fedfill", "run", *run_flags(replace(config, resume=resume)), "--out", str(out),
+               "--generator", config.generator_address or "none", "--timeout", str(timeout)]
+    with open(out / "run.log", "w") as log:
+        return subprocess.run(command, stdout=log, stderr=subprocess.STDOUT).returncode == 0
+
+
+def run_centralised_logged(config: RunConfig, out: Path, epochs: int) -> bool:
+    """CLSD with its failure in OUT/run.log, as a federated run's: the campaign goes on."""
+    import traceback
+
+    out.mkdir(parents=True, exist_ok=True)
+    try:
+        return run_centralised(config, out, epochs)
+    except Exception:  # noqa: BLE001 - one run's failure is reported, the others still run
+        (out / "run.log").write_text(traceback.format_exc())
+        return False
+
+
+def run_centralised(config: RunConfig, out: Path, epochs: int) -> bool:
+    """CLSD: the classifier trained centrally on the server's synthetic set alone, one epoch a
+    'round', the test accuracy after each (OUT/clsd.json)."""
+    from fedfill.classifier import ClassifierJob
+    from fedfill.job import run_split
+    from server.app import server_synthetic_set
+
+    out.mkdir(parents=True, exist_ok=True)
+    job = ClassifierJob(config)
+    total = int(round(config.synthetic_fraction * len(run_split(config).clients)))
+    images, labels = server_synthetic_set(config, total, job.num_classes)
+    weights, curve = job.initial_weights(), []
+    for epoch in range(1, epochs + 1):
+        result = job.train(weights, images, labels, seed=config.seed * 1000 + epoch, threads=1)
+        weights = result.weights
+        curve.append({"epoch": epoch, **job.evaluate(weights), "train_loss": result.loss})
+    (out / "clsd.json").write_text(json.dumps({"synthetic_samples": int(len(labels)), "curve": curve,
+                                               "best_accuracy": max(c["accuracy"] for c in curve)}, indent=1) + "\n")
+    (out / "summary.json").write_text(json.dumps({"best_accuracy": max(c["accuracy"] for c in curve)}) + "\n")
+    return True
+
+
+class CampaignProgress:
+    """A rich display of the whole campaign: rounds done over all runs, and each active run,
+    read from the runs' own reports every second."""
+
+    def __init__(self, root: Path, runs: list[CampaignRun], rounds: int, states: dict[str, str]):
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+        self.root, self.runs, self.rounds = root, runs, rounds
+        self.finished_runs = {r.name for r in runs if states[r.name] == "done"}
+        self.active: dict[str, tuple[CampaignRun, int]] = {}
+        self.lock = threading.Lock()
+        self.progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                                 TimeElapsedColumn(), refresh_per_second=2)
+        self.total = self.progress.add_task("campaign (rounds of all runs)", total=rounds * len(runs))
+        self.stop = threading.Event()
+        self.watcher = threading.Thread(target=self._watch, daemon=True)
+
+    def __enter__(self):
+        self._refresh()
+        self.progress.start()
+        self.watcher.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.stop.set()
+        self.watcher.join()
+        self._refresh()
+        self.progress.stop()
+
+    def started(self, run: CampaignRun) -> None:
+        with self.lock:
+            task = self.progress.add_task(f"  {run.name}", total=self.rounds, completed=self._done(run))
+            self.active[run.name] = (run, task)
+
+    def finished(self, run: CampaignRun, ok: bool) -> None:
+        with self.lock:
+            _, task = self.active.pop(run.name)
+            self.progress.remove_task(task)
+            if ok:
+                self.finished_runs.add(run.name)
+            self.progress.console.print(f"{'done' if ok else '[red]failed[/]'}: {run.name}")
+        self._refresh()
+
+    def _done(self, run: CampaignRun) -> int:
+        if run.name in self.finished_runs:
+            return self.rounds
+        if run.centralised:
+            return 0
+        return min(self.rounds, rounds_done(run.out(self.root)))
+
+    def _refresh(self) -> None:
+        with self.lock:
+            for run, task in self.active.values():
+                self.progress.update(task, completed=self._done(run))
+            self.progress.update(self.total, completed=sum(self._done(r) for r in self.runs))
+
+    def _watch(self) -> None:
+        while not self.stop.wait(1.0):
+            self._refresh()

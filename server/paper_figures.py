@@ -1,0 +1,224 @@
+"""Seed 003's tables and figures from a `fedfill reproduce` directory: Table I (Markdown and
+JSON), Fig. 4's accuracy against energy and time, Fig. 5(e)'s ablations and Fig. 5(f)-(g)'s
+Delta_max and T_max sweeps. Each reads the runs' own reports (rounds.csv, clsd.json), so it
+can be redrawn from a finished directory without running anything.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from server.cli_compare import costs_at_target
+from server.report import read_rounds
+
+TABLE_METHODS = ("tfl", "semi", "hdc", "sst", "gan", "clsd", "fimi")  # Table I's rows, in the paper's order
+COSTS = ("energy_at_target_j", "latency_at_target_s", "uplink_at_target_bytes")
+
+
+def _split_key(alpha: float) -> str:
+    return f"{alpha:g}"
+
+
+def method_figures(run_dir: Path, target: float) -> dict | None:
+    """Table I's entry of one run (None where the run has no report)."""
+    if (run_dir / "clsd.json").exists():  # centralised: an accuracy, no device costs
+        best = json.loads((run_dir / "clsd.json").read_text())["best_accuracy"]
+        return {"best_accuracy": best, **dict.fromkeys(COSTS), "rounds_to_target": None}
+    if not (run_dir / "rounds.csv").exists():
+        return None
+    return costs_at_target(read_rounds(run_dir / "rounds.csv"), target)
+
+
+def table1(root: Path, splits, target: float) -> dict:
+    out = {"target_accuracy": target, "splits": {}}
+    for alpha in splits:
+        entries = {}
+        for method in TABLE_METHODS:
+            figures = method_figures(root / f"split-{alpha:g}" / method, target)
+            if figures is not None:
+                entries[method] = figures
+        out["splits"][_split_key(alpha)] = entries
+    return out
+
+
+def table1_markdown(table: dict) -> str:
+    """The paper's layout: per split Energy@x, Latency@x, Uplink@x with x-fold ratios to TFL, and Best Acc."""
+    x = f"{table['target_accuracy']:.0%}"
+    lines = []
+    for split, entries in table["splits"].items():
+        base = entries.get("tfl") or {}
+        lines += [f"### Dir({split})", "",
+                  f"| method | Energy@{x} (J) | Latency@{x} (h) | Uplink@{x} (MB) | rounds | Best Acc. |",
+                  "|---|---|---|---|---|---|"]
+
+        def cell(entry, key, scale, fmt):
+            value = entry.get(key)
+            if value is None:
+                return "N/A"
+            text = fmt.format(value * scale)
+            return text + (f" ({value / base[key]:.1f}x)" if base.get(key) else "")
+
+        for method, entry in entries.items():
+            best = entry.get("best_accuracy")
+            lines.append(f"| {method.upper()} | {cell(entry, 'energy_at_target_j', 1, '{:.4g}')} | "
+                         f"{cell(entry, 'latency_at_target_s', 1 / 3600, '{:.3g}')} | "
+                         f"{cell(entry, 'uplink_at_target_bytes', 1e-6, '{:.1f}')} | "
+                         f"{entry['rounds_to_target'] if entry.get('rounds_to_target') is not None else 'N/A'} | "
+                         f"{'N/A' if best is None else f'{best:.2%}'} |")
+        lines.append("")
+    lines.append("N/A: the target was never reached within the rounds run (CLSD trains centrally: no device costs).")
+    return "\n".join(lines) + "\n"
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save(fig, path: Path) -> None:
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_fig4(root: Path, splits, target: float, path: Path) -> None:
+    """Fig. 4: test accuracy against cumulative device energy (top) and latency (bottom), per split."""
+    plt = _plt()
+    fig, axes = plt.subplots(2, len(splits), figsize=(5.5 * len(splits), 8), squeeze=False)
+    for col, alpha in enumerate(splits):
+        for method in TABLE_METHODS:
+            run_dir = root / f"split-{alpha:g}" / method
+            if (run_dir / "clsd.json").exists():
+                best = json.loads((run_dir / "clsd.json").read_text())["best_accuracy"]
+                for row in range(2):
+                    axes[row][col].axhline(best, color="black", ls=":", lw=1, label="CLSD (best, centralised)")
+                continue
+            if not (run_dir / "rounds.csv").exists():
+                continue
+            rows = read_rounds(run_dir / "rounds.csv")
+            accuracy = [r["accuracy"] for r in rows]
+            axes[0][col].plot([r["energy_j"] for r in rows], accuracy, label=method.upper())
+            axes[1][col].plot([r["latency_s"] / 3600 for r in rows], accuracy, label=method.upper())
+        axes[0][col].set(title=f"Dir({alpha:g})", xlabel="cumulative device energy (J, cost model)")
+        axes[1][col].set(xlabel="cumulative latency (h, cost model)")
+        for row in range(2):
+            ax = axes[row][col]
+            ax.axhline(target, color="grey", lw=0.8, ls="--")
+            ax.set_ylabel("global test accuracy")
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=8)
+    _save(fig, path)
+
+
+def ablation_figures(variants: dict[str, Path], target: float) -> dict:
+    """label -> Table I's entry of each variant's run (FIMI's first), those with a report."""
+    out = {label: method_figures(run_dir, target) for label, run_dir in variants.items()}
+    return {label: figures for label, figures in out.items() if figures is not None}
+
+
+def plot_bars(figures: dict, target: float, title: str, path: Path) -> None:
+    """Energy to the target and best accuracy per variant, N/A written where never reached."""
+    plt = _plt()
+    labels = list(figures)
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    energy = [figures[k]["energy_at_target_j"] for k in labels]
+    axes[0].bar(labels, [e or 0 for e in energy], color="tab:orange")
+    for i, e in enumerate(energy):
+        if e is None:
+            axes[0].text(i, 0, "N/A", ha="center", va="bottom")
+    axes[0].set_ylabel(f"device energy to {target:.0%} accuracy (J)")
+    axes[1].bar(labels, [figures[k]["best_accuracy"] for k in labels], color="tab:blue")
+    axes[1].set_ylim(min(figures[k]["best_accuracy"] for k in labels) - 0.05, 1.0)
+    axes[1].set_ylabel("best test accuracy")
+    for ax in axes:
+        ax.grid(alpha=0.3, axis="y")
+    fig.suptitle(title)
+    _save(fig, path)
+
+
+def sweep_figures(runs: dict, target: float) -> dict:
+    out = {}
+    for value, run_dir in runs.items():
+        figures = method_figures(run_dir, target)
+        if figures is None:
+            continue
+        rows = read_rounds(run_dir / "rounds.csv")
+        plan = run_dir / "plan_round_1.json"
+        notes = json.loads(plan.read_text()).get("notes", []) if plan.exists() else []
+        out[f"{value:g}"] = {**figures, "synthetic_per_round": rows[-1]["synthetic_used"] if rows else None,
+                             "energy_j": rows[-1]["energy_j"], "latency_s": rows[-1]["latency_s"], "notes": notes}
+    return out
+
+
+def plot_delta_max(runs: dict, figures: dict, path: Path) -> None:
+    """Fig. 5(f): accuracy over rounds per Delta_max, and the synthetic data each asked for."""
+    plt = _plt()
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for value, run_dir in runs.items():
+        if f"{value:g}" not in figures:
+            continue
+        rows = read_rounds(run_dir / "rounds.csv")
+        axes[0].plot([r["round"] for r in rows], [r["accuracy"] for r in rows], label=f"Δmax {value:g}")
+        axes[1].plot([r["round"] for r in rows[1:]], [r["synthetic_used"] for r in rows[1:]], label=f"Δmax {value:g}")
+    axes[0].set(xlabel="round", ylabel="global test accuracy")
+    axes[1].set(xlabel="round", ylabel="synthetic samples trained on (all devices)")
+    for ax in axes:
+        ax.grid(alpha=0.3)
+        ax.legend()
+    _save(fig, path)
+
+
+def plot_t_max(figures: dict, target: float, path: Path) -> None:
+    """Fig. 5(g): energy and latency to the target against the round's latency budget."""
+    plt = _plt()
+    points = sorted((float(v), f) for v, f in figures.items())
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    t = [v for v, _ in points]
+    axes[0].plot(t, [f["energy_at_target_j"] if f["energy_at_target_j"] is not None else float("nan")
+                     for _, f in points], marker="o", color="tab:orange")
+    axes[0].set_ylabel(f"device energy to {target:.0%} accuracy (J)")
+    axes[1].plot(t, [f["latency_at_target_s"] / 3600 if f["latency_at_target_s"] is not None else float("nan")
+                     for _, f in points], marker="o", color="tab:green")
+    axes[1].set_ylabel(f"latency to {target:.0%} accuracy (h)")
+    for ax in axes:
+        ax.set_xlabel("T_max (s)")
+        ax.grid(alpha=0.3)
+    _save(fig, path)
+
+
+def write_evaluation(root: Path, splits, target: float, variants: dict[str, Path],
+                     sweeps: dict[str, dict[float, Path]], sweep_split: float) -> list[str]:
+    """Every table and figure the campaign's runs allow; returns the files written.
+    `variants`: Fig. 5(e)'s label -> run directory; `sweeps`: "delta_max" and "t_max_s", each
+    value -> run directory."""
+    written = []
+    table = table1(root, splits, target)
+    (root / "table1.json").write_text(json.dumps(table, indent=1) + "\n")
+    (root / "table1.md").write_text(table1_markdown(table))
+    written += ["table1.json", "table1.md"]
+    plot_fig4(root, splits, target, root / "fig4_accuracy.png")
+    written.append("fig4_accuracy.png")
+    ablation = ablation_figures(variants, target)
+    if len(ablation) > 1:
+        (root / "fig5e_ablation.json").write_text(json.dumps(ablation, indent=1) + "\n")
+        plot_bars(ablation, target, f"Ablations of FIMI, Dir({sweep_split:g})", root / "fig5e_ablation.png")
+        written += ["fig5e_ablation.json", "fig5e_ablation.png"]
+    for setting, name in (("delta_max", "fig5f_delta_max"), ("t_max_s", "fig5g_t_max")):
+        runs = sweeps.get(setting, {})
+        figures = sweep_figures(runs, target)
+        if len(figures) < 2:
+            continue
+        (root / f"{name}.json").write_text(json.dumps(figures, indent=1) + "\n")
+        if setting == "delta_max":
+            plot_delta_max(runs, figures, root / f"{name}.png")
+        else:
+            plot_t_max(figures, target, root / f"{name}.png")
+        written += [f"{name}.json", f"{name}.png"]
+    return written

@@ -1,0 +1,107 @@
+"""`fedfill reproduce`: bad input refused before anything starts, the campaign's runs each
+made once, and a real small campaign (Flower's simulation engine, the generation service)
+that writes Table I, Fig. 4, Fig. 5(e)-(g), and resumes without redoing finished runs."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from fedfill.cli import main
+from server.cli_reproduce import ABLATIONS, METHODS, campaign, run_flags, run_state, sweep_point
+
+
+@pytest.mark.parametrize("flags, says", [
+    (["--methods", "tfl,fedprox"], "unknown 'fedprox'"),
+    (["--ablations", "no-xy"], "unknown 'no-xy'"),
+    (["--delta-max", "0.2,1.5"], "1.5 is outside (0, 1)"),
+    (["--t-max", "0,60"], "0 is outside"),
+    (["--t-max", "abc"], "numbers expected"),
+    (["--splits", "0.4,-1"], "-1 is outside"),
+    (["--methods", "gan", "--gan-checkpoint", "/nonexistent"], "--gan-checkpoint /nonexistent"),
+    (["--methods", "fimi,fimi"], "given twice"),
+    (["--target", "1.5"], "--target"),
+])
+def test_bad_input_is_refused_before_anything_starts(tmp_path, capsys, flags, says):
+    out = tmp_path / "campaign"
+    assert main(["reproduce", "--out", str(out), *flags]) == 2
+    assert says in capsys.readouterr().err
+    assert not out.exists(), "nothing is written for a refused campaign"
+
+
+def test_the_campaign_makes_each_run_once_and_shares_runs_between_figures():
+    runs = campaign([0.4, 0.6], list(METHODS), list(ABLATIONS), [0.15, 0.2, 0.25, 0.3], [30.0, 60.0, 90.0], 0.6)
+    names = [r.name for r in runs]
+    assert len(names) == len(set(names))
+    # 7 methods x 2 splits, + w/o BA and w/o OA (w/o DA is TFL, w/o DM the GAN run), + 3 + 2 sweep points
+    assert len(runs) == 14 + 2 + 3 + 2
+    by_name = {r.name: r for r in runs}
+    assert by_name["split-0.6/sst"].settings == {"dirichlet_alpha": 0.6, "policy": "tfl", "synthetic_use": "server"}
+    assert by_name["split-0.4/gan"].generator == "gan" and by_name["split-0.4/clsd"].centralised
+    assert by_name["split-0.6/delta-max-0.15"].settings["delta_max"] == 0.15
+    assert sweep_point("delta_max", 0.2) == "fimi" and sweep_point("t_max_s", 60.0) == "fimi"
+    assert by_name["split-0.6/fimi-equal-band"].settings["policy"] == "fimi-equal-band"
+
+
+def test_run_flags_make_the_same_run_config(tmp_path):
+    import argparse
+
+    from fedfill.config import RunConfig
+    from server.cli_run import add_run_flags
+
+    config = RunConfig(policy="fimi-uniform", dirichlet_alpha=0.6, delta_max=0.15, synthetic_use="unlabelled",
+                       t_max_s=30.0, resume=True, num_partitions=7)
+    parser = argparse.ArgumentParser()
+    add_run_flags(parser)
+    assert RunConfig.from_args(parser.parse_args(run_flags(config))) == config
+
+
+def test_run_state_tells_done_partial_and_new(tmp_path):
+    assert run_state(tmp_path, 2) == "new"
+    (tmp_path / "checkpoint.npz").write_bytes(b"")
+    assert run_state(tmp_path, 2) == "partial"
+    clsd = tmp_path / "clsd"
+    clsd.mkdir()
+    (clsd / "clsd.json").write_text(json.dumps({"curve": [{"epoch": 1}, {"epoch": 2}]}))
+    assert run_state(clsd, 2) == "done" and run_state(clsd, 3) == "new"
+
+
+def test_a_small_campaign_writes_the_evaluation_and_resumes(tmp_path):
+    """3 devices, 2 rounds, one split: TFL, SEMI, SST, CLSD and FIMI, the w/o OA ablation and a
+    two-point T_max sweep (7 runs), samples of 2 DDIM steps to keep it short."""
+    out = tmp_path / "campaign"
+    command = [sys.executable, "-m", "fedfill", "reproduce", "--out", str(out), "--nodes", "3", "--rounds", "2",
+               "--splits", "0.6", "--methods", "tfl,semi,sst,clsd,fimi", "--ablations", "no-oa,no-da",
+               "--delta-max", "none", "--t-max", "30,60", "--generator-steps", "2", "--target", "0.3", "--jobs", "2"]
+    first = subprocess.run(command, capture_output=True, text=True, timeout=900)
+    assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
+    table = json.loads((out / "table1.json").read_text())
+    assert table["target_accuracy"] == 0.3 and list(table["splits"]) == ["0.6"]
+    entries = table["splits"]["0.6"]
+    assert set(entries) == {"tfl", "semi", "sst", "clsd", "fimi"}
+    keys = {"best_accuracy", "energy_at_target_j", "latency_at_target_s", "uplink_at_target_bytes", "rounds_to_target"}
+    for method, entry in entries.items():
+        assert set(entry) == keys
+        assert 0 < entry["best_accuracy"] <= 1
+    assert entries["clsd"]["energy_at_target_j"] is None and entries["clsd"]["rounds_to_target"] is None
+    for method in ("tfl", "semi", "sst", "fimi"):
+        rows = (out / "split-0.6" / method / "rounds.csv").read_text().splitlines()
+        assert len(rows) == 1 + 3, method  # header, rounds 0..2
+    # each baseline ran as its settings say
+    assert "synthetic-use = \"server\"" in (out / "split-0.6" / "sst" / "run_config.toml").read_text()
+    assert "synthetic-use = \"unlabelled\"" in (out / "split-0.6" / "semi" / "run_config.toml").read_text()
+    markdown = (out / "table1.md").read_text()
+    assert "| TFL |" in markdown and "| CLSD | N/A | N/A | N/A | N/A |" in markdown
+    for figure in ("fig4_accuracy.png", "fig5e_ablation.png", "fig5g_t_max.png"):
+        assert (out / figure).stat().st_size > 10_000, figure
+    ablation = json.loads((out / "fig5e_ablation.json").read_text())
+    assert list(ablation) == ["FIMI", "w/o DA", "w/o OA"]
+    assert set(json.loads((out / "fig5g_t_max.json").read_text())) == {"30", "60"}
+    # the same command again: every run is done, none runs twice
+    stamps = {p: p.stat().st_mtime_ns for p in out.glob("split-0.6/*/rounds.csv")}
+    again = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert "7 runs (7 already done)" in again.stdout
+    assert {p: p.stat().st_mtime_ns for p in out.glob("split-0.6/*/rounds.csv")} == stamps
