@@ -8,6 +8,9 @@ index C of the UNet's C + 1 class embeddings (training drops labels to it). Guid
 applied at every w, 0 and 1 included (unlike diffusers' text pipelines, which switch it off
 at w <= 1): w = 0 is the unconditional model, a value the service accepts.
 
+`ClassConditionalMixin` is what it shares with the GAN baseline's pipeline (generation/gan.py):
+the label check and the output types.
+
 This module imports only torch, numpy and diffusers, so diffusers can also load it as a
 custom pipeline file.
 """
@@ -52,7 +55,45 @@ def make_scheduler(name: str, noise_schedule: dict | None = None) -> SchedulerMi
     return cls(**schedule, **settings)
 
 
-class ClassConditionalPipeline(DiffusionPipeline):
+class ClassConditionalMixin:
+    """What every generator pipeline of ours shares, so that the service, sample() and the
+    tests treat a DDPM and a GAN alike: labels checked against the pipeline's classes, and
+    images in [-1, 1] returned as "np", "pil" or "uint8". A subclass says how many classes
+    it has (`num_classes`)."""
+
+    @property
+    def num_classes(self) -> int:
+        raise NotImplementedError
+
+    def check_class_labels(self, class_labels) -> np.ndarray:
+        """int64 labels, or ValueError when one is not a real class (a null class is not one)."""
+        labels = np.asarray(class_labels, dtype=np.int64).reshape(-1)
+        if labels.size and (labels.min() < 0 or labels.max() >= self.num_classes):
+            raise ValueError(f"class labels must be in 0..{self.num_classes - 1}")
+        return labels
+
+    def labels_tensor(self, class_labels, output_type: str) -> torch.Tensor:
+        """The checked labels on the pipeline's device; ValueError for no label or an unknown output type."""
+        if output_type not in OUTPUT_TYPES:
+            raise ValueError(f"output_type must be one of {', '.join(OUTPUT_TYPES)}, got {output_type!r}")
+        labels = torch.as_tensor(self.check_class_labels(class_labels), device=self.device)
+        if labels.numel() == 0:
+            raise ValueError("no class labels given")
+        return labels
+
+    def images_output(self, x: torch.Tensor, output_type: str, return_dict: bool):
+        """Model-space images [N, C, H, W] in [-1, 1] as "np" (float [0, 1], NHWC, as in
+        diffusers), "pil", or "uint8" (NHWC bytes: what the service streams and caches)."""
+        if output_type == "uint8":
+            images = ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+        else:
+            images = (x / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).float().cpu().numpy()
+            if output_type == "pil":
+                images = self.numpy_to_pil(images)
+        return ImagePipelineOutput(images=images) if return_dict else (images,)
+
+
+class ClassConditionalPipeline(ClassConditionalMixin, DiffusionPipeline):
     """Class-conditional image generation with classifier-free guidance.
 
     `unet` has `num_class_embeds = C + 1`; the last class is the null label. `scheduler` is
@@ -73,13 +114,6 @@ class ClassConditionalPipeline(DiffusionPipeline):
     def null_class(self) -> int:
         return self.num_classes
 
-    def check_class_labels(self, class_labels) -> np.ndarray:
-        """int64 labels, or ValueError when one is not a real class (the null class is not one)."""
-        labels = np.asarray(class_labels, dtype=np.int64).reshape(-1)
-        if labels.size and (labels.min() < 0 or labels.max() >= self.num_classes):
-            raise ValueError(f"class labels must be in 0..{self.num_classes - 1}")
-        return labels
-
     @torch.no_grad()
     def __call__(self, class_labels, num_inference_steps: int = 20, guidance_scale: float = 2.0,
                  generator: torch.Generator | None = None, output_type: str = "np", return_dict: bool = True):
@@ -89,11 +123,7 @@ class ClassConditionalPipeline(DiffusionPipeline):
         Deterministic for a given generator: it draws the initial noise and, for DDPM, each
         step's noise, in that order.
         """
-        if output_type not in OUTPUT_TYPES:
-            raise ValueError(f"output_type must be one of {', '.join(OUTPUT_TYPES)}, got {output_type!r}")
-        labels = torch.as_tensor(self.check_class_labels(class_labels), device=self.device)
-        if labels.numel() == 0:
-            raise ValueError("no class labels given")
+        labels = self.labels_tensor(class_labels, output_type)
         channels, size = self.unet.config.in_channels, self.unet.config.sample_size
         self.scheduler.set_timesteps(num_inference_steps, device=self.device)
         x = randn_tensor((len(labels), channels, size, size), generator=generator, device=self.device,
@@ -109,10 +139,4 @@ class ClassConditionalPipeline(DiffusionPipeline):
             eps = eps_null + guidance_scale * (eps_class - eps_null)
             x = self.scheduler.step(eps, t, x, **step_kwargs).prev_sample
         self.maybe_free_model_hooks()
-        if output_type == "uint8":
-            images = ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
-        else:
-            images = (x / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).float().cpu().numpy()
-            if output_type == "pil":
-                images = self.numpy_to_pil(images)
-        return ImagePipelineOutput(images=images) if return_dict else (images,)
+        return self.images_output(x, output_type, return_dict)
