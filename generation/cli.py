@@ -11,12 +11,13 @@ import numpy as np
 
 from fedfill.errors import UsageError
 
-from .model import DEFAULT_CHECKPOINT, CheckpointError
+from .model import DEFAULT_CHECKPOINT, MODELS, CheckpointError
 
 
 def add_arguments(parser) -> None:
     sub = parser.add_subparsers(dest="action", required=True, metavar="ACTION")
-    _add_train_arguments(sub.add_parser("train", help="train the class-conditional DDPM on a dataset's public split"))
+    _add_train_arguments(sub.add_parser("train", help="train the class-conditional DDPM (or, with --model gan, "
+                                        "a GAN) on a dataset's public split"))
 
     for name, help_text in (("sample", "write generated images to .npz or a .png grid"),
                             ("evaluate", "measure class fidelity, Fréchet distance and copying")):
@@ -57,13 +58,20 @@ def add_arguments(parser) -> None:
     convert.add_argument("--split-seed", type=int, help="its split seed (default: from its recorded command)")
 
 
+# Defaults per model: the GAN's lr is DCGAN's (see generation/gan.py), the DDPM's its own.
+TRAIN_DEFAULTS = {"ddpm": {"steps": 3000, "batch_size": 64, "lr": 1e-3},
+                  "gan": {"steps": 3000, "batch_size": 64, "lr": 2e-4}}
+
+
 def _add_train_arguments(train) -> None:
+    train.add_argument("--model", choices=MODELS, default="ddpm",
+                       help="ddpm: the class-conditional diffusion model (default); gan: the GAN baseline of FIMI")
     train.add_argument("--dataset", default="digits")
     train.add_argument("--data-dir", default="", help="where a real dataset lives")
     train.add_argument("--out", required=True, help="checkpoint directory (resumes if it holds a train state)")
-    train.add_argument("--steps", type=int, default=3000)
-    train.add_argument("--batch-size", type=int, default=64)
-    train.add_argument("--lr", type=float, default=1e-3)
+    train.add_argument("--steps", type=int, help="default 3000")
+    train.add_argument("--batch-size", type=int, help="default 64")
+    train.add_argument("--lr", type=float, help="default 0.001 for ddpm, 0.0002 for gan (Adam, betas 0.5, 0.999)")
     train.add_argument("--seed", type=int, default=0)
     train.add_argument("--split-seed", type=int, default=0, help="seed of the public/clients/test split")
     train.add_argument("--classes", help="train only on the public split's images of these classes, e.g. 0,1,2,3,4 "
@@ -84,6 +92,9 @@ def _train(args) -> int:
 
     from .train import parse_classes, train_generator
 
+    for name, default in TRAIN_DEFAULTS[args.model].items():
+        if getattr(args, name) is None:
+            setattr(args, name, default)
     if args.steps < 1 or args.batch_size < 1:
         raise UsageError("--steps and --batch-size must be positive")
     split = split_dataset(_load(args.dataset, args.data_dir), seed=args.split_seed)
@@ -101,14 +112,19 @@ def _train(args) -> int:
     data_dir = ["--data-dir", args.data_dir] if args.data_dir else []
     # the classes as a canonical list: "0-4" and "4,0-3" record (and make) the same checkpoint
     chosen = ["--classes", ",".join(map(str, classes))] if classes is not None else []
-    command = shlex.join(["fedfill", "generator", "train", "--dataset", args.dataset, *data_dir, "--out", args.out,
-                          "--steps", str(args.steps), "--batch-size", str(args.batch_size), "--lr", str(args.lr),
-                          "--seed", str(args.seed), "--split-seed", str(args.split_seed), *chosen])
+    model = ["--model", args.model] if args.model != "ddpm" else []  # a DDPM's command reads as it always did
+    command = shlex.join(["fedfill", "generator", "train", *model, "--dataset", args.dataset, *data_dir,
+                          "--out", args.out, "--steps", str(args.steps), "--batch-size", str(args.batch_size),
+                          "--lr", str(args.lr), "--seed", str(args.seed), "--split-seed", str(args.split_seed),
+                          *chosen])
+    trainer = train_generator
+    if args.model == "gan":
+        from .gan import train_gan as trainer  # the same arguments, the other model
     try:
-        train_generator(split.public.images, split.public.labels, split.public.class_names, args.out,
-                        steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed, command=command,
-                        dataset=args.dataset, data_dir=str(Path(args.data_dir).resolve()) if args.data_dir else "",
-                        split_seed=args.split_seed, classes=classes)
+        trainer(split.public.images, split.public.labels, split.public.class_names, args.out,
+                steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed, command=command,
+                dataset=args.dataset, data_dir=str(Path(args.data_dir).resolve()) if args.data_dir else "",
+                split_seed=args.split_seed, classes=classes)
     except ValueError as err:
         raise UsageError(str(err)) from None
     print(f"checkpoint: {args.out} (a diffusers pipeline directory; generator.json: classes and provenance)")

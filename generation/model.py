@@ -1,5 +1,6 @@
 """The generator: diffusers' UNet2DModel conditioned on the class, with one extra "null"
-class (index C) for classifier-free guidance, and its checkpoint.
+class (index C) for classifier-free guidance, and its checkpoint; or the GAN baseline
+(generation/gan.py), whose checkpoint is a pipeline directory too.
 
 A checkpoint is a diffusers pipeline directory, so diffusers alone can load it
 (`ClassConditionalPipeline.from_pretrained(DIR)`), plus one file of ours:
@@ -9,6 +10,10 @@ A checkpoint is a diffusers pipeline directory, so diffusers alone can load it
     unet/diffusion_pytorch_model.safetensors      the EMA weights (they sample better than the raw ones)
     scheduler/scheduler_config.json               DDIM without clipping, on the training noise schedule
     generator.json                                class names, the null class, provenance
+
+A GAN's directory holds model_index.json (GanPipeline), generator/config.json and
+generator/diffusion_pytorch_model.safetensors, and generator.json; `load_generator` tells the
+kinds apart by the components model_index.json names (a unet and a scheduler, or a generator).
 
 `load_generator` adds what diffusers leaves out: it refuses weights that miss or add keys
 (diffusers only warns and leaves random weights), never reads a pickle, never goes to the
@@ -26,11 +31,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 DEFAULT_CHECKPOINT = Path(__file__).resolve().parent / "checkpoints" / "digits"
+GAN_CHECKPOINT = DEFAULT_CHECKPOINT.parent / "digits-gan"  # FIMI's GAN baseline, same public split
 GENERATOR_JSON = "generator.json"
 WEIGHTS = Path("unet") / "diffusion_pytorch_model.safetensors"
 UNET_CONFIG = Path("unet") / "config.json"
 SCHEDULER_CONFIG = Path("scheduler") / "scheduler_config.json"
 LEGACY_FILES = ("config.json", "model.safetensors")  # the layout before diffusers' own I/O
+MODELS = ("ddpm", "gan")
+# model_index.json's components of each kind of checkpoint
+COMPONENTS = {"ddpm": ("unet", "scheduler"), "gan": ("generator",)}
+GAN_INDEX = ("GanPipeline", ["generation.gan", "GanGenerator"])  # what save_gan_checkpoint writes
 
 
 class CheckpointError(ValueError):
@@ -41,7 +51,9 @@ class CheckpointError(ValueError):
 class GeneratorConfig:
     """The whole generator in one place. On disk the architecture lives in unet/config.json
     and the noise schedule in scheduler/scheduler_config.json (diffusers' files); only
-    class_names and provenance go to generator.json."""
+    class_names and provenance go to generator.json. model: "ddpm", or "gan" for the GAN
+    baseline, whose block_out_channels are its generator's widths (the DDPM-only fields keep
+    their defaults: train_timesteps bounds the steps a request may ask of either kind)."""
 
     image_size: int
     channels: int
@@ -52,6 +64,7 @@ class GeneratorConfig:
     class_names: tuple[str, ...] = ()
     # the command, seed and steps that made it, and the dataset (name, data dir, split seed) it learned
     provenance: dict = field(default_factory=dict)
+    model: str = "ddpm"
 
     @property
     def null_class(self) -> int:
@@ -78,15 +91,21 @@ def save_checkpoint(directory: str | Path, config: GeneratorConfig, unet, noise_
     or new files, never a half-written one."""
     from .pipeline import ClassConditionalPipeline, make_scheduler
 
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
     scheduler = make_scheduler("ddim", noise_schedule or {"num_train_timesteps": config.train_timesteps})
     pipe = ClassConditionalPipeline(unet=unet, scheduler=scheduler)
+    meta = {"class_names": list(config.class_names), "null_class": config.null_class, "provenance": config.provenance}
+    save_pipeline(directory, pipe, {GENERATOR_JSON: meta})
+
+
+def save_pipeline(directory: str | Path, pipe, json_files: dict[str, dict]) -> None:
+    """diffusers' save_pretrained of `pipe` plus our JSON files (name: content), written aside
+    and moved in whole, file by file."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=directory, prefix=".saving-") as tmp:
         pipe.save_pretrained(tmp, safe_serialization=True)
-        meta = {"class_names": list(config.class_names), "null_class": config.null_class,
-                "provenance": config.provenance}
-        (Path(tmp) / GENERATOR_JSON).write_text(json.dumps(meta, indent=1) + "\n")
+        for name, content in json_files.items():
+            (Path(tmp) / name).write_text(json.dumps(content, indent=1) + "\n")
         for path in sorted(p for p in Path(tmp).rglob("*") if p.is_file()):
             target = directory / path.relative_to(tmp)
             target.parent.mkdir(parents=True, exist_ok=True)
@@ -94,62 +113,84 @@ def save_checkpoint(directory: str | Path, config: GeneratorConfig, unet, noise_
 
 
 def load_generator(directory: str | Path = DEFAULT_CHECKPOINT):
-    """(config, ClassConditionalPipeline in eval mode) from a checkpoint directory, or
-    CheckpointError saying why."""
-    from diffusers import UNet2DModel
-
-    from .pipeline import ClassConditionalPipeline
-
+    """(config, pipeline in eval mode) from a checkpoint directory: a ClassConditionalPipeline
+    for a diffusion model, a GanPipeline for a GAN (config.model says which); or
+    CheckpointError saying why not."""
     directory = Path(directory)
     _check_layout(directory)
     # Every JSON file diffusers reads is read here first: diffusers would only say "not a valid
     # JSON file", and takes a scheduler config that is not an object for a hub repository id
     # (then retries the network for half a minute, local_files_only notwithstanding).
-    _check_pipeline_index(directory / "model_index.json")
+    kind = _check_pipeline_index(directory / "model_index.json")
     meta = _read_json(directory / GENERATOR_JSON, "generator.json")
-    unet_config = _read_json(directory / UNET_CONFIG, "UNet config")
-    _read_json(directory / SCHEDULER_CONFIG, "scheduler config")
-    weights = directory / WEIGHTS
-    _check_sizes(directory / UNET_CONFIG, unet_config, _check_weights(weights))
+    if kind == "gan":
+        from .gan import GAN_COMPONENT, GanGenerator, GanPipeline
+
+        pipe = _load_pipeline(directory, GanPipeline, GAN_COMPONENT, GanGenerator, "GAN generator config")
+        config = _gan_config_from(directory, pipe, meta)
+        model = pipe.components[GAN_COMPONENT]
+    else:
+        from diffusers import UNet2DModel
+
+        from .pipeline import ClassConditionalPipeline
+
+        unet_config = _read_json(directory / UNET_CONFIG, "UNet config")
+        _read_json(directory / SCHEDULER_CONFIG, "scheduler config")
+        pipe = _load_pipeline(directory, ClassConditionalPipeline, "unet", UNet2DModel, "UNet config", unet_config)
+        config = _config_from(directory, pipe, meta)
+        model = pipe.unet
+    pipe.set_progress_bar_config(disable=True)  # a service log and a CLI's stderr are no place for bars
+    model.eval()
+    return config, pipe
+
+
+def _load_pipeline(directory: Path, pipeline_cls, subfolder: str, model_cls, what: str, model_config=None):
+    """`pipeline_cls` with its model component loaded from `subfolder` under the strict checks."""
+    config_path, weights = Path(subfolder) / "config.json", directory / subfolder / WEIGHTS.name
+    if model_config is None:
+        model_config = _read_json(directory / config_path, what)
+    _check_sizes(directory / config_path, model_config, _check_weights(weights))
     # A config diffusers does not expect fails anywhere in its code, with any exception
     # (KeyError, IndexError, UnboundLocalError, ...): each is a checkpoint that cannot be used.
     with _diffusers_quiet():
         try:
-            unet, info = UNet2DModel.from_pretrained(directory, subfolder="unet", local_files_only=True,
-                                                     use_safetensors=True, low_cpu_mem_usage=False,
-                                                     output_loading_info=True)
-        except RuntimeError as err:  # shapes in the file differ from those unet/config.json builds
-            raise CheckpointError(f"{weights} does not match its {UNET_CONFIG}: {_second_line(err)}") from None
+            model, info = model_cls.from_pretrained(directory, subfolder=subfolder, local_files_only=True,
+                                                    use_safetensors=True, low_cpu_mem_usage=False,
+                                                    output_loading_info=True)
+        except RuntimeError as err:  # shapes in the file differ from those the config builds
+            raise CheckpointError(f"{weights} does not match its {config_path}: {_second_line(err)}") from None
         except Exception as err:  # noqa: BLE001 - see above
-            raise CheckpointError(f"{directory / 'unet'} cannot be loaded: {_first_line(err)}") from None
+            raise CheckpointError(f"{directory / subfolder} cannot be loaded: {_first_line(err)}") from None
         wrong = info["missing_keys"] + info["unexpected_keys"] + [k[0] for k in info["mismatched_keys"]]
         if wrong:
-            raise CheckpointError(f"{weights} does not match its {UNET_CONFIG}: {len(wrong)} tensors differ, "
+            raise CheckpointError(f"{weights} does not match its {config_path}: {len(wrong)} tensors differ, "
                                   f"first {wrong[0]}")
         try:
-            pipe = ClassConditionalPipeline.from_pretrained(directory, unet=unet, local_files_only=True,
-                                                            low_cpu_mem_usage=False)
+            return pipeline_cls.from_pretrained(directory, **{subfolder: model}, local_files_only=True,
+                                                low_cpu_mem_usage=False)
         except Exception as err:  # noqa: BLE001 - see above
             raise CheckpointError(f"{directory} is not a loadable pipeline: {_first_line(err)}") from None
-    config = _config_from(directory, pipe, meta)
-    pipe.set_progress_bar_config(disable=True)  # a service log and a CLI's stderr are no place for bars
-    pipe.unet.eval()
-    return config, pipe
 
 
 def weights_digest(pipe) -> str:
-    """sha256 of what decides the images: the UNet's tensors as loaded (not the file, which
-    training may overwrite while a service runs) and the stored noise schedule."""
+    """sha256 of what decides the images: the model's tensors as loaded (not the file, which
+    training may overwrite while a service runs) and, for a diffusion model, the stored noise
+    schedule."""
     import torch
 
     from .pipeline import NOISE_SCHEDULE
 
+    components = pipe.components
+    model = components["unet"] if "unet" in components else components["generator"]
     digest = hashlib.sha256()
-    for name, tensor in sorted(pipe.unet.state_dict().items()):
+    for name, tensor in sorted(model.state_dict().items()):
         digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)}\n".encode())
         digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
-    schedule = {k: pipe.scheduler.config.get(k) for k in NOISE_SCHEDULE}
-    digest.update(json.dumps(schedule, sort_keys=True, default=str).encode())
+    if "scheduler" in components:
+        schedule = {k: pipe.scheduler.config.get(k) for k in NOISE_SCHEDULE}
+        digest.update(json.dumps(schedule, sort_keys=True, default=str).encode())
+    else:
+        digest.update(json.dumps({"model": "gan", "image_size": model.config.image_size}).encode())
     return digest.hexdigest()
 
 
@@ -178,16 +219,24 @@ def _read_json(path: Path, what: str) -> dict:
     return data
 
 
-def _check_pipeline_index(path: Path) -> None:
-    """model_index.json names the pipeline's class and a [library, class] pair per component."""
+def _check_pipeline_index(path: Path) -> str:
+    """model_index.json names the pipeline's class and a [library, class] pair per component;
+    returns the kind of generator: "gan" where it names a generator and no unet."""
     index = _read_json(path, "pipeline index")
     if not isinstance(index.get("_class_name"), str):
         raise CheckpointError(f"{path} is not a valid pipeline index: no pipeline class name")
-    for component in ("unet", "scheduler"):
+    kind = "gan" if "generator" in index and "unet" not in index else "ddpm"
+    for component in COMPONENTS[kind]:
         entry = index.get(component)
         if not (isinstance(entry, list) and len(entry) == 2 and all(isinstance(e, str) for e in entry)):
             raise CheckpointError(f"{path} is not a valid pipeline index: '{component}' must be a "
                                   f"[library, class] pair, got {str(entry)[:80]}")
+    # Only one GAN exists: a file naming another module would have diffusers import it.
+    if kind == "gan" and (index["_class_name"], index["generator"]) != GAN_INDEX:
+        raise CheckpointError(f"{path} names {index['_class_name'][:40]} with generator "
+                              f"{str(index['generator'])[:80]}; a GAN checkpoint of ours is {GAN_INDEX[0]} with "
+                              f"{list(GAN_INDEX[1])}")
+    return kind
 
 
 def _check_weights(path: Path) -> int:
@@ -211,13 +260,13 @@ MAX_SAMPLE_SIZE = 2**14  # pixels a side: far beyond any generator here, and bou
 
 
 def _check_sizes(path: Path, config: dict, largest: int) -> None:
-    """No integer of the UNet config (a layer count, a width, a class count) exceeds both the
-    weights' largest dimension and their tensor count: diffusers builds the UNet before the
+    """No integer of the model's config (a layer count, a width, a class count) exceeds both the
+    weights' largest dimension and their tensor count: diffusers builds the model before the
     weights are compared with it, and a layers_per_block of 10**400 built layers until memory
     ran out. The image size is not a tensor dimension; it is held below MAX_SAMPLE_SIZE."""
     for key, value in config.items():
         items = value if isinstance(value, list) else [value]
-        bound = MAX_SAMPLE_SIZE if key == "sample_size" else largest
+        bound = MAX_SAMPLE_SIZE if key in ("sample_size", "image_size") else largest
         if any(isinstance(v, int) and not isinstance(v, bool) and v > bound for v in items):
             raise CheckpointError(f"{path}: '{key}' is {str(value)[:40]}, beyond what the weights (largest "
                                   f"dimension or tensor count {largest}) can describe")
@@ -244,8 +293,7 @@ def _config_from(directory: Path, pipe, meta: dict) -> GeneratorConfig:
         raise CheckpointError(f"{directory / UNET_CONFIG} has no class embedding: not a class-conditional generator")
     names = meta.get("class_names")
     null = meta.get("null_class")
-    if not isinstance(meta.get("provenance") or {}, dict):
-        raise CheckpointError(f"{directory / GENERATOR_JSON}: 'provenance' must be an object")
+    _check_provenance(directory, meta)
     if not isinstance(names, list) or len(names) != num_classes or null != num_classes:
         raise CheckpointError(f"{directory / GENERATOR_JSON} does not match its {UNET_CONFIG}: the UNet has "
                               f"{num_classes} classes + null class {num_classes}, generator.json lists "
@@ -254,6 +302,25 @@ def _config_from(directory: Path, pipe, meta: dict) -> GeneratorConfig:
                            block_out_channels=tuple(channels), layers_per_block=unet.layers_per_block,
                            train_timesteps=figures["num_train_timesteps"],
                            class_names=tuple(str(n) for n in names), provenance=dict(meta.get("provenance") or {}))
+
+
+def _gan_config_from(directory: Path, pipe, meta: dict) -> GeneratorConfig:
+    """GanGenerator's own constructor has checked its figures (positive integers that fit)."""
+    model = pipe.components["generator"].config
+    names = meta.get("class_names")
+    _check_provenance(directory, meta)
+    if not isinstance(names, list) or len(names) != model.num_classes:
+        raise CheckpointError(f"{directory / GENERATOR_JSON} does not match its generator/config.json: the "
+                              f"generator has {model.num_classes} classes, generator.json lists "
+                              f"{len(names) if isinstance(names, list) else 'no'} class names")
+    return GeneratorConfig(image_size=model.image_size, channels=model.channels, num_classes=model.num_classes,
+                           block_out_channels=tuple(model.widths), class_names=tuple(str(n) for n in names),
+                           provenance=dict(meta.get("provenance") or {}), model="gan")
+
+
+def _check_provenance(directory: Path, meta: dict) -> None:
+    if not isinstance(meta.get("provenance") or {}, dict):
+        raise CheckpointError(f"{directory / GENERATOR_JSON}: 'provenance' must be an object")
 
 
 @contextmanager

@@ -1,5 +1,6 @@
-"""Sampling many images: ClassConditionalPipeline (which holds the maths) over batches, with the
-sampler picked by name (DDIM, DPM-Solver++ or 1000-step DDPM).
+"""Sampling many images: the checkpoint's pipeline (which holds the maths) over batches. For a
+diffusion model the sampler is picked by name (DDIM, DPM-Solver++ or 1000-step DDPM); a GAN
+has one forward pass and ignores steps, guidance and sampler.
 
 Determinism rule, which the service's cache relies on: one torch.Generator per batch of
 `batch_size`, seeded seed * 1_000_003 + the batch's first index, so the same seed and request
@@ -16,16 +17,19 @@ from .pipeline import SAMPLERS, ClassConditionalPipeline, make_scheduler
 __all__ = ["SAMPLERS", "make_scheduler", "sample"]
 
 
-def sample(config, pipe: ClassConditionalPipeline, labels, *, steps: int = 20, guidance: float = 2.0, seed: int = 0,
-           sampler: str = "ddim", batch_size: int = 256) -> np.ndarray:
+def sample(config, pipe, labels, *, steps: int = 20, guidance: float = 2.0, seed: int = 0, sampler: str = "ddim",
+           batch_size: int = 256) -> np.ndarray:
     """uint8 images [N, H, W, C] of the given class labels (config and pipe from load_generator)."""
     import torch
 
     labels = pipe.check_class_labels(labels)
-    # A pipeline of our own with the sampler swapped in, diffusers style; the caller's keeps its scheduler.
-    scheduler = make_scheduler(sampler, pipe.scheduler.config)
-    runner = ClassConditionalPipeline(**{**pipe.components, "scheduler": scheduler})
-    runner.set_progress_bar_config(disable=True)
+    if config.model == "gan":
+        runner = pipe
+    else:
+        # A pipeline of our own with the sampler swapped in, diffusers style; the caller's keeps its scheduler.
+        scheduler = make_scheduler(sampler, pipe.scheduler.config)
+        runner = ClassConditionalPipeline(**{**pipe.components, "scheduler": scheduler})
+        runner.set_progress_bar_config(disable=True)
     out = []
     for start in range(0, len(labels), batch_size):
         generator = torch.Generator().manual_seed(seed * 1_000_003 + start)

@@ -3,8 +3,9 @@ with gRPC health checking, a content-addressed cache on disk, and limits on what
 request may ask.
 
 The cache key is a hash of the checkpoint's weights (the UNet's tensors as loaded, and the
-noise schedule) and the request (counts, seed, steps, guidance, sampler), so the same
-request is computed once, ever, and a new checkpoint never serves stale images. Sampling holds one lock: concurrent requests queue, none fails for it.
+noise schedule; or a GAN generator's tensors) and the request (counts, seed, steps, guidance,
+sampler), so the same request is computed once, ever, and a new checkpoint never serves stale
+images. A GAN checkpoint is served alike: steps and guidance are checked, then ignored. Sampling holds one lock: concurrent requests queue, none fails for it.
 
 Every request comes from an untrusted peer, so each way it can be wrong ends in a status
 with a reason and the service goes on serving: bytes that are no GenerateRequest and
