@@ -68,6 +68,9 @@ def _start(run: RunConfig):
 
     path = start_checkpoint(run)
     config, pipe = load_generator(path)
+    if config.model != "ddpm":
+        raise CheckpointError(f"{path} is a {config.model.upper()} generator; the ddpm job fine-tunes a diffusion "
+                              "model's UNet (a checkpoint of `fedfill generator train`, --model ddpm)")
     test = run_split(run).test
     if config.num_classes != test.num_classes:
         raise CheckpointError(f"{path} draws {config.num_classes} classes, {run.dataset} has {test.num_classes}")

@@ -15,7 +15,7 @@ import pytest
 from fedfill import codec, contract
 from fedfill.config import RunConfig
 from fedfill.job import load_job
-from generation.model import CheckpointError, GeneratorConfig, build_unet, save_checkpoint
+from generation.model import DEFAULT_CHECKPOINT, CheckpointError, GeneratorConfig, build_unet, save_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 RUN = RunConfig(job="ddpm", num_partitions=4, lr=5e-4, batch_size=32, local_epochs=1, eval_per_class=4)
@@ -64,6 +64,8 @@ def test_a_start_checkpoint_that_does_not_fit_the_data_is_refused(tmp_path):
         check_run(replace(RUN, start_checkpoint=str(tmp_path / "wide")))
     with pytest.raises(CheckpointError, match="no generator checkpoint"):
         check_run(replace(RUN, start_checkpoint=str(tmp_path / "none")))
+    with pytest.raises(CheckpointError, match="is a GAN generator; the ddpm job fine-tunes a diffusion"):
+        check_run(replace(RUN, start_checkpoint=str(DEFAULT_CHECKPOINT.parent / "digits-gan")))
     with pytest.raises(ValueError, match="LoRA rank must be a positive integer, got 0"):
         check_run(replace(RUN, trainable="lora", lora_rank=0))
 
