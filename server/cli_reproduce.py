@@ -56,7 +56,10 @@ DEFAULT_DELTA_MAX = (0.15, 0.2, 0.25, 0.3)  # the paper's Fig. 5(f)
 DEFAULT_T_MAX = (20.0, 30.0, 45.0, 60.0, 90.0, 120.0)  # around FIMI's 60 s (Fig. 5g)
 GAN_CHECKPOINT = Path(__file__).resolve().parents[1] / "generation" / "checkpoints" / "digits-gan"
 # what the campaign sets in each run, so not a flag of its own
-CAMPAIGN_SETTINGS = ("job", "policy", "dirichlet_alpha", "synthetic_use", "delta_max", "t_max_s", "resume")
+CAMPAIGN_SETTINGS = ("job", "policy", "dirichlet_alpha", "synthetic_use", "delta_max", "t_max_s", "resume",
+                     # and the ddpm job's, which no run of this classifier campaign reads
+                     "start_checkpoint", "trainable", "lora_rank", "eval_per_class", "inception")
+CAMPAIGN_DEFAULTS = {"num_partitions": 20, "rounds": 100}  # the paper's 20 devices; digits flattens by ~100 rounds
 
 
 def add_arguments(parser) -> None:
@@ -85,7 +88,10 @@ def add_arguments(parser) -> None:
                              "devices share the cores it gets)")
     parser.add_argument("--timeout", type=float, default=3600.0, help="give up on one run after this many seconds")
     add_run_flags(parser, skip=CAMPAIGN_SETTINGS)
-    parser.set_defaults(num_partitions=20, rounds=100)  # the paper's 20 devices; digits flattens by ~100 rounds
+    parser.set_defaults(**CAMPAIGN_DEFAULTS)
+    for action in parser._actions:  # argparse keeps no other handle on an option's help
+        if action.dest in CAMPAIGN_DEFAULTS:
+            action.help = action.help.rsplit("(default", 1)[0] + f"(default: {CAMPAIGN_DEFAULTS[action.dest]})"
 
 
 @dataclass

@@ -69,39 +69,48 @@ def test_run_state_tells_done_partial_and_new(tmp_path):
 
 
 def test_a_small_campaign_writes_the_evaluation_and_resumes(tmp_path):
-    """3 devices, 2 rounds, one split: TFL, SEMI, SST, CLSD and FIMI, the w/o OA ablation and a
-    two-point T_max sweep (7 runs), samples of 2 DDIM steps to keep it short."""
+    """3 devices, 2 rounds, one split: TFL, SEMI, SST, GAN, CLSD and FIMI, the w/o DA, DM and OA
+    ablations and a two-point T_max sweep (8 runs, two at a time), samples of 2 DDIM steps to
+    keep it short."""
     out = tmp_path / "campaign"
     command = [sys.executable, "-m", "fedfill", "reproduce", "--out", str(out), "--nodes", "3", "--rounds", "2",
-               "--splits", "0.6", "--methods", "tfl,semi,sst,clsd,fimi", "--ablations", "no-oa,no-da",
+               "--splits", "0.6", "--methods", "tfl,semi,sst,gan,clsd,fimi", "--ablations", "no-oa,no-dm,no-da",
                "--delta-max", "none", "--t-max", "30,60", "--generator-steps", "2", "--target", "0.3", "--jobs", "2"]
     first = subprocess.run(command, capture_output=True, text=True, timeout=900)
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
     table = json.loads((out / "table1.json").read_text())
     assert table["target_accuracy"] == 0.3 and list(table["splits"]) == ["0.6"]
     entries = table["splits"]["0.6"]
-    assert set(entries) == {"tfl", "semi", "sst", "clsd", "fimi"}
+    assert set(entries) == {"tfl", "semi", "sst", "gan", "clsd", "fimi"}
     keys = {"best_accuracy", "energy_at_target_j", "latency_at_target_s", "uplink_at_target_bytes", "rounds_to_target"}
     for method, entry in entries.items():
         assert set(entry) == keys
         assert 0 < entry["best_accuracy"] <= 1
     assert entries["clsd"]["energy_at_target_j"] is None and entries["clsd"]["rounds_to_target"] is None
-    for method in ("tfl", "semi", "sst", "fimi"):
+    for method in ("tfl", "semi", "sst", "gan", "fimi"):
         rows = (out / "split-0.6" / method / "rounds.csv").read_text().splitlines()
         assert len(rows) == 1 + 3, method  # header, rounds 0..2
     # each baseline ran as its settings say
     assert "synthetic-use = \"server\"" in (out / "split-0.6" / "sst" / "run_config.toml").read_text()
     assert "synthetic-use = \"unlabelled\"" in (out / "split-0.6" / "semi" / "run_config.toml").read_text()
+    # the GAN run's samples came from the GAN's own service, the others' from the diffusion model's
+    for generator in ("gan", "diffusion"):
+        assert any((out / "generator-cache" / generator).glob("*.npz")), generator
+    from server.report import read_rounds
+
+    for method, synthetic in (("gan", True), ("fimi", True), ("semi", True), ("tfl", False), ("sst", False)):
+        used = read_rounds(out / "split-0.6" / method / "rounds.csv")[1]["synthetic_used"]
+        assert (used > 0) == synthetic, (method, used)
     markdown = (out / "table1.md").read_text()
     assert "| TFL |" in markdown and "| CLSD | N/A | N/A | N/A | N/A |" in markdown
     for figure in ("fig4_accuracy.png", "fig5e_ablation.png", "fig5g_t_max.png"):
         assert (out / figure).stat().st_size > 10_000, figure
     ablation = json.loads((out / "fig5e_ablation.json").read_text())
-    assert list(ablation) == ["FIMI", "w/o DA", "w/o OA"]
+    assert list(ablation) == ["FIMI", "w/o DA", "w/o DM", "w/o OA"]
     assert set(json.loads((out / "fig5g_t_max.json").read_text())) == {"30", "60"}
     # the same command again: every run is done, none runs twice
     stamps = {p: p.stat().st_mtime_ns for p in out.glob("split-0.6/*/rounds.csv")}
     again = subprocess.run(command, capture_output=True, text=True, timeout=300)
     assert again.returncode == 0, again.stderr[-2000:]
-    assert "7 runs (7 already done)" in again.stdout
+    assert "8 runs (8 already done)" in again.stdout
     assert {p: p.stat().st_mtime_ns for p in out.glob("split-0.6/*/rounds.csv")} == stamps
