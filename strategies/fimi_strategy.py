@@ -245,7 +245,11 @@ class FimiFedAvg(FedAvg):
 
         # Account per planned node: an error the SuperLink raises for a dead node names the
         # SuperLink as its sender, so such errors only explain the nodes that sent nothing.
-        from_planned = [m for m in replies if m.metadata.src_node_id in self._planned]
+        # In the nodes' order, not the replies' arrival order: float sums depend on their order,
+        # and a merge that varies with arrival makes two runs of the same seed drift apart.
+        # Stable: a node's second reply stays behind its first.
+        from_planned = sorted((m for m in replies if m.metadata.src_node_id in self._planned),
+                              key=lambda m: self._merge_rank(m.metadata.src_node_id))
         foreign_errors = sorted({m.error.reason for m in replies
                                  if m.has_error() and m.metadata.src_node_id not in self._planned})
         candidates: list[tuple[int, Message, Message]] = []  # (node, its reply, the reply decoded)
@@ -311,6 +315,12 @@ class FimiFedAvg(FedAvg):
         if self.on_round_metrics:
             self.on_round_metrics(server_round, costs, [*nodes.values(), *extra_rows])
         return new, costs
+
+    def _merge_rank(self, node_id: int) -> tuple:
+        """A node's place in the merge: its partition id where it reports one (the same in every
+        run of a split, where Flower's node ids are drawn anew), else its node id."""
+        partition = self.profiles[node_id].get(contract.PARTITION_FIELD)
+        return (0, int(partition), node_id) if isinstance(partition, (int, float)) else (1, 0, node_id)
 
     def _server_reply(self, server_round: int, template: MetricRecord) -> Message:
         """The server's complementary update as Flower's FedAvg takes a reply: its arrays under
