@@ -297,6 +297,7 @@ def run(args) -> int:
           f"devices, {args.rounds} rounds, splits {', '.join(map(str, splits))} -> {root}")
     failed: list[str] = []
     services = {}
+    children = Children()
     with interrupts_stop_the_run():
         try:
             services = start_services(root, {r.generator for r in todo if r.generator}, args)
@@ -309,14 +310,22 @@ def run(args) -> int:
                     if r.centralised:
                         ok = run_centralised_logged(config, r.out(root), args.rounds)
                     else:
-                        ok = run_federated(config, r.out(root), states[r.name] == "partial", args.timeout)
-                    progress.finished(r, ok)
+                        ok = run_federated(config, r.out(root), states[r.name] == "partial", args.timeout,
+                                           children)
+                    progress.finished(r, ok, stopped=children.stopping)
                     if not ok:
                         failed.append(r.name)
 
-                with ThreadPoolExecutor(max_workers=args.jobs) as pool:
+                pool = ThreadPoolExecutor(max_workers=args.jobs)
+                try:
                     for _ in pool.map(one, todo):
                         pass
+                except BaseException:  # an interrupt: no new run starts, the running ones stop
+                    pool.shutdown(wait=False, cancel_futures=True)
+                    children.stop()
+                    pool.shutdown(wait=True)
+                    raise
+                pool.shutdown()
         finally:
             for service in services.values():
                 service.stop()
@@ -356,13 +365,42 @@ def start_services(root: Path, generators: set[str], args) -> dict:
     return services
 
 
-def run_federated(config: RunConfig, out: Path, resume: bool, timeout: float) -> bool:
+class Children:
+    """The `fedfill run` processes in flight, so that an interrupt of the campaign ends them too
+    (a SIGTERM to the campaign alone reaches no child)."""
+
+    def __init__(self):
+        self.lock = threading.Lock()
+        self.running: set[subprocess.Popen] = set()
+        self.stopping = False
+
+    def run(self, command: list[str], log) -> int:
+        with self.lock:
+            if self.stopping:
+                return 130
+            process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
+            self.running.add(process)
+        try:
+            return process.wait()
+        finally:
+            with self.lock:
+                self.running.discard(process)
+
+    def stop(self) -> None:
+        """SIGTERM each: `fedfill run` then stops every process it started and exits."""
+        with self.lock:
+            self.stopping = True
+            for process in self.running:
+                process.terminate()
+
+
+def run_federated(config: RunConfig, out: Path, resume: bool, timeout: float, children: Children) -> bool:
     """`fedfill run` of one campaign run, its output in OUT/run.log."""
     out.mkdir(parents=True, exist_ok=True)
     command = [sys.executable, "-m", "fedfill", "run", *run_flags(replace(config, resume=resume)), "--out", str(out),
                "--generator", config.generator_address or "none", "--timeout", str(timeout)]
-    with open(out / "run.log", "w") as log:
-        return subprocess.run(command, stdout=log, stderr=subprocess.STDOUT).returncode == 0
+    with open(out / "run.log", "a" if resume else "w") as log:
+        return children.run(command, log) == 0
 
 
 def run_centralised_logged(config: RunConfig, out: Path, epochs: int) -> bool:
@@ -433,13 +471,14 @@ class CampaignProgress:
             task = self.progress.add_task(f"  {run.name}", total=self.rounds, completed=self._done(run))
             self.active[run.name] = (run, task)
 
-    def finished(self, run: CampaignRun, ok: bool) -> None:
+    def finished(self, run: CampaignRun, ok: bool, stopped: bool = False) -> None:
         with self.lock:
             _, task = self.active.pop(run.name)
             self.progress.remove_task(task)
             if ok:
                 self.finished_runs.add(run.name)
-            self.progress.console.print(f"{'done' if ok else '[red]failed[/]'}: {run.name}")
+            said = "done" if ok else "stopped (it resumes when the command is run again)" if stopped else "[red]failed[/]"
+            self.progress.console.print(f"{said}: {run.name}")
         self._refresh()
 
     def _done(self, run: CampaignRun) -> int:
