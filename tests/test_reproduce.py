@@ -114,3 +114,24 @@ def test_a_small_campaign_writes_the_evaluation_and_resumes(tmp_path):
     assert again.returncode == 0, again.stderr[-2000:]
     assert "8 runs (8 already done)" in again.stdout
     assert {p: p.stat().st_mtime_ns for p in out.glob("split-0.6/*/rounds.csv")} == stamps
+
+
+def test_an_interrupt_ends_the_runs_in_flight_and_starts_no_other(tmp_path):
+    import threading
+    import time
+
+    from server.cli_reproduce import Children
+
+    children = Children()
+    codes = []
+    with open(tmp_path / "log", "w") as log:
+        worker = threading.Thread(target=lambda: codes.append(children.run(["sleep", "30"], log)))
+        worker.start()
+        while not children.running:
+            time.sleep(0.01)
+        started = time.monotonic()
+        children.stop()
+        worker.join(5)
+        assert not worker.is_alive() and time.monotonic() - started < 5
+        assert codes == [-15], "SIGTERM ended it"
+        assert children.run(["sleep", "30"], log) == 130 and not children.running, "nothing starts after a stop"
