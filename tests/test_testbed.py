@@ -207,7 +207,9 @@ def test_a_run_survives_killing_30_percent_of_the_nodes_and_they_rejoin(testbed,
     rounds = {int(r["round"]): r for r in _rows(out / "rounds.csv")}
     assert sorted(rounds) == list(range(9))
     victim = next(n for n in state.nodes if n.container == killed[0])
-    assert int(rounds[2]["dropped"]) == 1 and int(rounds[2]["updates"]) == NODES - 1
+    round_2_drops = [(r["node"], r["reason"]) for r in _rows(out / "devices.csv")
+                     if int(r["round"]) == 2 and r["status"] == "dropped"]
+    assert int(rounds[2]["dropped"]) == 1 and int(rounds[2]["updates"]) == NODES - 1, round_2_drops
     assert rounds[2]["dropped_nodes"] == str(victim.config["partition-id"])  # named by partition
     killed_id = victim.node_id
     nodes = _rows(out / "devices.csv")
