@@ -85,8 +85,9 @@ def run_system(run: RunConfig, model_params: int, profiles: dict[int, dict], pre
                    delta_max=run.delta_max)
 
 
-def server_synthetic_set(run: RunConfig, total: int, num_classes: int) -> tuple[np.ndarray, np.ndarray]:
-    """The synthetic data a server keeps (SST's, and what CLSD trains on): `total` samples
+def server_synthetic_set(run: RunConfig, local_samples: int, num_classes: int) -> tuple[np.ndarray, np.ndarray]:
+    """The synthetic data a server keeps (SST's, and what CLSD trains on): as much as FIMI's
+    error target asks for on average (synthetic_fraction x the devices' `local_samples`),
     spread evenly over the classes, from the run's generation service."""
     from generation.client import GenerationClient
 
@@ -94,6 +95,7 @@ def server_synthetic_set(run: RunConfig, total: int, num_classes: int) -> tuple[
 
     if not run.generator_address:
         raise RuntimeError("the server's synthetic data needs a generation service (--generator)")
+    total = int(round(run.synthetic_fraction * local_samples))
     counts = synthetic_request("fimi-uniform", np.zeros(num_classes), total)
     client = GenerationClient(run.generator_address, timeout_s=600.0, retries=2)
     return client.generate(counts.tolist(), seed=run.seed * 1_000_003 + 999_983, steps=run.generator_steps,
@@ -102,11 +104,9 @@ def server_synthetic_set(run: RunConfig, total: int, num_classes: int) -> tuple[
 
 def complementary_update(run: RunConfig, job, profiles: dict[int, dict]):
     """SST's server update: every round the server trains the global model on the synthetic
-    data it keeps, as a device would (tau epochs, the job's step), and hands the change over.
-    The set is as large as the synthetic data FIMI's error target asks for on average
-    (synthetic_fraction x the devices' D_loc)."""
-    total = int(round(run.synthetic_fraction * sum(p["d_loc"] for p in profiles.values())))
-    images, labels = server_synthetic_set(run, total, job.num_classes)
+    data it keeps (server_synthetic_set), as a device would (tau epochs, the job's step), and
+    hands the change over."""
+    images, labels = server_synthetic_set(run, int(sum(p["d_loc"] for p in profiles.values())), job.num_classes)
     log(INFO, "SST: the server keeps %d synthetic samples and trains on them every round", len(labels))
 
     def update(weights: list[np.ndarray], server_round: int):

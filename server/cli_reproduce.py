@@ -18,7 +18,6 @@ checkpoint, so the same command picks a campaign up where it stopped.
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import os
@@ -30,8 +29,9 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 
-from fedfill.config import GIVEN, RunConfig
+from fedfill.config import RunConfig
 from fedfill.errors import UsageError
+from server.paper_figures import split_name
 from server.report import read_rounds
 
 # Table I's methods (seed 003 §V-B) as run settings; clsd is no federated run
@@ -108,10 +108,6 @@ class CampaignRun:
 
     def out(self, root: Path) -> Path:
         return root / self.name
-
-
-def split_name(alpha: float) -> str:
-    return f"split-{alpha:g}"
 
 
 def campaign(splits, methods, ablations, delta_maxes, t_maxes, sweep_split: float) -> list[CampaignRun]:
@@ -217,7 +213,7 @@ def check_generators(args, generators: set[str]) -> None:
     """The checkpoints the campaign's services will serve, each fit for the dataset."""
     from server.checks import check_generator
 
-    job = RunConfig.from_args(args, **{f.name: f.default for f in fields(RunConfig) if f.name in CAMPAIGN_SETTINGS})
+    job = shared_config(args)
     if "diffusion" in generators and not args.generator_checkpoint and args.dataset != "digits":
         raise UsageError(f"--dataset {args.dataset}: fedfill ships generators for digits only; train one "
                          "(`fedfill generator train`, and `--model gan` for the GAN baseline) and pass "
@@ -232,12 +228,16 @@ def check_generators(args, generators: set[str]) -> None:
                              "`fedfill generator train --model gan`)") from None
 
 
-def run_config(args, run: CampaignRun, root: Path, generator_address: str) -> RunConfig:
-    """The run's settings: the shared flags, the campaign's own settings at their defaults,
-    then the run's."""
+def shared_config(args, **fixed) -> RunConfig:
+    """The settings every run of the campaign shares: the flags, the campaign's own settings
+    at their defaults (each run sets its own), the classifier job."""
     campaign_defaults = {f.name: f.default for f in fields(RunConfig) if f.name in CAMPAIGN_SETTINGS}
-    base = RunConfig.from_args(args, **{**campaign_defaults, "job": "classifier"}, out_dir=str(run.out(root)),
-                               generator_address=generator_address)
+    return RunConfig.from_args(args, **{**campaign_defaults, "job": "classifier", **fixed})
+
+
+def run_config(args, run: CampaignRun, root: Path, generator_address: str) -> RunConfig:
+    """The run's settings: the shared ones, then the run's."""
+    base = shared_config(args, out_dir=str(run.out(root)), generator_address=generator_address)
     return replace(base, **run.settings)
 
 
@@ -409,23 +409,22 @@ def run_centralised_logged(config: RunConfig, out: Path, epochs: int) -> bool:
 
     out.mkdir(parents=True, exist_ok=True)
     try:
-        return run_centralised(config, out, epochs)
+        run_centralised(config, out, epochs)
+        return True
     except Exception:  # noqa: BLE001 - one run's failure is reported, the others still run
         (out / "run.log").write_text(traceback.format_exc())
         return False
 
 
-def run_centralised(config: RunConfig, out: Path, epochs: int) -> bool:
+def run_centralised(config: RunConfig, out: Path, epochs: int) -> None:
     """CLSD: the classifier trained centrally on the server's synthetic set alone, one epoch a
     'round', the test accuracy after each (OUT/clsd.json)."""
     from fedfill.classifier import ClassifierJob
     from fedfill.job import run_split
     from server.app import server_synthetic_set
 
-    out.mkdir(parents=True, exist_ok=True)
     job = ClassifierJob(config)
-    total = int(round(config.synthetic_fraction * len(run_split(config).clients)))
-    images, labels = server_synthetic_set(config, total, job.num_classes)
+    images, labels = server_synthetic_set(config, len(run_split(config).clients), job.num_classes)
     weights, curve = job.initial_weights(), []
     for epoch in range(1, epochs + 1):
         result = job.train(weights, images, labels, seed=config.seed * 1000 + epoch, threads=1)
@@ -433,8 +432,6 @@ def run_centralised(config: RunConfig, out: Path, epochs: int) -> bool:
         curve.append({"epoch": epoch, **job.evaluate(weights), "train_loss": result.loss})
     (out / "clsd.json").write_text(json.dumps({"synthetic_samples": int(len(labels)), "curve": curve,
                                                "best_accuracy": max(c["accuracy"] for c in curve)}, indent=1) + "\n")
-    (out / "summary.json").write_text(json.dumps({"best_accuracy": max(c["accuracy"] for c in curve)}) + "\n")
-    return True
 
 
 class CampaignProgress:
@@ -446,6 +443,8 @@ class CampaignProgress:
 
         self.root, self.runs, self.rounds = root, runs, rounds
         self.finished_runs = {r.name for r in runs if states[r.name] == "done"}
+        # rounds each run had when the campaign started: only an active run's report grows
+        self.at_start = {r.name: 0 if r.centralised else min(rounds, rounds_done(r.out(root))) for r in runs}
         self.active: dict[str, tuple[CampaignRun, int]] = {}
         self.lock = threading.Lock()
         self.progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
@@ -484,8 +483,8 @@ class CampaignProgress:
     def _done(self, run: CampaignRun) -> int:
         if run.name in self.finished_runs:
             return self.rounds
-        if run.centralised:
-            return 0
+        if run.centralised or run.name not in self.active:
+            return self.at_start[run.name]
         return min(self.rounds, rounds_done(run.out(self.root)))
 
     def _refresh(self) -> None:

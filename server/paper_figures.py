@@ -16,6 +16,11 @@ TABLE_METHODS = ("tfl", "semi", "hdc", "sst", "gan", "clsd", "fimi")  # Table I'
 COSTS = ("energy_at_target_j", "latency_at_target_s", "uplink_at_target_bytes")
 
 
+def split_name(alpha: float) -> str:
+    """The directory of a split's runs in a campaign (server.cli_reproduce writes them there)."""
+    return f"split-{alpha:g}"
+
+
 def _split_key(alpha: float) -> str:
     return f"{alpha:g}"
 
@@ -35,7 +40,7 @@ def table1(root: Path, splits, target: float) -> dict:
     for alpha in splits:
         entries = {}
         for method in TABLE_METHODS:
-            figures = method_figures(root / f"split-{alpha:g}" / method, target)
+            figures = method_figures(root / split_name(alpha) / method, target)
             if figures is not None:
                 entries[method] = figures
         out["splits"][_split_key(alpha)] = entries
@@ -94,7 +99,7 @@ def plot_fig4(root: Path, splits, target: float, path: Path) -> None:
     fig, axes = plt.subplots(2, len(splits), figsize=(5.5 * len(splits), 8), squeeze=False)
     for col, alpha in enumerate(splits):
         for method in TABLE_METHODS:
-            run_dir = root / f"split-{alpha:g}" / method
+            run_dir = root / split_name(alpha) / method
             if (run_dir / "clsd.json").exists():
                 best = json.loads((run_dir / "clsd.json").read_text())["best_accuracy"]
                 for row in range(2):
@@ -146,10 +151,10 @@ def plot_bars(figures: dict, target: float, title: str, path: Path) -> None:
 def sweep_figures(runs: dict, target: float) -> dict:
     out = {}
     for value, run_dir in runs.items():
-        figures = method_figures(run_dir, target)
-        if figures is None:
+        if not (run_dir / "rounds.csv").exists():
             continue
         rows = read_rounds(run_dir / "rounds.csv")
+        figures = costs_at_target(rows, target)
         plan = run_dir / "plan_round_1.json"
         notes = json.loads(plan.read_text()).get("notes", []) if plan.exists() else []
         out[f"{value:g}"] = {**figures, "synthetic_per_round": rows[-1]["synthetic_used"] if rows else None,

@@ -47,6 +47,10 @@ class FimiProblem:
         """An equal share of the band, B/N: each device's band when equal_band holds."""
         return self.scenario.system.bandwidth_hz / len(self.scenario.devices)
 
+    def fits_share(self, b_min: np.ndarray) -> np.ndarray:
+        """Where a device's least band (at P_max) fits in its equal share B/N."""
+        return b_min <= self.band_share * (1.0 + 1e-12)
+
     @property
     def error_budget(self) -> float:
         return self.scenario.system.learning_error_budget(len(self.scenario.devices))
@@ -189,8 +193,8 @@ def solve_uplink(problem: FimiProblem, t_com: np.ndarray) -> UplinkSolution:
     b = np.array(b_min, dtype=float)
     varpi = np.full(t_com.shape[0], np.inf)
     if problem.equal_band:  # no allocation: B/N each, enough where b_min fits in it
-        feasible = np.all(b_min <= problem.band_share * (1.0 + 1e-12), axis=-1)
-        b = np.where(b_min <= problem.band_share * (1.0 + 1e-12), problem.band_share, np.inf)
+        feasible = np.all(problem.fits_share(b_min), axis=-1)
+        b = np.where(problem.fits_share(b_min), problem.band_share, np.inf)
         varpi[:] = 0.0  # no shared band constraint to price
     elif np.any(feasible):
         t_f, bmin_f = t_com[feasible], b_min[feasible]
@@ -302,7 +306,7 @@ def _device_response(problem: FimiProblem, eta, nu, varpi):
     e_cmp = rho * (sy.gamma + delta) ** (-3.0 / sy.beta) + nu * delta
     b_min = min_bandwidth(problem, t_com)
     if problem.equal_band:
-        b_min = np.where(b_min <= problem.band_share * (1.0 + 1e-12), b_min, np.inf)
+        b_min = np.where(problem.fits_share(b_min), b_min, np.inf)
         b = np.full_like(b_min, problem.band_share)
         priced = np.zeros_like(priced)
     else:
