@@ -30,6 +30,7 @@ from fedfill.config import RunConfig
 from fedfill.job import Job, LocalResult, run_split
 
 from .model import DEFAULT_CHECKPOINT, CheckpointError
+from .step import EpsilonStep, deterministic_cuda, make_generator, make_optimizer, pick_device
 
 START_CHECKPOINTS = {"digits": DEFAULT_CHECKPOINT.parent / "digits-0to4"}  # dataset -> shipped start
 LABEL_DROPOUT = 0.1  # as the start was trained: keeps the unconditional score guidance needs
@@ -82,13 +83,12 @@ def _start(run: RunConfig):
 
 
 def _device():
-    import torch
-
-    return "cuda" if torch.cuda.is_available() else "cpu"
+    return pick_device()
 
 
 class DiffusionJob(Job):
     preset = "ondemand"
+    cuda_graphs = True  # a device's local steps replay as one CUDA graph on a GPU (generation.step)
 
     def __init__(self, run: RunConfig):
         super().__init__(run)
@@ -145,8 +145,9 @@ class DiffusionJob(Job):
     # ------------------------------------------------------------------ a device's step
     def train(self, weights, images, labels, *, seed: int, threads: int = 1) -> LocalResult:
         """tau epochs of epsilon-prediction steps on the local images (shuffled batches),
-        AdamW at the run's lr. A NaN loss stops the step with ValueError (the update is
-        dropped with the reason; the round goes on)."""
+        AdamW at the run's lr (generation.step: replayed as a CUDA graph on a GPU). A NaN
+        loss stops the step with ValueError (the update is dropped with the reason; the
+        round goes on)."""
         import torch
         from diffusers import DDPMScheduler
 
@@ -155,31 +156,23 @@ class DiffusionJob(Job):
         config, pipe, _ = _start(self.run)
         torch.set_num_threads(threads)
         device = _device()
+        if device == "cuda":
+            deterministic_cuda()
         unet = self._unet(weights).train()
         trainable = [p for p in unet.parameters() if p.requires_grad]
-        optimizer = torch.optim.AdamW(trainable, lr=self.run.lr, weight_decay=0.0)
-        noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
-        steps_total = noise_scheduler.config.num_train_timesteps
+        generator = make_generator(seed, device)
+        step = EpsilonStep(unet, make_optimizer(trainable, self.run.lr, device),
+                           DDPMScheduler.from_config(pipe.scheduler.config), generator,
+                           null_class=config.null_class, label_dropout=LABEL_DROPOUT, cuda_graphs=self.cuda_graphs)
         x_all = images_to_model_space(images).to(device)
         y_all = torch.as_tensor(labels, dtype=torch.long, device=device)
-        generator = torch.Generator().manual_seed(seed)
         batch = min(self.run.batch_size, len(y_all))
         losses = []
         started = time.perf_counter()
         for _ in range(self.run.local_epochs):
-            order = torch.randperm(len(y_all), generator=generator)
+            order = torch.randperm(len(y_all), generator=generator, device=generator.device)
             for first in range(0, len(order) - batch + 1, batch):  # whole batches: static shapes
-                idx = order[first:first + batch].to(device)
-                x0, y = x_all[idx], y_all[idx].clone()
-                y[torch.rand(batch, generator=generator).to(device) < LABEL_DROPOUT] = config.null_class
-                noise = torch.randn(x0.shape, generator=generator).to(device)
-                t = torch.randint(0, steps_total, (batch,), generator=generator).to(device)
-                prediction = unet(noise_scheduler.add_noise(x0, noise, t), t, class_labels=y).sample
-                loss = torch.nn.functional.mse_loss(prediction, noise)
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-                losses.append(loss.detach())
+                losses.append(step(x_all, y_all, order[first:first + batch]))
         seconds = time.perf_counter() - started
         mean_loss = float(torch.stack(losses).mean()) if losses else float("nan")
         if losses and not np.isfinite(mean_loss):
