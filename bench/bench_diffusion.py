@@ -3,6 +3,7 @@
     python bench/bench_diffusion.py                      # speed and bytes (about a minute on 2 busy cores)
     python bench/bench_diffusion.py --sections speed --steps 8 --repeat 5 --batches 32 64 128
     python bench/bench_diffusion.py --sections energy --compare DIR [--frechet-target X]
+    python bench/bench_diffusion.py --sections speed,trainer --steps 200 --batches 32 128   # on a GPU
 
 Every figure comes from the job's own code: `DiffusionJob.train` (generation.finetune) with the
 ddpm job's defaults (RunConfig job "ddpm" and JOB_DEFAULTS: AdamW at 5e-4, batch 32, 5 local
@@ -22,6 +23,9 @@ batch still fits), starting from the shipped digits-0to4 generator.
    runs through every layer, the adapters add their own work, and injecting them (peft)
    adds to every call. On the busy 2-core host this ratio moved between 0.65 and 1.1 from
    run to run: more --steps and --repeat give a steadier figure.
+   On a GPU every setting runs twice: "eager", and "graph", the step replayed as one CUDA
+   graph (generation.step); "x eager" is graph's steps/s over eager's. On a GPU a step of this
+   small UNet costs kernel launches and Python, not arithmetic, which is what the graph saves.
 
 2. bytes: what the cost model charges (M x bits / 8, M the weights a device uploads) against
    what fedfill's codec really sends for a real update (weights after one real local `train`
@@ -45,6 +49,13 @@ batch still fits), starting from the shipped digits-0to4 generator.
    Fréchet distance of the policies compared, so that every one reaches it; --frechet-target
    sets another (a policy that never reaches it shows N/A). Round 0 (the start, no cost) is
    not counted.
+
+4. trainer: the generator's trainer (`fedfill generator train`'s train_generator) on the
+   public split, steps/s per device, batch and, on a GPU, eager against CUDA graph. The rate
+   is the difference of two runs of --trainer-steps lengths, so that building the model, a
+   graph's warm-up and capture and the final save cancel (after one uncounted run per
+   device: a process's first run pays more). Batch 64 is the shipped
+   checkpoints' recipe; the larger batches show what a GPU does with more images a step.
 """
 
 from __future__ import annotations
@@ -67,7 +78,7 @@ from fedfill import codec  # noqa: E402
 from fedfill.config import JOB_DEFAULTS, RunConfig  # noqa: E402
 from server.report import read_rounds  # noqa: E402
 
-SECTIONS = ("speed", "bytes", "energy")
+SECTIONS = ("speed", "bytes", "energy", "trainer")
 BITS = (4, 6, 7, 8, 32)
 LORA_RANKS = (1, 4, 8)
 SPEED_LORA_RANK = 4
@@ -120,28 +131,32 @@ def speed(args) -> None:
     devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
     print(f"== 1. local fine-tuning speed: node {node} ({len(data)} images), {args.steps} steps a call "
           f"(or the next whole epoch), best of {args.repeat} after a warm-up, CPU with 1 thread ==")
-    print(f"{'device':>6} {'batch':>5} {'trainable':>9} {'weights':>9} {'steps':>5} | {'call s':>7} {'in loop':>7} | "
-          f"{'steps/s':>8} {'images/s':>8} {'x full':>6}")
+    print(f"{'device':>6} {'step':>5} {'batch':>5} {'trainable':>9} {'weights':>9} {'steps':>5} | {'call s':>7} "
+          f"{'in loop':>7} | {'steps/s':>8} {'images/s':>8} {'x full':>6} {'x eager':>7}")
     for device in devices:
         for batch in args.batches:
             batch = min(batch, len(data))  # what train does with a batch larger than the node's data
             per_epoch = len(data) // batch
             epochs = max(1, math.ceil(args.steps / per_epoch))
             steps = epochs * per_epoch
-            baseline = None
-            for trainable in ("full", "lora"):
-                job = load_job(ddpm_run(trainable=trainable, lora_rank=SPEED_LORA_RANK, batch_size=batch,
-                                        local_epochs=epochs))
-                with placed_on(device):
-                    start = job.initial_weights()
-                    calls = [timed_train(job, start, data) for _ in range(1 + args.repeat)][1:]  # warm-up
-                seconds, in_loop = min(calls)
-                rate = steps / seconds
-                baseline = baseline or rate
-                name = trainable if trainable == "full" else f"lora r{SPEED_LORA_RANK}"
-                print(f"{device:>6} {batch:5d} {name:>9} {sum(w.size for w in start):9,} {steps:5d} | "
-                      f"{seconds:7.3f} {in_loop / seconds:7.0%} | {rate:8.2f} {rate * batch:8.1f} "
-                      f"{rate / baseline:6.2f}")
+            eager_rates = {}
+            for graphs in ((False, True) if device == "cuda" else (False,)):
+                baseline = None
+                for trainable in ("full", "lora"):
+                    job = load_job(ddpm_run(trainable=trainable, lora_rank=SPEED_LORA_RANK, batch_size=batch,
+                                            local_epochs=epochs))
+                    job.cuda_graphs = graphs
+                    with placed_on(device):
+                        start = job.initial_weights()
+                        calls = [timed_train(job, start, data) for _ in range(1 + args.repeat)][1:]  # warm-up
+                    seconds, in_loop = min(calls)
+                    rate = steps / seconds
+                    baseline = baseline or rate
+                    eager = eager_rates.setdefault(trainable, rate)
+                    name = trainable if trainable == "full" else f"lora r{SPEED_LORA_RANK}"
+                    print(f"{device:>6} {'graph' if graphs else 'eager':>5} {batch:5d} {name:>9} "
+                          f"{sum(w.size for w in start):9,} {steps:5d} | {seconds:7.3f} {in_loop / seconds:7.0%} | "
+                          f"{rate:8.2f} {rate * batch:8.1f} {rate / baseline:6.2f} {rate / eager:7.2f}")
     if not torch.cuda.is_available():
         print("(no GPU: torch.cuda.is_available() is False)")
 
@@ -151,6 +166,60 @@ def timed_train(job, start, data) -> tuple[float, float]:
     started = time.perf_counter()
     result = job.train(start, data.images, data.labels, seed=0, threads=1)
     return time.perf_counter() - started, result.seconds
+
+
+def trainer(args) -> None:
+    """The generator's trainer (generation.train.train_generator) on the public split, per
+    device, step kind and batch: steps/s from two runs of different lengths, (n2 - n1) /
+    (t2 - t1), so that building the model, a graph's warm-up and capture and the saves cancel."""
+    import tempfile
+
+    import torch
+
+    from fedfill.data import load_digits, split_dataset
+    from generation.train import train_generator
+
+    public = split_dataset(load_digits(), seed=0).public
+    short, long = args.trainer_steps
+    devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+    print(f"\n== 4. the generator's trainer: {len(public)} public images, steps/s between runs of {short} and "
+          f"{long} steps, all cores ==")
+    print(f"{'device':>6} {'step':>5} {'batch':>5} | {'s short':>8} {'s long':>8} | {'steps/s':>8} {'images/s':>9} "
+          f"{'x eager':>7}")
+    def seconds_of(device: str, steps: int, batch: int, graphs: bool) -> float:
+        with tempfile.TemporaryDirectory() as out, on_device(device):
+            started = time.perf_counter()
+            train_generator(public.images, public.labels, public.class_names, out, steps=steps, batch_size=batch,
+                            save_every=10 ** 9, progress=False, cuda_graphs=graphs)
+            if device == "cuda":
+                torch.cuda.synchronize()
+            return time.perf_counter() - started
+
+    for device in devices:
+        seconds_of(device, short, min(args.trainer_batches), False)  # warm-up: the process's first run pays more
+        for batch in args.trainer_batches:
+            if device == "cpu" and batch > max(args.batches):
+                continue  # large batches are the GPU's lever; on 2 CPU cores they only take minutes
+            eager = None
+            for graphs in ((False, True) if device == "cuda" else (False,)):
+                seconds = [seconds_of(device, steps, batch, graphs) for steps in (short, long)]
+                rate = (long - short) / max(seconds[1] - seconds[0], 1e-9)
+                eager = eager or rate
+                print(f"{device:>6} {'graph' if graphs else 'eager':>5} {batch:5d} | {seconds[0]:8.2f} "
+                      f"{seconds[1]:8.2f} | {rate:8.2f} {rate * batch:9.0f} {rate / eager:7.2f}")
+
+
+@contextlib.contextmanager
+def on_device(device: str):
+    """The trainer on `device` (it takes the GPU whenever there is one)."""
+    from generation import train
+
+    saved = train.pick_device
+    train.pick_device = lambda: device
+    try:
+        yield
+    finally:
+        train.pick_device = saved
 
 
 # ---------------------------------------------------------------- 2. bytes
@@ -280,12 +349,17 @@ def energy(args) -> None:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--sections", default="speed,bytes,energy",
+    parser.add_argument("--sections", default="speed,bytes,energy,trainer",
                         help=f"comma-separated, of {', '.join(SECTIONS)} (default: all)")
     parser.add_argument("--repeat", type=int, default=3, help="speed: timed calls per setting, the best counts")
     parser.add_argument("--steps", type=int, default=4, help="speed: local steps per timed call")
     parser.add_argument("--batches", type=int, nargs="+", default=[32, 128],
                         help="speed: batch sizes (32 is the job's default)")
+    parser.add_argument("--trainer-steps", type=int, nargs=2, default=[20, 80], metavar=("SHORT", "LONG"),
+                        help="trainer: the two run lengths whose difference is timed")
+    parser.add_argument("--trainer-batches", type=int, nargs="+", default=[64, 256, 2048],
+                        help="trainer: batch sizes (64 is the shipped checkpoints'; on the CPU only those up to "
+                             "--batches' largest)")
     parser.add_argument("--local-epochs", type=int,
                         help=f"bytes: local epochs of the real update (default: the job's, "
                              f"{JOB_DEFAULTS['ddpm']['local_epochs']})")
@@ -297,14 +371,16 @@ def main() -> int:
     unknown = set(sections) - set(SECTIONS)
     if unknown or not sections:
         parser.error(f"--sections takes {', '.join(SECTIONS)}; got {args.sections!r}")
-    if args.repeat < 1 or args.steps < 1 or min(args.batches) < 1 or (args.local_epochs or 1) < 1:
-        parser.error("--repeat, --steps, --batches and --local-epochs must be positive")
+    if args.repeat < 1 or args.steps < 1 or min(args.batches + args.trainer_batches) < 1 or (args.local_epochs or 1) < 1:
+        parser.error("--repeat, --steps, --batches, --trainer-batches and --local-epochs must be positive")
+    if not 0 < args.trainer_steps[0] < args.trainer_steps[1]:
+        parser.error("--trainer-steps takes two lengths, the shorter first")
     started = time.perf_counter()
-    if {"speed", "bytes"} & set(sections):
+    if {"speed", "bytes", "trainer"} & set(sections):
         quiet_diffusers()
     for section in SECTIONS:
         if section in sections:
-            {"speed": speed, "bytes": bytes_section, "energy": energy}[section](args)
+            {"speed": speed, "bytes": bytes_section, "energy": energy, "trainer": trainer}[section](args)
     print(f"\n({time.perf_counter() - started:.0f} s)")
     return 0
 

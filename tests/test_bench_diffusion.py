@@ -32,12 +32,13 @@ def test_speed_and_bytes_on_tiny_settings():
     out = bench("--sections", "speed,bytes,energy", "--steps", "2", "--repeat", "1", "--batches", "32",
                 "--local-epochs", "1")
 
-    speed = {m[2]: m for m in re.findall(
-        rf"^\s*(cpu|cuda)\s+(\d+)\s+(full|lora r4)\s+({NUMBER})\s+(\d+) \|\s+({NUMBER})\s+(\d+)% \|"
-        rf"\s+({NUMBER})\s+({NUMBER})\s+({NUMBER})$", out, re.M) if m[0] == "cpu"}
+    speed = {m[3]: m[1:] for m in re.findall(
+        rf"^\s*(cpu|cuda)\s+(eager|graph)\s+(\d+)\s+(full|lora r4)\s+({NUMBER})\s+(\d+) \|\s+({NUMBER})\s+(\d+)% \|"
+        rf"\s+({NUMBER})\s+({NUMBER})\s+({NUMBER})\s+({NUMBER})$", out, re.M) if m[0] == "cpu"}
     assert set(speed) == {"full", "lora r4"}, out
     assert number(speed["full"][3]) == 1_003_137 and number(speed["lora r4"][3]) == 82_560
-    for _, batch, _, _, steps, seconds, in_loop, rate, images, ratio in speed.values():
+    for kind, batch, _, _, steps, seconds, in_loop, rate, images, ratio, vs_eager in speed.values():
+        assert kind == "eager" and number(vs_eager) == 1.0, "the CPU has no CUDA graph"
         assert int(batch) == 32 and int(steps) >= 2
         assert number(rate) == pytest.approx(int(steps) / number(seconds), rel=0.02)
         assert number(images) == pytest.approx(number(rate) * 32, rel=0.02)
@@ -100,3 +101,23 @@ def test_energy_at_equal_frechet_distance(tmp_path):
     out = bench("--sections", "energy", "--compare", str(tmp_path), "--frechet-target", "1", timeout=60)
     assert re.search(r"^\s*ondemand\s+3\.5000 \|\s+N/A", out, re.M)
     assert "ondemand / fixed-8: N/A (one of them never reaches the target)" in out
+
+
+def test_trainer_section_times_the_generator_trainer_by_a_difference_of_runs():
+    out = bench("--sections", "trainer", "--trainer-steps", "2", "6", "--trainer-batches", "16", "4096",
+                "--batches", "32")
+    rows = re.findall(rf"^\s*(cpu|cuda)\s+(eager|graph)\s+(\d+) \|\s+({NUMBER})\s+({NUMBER}) \|\s+({NUMBER})"
+                      rf"\s+({NUMBER})\s+({NUMBER})$", out, re.M)
+    cpu = [row for row in rows if row[0] == "cpu"]
+    assert [(kind, int(batch)) for _, kind, batch, *_ in cpu] == [("eager", 16)], "4096 is left to a GPU"
+    _, _, _, short, long, rate, images, vs_eager = cpu[0]
+    assert number(long) > number(short) > 0
+    assert number(rate) == pytest.approx(4 / (number(long) - number(short)), rel=0.05)
+    assert number(images) == pytest.approx(number(rate) * 16, rel=0.05)
+    assert number(vs_eager) == 1.0
+
+
+def test_bad_trainer_steps_are_refused():
+    done = subprocess.run([sys.executable, str(BENCH), "--sections", "trainer", "--trainer-steps", "6", "2"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2 and "--trainer-steps takes two lengths, the shorter first" in done.stderr
