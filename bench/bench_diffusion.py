@@ -144,8 +144,7 @@ def speed(args) -> None:
                 baseline = None
                 for trainable in ("full", "lora"):
                     job = load_job(ddpm_run(trainable=trainable, lora_rank=SPEED_LORA_RANK, batch_size=batch,
-                                            local_epochs=epochs))
-                    job.cuda_graphs = graphs
+                                            local_epochs=epochs, eager_gpu_steps=not graphs))
                     with placed_on(device):
                         start = job.initial_weights()
                         calls = [timed_train(job, start, data) for _ in range(1 + args.repeat)][1:]  # warm-up

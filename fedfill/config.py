@@ -68,6 +68,8 @@ class RunConfig:
                                      "(LoRA adapters on its attention and convolution layers)")
     lora_rank: int = setting(4, "rank of the LoRA adapters (--trainable lora)")
     eval_per_class: int = setting(30, "samples per class the ddpm job's evaluation draws each round")
+    eager_gpu_steps: bool = setting(False, "ddpm job: run the local steps eagerly on a GPU instead of replaying "
+                                           "them as one CUDA graph (generation.step); no effect on the CPU")
     inception: str = setting("", "the FID Inception TorchScript (inception-2015-12-05.pt), if you have it: the "
                                  "ddpm job's evaluation adds the standard FID")
     out_dir: str = setting("runs/latest", "report directory", cli=False)  # `fedfill run --out` sets it

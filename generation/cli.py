@@ -74,6 +74,8 @@ def _add_train_arguments(train) -> None:
     train.add_argument("--lr", type=float, help="default 0.001 for ddpm, 0.0002 for gan (Adam, betas 0.5, 0.999)")
     train.add_argument("--seed", type=int, default=0)
     train.add_argument("--split-seed", type=int, default=0, help="seed of the public/clients/test split")
+    train.add_argument("--eager-gpu-steps", action="store_true",
+                       help="ddpm on a GPU: run the steps eagerly instead of replaying them as one CUDA graph")
     train.add_argument("--classes", help="train only on the public split's images of these classes, e.g. 0,1,2,3,4 "
                        "or 0-4 (default: all); the generator still has every class of the dataset, to learn the "
                        "others later")
@@ -117,14 +119,18 @@ def _train(args) -> int:
                           "--out", args.out, "--steps", str(args.steps), "--batch-size", str(args.batch_size),
                           "--lr", str(args.lr), "--seed", str(args.seed), "--split-seed", str(args.split_seed),
                           *chosen])
-    trainer = train_generator
+    trainer, extra = train_generator, {"cuda_graphs": not args.eager_gpu_steps}
     if args.model == "gan":
+        if args.eager_gpu_steps:
+            raise UsageError("--eager-gpu-steps is for --model ddpm: the GAN's steps always run eagerly")
         from .gan import train_gan as trainer  # the same arguments, the other model
+
+        extra = {}
     try:
         trainer(split.public.images, split.public.labels, split.public.class_names, args.out,
                 steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed, command=command,
                 dataset=args.dataset, data_dir=str(Path(args.data_dir).resolve()) if args.data_dir else "",
-                split_seed=args.split_seed, classes=classes)
+                split_seed=args.split_seed, classes=classes, **extra)
     except ValueError as err:
         raise UsageError(str(err)) from None
     print(f"checkpoint: {args.out} (a diffusers pipeline directory; generator.json: classes and provenance)")

@@ -88,7 +88,6 @@ def _device():
 
 class DiffusionJob(Job):
     preset = "ondemand"
-    cuda_graphs = True  # a device's local steps replay as one CUDA graph on a GPU (generation.step)
 
     def __init__(self, run: RunConfig):
         super().__init__(run)
@@ -163,7 +162,7 @@ class DiffusionJob(Job):
         generator = make_generator(seed, device)
         step = EpsilonStep(unet, make_optimizer(trainable, self.run.lr, device),
                            DDPMScheduler.from_config(pipe.scheduler.config), generator,
-                           null_class=config.null_class, label_dropout=LABEL_DROPOUT, cuda_graphs=self.cuda_graphs)
+                           null_class=config.null_class, label_dropout=LABEL_DROPOUT, cuda_graphs=not self.run.eager_gpu_steps)
         x_all = images_to_model_space(images).to(device)
         y_all = torch.as_tensor(labels, dtype=torch.long, device=device)
         batch = min(self.run.batch_size, len(y_all))

@@ -18,7 +18,8 @@ nothing in a step waits for the host. The first `warmup` steps run eagerly on a 
 On the CPU the step is the plain eager one, drawing the same numbers in the same order from
 a CPU generator as the loops before this class did, so the commands that made the shipped
 checkpoints still make them bit for bit. `cuda_graphs=False` gives the eager step on a GPU
-as well (the baseline of bench/bench_diffusion.py's speed section).
+as well (the baseline of bench/bench_diffusion.py's speed section; `--eager-gpu-steps` for
+users).
 """
 
 from __future__ import annotations

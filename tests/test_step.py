@@ -149,3 +149,21 @@ def test_a_captured_step_refuses_another_batch_size():
         step(x, y, torch.arange(8, device="cuda"))
     with pytest.raises(ValueError, match="captured for batches of 8"):
         step(x, y, torch.arange(4, device="cuda"))
+
+
+def test_eager_gpu_steps_is_a_run_setting_and_a_train_flag(tmp_path, capsys):
+    from fedfill.cli import main
+    from fedfill.config import RunConfig
+
+    assert RunConfig().eager_gpu_steps is False
+    assert RunConfig.from_run_config({"eager-gpu-steps": "true"}).eager_gpu_steps is True
+    assert RunConfig.from_run_config(RunConfig(eager_gpu_steps=True).to_run_config()).eager_gpu_steps is True
+    # the DDPM trainer takes it (on the CPU it changes nothing); the GAN, which never captures a graph, refuses it
+    assert main(["generator", "train", "--eager-gpu-steps", "--out", str(tmp_path / "ddpm"), "--steps", "2",
+                 "--batch-size", "8"]) == 0
+    assert (tmp_path / "ddpm" / "generator.json").exists()
+    capsys.readouterr()
+    assert main(["generator", "train", "--model", "gan", "--eager-gpu-steps", "--out", str(tmp_path / "gan"),
+                 "--steps", "2"]) == 2
+    assert "--eager-gpu-steps is for --model ddpm" in capsys.readouterr().err
+    assert not (tmp_path / "gan").exists()
