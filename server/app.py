@@ -144,7 +144,8 @@ def main(grid: Grid, context: Context) -> None:
     (out_dir / "profiles.json").write_text(json.dumps({str(k): v for k, v in profiles.items()}, indent=1) + "\n")
     strategy = FimiFedAvg(system, run.policy, profiles, seed=run.seed, node_wait_s=run.node_wait_s,
                           on_plan=report.write_plan, on_round_metrics=report.round_costs,
-                          upload_seconds=grid.upload_seconds, pushed_at=grid.pushed_at, min_train_nodes=1, bits_rule=run.bits_rule,
+                          upload_seconds=grid.upload_seconds, pushed_at=grid.pushed_at, addressee=grid.addressee,
+                          min_train_nodes=1, bits_rule=run.bits_rule,
                           aggregation=run.aggregation, trim_beta=run.trim_beta, norm_bound=run.norm_bound,
                           complementary_update=(complementary_update(run, job, profiles)
                                                 if run.synthetic_use == "server" else None))

@@ -20,7 +20,8 @@ Flower's hand-offs set that floor, and a link shaped to the plan's rate adds its
 
 The cost of the short poll is the SuperLink's: each pull is a request and a database query
 (measured: about 10 s more SuperLink CPU and 3 s more ServerApp CPU per 100 s of waiting).
-`poll_s` trades it against the measurement's resolution. One float per reply is kept.
+`poll_s` trades it against the measurement's resolution. Two floats and a node id per
+message are kept.
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ class TimedGrid(Grid):
         self.poll_s = poll_s
         self._pulled_at: dict[str, float] = {}  # instruction message id -> wall-clock time its reply was pulled
         self._pushed_at: dict[str, float] = {}  # instruction message id -> wall-clock time it was pushed
+        self._sent_to: dict[str, int] = {}  # instruction message id -> the node it was sent to
 
     # ---------------------------------------------------------------- delegated
     def set_run(self, run) -> None:
@@ -60,9 +62,13 @@ class TimedGrid(Grid):
         return self.grid.get_nodes()
 
     def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
+        messages = list(messages)
         started = time.time()  # a SuperNode may take a message before its objects are all pushed
-        message_ids = list(self.grid.push_messages(messages))
-        self._pushed_at.update((message_id, started) for message_id in message_ids if message_id)
+        message_ids = list(self.grid.push_messages(messages))  # in the messages' order, None where not pushed
+        for message, message_id in zip(messages, message_ids):
+            if message_id:
+                self._pushed_at[message_id] = started
+                self._sent_to[message_id] = message.metadata.dst_node_id
         return message_ids
 
     def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
@@ -107,6 +113,12 @@ class TimedGrid(Grid):
     def pushed_at(self, reply: Message) -> float | None:
         """Wall-clock time (Unix seconds) the push of the instruction this reply answers began."""
         return self._pushed_at.get(reply.metadata.reply_to_message_id)
+
+    def addressee(self, reply: Message) -> int | None:
+        """The node the instruction this reply answers was sent to: for an error the SuperLink
+        or the ServerApp's own pull makes in its own name (a node gone, a reply whose objects
+        never all arrived), the node it is about."""
+        return self._sent_to.get(reply.metadata.reply_to_message_id)
 
     def upload_seconds(self, reply: Message) -> float | None:
         """Measured upload seconds of a reply (see the module docstring for what it includes),

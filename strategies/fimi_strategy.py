@@ -82,7 +82,10 @@ class FimiFedAvg(FedAvg):
     `upload_seconds(reply)` gives a reply's measured upload seconds (server.timed_grid's
     TimedGrid.upload_seconds), `pushed_at(reply)` when the instruction it answers was pushed
     (TimedGrid.pushed_at), each None where unknown; with the reply's own timestamps they say
-    where a node's part of the round went (`timeline`).
+    where a node's part of the round went (`timeline`). `addressee(reply)` gives the node the
+    instruction a reply answers was sent to (TimedGrid.addressee): an error made in the
+    SuperLink's or the ServerApp's name is then charged to the node it is about, not to every
+    node that sent nothing.
 
     Screening, before any merging: one reply per node per round (a second one from the same
     node, which a hostile or broken node or SuperLink path could send, is dropped unread with
@@ -106,6 +109,7 @@ class FimiFedAvg(FedAvg):
                  on_round_metrics: Callable[[int, MetricRecord, list[dict]], None] | None = None,
                  upload_seconds: Callable[[Message], float | None] | None = None,
                  pushed_at: Callable[[Message], float | None] | None = None,
+                 addressee: Callable[[Message], int | None] | None = None,
                  fraction_train: float = 1.0, min_train_nodes: int = 1, bits_rule: str = "codec",
                  aggregation: str = "fedavg", trim_beta: float = 0.2, norm_bound: float = 10.0,
                  complementary_update: Callable[[list[np.ndarray], int], tuple[list[np.ndarray], int, float]]
@@ -132,6 +136,7 @@ class FimiFedAvg(FedAvg):
         self.on_plan, self.on_round_metrics = on_plan, on_round_metrics
         self.upload_seconds = upload_seconds or (lambda reply: None)
         self.pushed_at = pushed_at or (lambda reply: None)
+        self.addressee = addressee or (lambda reply: None)
         self._global: ArrayRecord | None = None
         self._planned: dict[int, contract.NodePlan] = {}  # node id -> this round's plan
         self.round_offset = 0  # rounds done before a resume: Flower counts from 1 again
@@ -243,15 +248,24 @@ class FimiFedAvg(FedAvg):
             figures.update(status="dropped", reason=reason)
             dropped[kind] += 1
 
-        # Account per planned node: an error the SuperLink raises for a dead node names the
-        # SuperLink as its sender, so such errors only explain the nodes that sent nothing.
+        # Account per planned node: an error the SuperLink raises for a dead node (or the
+        # ServerApp's pull for a reply it could not assemble) names itself as the sender. It is
+        # charged to the node its instruction went to where that is known (`addressee`), else it
+        # can only explain, as a possibility, each node that sent nothing.
         # In the nodes' order, not the replies' arrival order: float sums depend on their order,
         # and a merge that varies with arrival makes two runs of the same seed drift apart.
         # Stable: a node's second reply stays behind its first.
         from_planned = sorted((m for m in replies if m.metadata.src_node_id in self._planned),
                               key=lambda m: self._merge_rank(m.metadata.src_node_id))
-        foreign_errors = sorted({m.error.reason for m in replies
-                                 if m.has_error() and m.metadata.src_node_id not in self._planned})
+        about_node: dict[int, str] = {}  # planned node -> the error made in another's name about it
+        foreign_errors: set[str] = set()  # such errors about no node known
+        for m in replies:
+            if m.has_error() and m.metadata.src_node_id not in self._planned:
+                node_id = self.addressee(m)
+                if node_id in self._planned:
+                    about_node.setdefault(node_id, m.error.reason)
+                else:
+                    foreign_errors.add(m.error.reason)
         candidates: list[tuple[int, Message, Message]] = []  # (node, its reply, the reply decoded)
         answered: set[int] = set()
         for message in from_planned:
@@ -275,8 +289,13 @@ class FimiFedAvg(FedAvg):
             except contract.ReplyError as err:
                 drop(figures, str(err), "unusable")
         for node_id in sorted(set(self._planned) - answered):
-            drop(nodes[node_id], "no reply" + (f" ({'; '.join(foreign_errors)})" if foreign_errors
-                                                else " before the timeout"), "no-reply")
+            if node_id in about_node:
+                reason = f"no reply ({about_node[node_id]})"
+            elif foreign_errors:
+                reason = f"no reply ({'; '.join(sorted(foreign_errors))})"
+            else:
+                reason = "no reply before the timeout"
+            drop(nodes[node_id], reason, "no-reply")
         too_large = self._beyond_norm_bound([decoded for _, _, decoded in candidates])
         decoded: list[Message] = []  # Flower's input: replies carrying decoded updates
         used: list[int] = []  # the nodes whose updates are used

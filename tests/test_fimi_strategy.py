@@ -180,6 +180,27 @@ def test_a_dead_node_costs_one_update_once():
     assert arrays is not None
 
 
+def test_an_error_about_one_node_is_charged_to_it_alone():
+    """A node killed while uploading: the ServerApp's pull makes an error in its own name for
+    that node's reply. Another node that sent nothing is dropped for its own reason, the
+    timeout, not for the first one's error."""
+    from flwr.app import Error
+
+    strategy, nodes = strategy_for(3)
+    strategy.configure_train(1, ArrayRecord(GLOBAL), ConfigRecord(), OnlineNodes(nodes))
+    update = [np.full((3, 2), 1.0, np.float32), np.full(4, 1.0, np.float32)]
+    request = Message(RecordDict({}), message_type=MessageType.TRAIN, dst_node_id=nodes[1])
+    request.metadata.__dict__["_message_id"] = "to-node-1"
+    unavailable = Message(Error(code=3, reason="Reply message objects are unavailable"), reply_to=request)
+    unavailable.metadata.__dict__["_src_node_id"] = 1  # not the node: the ServerApp's pull
+    strategy.addressee = lambda reply: {"to-node-1": nodes[1]}.get(reply.metadata.reply_to_message_id)
+    strategy.aggregate_train(1, [reply_to(nodes[0], update, bits=32), unavailable])
+    reasons = {d["node"]: d["reason"] for d in strategy.rounds.drops[1]}
+    assert reasons == {nodes[1]: "no reply (Reply message objects are unavailable)",
+                       nodes[2]: "no reply before the timeout"}
+    assert strategy.rounds.costs[1]["updates"] == 1 and strategy.rounds.costs[1]["dropped"] == 2
+
+
 def test_the_strategy_times_each_reply_and_forgets_a_plan_it_did_not_send():
     strategy, nodes = strategy_for(2)
     strategy.upload_seconds = lambda reply: 0.1 * reply.metadata.src_node_id

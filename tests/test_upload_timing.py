@@ -229,3 +229,16 @@ def test_a_deployment_run_reports_scenario_profiles_and_measured_uploads_beside_
     assert (out / "logs" / "supernode-2.log").exists()
     assert not (out / ".flwr" / "runtime-envs").exists()
     assert processes_of_run(out) == [], "processes of the run were left running"
+
+
+def test_an_error_made_in_the_superlinks_name_is_traced_to_the_node_it_is_about():
+    from flwr.app import Error
+
+    grid = FakeGrid({3: 0.0, 5: 0.0})
+    timed = TimedGrid(grid)
+    sent = messages(3, 5)
+    ids = list(timed.push_messages(iter(sent)))  # any iterable, as Flower's Grid takes
+    error = Message(Error(code=0, reason="Reply message objects are unavailable"), reply_to=sent[1])
+    error.metadata.__dict__["_src_node_id"] = 0  # the ServerApp's own node made it, not node 5
+    assert ids == ["m0", "m1"] and timed.addressee(error) == 5
+    assert timed.addressee(Message(RecordDict({}), reply_to=messages(9)[0])) is None, "never sent: unknown"
