@@ -14,6 +14,8 @@ is AdamW with `capturable` and `fused` (its step count and bias corrections stay
 GPU), the batch shape is static, and the random draws come from a generator on the GPU, so
 nothing in a step waits for the host. The first `warmup` steps run eagerly on a side stream
 (CUDA graphs need the lazy initialisations done before capture); they are real steps.
+Should the capture fail (a kernel this GPU, driver or torch cannot record), the step says so
+once and goes on eagerly: recording runs nothing, so no step is lost or taken twice.
 
 On the CPU the step is the plain eager one, drawing the same numbers in the same order from
 a CPU generator as the loops before this class did, so the commands that made the shipped
@@ -25,6 +27,7 @@ users).
 from __future__ import annotations
 
 import os
+import warnings
 
 WARMUP_STEPS = 3  # eager steps before a capture, as PyTorch's whole-network capture example does
 
@@ -88,9 +91,7 @@ class EpsilonStep:
         self.use_graph = bool(cuda_graphs) and self.device.type == "cuda"
         self.warmup = max(1, int(warmup))
         self.steps_done = 0
-        self._graph = self._static = self._static_loss = None
-        if self.use_graph:
-            self._side_stream = torch.cuda.Stream(self.device)
+        self._graph = self._static = self._static_loss = self._side_stream = None
 
     def draw(self, x_all, y_all, idx):
         """(x0, y, noise, t) of one step, in the order the loops always drew them."""
@@ -128,13 +129,20 @@ class EpsilonStep:
             raise ValueError(f"a CUDA graph step was captured for batches of {self._static[0].shape[0]}, "
                              f"got {inputs[0].shape[0]}")
         if self._graph is None and self.steps_done <= self.warmup:
+            self._side_stream = self._side_stream or torch.cuda.Stream(self.device)
             self._side_stream.wait_stream(torch.cuda.current_stream(self.device))
             with torch.cuda.stream(self._side_stream):
                 loss = self._eager(inputs)
             torch.cuda.current_stream(self.device).wait_stream(self._side_stream)
             return loss
         if self._graph is None:
-            self._capture(inputs)
+            try:
+                self._capture(inputs)
+            except RuntimeError as err:  # a kernel that cannot be captured on this GPU, driver or torch
+                warnings.warn(f"CUDA graph capture of the training step failed ({err}); stepping eagerly",
+                              RuntimeWarning, stacklevel=2)
+                self.use_graph, self._graph, self._static, self._static_loss = False, None, None, None
+                return self._eager(inputs)  # recording ran nothing: this step is still to take
         for static, value in zip(self._static, inputs):
             static.copy_(value)
         self._graph.replay()

@@ -167,3 +167,27 @@ def test_eager_gpu_steps_is_a_run_setting_and_a_train_flag(tmp_path, capsys):
                  "--steps", "2"]) == 2
     assert "--eager-gpu-steps is for --model ddpm" in capsys.readouterr().err
     assert not (tmp_path / "gan").exists()
+
+
+def test_a_failed_capture_steps_eagerly_and_says_so():
+    """Where recording fails (here: the CPU, which has no CUDA graphs), the step warns and
+    takes the same step eagerly; recording ran nothing, so the weights are the eager ones."""
+    config, reference = tiny_unet()
+    _, ours = tiny_unet()
+    x, y = batch_data()
+    _, expected = stepped(reference, x, y, config.null_class, steps=3, batch=8, seed=3)
+    generator = make_generator(3, "cpu")
+    step = EpsilonStep(ours, make_optimizer(ours.parameters(), 1e-3, "cpu"), scheduler(), generator,
+                       null_class=config.null_class, label_dropout=0.1)
+    step.use_graph, step.steps_done = True, step.warmup  # as if the warm-up had run on a GPU: next, the capture
+    losses = []
+    for k in range(3):
+        idx = torch.randint(0, len(y), (8,), generator=generator)
+        if k == 0:
+            with pytest.warns(RuntimeWarning, match="CUDA graph capture of the training step failed"):
+                losses.append(float(step(x, y, idx)))
+        else:
+            losses.append(float(step(x, y, idx)))
+    assert not step.use_graph and losses == expected
+    for a, b in zip(weights(reference), weights(ours)):
+        np.testing.assert_array_equal(a, b)
