@@ -155,7 +155,9 @@ class EpsilonStep:
         self._static = [value.clone() for value in inputs]
         self.optimizer.zero_grad(set_to_none=True)  # backward in the graph writes fresh gradients
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
+        # on the warm-up's stream: the BLAS handles and workspaces it made there are reused, not
+        # made mid-capture (what torch.cuda.make_graphed_callables does since torch 2.12)
+        with torch.cuda.graph(graph, stream=self._side_stream):
             self._static_loss = self.loss(*self._static)
             self._static_loss.backward()
             self.optimizer.step()
