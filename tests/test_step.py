@@ -169,13 +169,19 @@ def test_eager_gpu_steps_is_a_run_setting_and_a_train_flag(tmp_path, capsys):
     assert not (tmp_path / "gan").exists()
 
 
-def test_a_failed_capture_steps_eagerly_and_says_so():
-    """Where recording fails (here: the CPU, which has no CUDA graphs), the step warns and
-    takes the same step eagerly; recording ran nothing, so the weights are the eager ones."""
+def test_a_failed_capture_steps_eagerly_and_says_so(monkeypatch):
+    """Where recording fails, the step warns and takes the same step eagerly; recording ran
+    nothing, so the weights are the eager ones. (The failure is made on purpose, the same on
+    every machine: CUDAGraph() raises as a capture that cannot record does.)"""
+
+    def cannot_record():
+        raise RuntimeError("operation not permitted when stream is capturing")
+
     config, reference = tiny_unet()
     _, ours = tiny_unet()
     x, y = batch_data()
     _, expected = stepped(reference, x, y, config.null_class, steps=3, batch=8, seed=3)
+    monkeypatch.setattr(torch.cuda, "CUDAGraph", cannot_record)  # after the imports, which read it
     generator = make_generator(3, "cpu")
     step = EpsilonStep(ours, make_optimizer(ours.parameters(), 1e-3, "cpu"), scheduler(), generator,
                        null_class=config.null_class, label_dropout=0.1)
