@@ -50,11 +50,30 @@ def group_alive(pgid: int) -> bool:
     return True
 
 
+def group_left(process: subprocess.Popen) -> bool:
+    """Whether any process of the group `process` leads (started with start_new_session) is
+    left, never mistaking another group that took its number for it.
+
+    Linux keeps a group's id from being reused while any member lives. Once the leader is
+    reaped and the last member gone, the number is free, and a new process may take it as
+    its pid and its own group's id: with pid_max at 32768, a day of tests wraps the pids
+    several times. So a reaped leader whose pid a live process now has means our group is
+    gone; signalling that number would hit someone else's processes. Where there is no
+    /proc, the group id alone."""
+    process.poll()  # reap the leader if it exited: a zombie still counts as a member
+    left = group_alive(process.pid)
+    if process.returncode is not None and Path(f"/proc/{process.pid}").exists():
+        return False  # the number is another process's now
+    return left
+
+
 def stop_group(process: subprocess.Popen, grace_s: float = 10.0) -> None:
     """End a component and every process in its group: SIGTERM, wait until the group is
     empty, SIGKILL what is left. A child may outlive its leader, so the group is waited
-    for, not just the leader."""
+    for, not just the leader; a group already gone is left alone (see group_left)."""
     for sig in (signal.SIGTERM, signal.SIGKILL):
+        if not group_left(process):
+            return
         try:
             os.killpg(process.pid, sig)
         except ProcessLookupError:
@@ -62,8 +81,7 @@ def stop_group(process: subprocess.Popen, grace_s: float = 10.0) -> None:
             return
         deadline = time.monotonic() + grace_s
         while time.monotonic() < deadline:
-            process.poll()  # reap the leader: a zombie still counts as a member
-            if not group_alive(process.pid):
+            if not group_left(process):
                 return
             time.sleep(0.1)
 

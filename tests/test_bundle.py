@@ -282,7 +282,7 @@ def test_a_board_from_its_bundle_joins_trains_on_its_data_and_meters_its_energy_
     import numpy as np
 
     from deploy.flower_cli import list_supernodes, write_flwr_connection
-    from deploy.local import flower_environment, free_port, group_alive, stop_group, wait_for_port
+    from deploy.local import flower_environment, free_port, group_left, stop_group, wait_for_port
     from fedfill.config import RunConfig
     from fedfill.job import run_split
     from tests.board_trees import EXPECTED, write_tree
@@ -347,7 +347,7 @@ def test_a_board_from_its_bundle_joins_trains_on_its_data_and_meters_its_energy_
     finally:
         for process in reversed(processes.values()):
             stop_group(process)
-        left = [name for name, process in processes.items() if group_alive(process.pid)]
+        left = [name for name, process in processes.items() if group_left(process)]
         assert not left, f"processes left running: {left}"
     profile = json.loads((out / "profiles.json").read_text())[str(node_id)]
     assert (profile["f_max_hz"], profile["measured"], profile["d_loc"]) == (EXPECTED["orin-nx"]["f_max_hz"], "f_max_hz", 60)

@@ -28,7 +28,7 @@ from deploy.flower_cli import (
     supernode_refusal,
     write_flwr_connection,
 )
-from deploy.local import flower_environment, free_port, group_alive, stop_group, wait_for_port
+from deploy.local import flower_environment, free_port, group_left, stop_group, wait_for_port
 from deploy.pki import Pki, write_pki
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(180)]
@@ -106,7 +106,7 @@ def testbed(tmp_path_factory):
     finally:
         for process in reversed(bed.processes.values()):
             stop_group(process)
-        left = [name for name, process in bed.processes.items() if group_alive(process.pid)]
+        left = [name for name, process in bed.processes.items() if group_left(process)]
         assert not left, f"processes left running: {left}"
 
 
