@@ -202,10 +202,13 @@ def trainer(args) -> None:
             eager = None
             for graphs in ((False, True) if device == "cuda" else (False,)):
                 seconds = [seconds_of(device, steps, batch, graphs) for steps in (short, long)]
-                rate = (long - short) / max(seconds[1] - seconds[0], 1e-9)
+                row = f"{device:>6} {'graph' if graphs else 'eager':>5} {batch:5d} | {seconds[0]:8.2f} {seconds[1]:8.2f} |"
+                if seconds[1] <= seconds[0]:  # the machine's noise outweighed the extra steps
+                    print(f"{row} {'N/A':>8}  (the longer run was not slower: give --trainer-steps more steps apart)")
+                    continue
+                rate = (long - short) / (seconds[1] - seconds[0])
                 eager = eager or rate
-                print(f"{device:>6} {'graph' if graphs else 'eager':>5} {batch:5d} | {seconds[0]:8.2f} "
-                      f"{seconds[1]:8.2f} | {rate:8.2f} {rate * batch:9.0f} {rate / eager:7.2f}")
+                print(f"{row} {rate:8.2f} {rate * batch:9.0f} {rate / eager:7.2f}")
 
 
 @contextlib.contextmanager

@@ -106,12 +106,15 @@ def test_energy_at_equal_frechet_distance(tmp_path):
 def test_trainer_section_times_the_generator_trainer_by_a_difference_of_runs():
     out = bench("--sections", "trainer", "--trainer-steps", "2", "6", "--trainer-batches", "16", "4096",
                 "--batches", "32")
-    rows = re.findall(rf"^\s*(cpu|cuda)\s+(eager|graph)\s+(\d+) \|\s+({NUMBER})\s+({NUMBER}) \|\s+({NUMBER})"
-                      rf"\s+({NUMBER})\s+({NUMBER})$", out, re.M)
+    rows = re.findall(rf"^\s*(cpu|cuda)\s+(eager|graph)\s+(\d+) \|\s+({NUMBER})\s+({NUMBER}) \|\s+(.*)$", out, re.M)
     cpu = [row for row in rows if row[0] == "cpu"]
     assert [(kind, int(batch)) for _, kind, batch, *_ in cpu] == [("eager", 16)], "4096 is left to a GPU"
-    _, _, _, short, long, rate, images, vs_eager = cpu[0]
-    assert number(long) > number(short) > 0
+    _, _, _, short, long, figures = cpu[0]
+    assert number(short) > 0 and number(long) > 0
+    if number(long) <= number(short):  # 2 and 6 steps: a loaded machine's noise can outweigh 4 steps
+        assert figures.startswith("N/A") and "more steps apart" in figures, out
+        return
+    rate, images, vs_eager = figures.split()
     assert number(rate) == pytest.approx(4 / (number(long) - number(short)), rel=0.05)
     assert number(images) == pytest.approx(number(rate) * 16, rel=0.05)
     assert number(vs_eager) == 1.0
