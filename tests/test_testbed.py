@@ -197,6 +197,9 @@ def test_a_run_survives_killing_30_percent_of_the_nodes_and_they_rejoin(testbed,
             assert driver.poll() is None, driver.stdout.read()
             assert time.monotonic() < deadline
             time.sleep(0.5)
+        # what every container said up to round 2, for a failure below (a restart adds to it)
+        round_2_logs = "\n".join(f"--- {c.name}\n{testbed.logs(c.name, 40)}"
+                                  for c in sorted(testbed.containers(), key=lambda c: c.name))
         testbed.restart(killed)
         output, _ = driver.communicate(timeout=600)
     finally:
@@ -209,7 +212,7 @@ def test_a_run_survives_killing_30_percent_of_the_nodes_and_they_rejoin(testbed,
     victim = next(n for n in state.nodes if n.container == killed[0])
     round_2_drops = [(r["node"], r["reason"]) for r in _rows(out / "devices.csv")
                      if int(r["round"]) == 2 and r["status"] == "dropped"]
-    assert int(rounds[2]["dropped"]) == 1 and int(rounds[2]["updates"]) == NODES - 1, round_2_drops
+    assert int(rounds[2]["dropped"]) == 1 and int(rounds[2]["updates"]) == NODES - 1, (round_2_drops, round_2_logs)
     assert rounds[2]["dropped_nodes"] == str(victim.config["partition-id"])  # named by partition
     killed_id = victim.node_id
     nodes = _rows(out / "devices.csv")
