@@ -54,8 +54,8 @@ batch still fits), starting from the shipped digits-0to4 generator.
    public split, steps/s per device, batch and, on a GPU, eager against CUDA graph. The rate
    is the difference of two runs of --trainer-steps lengths, so that building the model, a
    graph's warm-up and capture and the final save cancel (after one uncounted run per
-   device: a process's first run pays more). Batch 64 is the shipped
-   checkpoints' recipe; the larger batches show what a GPU does with more images a step.
+   device: a process's first run pays more). Batch 64 is the shipped checkpoints' recipe;
+   the larger batches show what a GPU does with more images a step.
 """
 
 from __future__ import annotations
@@ -100,17 +100,23 @@ def busiest_node(run: RunConfig):
     return node, job.node_data(node, run.num_partitions)
 
 
+def graph_settings(device: str) -> tuple[bool, ...]:
+    """Whether a step replays as a CUDA graph: on a GPU eager first (the baseline), then graph."""
+    return (False, True) if device == "cuda" else (False,)
+
+
 @contextlib.contextmanager
 def placed_on(device: str):
-    """The job's model and batches on `device` (the job itself takes the GPU whenever there is one)."""
-    from generation import finetune
+    """The job's and the trainer's models and batches on `device` (both take the GPU whenever
+    there is one)."""
+    from generation import finetune, train
 
-    saved = finetune._device
-    finetune._device = lambda: device
+    saved = finetune.pick_device, train.pick_device
+    finetune.pick_device = train.pick_device = lambda: device
     try:
         yield
     finally:
-        finetune._device = saved
+        finetune.pick_device, train.pick_device = saved
 
 
 def quiet_diffusers() -> None:
@@ -140,7 +146,7 @@ def speed(args) -> None:
             epochs = max(1, math.ceil(args.steps / per_epoch))
             steps = epochs * per_epoch
             eager_rates = {}
-            for graphs in ((False, True) if device == "cuda" else (False,)):
+            for graphs in graph_settings(device):
                 baseline = None
                 for trainable in ("full", "lora"):
                     job = load_job(ddpm_run(trainable=trainable, lora_rank=SPEED_LORA_RANK, batch_size=batch,
@@ -186,7 +192,7 @@ def trainer(args) -> None:
     print(f"{'device':>6} {'step':>5} {'batch':>5} | {'s short':>8} {'s long':>8} | {'steps/s':>8} {'images/s':>9} "
           f"{'x eager':>7}")
     def seconds_of(device: str, steps: int, batch: int, graphs: bool) -> float:
-        with tempfile.TemporaryDirectory() as out, on_device(device):
+        with tempfile.TemporaryDirectory() as out, placed_on(device):
             started = time.perf_counter()
             train_generator(public.images, public.labels, public.class_names, out, steps=steps, batch_size=batch,
                             save_every=10 ** 9, progress=False, cuda_graphs=graphs)
@@ -200,7 +206,7 @@ def trainer(args) -> None:
             if device == "cpu" and batch > max(args.batches):
                 continue  # large batches are the GPU's lever; on 2 CPU cores they only take minutes
             eager = None
-            for graphs in ((False, True) if device == "cuda" else (False,)):
+            for graphs in graph_settings(device):
                 seconds = [seconds_of(device, steps, batch, graphs) for steps in (short, long)]
                 row = f"{device:>6} {'graph' if graphs else 'eager':>5} {batch:5d} | {seconds[0]:8.2f} {seconds[1]:8.2f} |"
                 if seconds[1] <= seconds[0]:  # the machine's noise outweighed the extra steps
@@ -209,19 +215,6 @@ def trainer(args) -> None:
                 rate = (long - short) / (seconds[1] - seconds[0])
                 eager = eager or rate
                 print(f"{row} {rate:8.2f} {rate * batch:9.0f} {rate / eager:7.2f}")
-
-
-@contextlib.contextmanager
-def on_device(device: str):
-    """The trainer on `device` (it takes the GPU whenever there is one)."""
-    from generation import train
-
-    saved = train.pick_device
-    train.pick_device = lambda: device
-    try:
-        yield
-    finally:
-        train.pick_device = saved
 
 
 # ---------------------------------------------------------------- 2. bytes

@@ -64,8 +64,6 @@ def largest_difference(a: list[np.ndarray], b: list[np.ndarray]) -> float:
 
 def recipe(split, out: Path, graphs: bool, steps: int) -> dict:
     """The shipped command's training on the GPU, timed, and scored."""
-    import torch
-
     from generation.model import load_generator
     from generation.quality import evaluate_generator
     from generation.sample import sample
@@ -98,8 +96,8 @@ def repeat_trainer(split, root: Path, steps: int) -> dict:
                         batch_size=64, seed=7, progress=False)
         states.append(trained_state(out))
     (unet_a, ema_a), (unet_b, ema_b) = states
-    return {"steps": steps, "unet": [digest(unet_a), digest(unet_b)], "ema": [digest(ema_a), digest(ema_b)],
-            "identical": digest(unet_a) == digest(unet_b) and digest(ema_a) == digest(ema_b),
+    unets, emas = [digest(unet_a), digest(unet_b)], [digest(ema_a), digest(ema_b)]
+    return {"steps": steps, "unet": unets, "ema": emas, "identical": unets[0] == unets[1] and emas[0] == emas[1],
             "largest_difference": largest_difference(unet_a, unet_b)}
 
 
@@ -112,8 +110,9 @@ def repeat_finetune() -> dict:
     data = job.node_data(0, run.num_partitions)
     start = job.initial_weights()
     results = [job.train(start, data.images, data.labels, seed=3) for _ in range(2)]
-    return {"images": len(data), "loss": [r.loss for r in results], "update": [digest(r.weights) for r in results],
-            "identical": digest(results[0].weights) == digest(results[1].weights),
+    updates = [digest(r.weights) for r in results]
+    return {"images": len(data), "loss": [r.loss for r in results], "update": updates,
+            "identical": updates[0] == updates[1],
             "largest_difference": largest_difference(results[0].weights, results[1].weights)}
 
 

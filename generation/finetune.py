@@ -30,7 +30,7 @@ from fedfill.config import RunConfig
 from fedfill.job import Job, LocalResult, run_split
 
 from .model import DEFAULT_CHECKPOINT, CheckpointError
-from .step import EpsilonStep, deterministic_cuda, make_generator, make_optimizer, pick_device
+from .step import EpsilonStep, make_generator, make_optimizer, pick_device
 
 START_CHECKPOINTS = {"digits": DEFAULT_CHECKPOINT.parent / "digits-0to4"}  # dataset -> shipped start
 LABEL_DROPOUT = 0.1  # as the start was trained: keeps the unconditional score guidance needs
@@ -82,10 +82,6 @@ def _start(run: RunConfig):
     return config, pipe, tuple(int(c) for c in trained)
 
 
-def _device():
-    return pick_device()
-
-
 class DiffusionJob(Job):
     preset = "ondemand"
 
@@ -109,7 +105,7 @@ class DiffusionJob(Job):
             unet = add_lora(unet, self.run.lora_rank, seed=self.run.seed)
         if weights is not None:
             self._set(unet, weights)
-        return unet.to(_device()).to(torch.float32)
+        return unet.to(pick_device()).to(torch.float32)
 
     def _get(self, unet) -> list[np.ndarray]:
         if self.run.trainable == "lora":
@@ -154,9 +150,7 @@ class DiffusionJob(Job):
 
         config, pipe, _ = _start(self.run)
         torch.set_num_threads(threads)
-        device = _device()
-        if device == "cuda":
-            deterministic_cuda()
+        device = pick_device()
         unet = self._unet(weights).train()
         trainable = [p for p in unet.parameters() if p.requires_grad]
         generator = make_generator(seed, device)

@@ -15,7 +15,8 @@ GPU), the batch shape is static, and the random draws come from a generator on t
 nothing in a step waits for the host. The first `warmup` steps run eagerly on a side stream
 (CUDA graphs need the lazy initialisations done before capture); they are real steps.
 Should the capture fail (a kernel this GPU, driver or torch cannot record), the step says so
-once and goes on eagerly: recording runs nothing, so no step is lost or taken twice.
+once and goes on eagerly: recording runs nothing, so no step is lost or taken twice. A
+step on a GPU also asks cuDNN and cuBLAS for their deterministic algorithms (graph or not).
 
 On the CPU the step is the plain eager one, drawing the same numbers in the same order from
 a CPU generator as the loops before this class did, so the commands that made the shipped
@@ -74,21 +75,21 @@ class EpsilonStep:
     with labels y_all[idx] and returns the batch's loss as a tensor on the device: reading it
     (float(), .item()) waits for the GPU, so a caller reads losses seldom.
 
-    unet: the network, on `device`; params: the weights to train (all of them, or LoRA's
-    adapters); optimizer: from make_optimizer over `params` (the trainer resumes its state);
-    noise_scheduler: diffusers' DDPMScheduler the model was trained on; generator: from
-    make_generator, on `device`.
+    unet: the network, on its device; optimizer: from make_optimizer over the weights to train
+    (all of them, or LoRA's adapters; the trainer resumes its state); noise_scheduler:
+    diffusers' DDPMScheduler the model was trained on; generator: from make_generator, on the
+    unet's device.
     """
 
     def __init__(self, unet, optimizer, noise_scheduler, generator, *, null_class: int, label_dropout: float,
                  cuda_graphs: bool = True, warmup: int = WARMUP_STEPS):
-        import torch
-
         self.unet, self.optimizer, self.noise_scheduler, self.generator = unet, optimizer, noise_scheduler, generator
         self.null_class, self.label_dropout = int(null_class), float(label_dropout)
         self.device = next(unet.parameters()).device
         self.timesteps = int(noise_scheduler.config.num_train_timesteps)
         self.use_graph = bool(cuda_graphs) and self.device.type == "cuda"
+        if self.device.type == "cuda":
+            deterministic_cuda()  # before the first step: cuBLAS reads its workspace setting when it starts
         self.warmup = max(1, int(warmup))
         self.steps_done = 0
         self._graph = self._static = self._static_loss = self._side_stream = None

@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from .model import LEGACY_FILES, GeneratorConfig, build_unet, save_checkpoint
-from .step import EpsilonStep, deterministic_cuda, make_generator, make_optimizer, pick_device
+from .step import EpsilonStep, make_generator, make_optimizer, pick_device
 
 
 def images_to_model_space(images: np.ndarray):
@@ -71,8 +71,6 @@ def train_generator(images: np.ndarray, labels: np.ndarray, class_names, out_dir
                                          "trained_classes": trained_classes})
     torch.manual_seed(seed)
     unet = build_unet(config).to(device)
-    if device == "cuda":
-        deterministic_cuda()
     # EMAModel's decay is ours, min(ema_decay, (1 + n) / (10 + n)) at update n = 0, 1, ..., except at
     # n = 0, where it copies the weights (ours kept 10% of the initial ones there). On a GPU its update
     # runs as a few multi-tensor kernels (foreach); on the CPU as it always did, tensor by tensor.

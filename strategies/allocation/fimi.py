@@ -193,8 +193,9 @@ def solve_uplink(problem: FimiProblem, t_com: np.ndarray) -> UplinkSolution:
     b = np.array(b_min, dtype=float)
     varpi = np.full(t_com.shape[0], np.inf)
     if problem.equal_band:  # no allocation: B/N each, enough where b_min fits in it
-        feasible = np.all(problem.fits_share(b_min), axis=-1)
-        b = np.where(problem.fits_share(b_min), problem.band_share, np.inf)
+        fits = problem.fits_share(b_min)
+        feasible = np.all(fits, axis=-1)
+        b = np.where(fits, problem.band_share, np.inf)
         varpi[:] = 0.0  # no shared band constraint to price
     elif np.any(feasible):
         t_f, bmin_f = t_com[feasible], b_min[feasible]
