@@ -124,7 +124,7 @@ def unet_digits_updates(rounds: int, steps: int = 5, seed: int = 0) -> list[list
     from diffusers import DDPMScheduler
 
     from fedfill.data import load_digits, split_dataset
-    from generation.model import load_generator
+    from generation.checkpoint import load_generator
     from generation.train import images_to_model_space
 
     torch.manual_seed(seed)

@@ -5,7 +5,7 @@
     python bench/bench_diffusion.py --sections energy --compare DIR [--frechet-target X]
     python bench/bench_diffusion.py --sections speed,trainer --steps 200 --batches 32 128   # on a GPU
 
-Every figure comes from the job's own code: `DiffusionJob.train` (generation.finetune) with the
+Every figure comes from the job's own code: `DiffusionJob.train` (jobs.ddpm) with the
 ddpm job's defaults (RunConfig job "ddpm" and JOB_DEFAULTS: AdamW at 5e-4, batch 32, 5 local
 epochs) on the real local data of one node of the default fleet (`job.node_data`: 10 devices,
 Dir(0.3) over the digits clients' pool; the node holding the most images, so that a larger
@@ -92,7 +92,7 @@ def ddpm_run(**changes) -> RunConfig:
 
 def busiest_node(run: RunConfig):
     """(partition id, its local data): the node of the fleet holding the most images."""
-    from fedfill.job import load_job
+    from jobs import load_job
 
     job = load_job(run)
     sizes = [len(job.node_data(i, run.num_partitions)) for i in range(run.num_partitions)]
@@ -109,7 +109,8 @@ def graph_settings(device: str) -> tuple[bool, ...]:
 def placed_on(device: str):
     """The job's and the trainer's models and batches on `device` (both take the GPU whenever
     there is one)."""
-    from generation import finetune, train
+    from generation import train
+    from jobs import ddpm as finetune
 
     saved = finetune.pick_device, train.pick_device
     finetune.pick_device = train.pick_device = lambda: device
@@ -130,7 +131,7 @@ def quiet_diffusers() -> None:
 def speed(args) -> None:
     import torch
 
-    from fedfill.job import load_job
+    from jobs import load_job
 
     run = ddpm_run()
     node, data = busiest_node(run)
@@ -221,7 +222,7 @@ def trainer(args) -> None:
 
 def real_update(trainable: str, rank: int, data, local_epochs: int) -> tuple[list[np.ndarray], list[np.ndarray]]:
     """(the start, the update): weights after one local `train` of the job's defaults minus the start."""
-    from fedfill.job import load_job
+    from jobs import load_job
 
     job = load_job(ddpm_run(trainable=trainable, lora_rank=rank, local_epochs=local_epochs))
     with placed_on("cpu"):

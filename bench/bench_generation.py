@@ -22,7 +22,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from fedfill.data import load_digits, split_dataset  # noqa: E402
 from generation.client import GenerationClient  # noqa: E402
-from generation.model import DEFAULT_CHECKPOINT, load_generator  # noqa: E402
+from generation.checkpoint import load_generator
+from generation.config import DEFAULT_CHECKPOINT  # noqa: E402
 from generation.quality import ReferenceClassifier  # noqa: E402
 from generation.sample import sample  # noqa: E402
 from generation.service import serve  # noqa: E402

@@ -130,7 +130,7 @@ def main() -> int:
     import client.app as client_app
     from fedfill import contract
     from fedfill.config import RunConfig
-    from fedfill.job import load_job
+    from jobs import load_job
     from server.app import run_system
     from strategies.fimi_strategy import FimiFedAvg
 

@@ -700,7 +700,8 @@ GENERATOR_FILES = ("model_index.json", "generator.json", "unet/config.json", "sc
 
 def tiny_generator(directory: Path) -> dict[str, bytes]:
     """A real checkpoint of a small generator (8x8, two classes): its files' bytes."""
-    from generation.model import GeneratorConfig, build_unet, save_checkpoint
+    from generation.checkpoint import save_checkpoint
+    from generation.config import GeneratorConfig, build_unet
 
     config = GeneratorConfig(image_size=8, channels=1, num_classes=2, block_out_channels=(8, 16),
                              layers_per_block=1, class_names=("a", "b"))
@@ -759,9 +760,10 @@ def generator_inputs(rng: np.random.Generator, seed_files: dict[str, bytes]) -> 
 
 
 def generator_fuzz(rng: np.random.Generator, cases: int) -> Fuzz:
-    """generation.model.load_generator, what the generation service and the ddpm job load a
+    """generation.checkpoint.load_generator, what the generation service and the ddpm job load a
     generator with, on a real (small) checkpoint directory with one file mutated per case."""
-    from generation.model import CheckpointError, load_generator
+    from generation.checkpoint import load_generator
+    from generation.config import CheckpointError
 
     workdir = tempfile.TemporaryDirectory(prefix="fuzz-generator-")
     root = Path(workdir.name)

@@ -38,7 +38,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from generation import generation_pb2  # noqa: E402
-from generation.model import DEFAULT_CHECKPOINT  # noqa: E402
+from generation.config import DEFAULT_CHECKPOINT  # noqa: E402
 from generation.service import MAX_IMAGES_PER_REQUEST, MAX_REQUEST_BYTES, MAX_SEED, SERVICE_NAME  # noqa: E402
 
 GENERATE = f"/{SERVICE_NAME}/Generate"

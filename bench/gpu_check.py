@@ -64,7 +64,7 @@ def largest_difference(a: list[np.ndarray], b: list[np.ndarray]) -> float:
 
 def recipe(split, out: Path, graphs: bool, steps: int) -> dict:
     """The shipped command's training on the GPU, timed, and scored."""
-    from generation.model import load_generator
+    from generation.checkpoint import load_generator
     from generation.quality import evaluate_generator
     from generation.sample import sample
     from generation.train import train_generator
@@ -103,7 +103,7 @@ def repeat_trainer(split, root: Path, steps: int) -> dict:
 
 def repeat_finetune() -> dict:
     from fedfill.config import JOB_DEFAULTS, RunConfig
-    from fedfill.job import load_job
+    from jobs import load_job
 
     run = replace(RunConfig(job="ddpm", **JOB_DEFAULTS["ddpm"]), local_epochs=5)
     job = load_job(run)

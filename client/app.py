@@ -1,4 +1,4 @@
-"""ClientApp: a device of the fleet, for any job (fedfill.job).
+"""ClientApp: a device of the fleet, for any job (jobs).
 
 query: report the device profile (never the class histogram: only D_loc leaves the device),
 or sit the run out, with the reason, when the node's own data cannot be used.
@@ -26,7 +26,7 @@ from fedfill import contract
 from fedfill.board import BoardProfile, EnergyMeter, read_board
 from fedfill.config import RunConfig
 from fedfill.data import ImageDataset, NodeDataError
-from fedfill.job import Job, load_job
+from jobs import Job, load_job
 from fedfill.profile import node_profile
 
 app = ClientApp()
@@ -37,9 +37,9 @@ app = ClientApp()
 #: 0.1 s step) before the node serves (WARM_FIRST); the codec, the request rule, the
 #: generation client, the embedded dataset and the diffusion job (diffusers alone takes ~5 s)
 #: once a task has imported them (a classifier-only node never loads diffusers).
-WARM_IMPORTS = ("client.app", "torch", "fedfill.classifier", "torch._dynamo", "fedfill.codec",
+WARM_IMPORTS = ("client.app", "torch", "jobs.classifier", "torch._dynamo", "fedfill.codec",
                 "strategies.allocation.augmentation", "strategies.allocation.presets", "generation.client",
-                "sklearn.datasets", "generation.finetune", "generation.lora", "generation.pipeline")
+                "sklearn.datasets", "jobs.ddpm", "generation.lora", "generation.pipeline")
 WARM_FIRST = 4
 
 SYNTHETIC_KEY = "synthetic"  # context.state record holding this device's generated samples

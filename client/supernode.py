@@ -1,6 +1,5 @@
-"""`fedfill supernode`: Flower's own SuperNode, with a warm ClientApp and short waits.
-
-    fedfill supernode [--clientapp warm|flower] [--idle-poll-s S] [--active-s S] FLOWER-SUPERNODE-ARGS...
+"""Flower's own SuperNode, with a warm ClientApp and short waits (`fedfill supernode`,
+commands/supernode.py, is its command line).
 
 Runs Flower's `flower-supernode` (its main, in this process, with the arguments given) after
 three launcher-level changes, measured together by bench/bench_flower.py:
@@ -53,35 +52,15 @@ REPLY_POLL_S = 0.1
 TASK_POLL_ENV, TASK_POLL_S = "FLWR_SUPEREXEC_TASK_POLL_INTERVAL", "0.25"
 
 
-def add_arguments(parser) -> None:
-    parser.description = __doc__.splitlines()[0] + " Every other argument goes to flower-supernode."
-    parser.add_argument("--clientapp", choices=("warm", "flower"), default="warm",
-                        help="warm (default): a fork-server starts each task's flwr-clientapp with Flower and the "
-                             "app imported, and the node's waits are short; flower: Flower's SuperNode as it ships")
-    parser.add_argument("--idle-poll-s", type=float, default=0.3, metavar="S",
-                        help="while a run is active, ask the SuperLink for the next message every S seconds "
-                             "(default 0.3; Flower's SuperNode waits 3 s)")
-    parser.add_argument("--active-s", type=float, default=60.0, metavar="S",
-                        help="a run counts as active for S seconds after the node's last message; then the node's "
-                             "wait doubles up to Flower's 3 s (default 60)")
-
-
-PASSES_UNKNOWN_ARGS = True  # fedfill.cli hands every argument it does not know to run() as args.passed
-
-
-def run(args) -> int:
-    from fedfill.errors import UsageError
-
-    if not 0.01 <= args.idle_poll_s <= FLOWER_IDLE_S:
-        raise UsageError(f"--idle-poll-s {args.idle_poll_s}: must be between 0.01 and {FLOWER_IDLE_S} seconds")
-    if not 0 <= args.active_s <= 86400:
-        raise UsageError(f"--active-s {args.active_s}: must be between 0 and 86400 seconds")
-    if args.clientapp == "warm":
+def run_supernode(flower_args: list[str], *, clientapp: str = "warm", idle_poll_s: float = 0.3,
+                  active_s: float = 60.0) -> int:
+    """Flower's SuperNode with `flower_args`; with clientapp "warm", the three changes above."""
+    if clientapp == "warm":
         os.environ.setdefault(TASK_POLL_ENV, TASK_POLL_S)
         warm = WarmClientApp().start()
-        shorten_node_waits(args.idle_poll_s, args.active_s)  # imports Flower's SuperNode meanwhile
+        shorten_node_waits(idle_poll_s, active_s)  # imports Flower's SuperNode meanwhile
         warm.wait_serving()
-    return run_flower_supernode(args.passed)
+    return run_flower_supernode(flower_args)
 
 
 def run_flower_supernode(flower_args: list[str]) -> int:

@@ -1,7 +1,8 @@
 """The `fedfill` command.
 
-Each subcommand lives next to the code it drives and is imported only when used, so that
-`fedfill plan` answers in a fraction of a second without loading torch or Flower.
+Each subcommand is a module of commands/ (the operator's commands, which nothing else
+imports), named here as a string and imported only when used, so that `fedfill plan` answers
+in a fraction of a second without loading torch or Flower.
 """
 
 from __future__ import annotations
@@ -14,16 +15,16 @@ from fedfill.errors import UsageError
 
 # subcommand -> (module with `add_arguments(parser)` and `run(args) -> int`, one-line help)
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
-    "scenario": ("strategies.cli_scenario", "write a scenario file (system + device profiles)"),
-    "plan": ("strategies.cli_plan", "solve the per-device allocation for a scenario"),
-    "fit-learning": ("strategies.fit_learning", "measure and fit the learning model delta = alpha D^-beta - gamma"),
-    "generator": ("generation.cli", "train, sample from or serve the class-conditional diffusion model"),
-    "run": ("server.cli_run", "run the federated FIMI job on Flower and write its report"),
-    "testbed": ("deploy.cli_testbed", "build, start, drive, break and remove the multi-container testbed"),
-    "compare": ("server.cli_compare", "run several policies on the same split and tabulate seed 003's Table I"),
-    "reproduce": ("server.cli_reproduce", "seed 003's whole evaluation: Table I, Fig. 4, the ablations and sweeps"),
-    "board": ("deploy.cli_board", "read this board's profile; write a node bundle for a board"),
-    "supernode": ("client.supernode", "Flower's SuperNode with a warm ClientApp (flower-supernode's arguments)"),
+    "scenario": ("commands.scenario", "write a scenario file (system + device profiles)"),
+    "plan": ("commands.plan", "solve the per-device allocation for a scenario"),
+    "fit-learning": ("commands.fit_learning", "measure and fit the learning model delta = alpha D^-beta - gamma"),
+    "generator": ("commands.generator", "train, sample from or serve the class-conditional diffusion model"),
+    "run": ("commands.run", "run the federated FIMI job on Flower and write its report"),
+    "testbed": ("commands.testbed", "build, start, drive, break and remove the multi-container testbed"),
+    "compare": ("commands.compare", "run several policies on the same split and tabulate seed 003's Table I"),
+    "reproduce": ("commands.reproduce", "seed 003's whole evaluation: Table I, Fig. 4, the ablations and sweeps"),
+    "board": ("commands.board", "read this board's profile; write a node bundle for a board"),
+    "supernode": ("commands.supernode", "Flower's SuperNode with a warm ClientApp (flower-supernode's arguments)"),
 }
 
 

@@ -20,7 +20,7 @@ def setting(default, help: str, *, flag: str | None = None, cli: bool = True):
 
 @dataclass(frozen=True)
 class RunConfig:
-    job: str = setting("classifier", "what the devices train (fedfill.job.JOBS)")
+    job: str = setting("classifier", "what the devices train (jobs.JOBS)")
     dataset: str = setting("digits", "digits (embedded) or cifar10, gtsrb, fmnist, cinic10 from --data-dir")
     data_dir: str = setting("", "where a real dataset lives, in its published format")
     num_partitions: int = setting(10, "devices in the fleet (SuperNodes)", flag="--nodes")
@@ -61,7 +61,7 @@ class RunConfig:
                                      cli=False)  # `fedfill run --generator` sets it
     generator_steps: int = setting(20, "sampling steps the generation service uses")
     generator_guidance: float = setting(2.0, "classifier-free guidance scale of the generated samples")
-    # the ddpm job (generation.finetune)
+    # the ddpm job (jobs.ddpm)
     start_checkpoint: str = setting("", "the generator the ddpm job fine-tunes; empty: the shipped one that saw "
                                         "only digits 0-4")
     trainable: str = setting("full", "what the ddpm job fine-tunes and uploads: full (every UNet weight) or lora "

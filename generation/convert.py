@@ -8,8 +8,8 @@ import json
 import shutil
 from pathlib import Path
 
-from .model import (LEGACY_FILES, CheckpointError, GeneratorConfig, _second_line, build_unet, load_generator,
-                    save_checkpoint)
+from .checkpoint import load_generator, save_checkpoint, second_line
+from .config import LEGACY_FILES, CheckpointError, GeneratorConfig, build_unet
 
 
 def read_legacy(directory: str | Path):
@@ -57,7 +57,7 @@ def convert_checkpoint(source: str | Path, target: str | Path, *, command: str, 
         unet.load_state_dict(state, strict=True)
     except RuntimeError as err:
         raise CheckpointError(f"{source / 'model.safetensors'} does not match its config.json: "
-                              f"{_second_line(err)}") from None
+                              f"{second_line(err)}") from None
     provenance = {**config.provenance, **dataset, "converted_with": command}
     converted = GeneratorConfig(**{**config.__dict__, "provenance": provenance})
     save_checkpoint(target, converted, unet)

@@ -19,12 +19,6 @@ SNGAN's recipe, which trains stably without tuning.
 
 from __future__ import annotations
 
-import json
-import os
-import time
-from pathlib import Path
-
-import numpy as np
 import torch
 from diffusers import ConfigMixin, DiffusionPipeline, ModelMixin
 from diffusers.configuration_utils import register_to_config
@@ -34,10 +28,6 @@ from torch import nn
 from .pipeline import ClassConditionalMixin
 
 GAN_COMPONENT = "generator"  # the pipeline's one component, and its subfolder
-# Adam as DCGAN set it: lr 2e-4 and beta1 0.5 (a momentum of 0.9 makes the two players overshoot
-# each other and oscillate); the DDPM's 1e-3 diverged the adversarial game.
-GAN_LR = 2e-4
-GAN_BETAS = (0.5, 0.999)
 GAN_LATENT_DIM = 32
 
 
@@ -148,124 +138,3 @@ class GanPipeline(ClassConditionalMixin, DiffusionPipeline):
         images = model(latents, labels)
         self.maybe_free_model_hooks()
         return self.images_output(images, output_type, return_dict)
-
-
-def save_gan_checkpoint(directory: str | Path, config, model: GanGenerator) -> None:
-    """`model` (holding the weights to ship) as a GanPipeline directory plus generator.json,
-    written atomically as save_checkpoint writes a DDPM's."""
-    from .model import GENERATOR_JSON, save_pipeline
-
-    meta = {"class_names": list(config.class_names), "provenance": config.provenance}
-    save_pipeline(directory, GanPipeline(generator=model), {GENERATOR_JSON: meta})
-
-
-def train_gan(images: np.ndarray, labels: np.ndarray, class_names, out_dir: str | Path, *, steps: int = 3000,
-              batch_size: int = 64, lr: float = GAN_LR, betas: tuple[float, float] = GAN_BETAS,
-              ema_decay: float = 0.999, latent_dim: int = GAN_LATENT_DIM, widths=None, seed: int = 0,
-              save_every: int = 500, command: str = "", dataset: str = "", data_dir: str = "",
-              split_seed: int | None = None, progress: bool = True, threads: int = 0, classes=None):
-    """Train the GAN and save its generator to `out_dir` (resuming from train_state.pt there).
-
-    Each step: one discriminator update on a real batch and a fake batch of uniformly drawn
-    trained classes, then one generator update, hinge loss; diffusers' EMAModel keeps an
-    average of the generator's weights, which is what gets saved (it is smoother and scores
-    better than the last iterate). A resumed run continues the very draws an uninterrupted
-    one would make. Arguments and provenance as generation.train.train_generator's.
-    """
-    from diffusers.training_utils import EMAModel
-    from tqdm import tqdm
-
-    from .model import GeneratorConfig
-    from .train import _spell, check_classes, images_to_model_space
-
-    if threads:
-        torch.set_num_threads(threads)
-    num_classes = len(class_names)
-    trained_classes = check_classes(classes, num_classes)
-    keep = np.isin(labels, trained_classes)
-    images, labels = images[keep], labels[keep]
-    if len(labels) == 0:
-        raise ValueError(f"no images of classes {trained_classes} to train on")
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    torch.manual_seed(seed)
-    widths = tuple(widths) if widths else default_widths(images.shape[1])  # written out in config.json
-    generator = GanGenerator(image_size=images.shape[1], channels=images.shape[3], num_classes=num_classes,
-                             latent_dim=latent_dim, widths=widths).to(device)
-    discriminator = ProjectionDiscriminator(images.shape[3], num_classes, tuple(reversed(widths))).to(device)
-    config = GeneratorConfig(image_size=images.shape[1], channels=images.shape[3], num_classes=num_classes,
-                             block_out_channels=widths, class_names=tuple(class_names), model="gan",
-                             provenance={"command": command, "model": "gan", "seed": seed, "steps": steps,
-                                         "batch_size": batch_size, "lr": lr, "betas": list(betas),
-                                         "ema_decay": ema_decay, "loss": "hinge", "latent_dim": latent_dim,
-                                         "train_images": int(len(labels)), "dataset": dataset,
-                                         "data_dir": data_dir, "split_seed": split_seed,
-                                         "trained_classes": trained_classes})
-    ema = EMAModel(generator.parameters(), decay=ema_decay)
-    optimizers = {"generator": torch.optim.Adam(generator.parameters(), lr=lr, betas=betas),
-                  "discriminator": torch.optim.Adam(discriminator.parameters(), lr=lr, betas=betas)}
-    draws = torch.Generator().manual_seed(seed)
-    # what must match to resume: the networks and the classes (not steps, lr or batch size)
-    architecture = {"model": "gan", "image_size": images.shape[1], "channels": images.shape[3],
-                    "latent_dim": latent_dim, "widths": list(widths), "class_names": list(class_names)}
-    state_path = out_dir / "train_state.pt"
-    step = 0
-    if state_path.exists():
-        state = torch.load(state_path, map_location=device, weights_only=False)
-        if state.get("architecture") != architecture:
-            raise ValueError(f"{state_path} was written for another model or dataset; use another --out or delete it")
-        if state["trained_classes"] != trained_classes:
-            raise ValueError(f"{state_path} was written for training on classes {_spell(state['trained_classes'])}, "
-                             f"this run trains on {_spell(trained_classes)}; use another --out or delete it")
-        generator.load_state_dict(state["generator"])
-        discriminator.load_state_dict(state["discriminator"])
-        ema.load_state_dict(state["ema"])
-        for name, optimizer in optimizers.items():
-            optimizer.load_state_dict(state["optimizers"][name])
-        draws.set_state(state["draws"])
-        step = state["step"]
-    real_images = images_to_model_space(images).to(device)
-    real_labels = torch.as_tensor(labels, dtype=torch.long, device=device)
-    fake_classes = torch.as_tensor(trained_classes, dtype=torch.long, device=device)
-    bar = tqdm(total=steps, initial=step, desc="gan", unit="step", disable=not progress)
-    started, losses = time.perf_counter(), []
-    while step < steps:
-        index = torch.randint(0, len(real_labels), (batch_size,), generator=draws).to(device)
-        latents = torch.randn(batch_size, latent_dim, generator=draws).to(device)
-        wanted = fake_classes[torch.randint(0, len(fake_classes), (batch_size,), generator=draws).to(device)]
-        fakes = generator(latents, wanted)
-        loss_d = (torch.relu(1 - discriminator(real_images[index], real_labels[index])).mean()
-                  + torch.relu(1 + discriminator(fakes.detach(), wanted)).mean())
-        optimizers["discriminator"].zero_grad(set_to_none=True)
-        loss_d.backward()
-        optimizers["discriminator"].step()
-        loss_g = -discriminator(fakes, wanted).mean()
-        optimizers["generator"].zero_grad(set_to_none=True)
-        loss_g.backward()
-        optimizers["generator"].step()
-        ema.step(generator.parameters())
-        step += 1
-        losses.append((loss_d.item(), loss_g.item()))
-        bar.update(1)
-        if step % 50 == 0:
-            recent = np.mean(losses[-50:], axis=0)
-            bar.set_postfix(loss_d=f"{recent[0]:.3f}", loss_g=f"{recent[1]:.3f}")
-        if step % save_every == 0 or step == steps:
-            ema.store(generator.parameters())  # ship the EMA weights, then train on with the raw ones
-            ema.copy_to(generator.parameters())
-            save_gan_checkpoint(out_dir, config, generator)
-            ema.restore(generator.parameters())
-            temporary = state_path.with_name(state_path.name + ".tmp")
-            torch.save({"generator": generator.state_dict(), "discriminator": discriminator.state_dict(),
-                        "ema": ema.state_dict(), "step": step, "draws": draws.get_state(),
-                        "optimizers": {name: optimizer.state_dict() for name, optimizer in optimizers.items()},
-                        "architecture": architecture, "trained_classes": trained_classes}, temporary)
-            os.replace(temporary, state_path)  # an interrupted save leaves the previous state whole
-    bar.close()
-    if losses:
-        recent = np.mean(losses[-100:], axis=0)
-        (out_dir / "train_log.json").write_text(json.dumps(
-            {"steps": step, "seconds": time.perf_counter() - started, "final_loss_discriminator": float(recent[0]),
-             "final_loss_generator": float(recent[1])}) + "\n")
-    return config

@@ -35,7 +35,7 @@ from google.protobuf.message import DecodeError
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from . import generation_pb2, generation_pb2_grpc
-from .model import load_generator, weights_digest
+from .checkpoint import load_generator, weights_digest
 
 LOG = logging.getLogger("fedfill.generation")
 SERVICE_NAME = "fedfill.generation.Generator"

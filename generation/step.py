@@ -1,5 +1,5 @@
 """One epsilon-prediction training step of the class-conditional UNet, shared by the
-generator's trainer (generation.train) and a device's local fine-tuning (generation.finetune).
+generator's trainer (generation.train) and a device's local fine-tuning (jobs.ddpm).
 
 The step: a batch of images and labels, each label replaced by the null class with
 probability `label_dropout` (so the network also learns the unconditional score that

@@ -1,4 +1,4 @@
-"""ServerApp, for any job (fedfill.job): profiles by QUERY, a plan per round, screened updates
+"""ServerApp, for any job (jobs): profiles by QUERY, a plan per round, screened updates
 merged by FedAvg (or the run's robust rule), central evaluation, a checkpoint and a report row
 every round."""
 
@@ -19,7 +19,7 @@ from flwr.common import log
 import fedfill
 from fedfill import contract
 from fedfill.config import RunConfig
-from fedfill.job import load_job
+from jobs import load_job
 from server.checkpoint import read_checkpoint, write_checkpoint
 from server.report import RunReport
 from server.timed_grid import TimedGrid

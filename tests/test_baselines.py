@@ -128,7 +128,7 @@ def test_sst_merges_the_servers_update_as_one_more_reply_weighted_by_its_example
     ({"pseudo_label_threshold": 0.0}, "--pseudo-label-threshold"),
 ])
 def test_settings_that_mean_nothing_are_refused_before_the_run(settings, says):
-    from server.checks import check_settings
+    from commands.checks import check_settings
 
     with pytest.raises(UsageError, match=says.replace("-", r"\-")):
         check_settings(RunConfig(**settings))

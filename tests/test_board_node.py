@@ -8,7 +8,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, R
 
 from fedfill import contract
 from fedfill.config import RunConfig
-from fedfill.job import load_job
+from jobs import load_job
 from strategies.allocation.presets import drawn_device_profile
 from tests.board_trees import EXPECTED, write_tree
 

@@ -284,7 +284,7 @@ def test_a_board_from_its_bundle_joins_trains_on_its_data_and_meters_its_energy_
     from deploy.flower_cli import list_supernodes, write_flwr_connection
     from deploy.local import flower_environment, free_port, group_left, stop_group, wait_for_port
     from fedfill.config import RunConfig
-    from fedfill.job import run_split
+    from jobs import run_split
     from tests.board_trees import EXPECTED, write_tree
 
     start_s = 90.0  # the machine may be busy

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from fedfill.config import RunConfig
-from fedfill.job import Job, load_job, run_split
+from jobs import Job, load_job, run_split
 
 
 def test_the_classifier_job_does_what_the_apps_ask_of_a_job():

@@ -1,4 +1,4 @@
-"""The ddpm job (generation.finetune): a device's fine-tuning step, the server's evaluation,
+"""The ddpm job (jobs.ddpm): a device's fine-tuning step, the server's evaluation,
 the device keeping its error demand, and the whole job through `fedfill run` and
 `fedfill compare` on both of Flower's engines."""
 
@@ -14,8 +14,9 @@ import pytest
 
 from fedfill import codec, contract
 from fedfill.config import RunConfig
-from fedfill.job import load_job
-from generation.model import DEFAULT_CHECKPOINT, CheckpointError, GeneratorConfig, build_unet, save_checkpoint
+from jobs import load_job
+from generation.checkpoint import save_checkpoint
+from generation.config import DEFAULT_CHECKPOINT, CheckpointError, GeneratorConfig, build_unet
 
 ROOT = Path(__file__).resolve().parents[1]
 RUN = RunConfig(job="ddpm", num_partitions=4, lr=5e-4, batch_size=32, local_epochs=1, eval_per_class=4)
@@ -50,7 +51,7 @@ def test_a_nan_loss_sends_no_update_and_says_why():
 
 
 def test_a_start_checkpoint_that_does_not_fit_the_data_is_refused(tmp_path):
-    from generation.finetune import check_run
+    from jobs.ddpm import check_run
 
     small = GeneratorConfig(image_size=8, channels=1, num_classes=3, block_out_channels=(8, 16),
                             class_names=("a", "b", "c"))
@@ -136,7 +137,7 @@ def test_compare_runs_the_ddpm_job_under_each_scheme_and_keeps_every_demand(tmp_
     assert summary["policies"]["fp32"]["max_error_ratio"] is None
     for picture in ("schemes.png", "energy_vs_tmax.png", "policies.png"):
         assert (tmp_path / picture).stat().st_size > 0
-    from generation.model import load_generator
+    from generation.checkpoint import load_generator
 
     config, pipe = load_generator(tmp_path / "ondemand" / "generator")  # merged: a plain UNet diffusers loads
     assert config.provenance["federated"]["policy"] == "ondemand" and config.num_classes == 10

@@ -409,8 +409,8 @@ def test_a_broken_generator_checkpoint_is_refused_at_once_with_a_reason(tiny_gen
     the others raised RecursionError, ValueError or TypeError out of load_generator."""
     import time
 
-    from generation.model import CheckpointError as GeneratorCheckpointError
-    from generation.model import load_generator
+    from generation.config import CheckpointError as GeneratorCheckpointError
+    from generation.checkpoint import load_generator
 
     seed_dir, files = tiny_generator
     case = tmp_path / "case"
@@ -431,8 +431,8 @@ def test_a_broken_generator_checkpoint_is_refused_at_once_with_a_reason(tiny_gen
     ("block_out_channels", [8, 2**40], "beyond what the weights"),
 ])
 def test_a_unet_config_diffusers_trips_on_is_a_checkpoint_error(tiny_generator, tmp_path, field, value, reason):
-    from generation.model import CheckpointError as GeneratorCheckpointError
-    from generation.model import load_generator
+    from generation.config import CheckpointError as GeneratorCheckpointError
+    from generation.checkpoint import load_generator
 
     _, files = tiny_generator
     config = json.loads(files["unet/config.json"])

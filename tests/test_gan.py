@@ -12,8 +12,11 @@ import torch
 from fedfill.cli import main
 from fedfill.data import load_digits, split_dataset
 from generation.client import GenerationClient, GenerationUnavailable
-from generation.gan import GanGenerator, GanPipeline, save_gan_checkpoint, train_gan
-from generation.model import DEFAULT_CHECKPOINT, GAN_CHECKPOINT, CheckpointError, load_generator, weights_digest
+from generation.checkpoint import save_gan_checkpoint
+from generation.gan import GanGenerator, GanPipeline
+from generation.train import train_gan
+from generation.checkpoint import load_generator, weights_digest
+from generation.config import DEFAULT_CHECKPOINT, GAN_CHECKPOINT, CheckpointError
 from generation.quality import evaluate_generator
 from generation.sample import sample
 from generation.service import serve

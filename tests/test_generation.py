@@ -14,7 +14,8 @@ import pytest
 
 from fedfill.cli import main
 from fedfill.data import load_digits, split_dataset
-from generation.model import DEFAULT_CHECKPOINT, CheckpointError, load_generator
+from generation.checkpoint import load_generator
+from generation.config import DEFAULT_CHECKPOINT, CheckpointError
 from generation.quality import evaluate_generator
 from generation.sample import sample
 

@@ -14,7 +14,8 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from generation.client import GenerationClient, GenerationUnavailable
-from generation.model import DEFAULT_CHECKPOINT, load_generator, save_checkpoint, weights_digest
+from generation.checkpoint import load_generator, save_checkpoint, weights_digest
+from generation.config import DEFAULT_CHECKPOINT
 from generation.service import GeneratorService, serve
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -1,10 +1,23 @@
 """The house's import rules, read from the code itself (every import statement, including the
-ones inside functions, since a lazy import is still a dependency):
+ones inside functions, since a lazy import is still a dependency).
 
-- the allocation solvers import only numpy, scipy and the standard library;
-- the shared core (fedfill/) imports no role (server, client, strategies, generation, deploy);
-- the client never imports the server or the strategy, and the server never the client;
-- product code uses Flower's public API only (no flwr.common.serde, no flwr.supercore).
+The layer rule (docs/architecture.md), bottom to top; a module imports only from layers below
+its own, or from its own package:
+
+    0  fedfill (the shared core), strategies.allocation (the solvers: numpy, scipy, stdlib only)
+    1  generation (the generator, its pipelines, trainers and service)
+    2  jobs (what a device trains), strategies (the Flower strategy glue)
+    3  server (what the ServerApp process loads), client (the ClientApp and SuperNode)
+    4  deploy (processes, images, PKI, the testbed, board bundles)
+    5  commands (the operator's commands)
+    6  bench
+
+Nothing imports commands or bench. Module paths written as strings obey the same rule: the
+CLI's subcommand table names commands only, the JOBS table names jobs only, and the warm
+SuperNode's preload list names only what the client layer may import. Besides the layers:
+the client never imports the strategy glue nor the allocation package's __init__ (it pulls
+scipy.optimize); the server never imports the client; product code uses Flower's public API
+only (no flwr.common.serde, no flwr.supercore), but for one version-pinned wrapper.
 
 And one rule read from a running interpreter: loading the ClientApp loads neither the
 strategy nor the solvers' scipy.optimize (a fresh ClientApp process pays for every import).
@@ -20,7 +33,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-ROLES = ("server", "client", "strategies", "generation", "deploy")
+ROLES = ("server", "client", "strategies", "generation", "jobs", "deploy", "commands")
 GENERATED = {"generation_pb2.py", "generation_pb2_grpc.py"}
 
 
@@ -55,6 +68,74 @@ def test_the_rules_see_imports_inside_functions():
     assert "fedfill.codec" in imports_of(ROOT / "client" / "app.py")
 
 
+# package -> layer; "strategies" is the glue, "strategies.allocation" the solvers below it
+LAYERS = {"fedfill": 0, "strategies.allocation": 0, "generation": 1, "jobs": 2, "strategies": 2, "server": 3,
+          "client": 3, "deploy": 4, "commands": 5, "bench": 6}
+
+
+def package_of(module: str) -> str | None:
+    """The layer package a module name belongs to; None for anything not ours."""
+    if module == "strategies.allocation" or module.startswith("strategies.allocation."):
+        return "strategies.allocation"
+    return top(module) if top(module) in LAYERS else None
+
+
+def module_of(path: Path) -> str:
+    parts = path.relative_to(ROOT).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def layer_breaks(importer: str, imported: set[str]) -> list[str]:
+    """The imported modules of ours that `importer` may not import: those of a layer not below
+    its own, outside its own package."""
+    own = package_of(importer)
+    return sorted(name for name in imported
+                  if (pkg := package_of(name)) is not None and pkg != own and LAYERS[pkg] >= LAYERS[own])
+
+
+def test_the_layer_rule_itself():
+    """The rule reads imports as meant: down is allowed, up and sideways are not."""
+    assert layer_breaks("commands.run", {"server.report", "deploy.local", "fedfill.config"}) == []
+    assert layer_breaks("server.app", {"commands.run", "client.app", "jobs"}) == ["client.app", "commands.run"]
+    assert layer_breaks("strategies.allocation.fimi", {"strategies.fimi_strategy"}) == ["strategies.fimi_strategy"]
+    assert layer_breaks("strategies.fimi_strategy", {"strategies.allocation.costs"}) == []
+    assert layer_breaks("fedfill.data", {"generation.config"}) == ["generation.config"]
+
+
+@pytest.mark.parametrize("path", files_under(*(p.replace(".", "/") for p in LAYERS if p != "strategies.allocation")),
+                         ids=lambda p: str(p.relative_to(ROOT)))
+def test_every_module_imports_only_from_the_layers_below_it(path):
+    breaks = layer_breaks(module_of(path), imports_of(path))
+    assert not breaks, f"{path.relative_to(ROOT)} imports {breaks} (see the layer rule above)"
+
+
+def test_the_modules_named_as_strings_keep_the_layer_rule_too():
+    """Module paths in tables are imports all the same: each names a module that exists, in
+    the layer its table is for."""
+    import importlib.util
+
+    from client.app import WARM_IMPORTS
+    from fedfill.cli import SUBCOMMANDS
+    from jobs import JOBS
+
+    named = {"fedfill.cli's SUBCOMMANDS": ([m for m, _ in SUBCOMMANDS.values()], {"commands"}),
+             "jobs.JOBS": ([v.split(":")[0] for v in JOBS.values()], {"jobs"}),
+             "client.app's WARM_IMPORTS": ([m for m in WARM_IMPORTS if package_of(m)],
+                                           {p for p, layer in LAYERS.items() if layer <= LAYERS["client"]} - {"server"})}
+    for table, (modules, allowed) in named.items():
+        for module in modules:
+            assert package_of(module) in allowed, f"{table} names {module}, outside {sorted(allowed)}"
+            assert importlib.util.find_spec(module) is not None, f"{table} names {module}, which does not exist"
+    assert not layer_breaks("client.app", set(named["client.app's WARM_IMPORTS"][0]) - {"strategies.fimi_strategy"})
+    assert "strategies.fimi_strategy" not in named["client.app's WARM_IMPORTS"][0]
+
+
+def test_nothing_imports_the_commands():
+    importers = [str(p.relative_to(ROOT)) for p in files_under(*(k for k in LAYERS if "." not in k and k != "commands"))
+                 if top(module_of(p)) != "bench" and any(top(n) == "commands" for n in imports_of(p))]
+    assert not importers, f"{importers} import the operator's commands"
+
+
 @pytest.mark.parametrize("path", files_under("strategies/allocation"), ids=lambda p: p.name)
 def test_allocation_solvers_import_only_numpy_scipy_and_the_standard_library(path):
     allowed = {"numpy", "scipy", "strategies", "__future__"} | set(sys.stdlib_module_names)
@@ -81,7 +162,8 @@ def test_the_server_side_never_imports_the_client(path):
     assert not {name for name in imports_of(path) if top(name) == "client"}
 
 
-@pytest.mark.parametrize("path", files_under("fedfill", "server", "client", "strategies", "generation", "deploy"),
+@pytest.mark.parametrize("path", files_under("fedfill", "server", "client", "strategies", "generation", "jobs", "deploy",
+                                                 "commands"),
                          ids=lambda p: str(p.relative_to(ROOT)))
 def test_product_code_uses_flowers_public_api(path):
     internals = ("flwr.common.serde", "flwr.supercore", "flwr.proto", "flwr.server", "flwr.cli", "flwr.supernode")

@@ -64,6 +64,6 @@ def test_common_modules_other_than_models_do_not_import_torch():
     import subprocess
     import sys
 
-    code = ("import sys, fedfill.data, fedfill.partition, fedfill.codec, strategies.fit_learning; "
+    code = ("import sys, fedfill.data, fedfill.partition, fedfill.codec, commands.fit_learning; "
             "assert 'torch' not in sys.modules, 'torch imported'")
     subprocess.run([sys.executable, "-c", code], check=True)

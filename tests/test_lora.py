@@ -13,7 +13,8 @@ pytest.importorskip("peft", reason="LoRA needs the lora extra: pip install 'fedf
 
 from generation.lora import (TARGET_MODULES, add_lora, merged_unet, set_trainable_arrays,  # noqa: E402
                              trainable_arrays, trainable_names)
-from generation.model import DEFAULT_CHECKPOINT, load_generator, save_checkpoint  # noqa: E402
+from generation.checkpoint import load_generator, save_checkpoint
+from generation.config import DEFAULT_CHECKPOINT  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -200,7 +201,7 @@ def test_lora_uploads_the_adapters_but_its_steps_cost_the_whole_unet():
     """The cost model's cycles per sample follow the network a step runs through (the whole
     UNet), its upload the adapters alone."""
     from fedfill.config import RunConfig
-    from fedfill.job import load_job
+    from jobs import load_job
     from server.app import run_system
     from strategies.allocation.presets import PAPER_OMEGA_PER_PARAM
 

@@ -11,7 +11,7 @@ from PIL import Image
 from fedfill import contract
 from fedfill.config import RunConfig
 from fedfill.data import NodeDataError, load_node_data
-from fedfill.job import load_job
+from jobs import load_job
 
 DIGITS = tuple(str(c) for c in range(10))
 GREY_8 = (8, 8, 1)
@@ -210,7 +210,7 @@ def test_train_on_a_data_dir_uses_exactly_the_nodes_files(tmp_path, inside_a_flo
     assert metrics["num-examples"] == 5 and metrics["d-gen-used"] == 0
 
     (tmp_path / "4" / "img_0.png").write_bytes(b"gone bad")  # unusable in a fresh process: train raises
-    from fedfill.job import _own_data
+    from jobs import _own_data
     _own_data.cache_clear()
     with pytest.raises(NodeDataError, match="img_0.png: unreadable image"):
         train(request, context_for({"data-dir": str(tmp_path)}))

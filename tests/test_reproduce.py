@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from fedfill.cli import main
-from server.cli_reproduce import ABLATIONS, METHODS, campaign, run_flags, run_state, sweep_point
+from commands.reproduce import ABLATIONS, METHODS, campaign, run_flags, run_state, sweep_point
 
 
 @pytest.mark.parametrize("flags, says", [
@@ -49,7 +49,7 @@ def test_run_flags_make_the_same_run_config(tmp_path):
     import argparse
 
     from fedfill.config import RunConfig
-    from server.cli_run import add_run_flags
+    from commands.run import add_run_flags
 
     config = RunConfig(policy="fimi-uniform", dirichlet_alpha=0.6, delta_max=0.15, synthetic_use="unlabelled",
                        t_max_s=30.0, resume=True, num_partitions=7)
@@ -121,7 +121,7 @@ def test_an_interrupt_ends_the_runs_in_flight_and_starts_no_other(tmp_path):
     import threading
     import time
 
-    from server.cli_reproduce import Children
+    from commands.reproduce import Children
 
     children = Children()
     codes = []

@@ -1,4 +1,4 @@
-"""A run's configuration is refused before anything starts (server.checks, issue 13 item 6).
+"""A run's configuration is refused before anything starts (commands.checks, issue 13 item 6).
 
 Each bad input goes through `fedfill.cli.main` in this process, as a user types it: exit 2,
 a message naming the option, the value and what would work, no report directory made (the
@@ -30,7 +30,7 @@ def warm_imports():
     import torch  # noqa: F401
     from diffusers import UNet2DModel  # noqa: F401
 
-    import generation.finetune  # noqa: F401
+    import jobs.ddpm  # noqa: F401
     import generation.pipeline  # noqa: F401
     import server.app  # noqa: F401
 
@@ -142,7 +142,7 @@ def test_too_many_nodes_for_digits_names_the_largest_count_the_partitioner_takes
     err, _ = refused([*RUN[:-4], "--nodes", "100", "--out", str(files / "report")], capsys, files / "report")
     largest = int(re.search(r"at most --nodes (\d+) works with --alpha 0.3 and --seed 0", err).group(1))
     assert largest == 98  # 988 samples in digits' clients' pool, at least 10 each
-    from server.checks import check_split
+    from commands.checks import check_split
 
     assert len(check_split(RunConfig(num_partitions=largest))) == largest
     with pytest.raises(Exception, match="at most --nodes 98"):
@@ -153,7 +153,7 @@ def test_a_budget_too_small_for_any_plan_names_one_that_plans_every_device(files
     err, _ = refused([*RUN, "--nodes", "10", "--t-max", "0.01", "--out", str(files / "report")], capsys,
                      files / "report")
     smallest = float(re.search(r"--t-max ([\d.e+-]+) or more plans every device", err).group(1))
-    from server.checks import check_job
+    from commands.checks import check_job
 
     check_job(RunConfig(num_partitions=10, t_max_s=smallest))  # the budget named is accepted
     assert "latency" in err  # the planner's reason goes along

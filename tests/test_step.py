@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from generation.model import GeneratorConfig, build_unet
+from generation.config import GeneratorConfig, build_unet
 from generation.step import EpsilonStep, make_generator, make_optimizer
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")

@@ -60,7 +60,7 @@ def xdg_state(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def testbed(client, image, xdg_state, tmp_path_factory):
     from deploy.testbed import Testbed
-    from server.cli_run import node_configs
+    from commands.run import node_configs
 
     runs = tmp_path_factory.mktemp("runs")
     bed = Testbed(NAME, client, state_dir=xdg_state / "fedfill" / "testbed" / NAME)
@@ -292,7 +292,7 @@ def test_a_board_from_its_bundle_joins_reports_its_profile_trains_on_its_data_an
     from deploy.bundle import write_bundle
     from deploy.testbed import SUPERLINK_PORT
     from fedfill.config import RunConfig
-    from fedfill.job import run_split
+    from jobs import run_split
     from tests.board_trees import EXPECTED, write_tree
 
     tree = write_tree("orin-nx", tmp_path / "orin-nx")
@@ -338,7 +338,7 @@ def test_down_leaves_nothing_behind(client, image, tmp_path):
     """A second testbed, removed with the CLI after its command 'crashed' (state kept, no
     process left): every container, network and key goes."""
     from deploy.testbed import LABEL, Testbed
-    from server.cli_run import node_configs
+    from commands.run import node_configs
 
     name = f"{NAME}x"
     bed = Testbed(name, client, state_dir=tmp_path / "state")

@@ -22,9 +22,9 @@ from strategies.allocation.presets import fimi_path_gain
 
 
 def add_arguments(parser) -> None:
-    from server import cli_run
+    from commands import run as run_command
 
-    cli_run.add_arguments(parser)
+    run_command.add_arguments(parser)
     parser.set_defaults(out="runs/compare")
     parser.add_argument("--policies", help="comma-separated policies (default: " + "; ".join(
         f"{', '.join(p)} for --job {job}" for job, p in DEFAULT_POLICIES.items()) + ")")
@@ -50,7 +50,7 @@ def costs_at_target(rows: list[dict], target: float, metric: str = "accuracy") -
 
 
 def run(args) -> int:
-    from server import cli_run
+    from commands import run as run_command
 
     from strategies.allocation.policies import parse_policy
 
@@ -70,10 +70,10 @@ def run(args) -> int:
     metric = HEADLINE[args.job]
     runs = {policy: policy_run_args(args, policy, out) for policy in policies}
     for policy_args in runs.values():  # every run checked before the first one starts
-        cli_run.checked_job(policy_args)
+        run_command.checked_job(policy_args)
     results = {}
     for policy, policy_args in runs.items():
-        if cli_run.run(policy_args) != 0:
+        if run_command.run(policy_args) != 0:
             print(f"fedfill compare: the {policy} run failed; see {out / policy / 'flwr.log'}")
             return 1
         results[policy] = costs_at_target(read_rounds(out / policy / "rounds.csv"), args.target, metric)

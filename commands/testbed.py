@@ -16,9 +16,9 @@ from fedfill.errors import UsageError
 
 
 def add_arguments(parser) -> None:
-    from server.cli_run import add_run_flags
+    from commands.run import add_run_flags
 
-    from .image import DEFAULT_BASE_IMAGE, DEFAULT_IMAGE
+    from deploy.image import DEFAULT_BASE_IMAGE, DEFAULT_IMAGE
 
     parser.add_argument("--name", default="fedfill", help="the testbed's name: prefix of its containers (default fedfill)")
     sub = parser.add_subparsers(dest="action", required=True, metavar="ACTION")
@@ -82,7 +82,7 @@ def run(args) -> int:
 
 
 def _testbed(args):
-    from .testbed import Testbed
+    from deploy.testbed import Testbed
 
     return Testbed(args.name)
 
@@ -90,8 +90,8 @@ def _testbed(args):
 def _build(args) -> int:
     import time
 
-    from .image import build_image
-    from .testbed import docker_client
+    from deploy.image import build_image
+    from deploy.testbed import docker_client
 
     started = time.monotonic()
     image_id = build_image(docker_client(), args.tag, args.base_image)
@@ -100,7 +100,7 @@ def _build(args) -> int:
 
 
 def _up(args) -> int:
-    from server.cli_run import node_configs
+    from commands.run import node_configs
 
     check_up_options(args)
     configs = node_configs(args.nodes, args.scenario, seed=args.seed, profiles_always=True, preset=args.preset)
@@ -116,7 +116,7 @@ def _up(args) -> int:
 def check_up_options(args) -> None:
     """What `testbed up` is given, before any container starts (a bad memory limit would
     otherwise fail at the first node, with the SuperLink already up)."""
-    from server.cli_run import check_report_dir
+    from commands.run import check_report_dir
 
     if args.nodes < 1:
         raise UsageError(f"--nodes {args.nodes}: must be at least 1")
@@ -162,11 +162,11 @@ def _run(args) -> int:
     import math
 
     from fedfill.config import RunConfig
-    from server.checks import check_job, check_settings
-    from server.cli_run import drive, interrupts_stop_the_run, prepare_out
+    from commands.checks import check_job, check_settings
+    from commands.run import drive, interrupts_stop_the_run, prepare_out
 
-    from .shaper import UplinkShaper
-    from .testbed import GENERATOR_PORT
+    from deploy.shaper import UplinkShaper
+    from deploy.testbed import GENERATOR_PORT
 
     if not (math.isfinite(args.uplink_scale) and args.uplink_scale > 0):
         raise UsageError(f"--uplink-scale {args.uplink_scale}: must be a positive number (1: the plan's rate)")
@@ -204,7 +204,7 @@ def _run(args) -> int:
             testbed.stop_runs(state)  # an interrupted driver leaves no ServerApp running in the SuperLink
     for error in shaper.errors:
         print(f"  shaping: {error}", file=sys.stderr)
-    from .uplink_report import print_uplink_table, write_uplink_report
+    from deploy.uplink_report import print_uplink_table, write_uplink_report
 
     print_uplink_table(write_uplink_report(out))
     return code
@@ -243,7 +243,7 @@ def _print_status(rows: list[dict]) -> None:
 
 
 def _down(args) -> int:
-    from .testbed import Testbed, docker_client
+    from deploy.testbed import Testbed, docker_client
 
     removed = Testbed(args.name, docker_client()).down()
     print(f"removed {len(removed)}: {' '.join(removed)}" if removed else "nothing to remove")
@@ -251,7 +251,7 @@ def _down(args) -> int:
 
 
 def _pki(args) -> int:
-    from .pki import write_pki
+    from deploy.pki import write_pki
 
     pki = write_pki(Path(args.out), args.nodes, tuple(args.names))
     print(f"CA {pki.ca_cert}, SuperLink certificate for {', '.join(args.names)}, {args.nodes} node keys in {pki.root}")
@@ -262,8 +262,8 @@ def _register(args) -> int:
     import tempfile
     import time
 
-    from .flower_cli import AlreadyRegistered, register_supernode, write_flwr_connection
-    from .pki import Pki
+    from deploy.flower_cli import AlreadyRegistered, register_supernode, write_flwr_connection
+    from deploy.pki import Pki
 
     pki = Pki.at(Path(args.pki))
     with tempfile.TemporaryDirectory(prefix="fedfill-flwr-") as home:

@@ -126,7 +126,8 @@ def check_learning_fit(path: str) -> None:
 def check_generator(option: str, path: str, job: RunConfig) -> None:
     """A generator checkpoint the generation service will load, drawing the run's classes at
     its image size: refused here, not after the engine started."""
-    from generation.model import CheckpointError, load_generator
+    from generation.checkpoint import load_generator
+    from generation.config import CheckpointError
 
     try:
         config, _ = load_generator(path)
@@ -142,7 +143,7 @@ def check_generator(option: str, path: str, job: RunConfig) -> None:
 
 def clients_pool(job: RunConfig):
     """The pool the nodes' partitions come from, as every process of the run derives it."""
-    from fedfill.job import run_split
+    from jobs import run_split
 
     try:
         return run_split(job).clients
@@ -220,7 +221,7 @@ def check_first_plan(job: RunConfig, profiles: dict[int, dict]) -> None:
     """Round 1's plan as the strategy makes it (devices that make it infeasible sit out):
     a budget that plans nobody trains nobody, so refuse it and name the smallest --t-max
     that plans every device."""
-    from fedfill.job import load_job
+    from jobs import load_job
     from server.app import run_system
     from strategies.fimi_strategy import FimiFedAvg
 
@@ -267,8 +268,8 @@ def check_job(job: RunConfig, node_configs: list[dict] | None = None) -> None:
     someone else's (--superlink)."""
     check_settings(job)
     if job.job == "ddpm":
-        from generation.finetune import check_run
-        from generation.model import CheckpointError
+        from jobs.ddpm import check_run
+        from generation.config import CheckpointError
 
         try:
             check_run(job)
@@ -277,7 +278,7 @@ def check_job(job: RunConfig, node_configs: list[dict] | None = None) -> None:
     partitions = check_split(job)
     if node_configs == []:
         return
-    from fedfill.job import load_job
+    from jobs import load_job
 
     configs = node_configs or [{"partition-id": k, "num-partitions": job.num_partitions}
                                for k in range(job.num_partitions)]

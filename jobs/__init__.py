@@ -23,7 +23,7 @@ import numpy as np
 from fedfill.config import RunConfig
 from fedfill.data import DatasetSplit, ImageDataset, load_dataset, load_node_data, split_dataset
 
-JOBS = {"classifier": "fedfill.classifier:ClassifierJob", "ddpm": "generation.finetune:DiffusionJob"}
+JOBS = {"classifier": "jobs.classifier:ClassifierJob", "ddpm": "jobs.ddpm:DiffusionJob"}
 
 
 @dataclass

@@ -1,19 +1,8 @@
-"""The generator: diffusers' UNet2DModel conditioned on the class, with one extra "null"
-class (index C) for classifier-free guidance, and its checkpoint; or the GAN baseline
-(generation/gan.py), whose checkpoint is a pipeline directory too.
-
-A checkpoint is a diffusers pipeline directory, so diffusers alone can load it
-(`ClassConditionalPipeline.from_pretrained(DIR)`), plus one file of ours:
-
-    model_index.json                              the pipeline: a unet and a scheduler
-    unet/config.json                              the architecture
-    unet/diffusion_pytorch_model.safetensors      the EMA weights (they sample better than the raw ones)
-    scheduler/scheduler_config.json               DDIM without clipping, on the training noise schedule
-    generator.json                                class names, the null class, provenance
-
-A GAN's directory holds model_index.json (GanPipeline), generator/config.json and
-generator/diffusion_pytorch_model.safetensors, and generator.json; `load_generator` tells the
-kinds apart by the components model_index.json names (a unet and a scheduler, or a generator).
+"""A generator's checkpoint written and read: the diffusion model (diffusers' UNet2DModel
+conditioned on the class, with one extra "null" class for classifier-free guidance) or the
+GAN baseline, each a pipeline directory (the layout: generation/config.py).
+`load_generator` tells the kinds apart by the components model_index.json names (a unet and
+a scheduler, or a generator).
 
 `load_generator` adds what diffusers leaves out: it refuses weights that miss or add keys
 (diffusers only warns and leaves random weights), never reads a pickle, never goes to the
@@ -27,61 +16,10 @@ import json
 import os
 import tempfile
 from contextlib import contextmanager
-from dataclasses import dataclass, field
 from pathlib import Path
 
-DEFAULT_CHECKPOINT = Path(__file__).resolve().parent / "checkpoints" / "digits"
-GAN_CHECKPOINT = DEFAULT_CHECKPOINT.parent / "digits-gan"  # FIMI's GAN baseline, same public split
-GENERATOR_JSON = "generator.json"
-WEIGHTS = Path("unet") / "diffusion_pytorch_model.safetensors"
-UNET_CONFIG = Path("unet") / "config.json"
-SCHEDULER_CONFIG = Path("scheduler") / "scheduler_config.json"
-LEGACY_FILES = ("config.json", "model.safetensors")  # the layout before diffusers' own I/O
-MODELS = ("ddpm", "gan")
-# model_index.json's components of each kind of checkpoint
-COMPONENTS = {"ddpm": ("unet", "scheduler"), "gan": ("generator",)}
-GAN_INDEX = ("GanPipeline", ["generation.gan", "GanGenerator"])  # what save_gan_checkpoint writes
-
-
-class CheckpointError(ValueError):
-    """A checkpoint that cannot be used, with the reason."""
-
-
-@dataclass(frozen=True)
-class GeneratorConfig:
-    """The whole generator in one place. On disk the architecture lives in unet/config.json
-    and the noise schedule in scheduler/scheduler_config.json (diffusers' files); only
-    class_names and provenance go to generator.json. model: "ddpm", or "gan" for the GAN
-    baseline, whose block_out_channels are its generator's widths (the DDPM-only fields keep
-    their defaults: train_timesteps bounds the steps a request may ask of either kind)."""
-
-    image_size: int
-    channels: int
-    num_classes: int
-    block_out_channels: tuple[int, ...] = (32, 64)
-    layers_per_block: int = 2
-    train_timesteps: int = 1000
-    class_names: tuple[str, ...] = ()
-    # the command, seed and steps that made it, and the dataset (name, data dir, split seed) it learned
-    provenance: dict = field(default_factory=dict)
-    model: str = "ddpm"
-
-    @property
-    def null_class(self) -> int:
-        return self.num_classes
-
-
-def build_unet(config: GeneratorConfig):
-    from diffusers import UNet2DModel
-
-    levels = len(config.block_out_channels)
-    return UNet2DModel(
-        sample_size=config.image_size, in_channels=config.channels, out_channels=config.channels,
-        layers_per_block=config.layers_per_block, block_out_channels=tuple(config.block_out_channels),
-        down_block_types=("DownBlock2D",) * (levels - 1) + ("AttnDownBlock2D",),
-        up_block_types=("AttnUpBlock2D",) + ("UpBlock2D",) * (levels - 1),
-        num_class_embeds=config.num_classes + 1, norm_num_groups=8,
-    )
+from .config import (COMPONENTS, DEFAULT_CHECKPOINT, GAN_INDEX, GENERATOR_JSON, LEGACY_FILES, SCHEDULER_CONFIG,
+                     UNET_CONFIG, WEIGHTS, CheckpointError, GeneratorConfig)
 
 
 def save_checkpoint(directory: str | Path, config: GeneratorConfig, unet, noise_schedule: dict | None = None) -> None:
@@ -95,6 +33,15 @@ def save_checkpoint(directory: str | Path, config: GeneratorConfig, unet, noise_
     pipe = ClassConditionalPipeline(unet=unet, scheduler=scheduler)
     meta = {"class_names": list(config.class_names), "null_class": config.null_class, "provenance": config.provenance}
     save_pipeline(directory, pipe, {GENERATOR_JSON: meta})
+
+
+def save_gan_checkpoint(directory: str | Path, config: GeneratorConfig, model) -> None:
+    """`model` (a GanGenerator holding the weights to ship) as a GanPipeline directory plus
+    generator.json, written as save_checkpoint writes a DDPM's."""
+    from .gan import GanPipeline
+
+    meta = {"class_names": list(config.class_names), "provenance": config.provenance}
+    save_pipeline(directory, GanPipeline(generator=model), {GENERATOR_JSON: meta})
 
 
 def save_pipeline(directory: str | Path, pipe, json_files: dict[str, dict]) -> None:
@@ -158,9 +105,9 @@ def _load_pipeline(directory: Path, pipeline_cls, subfolder: str, model_cls, wha
                                                     use_safetensors=True, low_cpu_mem_usage=False,
                                                     output_loading_info=True)
         except RuntimeError as err:  # shapes in the file differ from those the config builds
-            raise CheckpointError(f"{weights} does not match its {config_path}: {_second_line(err)}") from None
+            raise CheckpointError(f"{weights} does not match its {config_path}: {second_line(err)}") from None
         except Exception as err:  # noqa: BLE001 - see above
-            raise CheckpointError(f"{directory / subfolder} cannot be loaded: {_first_line(err)}") from None
+            raise CheckpointError(f"{directory / subfolder} cannot be loaded: {first_line(err)}") from None
         wrong = info["missing_keys"] + info["unexpected_keys"] + [k[0] for k in info["mismatched_keys"]]
         if wrong:
             raise CheckpointError(f"{weights} does not match its {config_path}: {len(wrong)} tensors differ, "
@@ -169,7 +116,7 @@ def _load_pipeline(directory: Path, pipeline_cls, subfolder: str, model_cls, wha
             return pipeline_cls.from_pretrained(directory, **{subfolder: model}, local_files_only=True,
                                                 low_cpu_mem_usage=False)
         except Exception as err:  # noqa: BLE001 - see above
-            raise CheckpointError(f"{directory} is not a loadable pipeline: {_first_line(err)}") from None
+            raise CheckpointError(f"{directory} is not a loadable pipeline: {first_line(err)}") from None
 
 
 def weights_digest(pipe) -> str:
@@ -213,7 +160,7 @@ def _read_json(path: Path, what: str) -> dict:
     except RecursionError:
         raise CheckpointError(f"{path} is not a valid {what}: nested too deeply") from None
     except ValueError as err:  # JSON's errors, undecodable bytes, an integer of more digits than Python reads
-        raise CheckpointError(f"{path} is not a valid {what}: {_first_line(err)}") from None
+        raise CheckpointError(f"{path} is not a valid {what}: {first_line(err)}") from None
     if not isinstance(data, dict):
         raise CheckpointError(f"{path} is not a valid {what}: not a JSON object")
     return data
@@ -252,7 +199,7 @@ def _check_weights(path: Path) -> int:
             names = list(handle.keys())
             dims = [d for name in names for d in handle.get_slice(name).get_shape()]
     except (SafetensorError, OSError, ValueError) as err:
-        raise CheckpointError(f"{path} is corrupted: {_first_line(err)}") from None
+        raise CheckpointError(f"{path} is corrupted: {first_line(err)}") from None
     return max([len(names), *dims])
 
 
@@ -339,12 +286,12 @@ def _diffusers_quiet():
             diffusers_logging.enable_progress_bar()
 
 
-def _first_line(err: BaseException) -> str:
+def first_line(err: BaseException) -> str:
     text = str(err).strip()
     return (text.splitlines() or [type(err).__name__])[0].strip()[:300]
 
 
-def _second_line(err: BaseException) -> str:
+def second_line(err: BaseException) -> str:
     """torch's load_state_dict error: a header line, then one line per tensor."""
     lines = str(err).strip().splitlines()
     return (lines[1:2] or lines[:1] or [type(err).__name__])[0].strip()[:300]

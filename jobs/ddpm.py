@@ -27,10 +27,10 @@ from pathlib import Path
 import numpy as np
 
 from fedfill.config import RunConfig
-from fedfill.job import Job, LocalResult, run_split
+from jobs import Job, LocalResult, run_split
 
-from .model import DEFAULT_CHECKPOINT, CheckpointError
-from .step import EpsilonStep, make_generator, make_optimizer, pick_device
+from generation.config import DEFAULT_CHECKPOINT, CheckpointError
+from generation.step import EpsilonStep, make_generator, make_optimizer, pick_device
 
 START_CHECKPOINTS = {"digits": DEFAULT_CHECKPOINT.parent / "digits-0to4"}  # dataset -> shipped start
 LABEL_DROPOUT = 0.1  # as the start was trained: keeps the unconditional score guidance needs
@@ -65,7 +65,7 @@ def check_run(run: RunConfig) -> None:
 @functools.lru_cache(maxsize=2)
 def _start(run: RunConfig):
     """(config, pipeline, the classes it was trained on) of the start, checked against the data."""
-    from .model import load_generator
+    from generation.checkpoint import load_generator
 
     path = start_checkpoint(run)
     config, pipe = load_generator(path)
@@ -100,7 +100,7 @@ class DiffusionJob(Job):
         _, pipe, _ = _start(self.run)
         unet = copy.deepcopy(pipe.unet)
         if self.run.trainable == "lora":
-            from .lora import add_lora
+            from generation.lora import add_lora
 
             unet = add_lora(unet, self.run.lora_rank, seed=self.run.seed)
         if weights is not None:
@@ -109,7 +109,7 @@ class DiffusionJob(Job):
 
     def _get(self, unet) -> list[np.ndarray]:
         if self.run.trainable == "lora":
-            from .lora import trainable_arrays
+            from generation.lora import trainable_arrays
 
             return trainable_arrays(unet)
         return [p.detach().cpu().numpy().copy() for p in unet.parameters()]
@@ -118,7 +118,7 @@ class DiffusionJob(Job):
         import torch
 
         if self.run.trainable == "lora":
-            from .lora import set_trainable_arrays
+            from generation.lora import set_trainable_arrays
 
             set_trainable_arrays(unet, weights)
             return
@@ -146,7 +146,7 @@ class DiffusionJob(Job):
         import torch
         from diffusers import DDPMScheduler
 
-        from .train import images_to_model_space
+        from generation.train import images_to_model_space
 
         config, pipe, _ = _start(self.run)
         torch.set_num_threads(threads)
@@ -179,7 +179,7 @@ class DiffusionJob(Job):
     def _judge(self):
         """The reference classifier (trained on real client images), the test split and its
         images' features: made once per run."""
-        from .quality import ReferenceClassifier
+        from generation.quality import ReferenceClassifier
 
         split = run_split(self.run)
         reference = ReferenceClassifier(split.clients.images, split.clients.labels, self.run.seed)
@@ -188,8 +188,8 @@ class DiffusionJob(Job):
     def sample(self, weights, per_class: int | None = None) -> tuple[np.ndarray, np.ndarray]:
         """`per_class` images of every class from the global weights (DDIM on the start's
         noise schedule, the run's steps and guidance, the run's seed): uint8 NHWC and labels."""
-        from .pipeline import ClassConditionalPipeline
-        from .sample import sample
+        from generation.pipeline import ClassConditionalPipeline
+        from generation.sample import sample
 
         config, pipe, _ = _start(self.run)
         unet = self._unet(weights).eval()
@@ -200,7 +200,7 @@ class DiffusionJob(Job):
         return images, labels
 
     def evaluate(self, weights) -> dict[str, float]:
-        from .quality import frechet_distance
+        from generation.quality import frechet_distance
 
         _, _, trained = _start(self.run)
         reference, test, test_features = self._judge
@@ -215,7 +215,7 @@ class DiffusionJob(Job):
                "frechet_unseen": (frechet_distance(features[unseen], test_features[unseen_test])
                                   if unseen.any() else float("nan"))}
         if self.run.inception:
-            from .quality import inception_fid
+            from generation.quality import inception_fid
 
             out["fid"] = inception_fid(images, test.images, self.run.inception)
         return out
@@ -225,12 +225,12 @@ class DiffusionJob(Job):
         generation service and diffusers load like the shipped one."""
         from dataclasses import replace
 
-        from .model import save_checkpoint
+        from generation.checkpoint import save_checkpoint
 
         config, pipe, trained = _start(self.run)
         unet = self._unet(weights).to("cpu")
         if self.run.trainable == "lora":
-            from .lora import merged_unet
+            from generation.lora import merged_unet
 
             unet = merged_unet(unet)
         target = Path(out_dir) / "generator"

@@ -11,7 +11,8 @@ import numpy as np
 
 from fedfill.errors import UsageError
 
-from .model import DEFAULT_CHECKPOINT, MODELS, CheckpointError
+from generation.config import DEFAULT_CHECKPOINT, MODELS, CheckpointError
+from generation.train import GAN_LR
 
 
 def add_arguments(parser) -> None:
@@ -58,9 +59,9 @@ def add_arguments(parser) -> None:
     convert.add_argument("--split-seed", type=int, help="its split seed (default: from its recorded command)")
 
 
-# Defaults per model: the GAN's lr is DCGAN's (see generation/gan.py), the DDPM's its own.
+# Defaults per model: the GAN's lr is DCGAN's (generation.train.GAN_LR), the DDPM's its own.
 TRAIN_DEFAULTS = {"ddpm": {"steps": 3000, "batch_size": 64, "lr": 1e-3},
-                  "gan": {"steps": 3000, "batch_size": 64, "lr": 2e-4}}
+                  "gan": {"steps": 3000, "batch_size": 64, "lr": GAN_LR}}
 
 
 def _add_train_arguments(train) -> None:
@@ -92,7 +93,7 @@ def run(args) -> int:
 def _train(args) -> int:
     from fedfill.data import split_dataset
 
-    from .train import parse_classes, train_generator
+    from generation.train import parse_classes, train_generator
 
     for name, default in TRAIN_DEFAULTS[args.model].items():
         if getattr(args, name) is None:
@@ -123,7 +124,7 @@ def _train(args) -> int:
     if args.model == "gan":
         if args.eager_gpu_steps:
             raise UsageError("--eager-gpu-steps is for --model ddpm: the GAN's steps always run eagerly")
-        from .gan import train_gan as trainer  # the same arguments, the other model
+        from generation.train import train_gan as trainer  # the same arguments, the other model
 
         extra = {}
     try:
@@ -138,7 +139,7 @@ def _train(args) -> int:
 
 
 def _health(args) -> int:
-    from .client import serving
+    from generation.client import serving
 
     up = serving(args.address)
     print(f"{args.address}: {'SERVING' if up else 'not serving'}")
@@ -155,8 +156,8 @@ def _load(dataset: str, data_dir: str):
 
 
 def _sample(args) -> int:
-    from .model import load_generator
-    from .sample import sample
+    from generation.checkpoint import load_generator
+    from generation.sample import sample
 
     out = Path(args.out)
     if out.suffix not in (".npz", ".png"):
@@ -193,9 +194,9 @@ def save_grid(images: np.ndarray, path: Path, scale: int = 6) -> None:
 
 
 def _evaluate(args) -> int:
-    from .model import load_generator
-    from .quality import evaluate_generator
-    from .sample import sample
+    from generation.checkpoint import load_generator
+    from generation.quality import evaluate_generator
+    from generation.sample import sample
 
     config, pipe = load_generator(args.checkpoint)
     split = _training_split(config, args.checkpoint, args.data_dir)
@@ -204,7 +205,7 @@ def _evaluate(args) -> int:
                     sampler=args.sampler)
     report = evaluate_generator(images, labels, split)
     if args.inception:
-        from .quality import inception_fid
+        from generation.quality import inception_fid
 
         if not Path(args.inception).is_file():
             raise UsageError(f"no Inception weights at {args.inception}")
@@ -246,7 +247,7 @@ def _training_split(config, checkpoint, data_dir: str | None):
 def _convert(args) -> int:
     """Old layout -> pipeline layout; the dataset provenance the old layout lacked comes from
     the training command it recorded, unless given."""
-    from .convert import convert_checkpoint, read_legacy
+    from generation.convert import convert_checkpoint, read_legacy
 
     old, _ = read_legacy(args.source)
     recorded = _recorded_training_arguments(old.provenance.get("command", ""))
@@ -282,7 +283,7 @@ def _recorded_training_arguments(command: str):
 
 
 def _serve(args) -> int:
-    from .service import serve
+    from generation.service import serve
 
     cache = args.cache or str(Path(args.checkpoint) / "cache")
     try:

@@ -29,9 +29,10 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 
+from commands.paper_figures import split_name
 from fedfill.config import RunConfig
 from fedfill.errors import UsageError
-from server.paper_figures import split_name
+from generation.config import GAN_CHECKPOINT
 from server.report import read_rounds
 
 # Table I's methods (seed 003 §V-B) as run settings; clsd is no federated run
@@ -54,7 +55,6 @@ ABLATIONS = {
 EXTRA_RUNS = {"fimi-equal-band": {"policy": "fimi-equal-band"}, "fimi-uniform": {"policy": "fimi-uniform"}}
 DEFAULT_DELTA_MAX = (0.15, 0.2, 0.25, 0.3)  # the paper's Fig. 5(f)
 DEFAULT_T_MAX = (20.0, 30.0, 45.0, 60.0, 90.0, 120.0)  # around FIMI's 60 s (Fig. 5g)
-GAN_CHECKPOINT = Path(__file__).resolve().parents[1] / "generation" / "checkpoints" / "digits-gan"
 # what the campaign sets in each run, so not a flag of its own
 CAMPAIGN_SETTINGS = ("job", "policy", "dirichlet_alpha", "synthetic_use", "delta_max", "t_max_s", "resume",
                      # and the ddpm job's, which no run of this classifier campaign reads
@@ -66,7 +66,7 @@ CAMPAIGN_DEFAULTS = {"num_partitions": 20, "rounds": 100, "norm_bound": 0.0}
 
 
 def add_arguments(parser) -> None:
-    from server.cli_run import add_run_flags
+    from commands.run import add_run_flags
 
     parser.add_argument("--out", required=True, help="the campaign's directory (rerun the command to resume it)")
     parser.add_argument("--splits", default="0.4,0.6", help="Dirichlet alphas of Table I's columns (default 0.4,0.6)")
@@ -182,7 +182,7 @@ class Campaign:
     sweeps: dict[str, list[float]]
 
     def figures_input(self, root: Path) -> tuple[dict[str, Path], dict[str, dict[float, Path]]]:
-        """What server.paper_figures draws Fig. 5 from: the ablation variants' and the sweep
+        """What commands.paper_figures draws Fig. 5 from: the ablation variants' and the sweep
         points' run directories."""
         split = root / split_name(self.sweep_split)
         variants = {"FIMI": split / "fimi", **{ABLATIONS[a][0]: split / ABLATIONS[a][1] for a in self.ablations}}
@@ -211,7 +211,7 @@ def planned_campaign(args) -> Campaign:
 
 def check_generators(args, generators: set[str]) -> None:
     """The checkpoints the campaign's services will serve, each fit for the dataset."""
-    from server.checks import check_generator
+    from commands.checks import check_generator
 
     job = shared_config(args)
     if "diffusion" in generators and not args.generator_checkpoint and args.dataset != "digits":
@@ -243,7 +243,7 @@ def run_config(args, run: CampaignRun, root: Path, generator_address: str) -> Ru
 
 def run_flags(config: RunConfig) -> list[str]:
     """`fedfill run`'s flags that make exactly this RunConfig."""
-    from server.checks import flag_of
+    from commands.checks import flag_of
 
     flags = []
     for f in fields(RunConfig):
@@ -275,8 +275,8 @@ def rounds_done(out: Path) -> int:
 
 
 def run(args) -> int:
-    from server.checks import check_job
-    from server.cli_run import check_report_dir, interrupts_stop_the_run
+    from commands.checks import check_job
+    from commands.run import check_report_dir, interrupts_stop_the_run
 
     plan = planned_campaign(args)
     runs, splits, sweep_split = plan.runs, plan.splits, plan.sweep_split
@@ -330,7 +330,7 @@ def run(args) -> int:
             for service in services.values():
                 service.stop()
     wall = time.monotonic() - started
-    from server.paper_figures import write_evaluation
+    from commands.paper_figures import write_evaluation
 
     written = write_evaluation(root, splits, args.target, *plan.figures_input(root), sweep_split)
     (root / "campaign.json").write_text(json.dumps(
@@ -419,8 +419,8 @@ def run_centralised_logged(config: RunConfig, out: Path, epochs: int) -> bool:
 def run_centralised(config: RunConfig, out: Path, epochs: int) -> None:
     """CLSD: the classifier trained centrally on the server's synthetic set alone, one epoch a
     'round', the test accuracy after each (OUT/clsd.json)."""
-    from fedfill.classifier import ClassifierJob
-    from fedfill.job import run_split
+    from jobs.classifier import ClassifierJob
+    from jobs import run_split
     from server.app import server_synthetic_set
 
     job = ClassifierJob(config)

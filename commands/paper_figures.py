@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from server.cli_compare import costs_at_target
+from commands.compare import costs_at_target
 from server.report import read_rounds
 
 TABLE_METHODS = ("tfl", "semi", "hdc", "sst", "gan", "clsd", "fimi")  # Table I's rows, in the paper's order
@@ -17,7 +17,7 @@ COSTS = ("energy_at_target_j", "latency_at_target_s", "uplink_at_target_bytes")
 
 
 def split_name(alpha: float) -> str:
-    """The directory of a split's runs in a campaign (server.cli_reproduce writes them there)."""
+    """The directory of a split's runs in a campaign (commands.reproduce writes them there)."""
     return f"split-{alpha:g}"
 
 

@@ -11,7 +11,7 @@ import time
 
 import numpy as np
 
-from fedfill.job import Job, LocalResult, run_split
+from jobs import Job, LocalResult, run_split
 
 
 class ClassifierJob(Job):

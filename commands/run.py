@@ -33,7 +33,7 @@ def add_run_flags(parser, skip: tuple[str, ...] = ()) -> None:
     """The run-config flags of `fedfill run` and `fedfill testbed run`, each checked as it is
     parsed: the jobs and bit rules as choices, a policy by the planner's own parser."""
     from fedfill.config import SYNTHETIC_USES
-    from fedfill.job import JOBS
+    from jobs import JOBS
     from strategies.allocation.policies import parse_policy
 
     def policy(name: str) -> str:
@@ -74,15 +74,15 @@ def add_arguments(parser) -> None:
 
 def checked_job(args) -> tuple[RunConfig, str]:
     """The run's settings from the flags, and how it gets its generator (auto, none or an
-    address), with everything checked (server.checks) before any process starts."""
-    from server.checks import check_job
+    address), with everything checked (commands.checks) before any process starts."""
+    from commands.checks import check_job
 
     check_launcher_options(args)
     generator_mode = args.generator
     if generator_mode == "auto" and args.job == "ddpm":
         generator_mode = "none"  # the ddpm job trains on local data only (seed 000)
     if generator_mode == "auto" and args.generator_checkpoint:
-        from server.checks import check_generator
+        from commands.checks import check_generator
 
         check_generator("--generator-checkpoint", args.generator_checkpoint, RunConfig.from_args(args))
     elif generator_mode == "auto" and args.dataset != "digits":

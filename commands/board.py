@@ -74,7 +74,7 @@ def _summary(profile) -> list[tuple[str, str]]:
 def _bundle(args) -> int:
     from flwr.common.config import parse_config_args
 
-    from .bundle import DEFAULT_VENV, write_bundle
+    from deploy.bundle import DEFAULT_VENV, write_bundle
 
     try:
         config = parse_config_args([args.node_config]) if args.node_config.strip() else {}
