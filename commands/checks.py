@@ -267,14 +267,12 @@ def check_job(job: RunConfig, node_configs: list[dict] | None = None) -> None:
     a scenario's), else the drawn profiles of simulated nodes; pass [] when the nodes are
     someone else's (--superlink)."""
     check_settings(job)
-    if job.job == "ddpm":
-        from jobs.ddpm import check_run
-        from generation.config import CheckpointError
+    from jobs import job_class
 
-        try:
-            check_run(job)
-        except (CheckpointError, ValueError) as err:
-            raise UsageError(str(err)) from None
+    try:
+        job_class(job.job).check(job)  # CheckpointError is a ValueError
+    except ValueError as err:
+        raise UsageError(str(err)) from None
     partitions = check_split(job)
     if node_configs == []:
         return

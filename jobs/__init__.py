@@ -47,6 +47,12 @@ class Job(ABC):
     def __init__(self, run: RunConfig):
         self.run = run
 
+    @classmethod
+    def check(cls, run: RunConfig) -> None:
+        """Everything about a run of this job that can be wrong before it starts (its own
+        settings and files), as ValueError with the reason; the pre-run checks call it before
+        any process starts. Nothing by default."""
+
     @abstractmethod
     def initial_weights(self) -> list[np.ndarray]:
         """The global model before round 1 (the same for the same seed)."""
@@ -84,11 +90,16 @@ class Job(ABC):
         return None
 
 
+def job_class(name: str) -> type[Job]:
+    """The Job subclass JOBS names, imported only now."""
+    if name not in JOBS:
+        raise ValueError(f"unknown job {name!r}; choose one of {', '.join(JOBS)}")
+    module_name, class_name = JOBS[name].split(":")
+    return getattr(importlib.import_module(module_name), class_name)
+
+
 def load_job(run: RunConfig) -> Job:
-    if run.job not in JOBS:
-        raise ValueError(f"unknown job {run.job!r}; choose one of {', '.join(JOBS)}")
-    module_name, class_name = JOBS[run.job].split(":")
-    return getattr(importlib.import_module(module_name), class_name)(run)
+    return job_class(run.job)(run)
 
 
 @functools.lru_cache(maxsize=4)

@@ -48,8 +48,9 @@ def start_checkpoint(run: RunConfig) -> Path:
 
 
 def check_run(run: RunConfig) -> None:
-    """Everything about a ddpm run that can be wrong before it starts, as CheckpointError or
-    ValueError with the reason: the start checkpoint, its fit to the data, the LoRA settings."""
+    """Everything about a ddpm run that can be wrong before it starts, as CheckpointError (a
+    ValueError) or ValueError with the reason: the start checkpoint, its fit to the data, the
+    LoRA settings."""
     if run.trainable not in TRAINABLE:
         raise ValueError(f"--trainable must be one of {', '.join(TRAINABLE)}, got {run.trainable!r}")
     if run.trainable == "lora" and (isinstance(run.lora_rank, bool) or run.lora_rank < 1):
@@ -84,6 +85,7 @@ def _start(run: RunConfig):
 
 class DiffusionJob(Job):
     preset = "ondemand"
+    check = staticmethod(check_run)
 
     def __init__(self, run: RunConfig):
         super().__init__(run)
