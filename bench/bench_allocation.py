@@ -4,7 +4,7 @@
     python bench/bench_allocation.py --quick    # skip the 2000-device CE and the CE sweep
 
 Everything is measured in this run on the same instances (the fimi preset, seed 0): our
-default (Lagrangian) search, the paper's cross-entropy search, and SLSQP on P1 in its
+default (Lagrangian) search, [FIMI]'s cross-entropy search, and SLSQP on P1 in its
 original variables from 1 and from 8 starts. Ratios are baseline time / our time.
 Goals (issue 2): 20 devices < 0.2 s, 2000 devices < 10 s, and at 20 devices >= 50x faster
 than the general-purpose solver with energy no higher.
@@ -77,7 +77,7 @@ def main() -> int:
         if n == 2000:
             goals["2000 devices in < 10 s"] = ours_s < 10.0
 
-    print("\n== cross-entropy search (Algorithm 3) convergence, 20 devices ==")
+    print("\n== cross-entropy search ([FIMI Alg. 3]) convergence, 20 devices ==")
     scenario = fimi_scenario(20, 0)
     exact = solve_plan(scenario, "fimi").energy_j
     ce = solve_plan(scenario, "fimi", search="ce")

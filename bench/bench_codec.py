@@ -10,7 +10,7 @@ the cost model charges M * bits; this shows both the speed and that the bytes ag
 
 Uses VGG-9's real tensor shapes (from fedfill.models) filled with Gaussian weights; MB/s is
 float32 input megabytes (4 bytes per parameter) per second. "/ Thm 1" is the measured relative
-error over seed 000's Theorem 1 bound 1/(2 L^2): above 1 the theorem does not hold for this
+error over the [ODQ Thm. 1] bound 1/(2 L^2): above 1 the theorem does not hold for this
 quantizer on these weights (the level spacing follows max |w|, not ||w||).
 
 --demands: updates u = (weights after a few local steps) - (weights before), round after
@@ -18,9 +18,9 @@ round (the next round starts from the updated weights), of the digits VGG-9 clas
 (fedfill.models, SGD lr 0.02, batch 64: the classifier job's local training) and of the
 digits UNet (generation/checkpoints/digits, AdamW lr 5e-4, batch 32: the ddpm job's
 settings), on the clients' pool of the digits split; a Gaussian update with VGG-9's shapes is
-the control. For each demand q (seed 000's range: 6-8 bits) it prints the bits of each rule
+the control. For each demand q ([ODQ]'s range: 6-8 bits) it prints the bits of each rule
 and err/q, the exact expected relative error of the codec at those bits (codec.relative_error)
-over q: above 1 the promise is broken. Rules: Theorem 1 (seed 000); the codec model
+over q: above 1 the promise is broken. Rules: [ODQ Thm. 1] ("Thm 1"); the codec model
 K / (L-1)^2 with the prior K = ln(2M)/3 (what the server knows in round 1); the codec model
 with the K the device reported for its previous round's update (codec.codec_constant at the
 bits it sent). "fewest" is the device's exact answer, codec.bits_for_demand.
@@ -81,7 +81,7 @@ def main() -> int:
         model_bytes = num_params * bits / 8
         err = sum(float(np.sum((a - d) ** 2)) for a, d in zip(arrays, decoded))
         rel = err / sum(float(np.sum(a ** 2)) for a in arrays)
-        # Theorem 1 of seed 000 promises E||w - w_hat||^2 <= ||w||^2 / (2 L^2) (delta = ||w||^2).
+        # [ODQ Thm. 1] promises E||w - w_hat||^2 <= ||w||^2 / (2 L^2) (delta = ||w||^2).
         theorem1 = 1 / (2 * codec.num_levels(bits) ** 2) if bits < 32 else float("nan")
         print(f"{bits:>4} {megabytes / t_enc:>12.1f} {megabytes / t_dec:>12.1f} {len(payload):>12,} "
               f"{model_bytes:>12,.0f} {len(payload) / model_bytes:>17.6f} {len(payload) / (num_params * 4):>8.4f} "

@@ -42,8 +42,8 @@ batch still fits), starting from the shipped digits-0to4 generator.
    "err on BA" is the relative error of that change after one real encode/decode (a single
    draw; 0 at 32 bits): what the quantization does to the model under LoRA.
 
-3. energy: the point of on-demand quantization, from a `fedfill compare --job ddpm` run that
-   includes fixed-8 and ondemand: per policy, the cumulative device energy (seed 000's cost
+3. energy: the point of [ODQ]'s on-demand quantization, from a `fedfill compare --job ddpm` run that
+   includes fixed-8 and ondemand: per policy, the cumulative device energy ([ODQ]'s cost
    model) and uplink bytes at the first round whose Fréchet distance (lower is better)
    falls to the target, and the ratio to fixed-8. The default target is the worst final
    Fréchet distance of the policies compared, so that every one reaches it; --frechet-target

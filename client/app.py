@@ -137,7 +137,7 @@ def fetch_synthetic(run: RunConfig, context: Context, request: np.ndarray, image
 
 def quantize_update(update: list[np.ndarray], plan: contract.NodePlan, rng: np.random.Generator) -> tuple[bytes, dict]:
     """The codec payload of an update at the plan's bits, raised where they miss the device's
-    error demand on this very update (seed 000's promise kept on the device), and the figures
+    error demand on this very update ([ODQ]'s promise kept on the device), and the figures
     that say so: bits sent, the exact expected and the measured relative error, and the codec
     constant K the server plans this device's next bits with."""
     from fedfill import codec

@@ -55,7 +55,7 @@ _RULES = {
     "generator_guidance": (lambda v: _finite(v) and GENERATOR_GUIDANCE[0] <= v <= GENERATOR_GUIDANCE[1],
                            "in [{:g}, {:g}] (what the generation service serves)".format(*GENERATOR_GUIDANCE)),
     "lora_rank": (lambda v: v >= 1, "at least 1"),
-    "delta_max": (lambda v: _finite(v) and 0 < v < 1, "in (0, 1): a learning error (the paper sweeps 0.15 to 0.3)"),
+    "delta_max": (lambda v: _finite(v) and 0 < v < 1, "in (0, 1): a learning error (FIMI sweeps 0.15 to 0.3)"),
     "pseudo_label_threshold": (lambda v: _finite(v) and 0 < v <= 1, "in (0, 1]: a class probability"),
     "node_wait_s": (lambda v: _finite(v) and v >= 0, "0 or a positive number of seconds"),
     "reply_timeout_s": (lambda v: _finite(v) and v > 0, "a positive number of seconds"),
@@ -82,7 +82,7 @@ def check_settings(job: RunConfig) -> None:
 
 def check_synthetic_use(job: RunConfig) -> None:
     """SEMI and SST are baselines of the classifier job; SST's devices train on local data
-    only (the paper's SST plans as TFL), so a policy that hands them synthetic data is refused."""
+    only ([FIMI]'s SST plans as TFL), so a policy that hands them synthetic data is refused."""
     from fedfill.config import SYNTHETIC_USES
     from strategies.allocation.policies import parse_policy
 
@@ -99,7 +99,7 @@ def check_synthetic_use(job: RunConfig) -> None:
             return  # the policy's own check names it
         if base != "tfl":
             raise UsageError(f"{flag} server: the server keeps the synthetic data and its devices get none, so "
-                             f"plan them without it (--policy tfl, as the paper's SST), not --policy {job.policy}")
+                             f"plan them without it (--policy tfl, as FIMI's SST), not --policy {job.policy}")
 
 
 def check_learning_fit(path: str) -> None:

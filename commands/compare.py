@@ -1,11 +1,11 @@
 """`fedfill compare`: run several policies on the same split and seed.
 
-The classifier job tabulates seed 003's Table I — energy, latency and uplink spent until the
+The classifier job tabulates [FIMI Table I] — energy, latency and uplink spent until the
 global accuracy first reaches the target, and the best accuracy — with one plot for all
-policies and Fig. 5b's per-device view. The ddpm job tabulates seed 000's comparison: per
+policies and [FIMI Fig. 5b]'s per-device view. The ddpm job tabulates [ODQ]'s comparison: per
 scheme the generator's quality at round 0 and at the end, the energy and bytes spent, the
-worst measured/demanded quantization error, with Fig. 2's quality-and-energy bars and
-Fig. 4's energy against the latency budget.
+worst measured/demanded quantization error, with [ODQ Fig. 2]'s quality-and-energy bars and
+[ODQ Fig. 4]'s energy against the latency budget.
 """
 
 from __future__ import annotations
@@ -140,7 +140,7 @@ def print_diffusion_table(summary: dict) -> None:
 
 
 def plot_schemes(out: Path, summary: dict) -> None:
-    """Seed 000's Fig. 2: each scheme's final quality beside the device energy it spent."""
+    """[ODQ Fig. 2]: each scheme's final quality beside the device energy it spent."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -157,7 +157,7 @@ def plot_schemes(out: Path, summary: dict) -> None:
     axes[1].axhline(results[0]["fidelity_unseen_start"], color="grey", ls="--", lw=0.8, label="round 0 (the start)")
     axes[1].set_ylabel("class fidelity on the classes the start never saw")
     axes[2].bar(x, [r["energy_j"] for r in results], color="tab:orange")
-    axes[2].set_ylabel("cumulative device energy (J, seed 000's model)")
+    axes[2].set_ylabel("cumulative device energy (J, ODQ's energy model)")
     for ax in axes:
         ax.set_xticks(list(x), names)
         ax.grid(alpha=0.3, axis="y")
@@ -170,7 +170,7 @@ def plot_schemes(out: Path, summary: dict) -> None:
 
 
 def plot_energy_against_budget(out: Path, policies: list[str], budgets=None) -> None:
-    """Seed 000's Fig. 4: a round's planned device energy against the latency budget T_max,
+    """[ODQ Fig. 4]: a round's planned device energy against the latency budget T_max,
     per scheme, on the run's own devices (the planner alone, on system.json and profiles.json
     of the first run: the bits of `ondemand` rest on the codec constant's prior)."""
     import matplotlib
@@ -261,7 +261,7 @@ def distance_from_gain(gain: float) -> float:
 
 
 def plot_synthetic_per_device(run_dir: Path, path: Path) -> None:
-    """Fig. 5b: synthetic samples each device was planned against its eps and its distance."""
+    """[FIMI Fig. 5b]: synthetic samples each device was planned against its eps and its distance."""
     import matplotlib
 
     matplotlib.use("Agg")

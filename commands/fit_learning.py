@@ -1,6 +1,6 @@
 """`fedfill fit-learning`: measure the FIMI learning model's points and fit alpha, beta, gamma.
 
-FIMI (seed 003, eq. 1) models a device's local error as delta(D) = alpha D^-beta - gamma and
+[FIMI eq. 1] models a device's local error as delta(D) = alpha D^-beta - gamma and
 fits it on a public proxy task without printing numbers, so we measure our own: train the
 job's model on growing nested subsets of the server's public split, take 1 - accuracy on a
 held-out stratified part of that same public split (never the clients' pool or the test

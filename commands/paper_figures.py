@@ -1,5 +1,5 @@
-"""Seed 003's tables and figures from a `fedfill reproduce` directory: Table I (Markdown and
-JSON), Fig. 4's accuracy against energy and time, Fig. 5(e)'s ablations and Fig. 5(f)-(g)'s
+"""[FIMI]'s tables and figures from a `fedfill reproduce` directory: [FIMI Table I] (Markdown and
+JSON), [FIMI Fig. 4]'s accuracy against energy and time, [FIMI Fig. 5e]'s ablations and [FIMI Fig. 5f-g]'s
 Delta_max and T_max sweeps. Each reads the runs' own reports (rounds.csv, clsd.json), so it
 can be redrawn from a finished directory without running anything.
 """
@@ -12,7 +12,7 @@ from pathlib import Path
 from commands.compare import costs_at_target
 from server.report import read_rounds
 
-TABLE_METHODS = ("tfl", "semi", "hdc", "sst", "gan", "clsd", "fimi")  # Table I's rows, in the paper's order
+TABLE_METHODS = ("tfl", "semi", "hdc", "sst", "gan", "clsd", "fimi")  # [FIMI Table I]'s rows, in its order
 COSTS = ("energy_at_target_j", "latency_at_target_s", "uplink_at_target_bytes")
 
 
@@ -26,7 +26,7 @@ def _split_key(alpha: float) -> str:
 
 
 def method_figures(run_dir: Path, target: float) -> dict | None:
-    """Table I's entry of one run (None where the run has no report)."""
+    """[FIMI Table I]'s entry of one run (None where the run has no report)."""
     if (run_dir / "clsd.json").exists():  # centralised: an accuracy, no device costs
         best = json.loads((run_dir / "clsd.json").read_text())["best_accuracy"]
         return {"best_accuracy": best, **dict.fromkeys(COSTS), "rounds_to_target": None}
@@ -48,7 +48,7 @@ def table1(root: Path, splits, target: float) -> dict:
 
 
 def table1_markdown(table: dict) -> str:
-    """The paper's layout: per split Energy@x, Latency@x, Uplink@x with x-fold ratios to TFL, and Best Acc."""
+    """[FIMI Table I]'s layout: per split Energy@x, Latency@x, Uplink@x with x-fold ratios to TFL, and Best Acc."""
     x = f"{table['target_accuracy']:.0%}"
     lines = []
     for split, entries in table["splits"].items():
@@ -94,7 +94,7 @@ def _save(fig, path: Path) -> None:
 
 
 def plot_fig4(root: Path, splits, target: float, path: Path) -> None:
-    """Fig. 4: test accuracy against cumulative device energy (top) and latency (bottom), per split."""
+    """[FIMI Fig. 4]: test accuracy against cumulative device energy (top) and latency (bottom), per split."""
     plt = _plt()
     fig, axes = plt.subplots(2, len(splits), figsize=(5.5 * len(splits), 8), squeeze=False)
     for col, alpha in enumerate(splits):
@@ -123,7 +123,7 @@ def plot_fig4(root: Path, splits, target: float, path: Path) -> None:
 
 
 def ablation_figures(variants: dict[str, Path], target: float) -> dict:
-    """label -> Table I's entry of each variant's run (FIMI's first), those with a report."""
+    """label -> [FIMI Table I]'s entry of each variant's run (FIMI's first), those with a report."""
     out = {label: method_figures(run_dir, target) for label, run_dir in variants.items()}
     return {label: figures for label, figures in out.items() if figures is not None}
 
@@ -163,7 +163,7 @@ def sweep_figures(runs: dict, target: float) -> dict:
 
 
 def plot_delta_max(runs: dict, figures: dict, path: Path) -> None:
-    """Fig. 5(f): accuracy over rounds per Delta_max, and the synthetic data each asked for."""
+    """[FIMI Fig. 5f]: accuracy over rounds per Delta_max, and the synthetic data each asked for."""
     plt = _plt()
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     for value, run_dir in runs.items():
@@ -181,7 +181,7 @@ def plot_delta_max(runs: dict, figures: dict, path: Path) -> None:
 
 
 def plot_t_max(figures: dict, target: float, path: Path) -> None:
-    """Fig. 5(g): energy and latency to the target against the round's latency budget."""
+    """[FIMI Fig. 5g]: energy and latency to the target against the round's latency budget."""
     plt = _plt()
     points = sorted((float(v), f) for v, f in figures.items())
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
@@ -201,7 +201,7 @@ def plot_t_max(figures: dict, target: float, path: Path) -> None:
 def write_evaluation(root: Path, splits, target: float, variants: dict[str, Path],
                      sweeps: dict[str, dict[float, Path]], sweep_split: float) -> list[str]:
     """Every table and figure the campaign's runs allow; returns the files written.
-    `variants`: Fig. 5(e)'s label -> run directory; `sweeps`: "delta_max" and "t_max_s", each
+    `variants`: [FIMI Fig. 5e]'s label -> run directory; `sweeps`: "delta_max" and "t_max_s", each
     value -> run directory."""
     written = []
     table = table1(root, splits, target)

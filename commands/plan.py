@@ -23,10 +23,10 @@ def add_arguments(parser) -> None:
     parser.add_argument("--policy", default="fimi", help=f"{POLICY_FORMS} (default: fimi)")
     parser.add_argument("--bits-rule", default="codec", choices=("codec", "theorem1"),
                         help="how ondemand turns an error demand into bits: a model of fedfill's codec (default) or "
-                             "seed 000's Theorem 1 as printed")
+                             "ODQ's Theorem 1 as printed")
     parser.add_argument("--seed", type=int, default=0, help="seed of the CE search; the same seed gives the same plan")
     parser.add_argument("--search", default="lagrangian", choices=SEARCHES,
-                        help="time-split search: exact Lagrangian best response (default) or the paper's cross-entropy")
+                        help="time-split search: exact Lagrangian best response (default) or FIMI's cross-entropy")
     parser.add_argument("--bits", type=int, help="quantize every device's upload to this many bits (overrides the file)")
     parser.add_argument("--json", action="store_true", help="print the plan as JSON (the documented contract)")
 

@@ -1,13 +1,13 @@
-"""`fedfill reproduce`: seed 003's whole evaluation (Table I, Fig. 4, Fig. 5e-g) into one directory.
+"""`fedfill reproduce`: [FIMI]'s whole evaluation (Table I, Fig. 4, Fig. 5e-g) into one directory.
 
 The campaign is a list of runs, each an ordinary `fedfill run` of the classifier job in its
 own directory, so any one of them can be read, rerun or resumed alone:
 
-  DIR/split-A/<method>/      the methods of Table I and Fig. 4, per Dirichlet alpha A
+  DIR/split-A/<method>/      the methods of [FIMI Table I] and [FIMI Fig. 4], per Dirichlet alpha A
   DIR/split-A/clsd/          CLSD: centralised training on the synthetic data alone
-  DIR/split-S/fimi-*/...     on the sweep split S (the paper's Dir 0.6): the ablations of
-                             Fig. 5(e) that are no method already, and the points of the
-                             Delta_max and T_max sweeps (Fig. 5f-g) that are not FIMI's defaults
+  DIR/split-S/fimi-*/...     on the sweep split S ([FIMI]'s Dir 0.6): the ablations of
+                             [FIMI Fig. 5e] that are no method already, and the points of the
+                             Delta_max and T_max sweeps ([FIMI Fig. 5f-g]) that are not FIMI's defaults
 
 A method or an ablation is a run setting, nothing more (METHODS, ABLATIONS): a planner policy,
 what the synthetic samples are for (`--synthetic-use`), and which generator serves them. One
@@ -35,7 +35,7 @@ from fedfill.errors import UsageError
 from generation.config import GAN_CHECKPOINT
 from server.report import read_rounds
 
-# Table I's methods (seed 003 §V-B) as run settings; clsd is no federated run
+# [FIMI Table I]'s methods ([FIMI §V-B]) as run settings; clsd is no federated run
 METHODS = {
     "tfl": {"policy": "tfl", "generator": ""},  # no synthetic data: no generation service
     "semi": {"policy": "fimi", "synthetic_use": "unlabelled"},
@@ -45,21 +45,21 @@ METHODS = {
     "clsd": None,
     "fimi": {"policy": "fimi"},
 }
-# Fig. 5(e): FIMI with one part taken out -> (label, the run that shows it)
+# [FIMI Fig. 5e]: FIMI with one part taken out -> (label, the run that shows it)
 ABLATIONS = {
     "no-ba": ("w/o BA", "fimi-equal-band"),  # equal bands: no bandwidth allocation
     "no-da": ("w/o DA", "tfl"),  # no synthetic data at all: TFL
     "no-dm": ("w/o DM", "gan"),  # a GAN in the diffusion model's place
-    "no-oa": ("w/o OA", "fimi-uniform"),  # the same amounts, uniform over classes, not eq. 47
+    "no-oa": ("w/o OA", "fimi-uniform"),  # the same amounts, uniform over classes, not [FIMI eq. 47]
 }
 EXTRA_RUNS = {"fimi-equal-band": {"policy": "fimi-equal-band"}, "fimi-uniform": {"policy": "fimi-uniform"}}
-DEFAULT_DELTA_MAX = (0.15, 0.2, 0.25, 0.3)  # the paper's Fig. 5(f)
-DEFAULT_T_MAX = (20.0, 30.0, 45.0, 60.0, 90.0, 120.0)  # around FIMI's 60 s (Fig. 5g)
+DEFAULT_DELTA_MAX = (0.15, 0.2, 0.25, 0.3)  # [FIMI Fig. 5f]
+DEFAULT_T_MAX = (20.0, 30.0, 45.0, 60.0, 90.0, 120.0)  # around FIMI's 60 s ([FIMI Fig. 5g])
 # what the campaign sets in each run, so not a flag of its own
 CAMPAIGN_SETTINGS = ("job", "policy", "dirichlet_alpha", "synthetic_use", "delta_max", "t_max_s", "resume",
                      # and the ddpm job's, which no run of this classifier campaign reads
                      "start_checkpoint", "trainable", "lora_rank", "eval_per_class", "inception")
-# the paper's 20 devices; digits flattens by ~100 rounds; the paper's FedAvg merges every update
+# [FIMI]'s 20 devices; digits flattens by ~100 rounds; [FIMI]'s FedAvg merges every update
 # (fedfill's default screen, 10 x the median norm, dropped 4 to 41 honest updates per run once the
 # model had converged and most updates were tiny)
 CAMPAIGN_DEFAULTS = {"num_partitions": 20, "rounds": 100, "norm_bound": 0.0}
@@ -69,9 +69,9 @@ def add_arguments(parser) -> None:
     from commands.run import add_run_flags
 
     parser.add_argument("--out", required=True, help="the campaign's directory (rerun the command to resume it)")
-    parser.add_argument("--splits", default="0.4,0.6", help="Dirichlet alphas of Table I's columns (default 0.4,0.6)")
+    parser.add_argument("--splits", default="0.4,0.6", help="Dirichlet alphas of FIMI's Table I columns (default 0.4,0.6)")
     parser.add_argument("--sweep-split", type=float, help="the alpha of the ablations and sweeps (default: the last "
-                                                          "split, the paper's Dir 0.6)")
+                                                          "split, FIMI's Dir 0.6)")
     parser.add_argument("--methods", default=",".join(METHODS), help=f"of {', '.join(METHODS)} (default: all)")
     parser.add_argument("--ablations", default=",".join(ABLATIONS),
                         help=f"of {', '.join(ABLATIONS)}, or none (default: all)")
@@ -79,8 +79,8 @@ def add_arguments(parser) -> None:
                         help="the Delta_max sweep, values in (0, 1), or none (default 0.15,0.2,0.25,0.3)")
     parser.add_argument("--t-max", dest="sweep_t_max", default=",".join(f"{t:g}" for t in DEFAULT_T_MAX),
                         help="the T_max sweep in seconds, or none (default 20,30,45,60,90,120)")
-    parser.add_argument("--target", type=float, default=0.95, help="Table I's target test accuracy (default 0.95: "
-                                                                    "near what TFL reaches on digits, as the paper's "
+    parser.add_argument("--target", type=float, default=0.95, help="FIMI's Table I target test accuracy (default 0.95: "
+                                                                    "near what TFL reaches on digits, as FIMI's "
                                                                     "targets are near its TFL's best)")
     parser.add_argument("--gan-checkpoint", default=str(GAN_CHECKPOINT),
                         help="the GAN baseline's generator (default: the shipped digits GAN)")
@@ -182,7 +182,7 @@ class Campaign:
     sweeps: dict[str, list[float]]
 
     def figures_input(self, root: Path) -> tuple[dict[str, Path], dict[str, dict[float, Path]]]:
-        """What commands.paper_figures draws Fig. 5 from: the ablation variants' and the sweep
+        """What commands.paper_figures draws [FIMI Fig. 5] from: the ablation variants' and the sweep
         points' run directories."""
         split = root / split_name(self.sweep_split)
         variants = {"FIMI": split / "fimi", **{ABLATIONS[a][0]: split / ABLATIONS[a][1] for a in self.ablations}}
@@ -197,7 +197,7 @@ def planned_campaign(args) -> Campaign:
         raise UsageError("--splits names no split")
     sweep_split = args.sweep_split if args.sweep_split is not None else splits[-1]
     methods = _names("--methods", args.methods, METHODS)
-    ablations = [a for a in ABLATIONS if a in _names("--ablations", args.ablations, ABLATIONS)]  # the paper's order
+    ablations = [a for a in ABLATIONS if a in _names("--ablations", args.ablations, ABLATIONS)]  # [FIMI Fig. 5e]'s order
     delta_maxes = _values("--delta-max", args.sweep_delta_max, lambda v: 0 < v < 1, "(0, 1): a learning error")
     t_maxes = _values("--t-max", args.sweep_t_max, lambda v: v > 0, "(0, inf): seconds")
     if not 0 < args.target <= 1:

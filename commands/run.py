@@ -80,7 +80,7 @@ def checked_job(args) -> tuple[RunConfig, str]:
     check_launcher_options(args)
     generator_mode = args.generator
     if generator_mode == "auto" and args.job == "ddpm":
-        generator_mode = "none"  # the ddpm job trains on local data only (seed 000)
+        generator_mode = "none"  # the ddpm job trains on local data only ([ODQ])
     if generator_mode == "auto" and args.generator_checkpoint:
         from commands.checks import check_generator
 

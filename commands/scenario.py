@@ -1,4 +1,4 @@
-"""`fedfill scenario`: write a scenario for one of the papers' settings as JSON."""
+"""`fedfill scenario`: write a scenario for one of the papers' settings ([FIMI] or [ODQ]) as JSON."""
 
 from __future__ import annotations
 

@@ -38,7 +38,7 @@ def add_arguments(parser) -> None:
     up.add_argument("--no-generator", action="store_true", help="no generation service: local data only")
     up.add_argument("--seed", type=int, default=0, help="seed of the device draw when no --scenario")
     up.add_argument("--preset", choices=("fimi", "ondemand"), default="fimi",
-                    help="whose devices to draw when no --scenario: FIMI's (the classifier job) or seed 000's, "
+                    help="whose devices to draw when no --scenario: FIMI's (the classifier job) or ODQ's, "
                          "error demands included (the ddpm job)")
 
     run = sub.add_parser("run", help="run the job against the testbed; the report of `fedfill run`")

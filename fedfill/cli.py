@@ -21,8 +21,8 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "generator": ("commands.generator", "train, sample from or serve the class-conditional diffusion model"),
     "run": ("commands.run", "run the federated FIMI job on Flower and write its report"),
     "testbed": ("commands.testbed", "build, start, drive, break and remove the multi-container testbed"),
-    "compare": ("commands.compare", "run several policies on the same split and tabulate seed 003's Table I"),
-    "reproduce": ("commands.reproduce", "seed 003's whole evaluation: Table I, Fig. 4, the ablations and sweeps"),
+    "compare": ("commands.compare", "run several policies on the same split and tabulate FIMI's Table I"),
+    "reproduce": ("commands.reproduce", "FIMI's whole evaluation: Table I, Fig. 4, the ablations and sweeps"),
     "board": ("commands.board", "read this board's profile; write a node bundle for a board"),
     "supernode": ("commands.supernode", "Flower's SuperNode with a warm ClientApp (flower-supernode's arguments)"),
 }

@@ -1,4 +1,4 @@
-"""The upload codec: unbiased stochastic quantization (seed 000, eq. 1), bit-packed.
+"""The upload codec: unbiased stochastic quantization ([ODQ eq. 1]), bit-packed.
 
 Why a real codec: the cost model charges an upload S = M * bits (+ headers); the client must
 send exactly that, and the server must turn it back into an unbiased estimate of the update.
@@ -8,9 +8,9 @@ level index, so there are L = 2**(bits - 1) magnitude levels, uniform on [lo, hi
 
     level_j = lo + j * s,   s = (hi - lo) / (L - 1),   j = 0 .. L - 1
 
-where lo and hi are the smallest and largest non-zero |w| of the tensor (eq. 2 of the
-paper is garbled; this is its evident intent). A magnitude between two levels rounds to
-the upper one with probability (|w| - level_j) / s, else to the lower one (eq. 1), so
+where lo and hi are the smallest and largest non-zero |w| of the tensor ([ODQ eq. 2]
+is garbled; this is its evident intent). A magnitude between two levels rounds to
+the upper one with probability (|w| - level_j) / s, else to the lower one ([ODQ eq. 1]), so
 E[w_hat] = w.
 
 Zeros stay zero. The code "sign = 1 (negative), index = 0" is reserved for an exact 0, so
@@ -35,7 +35,7 @@ interval; values spread evenly inside an interval of width s have variance s**2/
 average, so in practice E||w - w_hat||^2 ~= sum_t n_t (hi_t - lo_t)**2 / (6 (L - 1)**2) and the
 relative error is close to K / (L - 1)**2 with the update's "codec constant"
 K ~= sum_t n_t (hi_t - lo_t)**2 / (6 ||w||^2) (about 4-6 for Gaussian updates of 1e5-1e8
-values; seed 000's Theorem 1, 1/(2 L^2), would need K ~= 1/2). The server plans bits with that
+values; [ODQ Thm. 1], 1/(2 L^2), would need K ~= 1/2). The server plans bits with that
 model (strategies/allocation/quantization.py); on the device, `relative_error` is the exact
 expected relative error, `codec_constant` the exact K at a width (reported for the next
 plan), and `bits_for_demand` the fewest bits whose exact error meets a demand.
@@ -305,7 +305,7 @@ def quantize(w: np.ndarray, bits: int, rng: np.random.Generator) -> tuple[np.nda
     if hi == 0:  # all zeros: every element is the reserved zero code
         return np.full(w32.size, levels, dtype=np.uint32), 0.0, 0.0
     lower_index, lower, upper = _brackets(w32, bits, lo, hi)
-    # Round up with probability (|w| - lower) / (upper - lower): E[w_hat] = w (eq. 1). A
+    # Round up with probability (|w| - lower) / (upper - lower): E[w_hat] = w ([ODQ eq. 1]). A
     # negative value in the bottom interval that rounds down gets index 0 with the sign bit
     # set, which is the zero code, i.e. exactly its lower bracket 0.
     threshold = rng.random(w32.size)

@@ -30,21 +30,21 @@ class RunConfig:
     policy: str = setting("fimi", "the allocation policy the strategy plans with (strategies.allocation: "
                                   "fimi, tfl, hdc, fixed, ondemand, fimi+ondemand, or fp32 / fixed-N: every device at N bits)")
     bits_rule: str = setting("codec", "how ondemand turns an error demand into bits: codec (a model of fedfill's "
-                                      "codec) or theorem1 (seed 000's Theorem 1 as printed)")
+                                      "codec) or theorem1 (ODQ's Theorem 1 as printed)")
     local_epochs: int = setting(1, "tau: local epochs per round")
     # FIMI uses lr 0.02, batch 64 on 1250 samples a device; a digits device holds ~100, and
     # 0.05 / 16 reaches 94% in 30 rounds where 0.02 / 64 reaches 76% (measured, README).
     lr: float = setting(0.05, "local learning rate (SGD for the classifier, AdamW for ddpm)")
     batch_size: int = setting(16, "local batch size")
     t_max_s: float = setting(60.0, "latency budget of a round, seconds", flag="--t-max")
-    # The paper gives no zeta: the error target asks for this much more data per device on average.
+    # [FIMI] gives no zeta: the error target asks for this much more data per device on average.
     synthetic_fraction: float = setting(0.5, "the error target asks for this much more data per device "
                                              "on average (sets FIMI's zeta)")
     learning_fit: str = setting("", "learning-model fit JSON from `fedfill fit-learning`; "
                                     "empty: the one shipped for the dataset")
     delta_max: float = setting(0.2, "Delta_max, FIMI's target on the global learning error (constraint 13a): "
-                                    "smaller asks for more synthetic data; zeta is set at the paper's 0.2")
-    # what the devices' synthetic samples are for (the baselines of seed 003 §V-B)
+                                    "smaller asks for more synthetic data; zeta is set at FIMI's 0.2")
+    # what the devices' synthetic samples are for (the baselines of [FIMI §V-B])
     synthetic_use: str = setting("labelled", "labelled (FIMI: train on them with their labels), unlabelled "
                                              "(SEMI: labels withheld, pseudo-labels above a confidence threshold) "
                                              "or server (SST: the server keeps them and adds its own update)")
@@ -123,7 +123,7 @@ def check_aggregation(aggregation: str, trim_beta: float, norm_bound: float) -> 
 
 # run-config values a job changes from the defaults above when the user gives none
 JOB_DEFAULTS = {
-    # seed 000: per-device bits from the error demand, T_max 15 s (strategies.allocation.presets);
+    # [ODQ]: per-device bits from the error demand, T_max 15 s (strategies.allocation.presets);
     # AdamW at 5e-4 on batches of 32, 5 local epochs (measured on digits, README)
     "ddpm": {"policy": "ondemand", "lr": 5e-4, "batch_size": 32, "local_epochs": 5, "t_max_s": 15.0},
 }

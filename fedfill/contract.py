@@ -42,7 +42,7 @@ CODEC_STYPE = f"fedfill.codec/v{CODEC_VERSION}"  # Array.stype of a quantized up
 # A device profile as the planner reads it (scenario JSON device fields, SI units). The
 # node-config keys of a real device are the same names in kebab-case (`f-max-hz`, ...).
 PROFILE_FIELDS = ("f_max_hz", "eps", "p_max_w", "gain")  # what an operator must give, all or none
-# bits: the device's fixed upload width; quant_error: its relative error demand (seed 000);
+# bits: the device's fixed upload width; quant_error: its relative error demand ([ODQ]);
 # codec_constant: K of its last update (fedfill.codec.codec_constant), which the server keeps
 # up to date from the replies so that its next bits are planned on its own statistics
 OPTIONAL_PROFILE_FIELDS = {"bits": int, "quant_error": float, "codec_constant": float}  # name -> type
@@ -154,7 +154,7 @@ class NodePlan:
     t_com_s: float
     e_cmp_j: float
     e_com_j: float
-    # the device's relative error demand E||u - Q(u)||^2 / ||u||^2 (seed 000); 0: none, the
+    # the device's relative error demand E||u - Q(u)||^2 / ||u||^2 ([ODQ]); 0: none, the
     # plan's bits are sent as they are
     error_demand: float = 0.0
 

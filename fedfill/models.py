@@ -1,7 +1,7 @@
 """The VGG-9 classifier of the FIMI experiments, weight exchange with Flower, and a plain
 train / evaluate loop shared by the clients and the learning-curve measurement.
 
-VGG-9 is FedMA's "ModerateCNN" (Wang et al., 2020), the model FIMI's Section V-A prices at
+VGG-9 is FedMA's "ModerateCNN" (Wang et al., 2020), the model [FIMI §V-A] prices at
 3,491,530 parameters: six 3x3 convolutions (padding 1, ReLU) in three blocks, each closed by
 a 2x2 max-pool, then three fully connected layers; no BatchNorm, so every parameter is a
 weight that FedAvg averages and nothing is a running statistic.
@@ -122,7 +122,7 @@ def train(model: nn.Module, images: np.ndarray, labels: np.ndarray, *, epochs: i
           unlabelled: np.ndarray | None = None, threshold: float = 0.95) -> float:
     """Plain SGD on cross-entropy for `epochs` passes (at least `min_steps` batches); returns the mean loss.
 
-    FIMI's local update is SGD with lr 0.02, batch 64 (Section V-A); `min_steps` lets a
+    FIMI's local update is SGD with lr 0.02, batch 64 ([FIMI §V-A]); `min_steps` lets a
     tiny dataset still get enough updates to converge (learning curves).
 
     `unlabelled` images (the SEMI baseline) add the pseudo-label loss of FixMatch without its

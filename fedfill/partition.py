@@ -1,4 +1,4 @@
-"""Dirichlet non-IID partition of the clients' pool (FIMI Section V-A: Dir(0.4) / Dir(0.6)).
+"""Dirichlet non-IID partition of the clients' pool ([FIMI §V-A]: Dir(0.4) / Dir(0.6)).
 
 The usual label-skew recipe (FedMA, NIID-Bench, Flower Datasets' DirichletPartitioner): for
 each class, draw the shares of the partitions from Dir(alpha) and deal that class's samples

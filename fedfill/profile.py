@@ -1,7 +1,7 @@
 """The device profile a node reports in its QUERY reply, built from what the node has: its
-node config, the board it runs on, and the paper's draw. One rule for the ClientApp (which
-reports it) and the launcher's pre-run check (which predicts it to plan round 1 before any
-process starts)."""
+node config, the board it runs on, and the draw of its job's paper ([FIMI] or [ODQ]). One
+rule for the ClientApp (which reports it) and the launcher's pre-run check (which predicts it
+to plan round 1 before any process starts)."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ def node_profile(node_config: Mapping, d_loc: float, draw: Callable[[], dict],
                  measured: Mapping | None = None) -> dict:
     """The profile, field by field: what the operator put in the node config, else what the
     board measured (f_max only: eps, transmit power and channel gain cannot be read from a
-    board), else `draw()` (the job's paper's draw: FIMI §V-A; seed 000 §IV-A with the error
+    board), else `draw()` (the job's paper's draw: [FIMI §V-A]; [ODQ §IV-A] with the error
     demand). `measured`: a board's `BoardProfile.profile_fields()`; its other figures go along
     as `board_*` fields, for the report only, and `measured` names the planner's fields the
     board gave. The optional fields (bits, quant_error, codec_constant) and the partition id

@@ -1,4 +1,4 @@
-"""The GAN baseline of FIMI's §V-B: a class-conditional GAN generator trained on the same public
+"""The GAN baseline of [FIMI §V-B]: a class-conditional GAN generator trained on the same public
 split as the diffusion model, saved as a diffusers pipeline directory and served by the same
 service (`load_generator` tells the two kinds apart by model_index.json).
 

@@ -2,9 +2,9 @@
 
 The ServerApp, the ClientApp and the strategy are the same for every job; a job supplies its
 model, a node's data, the local training step and the central evaluation (the shape of
-Flower's example apps' task module). The classifier job (VGG-9 on images, seed 003) is the
-first; the diffusion fine-tuning job (a DDPM fine-tuned with on-demand quantization, seed
-000) is the second.
+Flower's example apps' task module). The classifier job (VGG-9 on images, [FIMI]) is the
+first; the diffusion fine-tuning job (a DDPM fine-tuned with on-demand quantization,
+[ODQ]) is the second.
 
 Jobs are named in the run config (`job = "classifier"`) and found through JOBS, a name ->
 "module:Class" map, so that the shared layer names a job without importing its code.
@@ -41,7 +41,7 @@ class Job(ABC):
     #: the central evaluation's columns in rounds.csv; the first is the headline metric
     #: (higher is better) that "best" and the compare table's targets refer to
     metrics: tuple[str, ...] = ()
-    #: the paper setting of its cost model and drawn devices (strategies.allocation.presets)
+    #: the paper setting ([FIMI] or [ODQ]) of its cost model and drawn devices (strategies.allocation.presets)
     preset: str = "fimi"
 
     def __init__(self, run: RunConfig):

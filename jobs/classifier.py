@@ -1,4 +1,4 @@
-"""The classifier job: VGG-9 on labelled images, as in FIMI (seed 003).
+"""The classifier job: VGG-9 on labelled images, as in [FIMI].
 
 Every node takes its Dirichlet share of the clients' pool (the same split in every process,
 from the run's seed); the server evaluates on the held-out test set.

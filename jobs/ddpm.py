@@ -1,10 +1,10 @@
-"""The ddpm job: federated fine-tuning of the class-conditional DDPM (seed 000).
+"""The ddpm job: federated fine-tuning of the class-conditional DDPM ([ODQ]).
 
 The server starts from a pretrained generator; every device fine-tunes it on its own
 labelled images with the epsilon-prediction loss it was trained with (generation.train:
 diffusers' DDPMScheduler, AdamW, label dropout to the null class so classifier-free
 guidance keeps working), and uploads its update through the codec at its plan's bits. The
-embedded default is a domain shift like the paper's CIFAR-10 -> GTSRB: the starting
+embedded default is a domain shift like [ODQ]'s CIFAR-10 -> GTSRB: the starting
 checkpoint (checkpoints/digits-0to4) saw only digits 0-4, the devices hold all ten, so
 fine-tuning must teach the model digits it never drew.
 

@@ -57,17 +57,17 @@ def run_system(run: RunConfig, model_params: int, profiles: dict[int, dict], pre
                compute_params: int | None = None) -> System:
     """The job's paper system with this run's model size, T_max and local epochs.
 
-    ondemand (seed 000 §IV-A): no synthetic data; C, the cycles per sample, scaled to the
+    ondemand ([ODQ §IV-A]): no synthetic data; C, the cycles per sample, scaled to the
     size of the network a step runs through (`compute_params`, Job.compute_params: the whole
-    UNet under LoRA too; default `model_params`, the exchanged size) from the paper's
+    UNet under LoRA too; default `model_params`, the exchanged size) from [ODQ]'s
     3.25 Mcycles for 37M parameters.
 
-    fimi (§V-A), with the run's learning fit.
+    fimi ([FIMI §V-A]), with the run's learning fit.
 
-    The paper gives no zeta; we set it so that the error target at the paper's Delta_max
+    [FIMI] gives no zeta; we set it so that the error target at [FIMI]'s Delta_max
     (0.2) asks, on average, for `synthetic_fraction` more data per device than it holds
     (design choice, see README); the run's own Delta_max then moves the target from there
-    (Fig. 5f: a smaller one asks for more synthetic data).
+    ([FIMI Fig. 5f]: a smaller one asks for more synthetic data).
     """
     if preset == "ondemand":
         base = ondemand_scenario(max(1, len(profiles)), run.seed).system

@@ -51,7 +51,7 @@ def test_ondemand_preset_plans_with_bits_from_the_demand():
     scenario = fedfill("scenario", "--preset", "ondemand", "--devices", "4")
     done = fedfill("plan", "-", "--policy", "ondemand", "--json", stdin=scenario.stdout)
     assert done.returncode == 0, done.stderr
-    # the paper's demands (6-8 bits by its Theorem 1) cost our codec 1-2 bits more at the prior
+    # [ODQ]'s demands (6-8 bits by [ODQ Thm. 1]) cost our codec 1-2 bits more at the prior
     assert all(7 <= d["bits"] <= 10 for d in json.loads(done.stdout)["devices"])
 
 

@@ -78,7 +78,7 @@ def test_kkt_conditions_hold_at_the_returned_plan(t_max):
     assert np.all(marginal[at_lo] <= nu * (1 + 1e-6)) and np.all(marginal[at_hi] >= nu * (1 - 1e-6))
     assert delta.sum() == pytest.approx(problem.error_budget, rel=1e-9)
 
-    # P7 stationarity: -Q(b) (eq. 34) equals varpi where b > b_min, is at most varpi at b_min
+    # P7 stationarity: -Q(b) ([FIMI eq. 34]) equals varpi where b > b_min, is at most varpi at b_min
     x = problem.s_bits / (plan.b * plan.t_com)
     price = sy.noise_w_per_hz * plan.t_com / dv.gain * (2 ** x * (x * LN2 - 1) + 1)
     at_min = np.isclose(plan.b, com.b_min[0], rtol=1e-9)

@@ -20,7 +20,7 @@ def with_system(scenario, **changes):
 
 
 def lined_up(n=8, eps=None, distance=None):
-    """Identical devices but for an arithmetic sequence in eps or in distance (Fig. 5b)."""
+    """Identical devices but for an arithmetic sequence in eps or in distance ([FIMI Fig. 5b])."""
     base = fimi_scenario(n, 0)
     dv = base.devices
     eps = np.full(n, 5e-27) if eps is None else eps
@@ -259,7 +259,7 @@ def test_ondemand_beats_fixed_bits_with_an_even_split():
     assert ondemand.energy_j < fixed.energy_j  # the same bits, the optimal time split
 
 
-# ---------------------------------------------------------------- augmentation policy (eq. 47)
+# ---------------------------------------------------------------- augmentation policy ([FIMI eq. 47])
 
 def entropy(counts):
     p = counts / counts.sum()

@@ -1,4 +1,4 @@
-"""The baselines and ablations of seed 003 §V as the planner, the local step and the strategy
+"""The baselines and ablations of [FIMI §V] as the planner, the local step and the strategy
 make them: equal bands (w/o BA), uniform requests (w/o OA), a Delta_max out of reach relaxed
 to the tightest reachable one, SEMI's pseudo-label loss, SST's server update merged by
 Flower's FedAvg, and the run settings that refuse combinations that mean nothing."""
@@ -34,7 +34,7 @@ def test_uniform_request_spreads_the_amount_evenly_where_eq47_fills_the_gaps():
     assert uniform.sum() == 10 and uniform.max() - uniform.min() <= 1
     assert uniform[0] == 3 and uniform[1] == 2, "the remainder goes to the classes held least"
     assert synthetic_request("fimi", counts, 10).tolist() == augmentation_policy(counts, 10).tolist()
-    assert synthetic_request("fimi", counts, 10)[1] == 0, "eq. 47 gives nothing to the fullest class"
+    assert synthetic_request("fimi", counts, 10)[1] == 0, "[FIMI eq. 47] gives nothing to the fullest class"
 
 
 def test_a_delta_max_out_of_reach_is_relaxed_to_the_tightest_reachable_one():

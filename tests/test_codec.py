@@ -289,7 +289,7 @@ def test_the_codec_models_bits_meet_gaussian_demands_at_round_one_with_the_prior
 
     rng = np.random.default_rng(18)
     shapes = [(64, 32, 3, 3), (64,), (128, 64, 3, 3), (128,), (512, 1024), (512,), (10, 512), (10,)]
-    demands = np.logspace(-4, -2, 40)  # seed 000's range: 6-8 bits
+    demands = np.logspace(-4, -2, 40)  # [ODQ]'s range: 6-8 bits
     broken_by_theorem1 = 0
     for _ in range(3):
         update = gaussian_update(rng, shapes)
@@ -299,4 +299,4 @@ def test_the_codec_models_bits_meet_gaussian_demands_at_round_one_with_the_prior
         assert all(errors[b] <= q for b, q in zip(bits, demands))
         assert codec.codec_constant(update, 8) < prior  # the prior is conservative for Gaussian updates
         broken_by_theorem1 += sum(errors[b] > q for b, q in zip(theorem1_bits_for_error(demands), demands))
-    assert broken_by_theorem1 == 3 * len(demands)  # Theorem 1's bits never deliver on our codec
+    assert broken_by_theorem1 == 3 * len(demands)  # [ODQ Thm. 1]'s bits never deliver on our codec

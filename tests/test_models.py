@@ -26,7 +26,7 @@ def expected_vgg9_parameters(in_channels, image_size, num_classes, width):
 
 
 def test_vgg9_has_fimi_parameter_count():
-    # FIMI Section V-A / FedMA: 3,491,530 parameters for 3x32x32 inputs and 10 classes.
+    # [FIMI §V-A] / FedMA: 3,491,530 parameters for 3x32x32 inputs and 10 classes.
     assert count_parameters(VGG9()) == 3_491_530
 
 

@@ -1,6 +1,6 @@
 """`fedfill reproduce`: bad input refused before anything starts, the campaign's runs each
 made once, and a real small campaign (Flower's simulation engine, the generation service)
-that writes Table I, Fig. 4, Fig. 5(e)-(g), and resumes without redoing finished runs."""
+that writes [FIMI Table I], [FIMI Fig. 4], [FIMI Fig. 5e-g], and resumes without redoing finished runs."""
 
 import json
 import subprocess

@@ -1,9 +1,9 @@
 """Which synthetic samples a device asks for, given its planned amount: the one rule that the
 planner (to show `class_gen`) and the device (to make its request) both apply.
 
-  fimi and the other policies: eq. 47 water-filling toward a uniform local histogram
+  fimi and the other policies: [FIMI eq. 47] water-filling toward a uniform local histogram
   hdc: everything for the class the device holds least of (the HDC baseline)
-  fimi-uniform: the same amount for every class (the "w/o OA" ablation of Fig. 5e)
+  fimi-uniform: the same amount for every class (the "w/o OA" ablation of [FIMI Fig. 5e])
 
 The device applies it to its own class histogram, which never leaves it.
 """
@@ -14,9 +14,9 @@ import numpy as np
 
 
 def augmentation_policy(class_counts, d_gen: float) -> np.ndarray:
-    """Whole samples per class that bring the local histogram closest to uniform (Theorem 3).
+    """Whole samples per class that bring the local histogram closest to uniform ([FIMI Thm. 3]).
 
-    Eq. 47's water level pi with d_c = [pi - n_c] clipped to [0, D_gen]; whole samples are
+    [FIMI eq. 47]'s water level pi with d_c = [pi - n_c] clipped to [0, D_gen]; whole samples are
     handed out by flooring at the level and giving the remainder to the emptiest classes,
     which is exactly greedy one-sample-at-a-time filling and so maximises the entropy.
     """
@@ -45,7 +45,7 @@ def synthetic_request(policy: str, class_counts, d_gen: float) -> np.ndarray:
         request = np.zeros(counts.size, dtype=np.int64)
         request[np.argmin(counts)] = total
         return request
-    if policy == "fimi-uniform":  # the remainder to the classes held least, as eq. 47 would
+    if policy == "fimi-uniform":  # the remainder to the classes held least, as [FIMI eq. 47] would
         request = np.full(counts.size, total // counts.size, dtype=np.int64)
         request[np.argsort(counts, kind="stable")[:total % counts.size]] += 1
         return request

@@ -1,9 +1,9 @@
-"""The device cost model of both papers (design.md §4), vectorized over devices.
+"""The device cost model of both papers, [FIMI] and [ODQ] (design.md §4), vectorized over devices.
 
 Compute: a device that trains tau epochs on D samples at omega cycles each, at frequency f,
-takes T = tau*omega*D/f seconds and spends E = eps*tau*omega*D*f**2 joules (seed 003 eqs.
-5-6). Uplink: FDMA share b Hz at power P gives r = b*log2(1 + g*P/(N0*b)) (eq. 7); an update
-of S bits takes S/r seconds and P*S/r joules (eqs. 8-9).
+takes T = tau*omega*D/f seconds and spends E = eps*tau*omega*D*f**2 joules
+([FIMI eqs. 5-6]). Uplink: FDMA share b Hz at power P gives r = b*log2(1 + g*P/(N0*b))
+([FIMI eq. 7]); an update of S bits takes S/r seconds and P*S/r joules ([FIMI eqs. 8-9]).
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ def uplink_rate(b, p, gain, noise_w_per_hz):
 
 
 def power_for_upload(b, t, s_bits, gain, noise_w_per_hz):
-    """Transmit power that sends s_bits in t seconds over b Hz (inverse of eq. 7, eq. 30)."""
+    """Transmit power that sends s_bits in t seconds over b Hz (inverse of [FIMI eq. 7], [FIMI eq. 30])."""
     return noise_w_per_hz * b / gain * np.expm1(LN2 * s_bits / (b * t))
 
 

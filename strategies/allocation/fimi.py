@@ -1,16 +1,16 @@
-"""FIMI's per-round allocation (seed 003 §IV): synthetic data, CPU frequency, bandwidth, power.
+"""FIMI's per-round allocation ([FIMI §IV]): synthetic data, CPU frequency, bandwidth, power.
 
-Given each device's time split eta (T_cmp = eta*T_max, T_com = (1-eta)*T_max, Lemma 2) the
+Given each device's time split eta (T_cmp = eta*T_max, T_com = (1-eta)*T_max, [FIMI Lemma 2]) the
 problem separates into
   P6 (compute): choose learning errors delta_i (hence D_gen_i and f_i) to meet the error
-     budget of constraint (13a) at least compute energy — a clipped closed form with one
-     multiplier nu found by root finding (Theorem 1 with the gamma erratum fixed);
+     budget of constraint [FIMI eq. 13a] at least compute energy — a clipped closed form with one
+     multiplier nu found by root finding ([FIMI Thm. 1] with the gamma erratum fixed);
   P7 (uplink): choose bandwidths b_i (hence P_i) summing to B at least upload energy — a
-     Lambert-W lower bound from P_max (eq. 31, sign fixed) and one multiplier varpi.
-The inner bisection of Algorithm 2 has a closed form: Q(b) + varpi = 0 with
+     Lambert-W lower bound from P_max ([FIMI eq. 31], sign fixed) and one multiplier varpi.
+The inner bisection of [FIMI Alg. 2] has a closed form: Q(b) + varpi = 0 with
 x = S/(b T_com) reads 2^x (x ln2 - 1) + 1 = varpi g/(N0 T_com), so
 x = (1 + W0((varpi g/(N0 T_com) - 1)/e)) / ln2. Only the outer search over varpi remains.
-P5, the search over eta: the paper's cross-entropy method (Algorithm 3, every candidate of an
+P5, the search over eta: [FIMI]'s cross-entropy method ([FIMI Alg. 3], every candidate of an
 iteration evaluated at once) is kept as `search="ce"`; the default `lagrangian_search` reaches
 the KKT point exactly and faster, because P1 is convex in log-variables (D^3/T^2 and
 b T (2^(S/(bT)) - 1) are convex in (log D, log T) and (log b, log T), and the constraints stay
@@ -87,13 +87,13 @@ def _compute_terms(problem: FimiProblem, t_cmp: np.ndarray):
     d_cap = np.minimum(dv.f_max * t_cmp / work, d_max)
     delta_lo = sy.alpha * d_cap ** (-sy.beta) - sy.gamma
     delta_hi = np.broadcast_to(sy.alpha * dv.d_loc ** (-sy.beta) - sy.gamma, t_cmp.shape)
-    # rho_i of eq. 22: compute energy = rho_i (gamma + delta_i)^(-3/beta)
+    # rho_i of [FIMI eq. 22]: compute energy = rho_i (gamma + delta_i)^(-3/beta)
     rho = dv.eps * work ** 3 * sy.alpha ** (3.0 / sy.beta) / t_cmp ** 2
     return d_cap, delta_lo, delta_hi, rho
 
 
 def _delta_at_price(problem: FimiProblem, rho, nu, lo, hi):
-    """Stationary point of (26c) with the gamma the paper drops: delta = (3 rho/(beta nu))^(beta/(beta+3)) - gamma."""
+    """Stationary point of [FIMI eq. 26c] with the gamma [FIMI] drops: delta = (3 rho/(beta nu))^(beta/(beta+3)) - gamma."""
     sy = problem.scenario.system
     with np.errstate(divide="ignore"):
         free = (3.0 * rho / (sy.beta * nu)) ** (sy.beta / (sy.beta + 3.0)) - sy.gamma
@@ -151,7 +151,7 @@ class UplinkSolution:
 
 
 def min_bandwidth(problem: FimiProblem, t_com: np.ndarray) -> np.ndarray:
-    """Eq. 31 with its sign fixed: the bandwidth at which P(b) = P_max (inf if none).
+    """[FIMI eq. 31] with its sign fixed: the bandwidth at which P(b) = P_max (inf if none).
 
     P(b) falls with b towards N0 S ln2 /(g T_com) as b grows; with kappa = N0 S ln2 /(g P_max)
     and a = kappa / T_com < 1, b_min = S ln2 / (T_com (-W_{-1}(-a e^-a) - a)).
@@ -168,14 +168,14 @@ def min_bandwidth(problem: FimiProblem, t_com: np.ndarray) -> np.ndarray:
 
 
 def _uplink_marginal_price(problem: FimiProblem, t_com, b):
-    """-Q(b) of eq. 34: the upload energy saved per extra Hz, (N0 T/g)(2^x (x ln2 - 1) + 1)."""
+    """-Q(b) of [FIMI eq. 34]: the upload energy saved per extra Hz, (N0 T/g)(2^x (x ln2 - 1) + 1)."""
     sy, dv = problem.scenario.system, problem.scenario.devices
     x = np.minimum(problem.s_bits / (b * t_com), 1000.0)
     return sy.noise_w_per_hz * t_com / dv.gain * (np.exp2(x) * (x * LN2 - 1.0) + 1.0)
 
 
 def _bandwidth_at_price(problem: FimiProblem, t_com, varpi, b_min):
-    """b_i(varpi) solving Q(b) + varpi = 0 in closed form, floored at b_min (eq. 38)."""
+    """b_i(varpi) solving Q(b) + varpi = 0 in closed form, floored at b_min ([FIMI eq. 38])."""
     sy, dv = problem.scenario.system, problem.scenario.devices
     z = (varpi * dv.gain / (sy.noise_w_per_hz * t_com) - 1.0) / np.e
     w = lambert_w0(z)
@@ -200,7 +200,7 @@ def solve_uplink(problem: FimiProblem, t_com: np.ndarray) -> UplinkSolution:
     elif np.any(feasible):
         t_f, bmin_f = t_com[feasible], b_min[feasible]
         # varpi between the price at which one device alone would take all of B and the price
-        # at which every device is already down to b_min (eq. 40)
+        # at which every device is already down to b_min ([FIMI eq. 40])
         lo = np.log(_uplink_marginal_price(problem, t_f, bw).min(-1))
         hi = np.log(np.maximum(_uplink_marginal_price(problem, t_f, bmin_f).max(-1), np.exp(lo) * (1 + 1e-9)))
 
@@ -234,7 +234,7 @@ def round_energy(problem: FimiProblem, eta: np.ndarray) -> np.ndarray:
 
 @dataclass(frozen=True)
 class CrossEntropySettings:
-    """Algorithm 3's constants, which the paper leaves open. From the sweep in
+    """[FIMI Alg. 3]'s constants, which [FIMI] leaves open. From the sweep in
     bench/bench_allocation.py on 20 devices: 32 samples stall 10% above the optimum, 64 stop
     1.5% above, 128 with 16 elites reach it, at about the same wall time (numpy overhead, not
     arithmetic, dominates at this size); sigma falls below 1e-3 of the interval within 60
@@ -244,7 +244,7 @@ class CrossEntropySettings:
     samples: int = 128  # M
     elites: int = 16  # K
     iterations: int = 60  # J
-    smoothing: float = 0.7  # weight of the new elite estimate in mu, sigma (eqs. 42a-b)
+    smoothing: float = 0.7  # weight of the new elite estimate in mu, sigma ([FIMI eqs. 42a-b])
     sigma_tol: float = 1e-4  # stop once every device's sigma, relative to its interval, is below
 
 
@@ -258,12 +258,12 @@ class SearchTrace:
 
 def cross_entropy_search(problem: FimiProblem, rng: np.random.Generator,
                          settings: CrossEntropySettings, trace: SearchTrace) -> np.ndarray:
-    """Algorithm 3 on eta in [eta_min, eta_max]; returns the best candidate evaluated.
+    """[FIMI Alg. 3] on eta in [eta_min, eta_max]; returns the best candidate evaluated.
 
-    Departures from the paper, each for a reason: mu starts at the middle of each device's
+    Departures from [FIMI], each for a reason: mu starts at the middle of each device's
     feasible interval (0.5 may lie outside it) and sigma at half its width (sigma = 1 is wider
     than (0, 1) and piles clipped samples on the bounds); the current mean is evaluated with
-    the samples so the returned point is never worse than the mean; eqs. 41-42 are garbled,
+    the samples so the returned point is never worse than the mean; [FIMI eqs. 41-42] are garbled,
     we use the elites' mean and standard deviation smoothed with the previous profile.
     """
     eta_min, eta_max = problem.eta_bounds()
@@ -437,4 +437,4 @@ def search_time_split(problem: FimiProblem, search: str, rng: np.random.Generato
     return eta if np.isfinite(round_energy(problem, eta)[0]) else None
 
 
-# -------------------------------------------------- per-class augmentation policy (eq. 47)
+# -------------------------------------------------- per-class augmentation policy ([FIMI eq. 47])

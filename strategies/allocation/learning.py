@@ -1,6 +1,6 @@
-"""The FIMI learning model delta(D) = alpha * D**(-beta) - gamma (seed 003, eq. 1).
+"""The FIMI learning model delta(D) = alpha * D**(-beta) - gamma ([FIMI eq. 1]).
 
-delta is the local learning error of a device that trains on D samples. The paper fits
+delta is the local learning error of a device that trains on D samples. [FIMI] fits
 alpha, beta, gamma on a public proxy task and prints no numbers, so we fit our own from
 measured (samples, error) points and store the fit as JSON next to its residuals.
 """
@@ -30,7 +30,7 @@ class LearningModel:
         return self.alpha * np.asarray(d, dtype=float) ** (-self.beta) - self.gamma
 
     def samples_for_error(self, delta: np.ndarray | float) -> np.ndarray:
-        """Inverse of `error` (eq. 19 without the -D_loc): samples needed for error delta."""
+        """Inverse of `error` ([FIMI eq. 19] without the -D_loc): samples needed for error delta."""
         return ((np.asarray(delta, dtype=float) + self.gamma) / self.alpha) ** (-1.0 / self.beta)
 
     def save(self, path: str | Path) -> None:
@@ -57,7 +57,7 @@ def _power_law(d: np.ndarray, alpha: float, beta: float, gamma: float) -> np.nda
 
 
 def fit_learning_model(samples, errors, source: str = "") -> LearningModel:
-    """Least-squares fit of the power law with alpha, beta, gamma >= 0 (the paper's signs).
+    """Least-squares fit of the power law with alpha, beta, gamma >= 0 ([FIMI]'s signs).
 
     Needs at least four distinct sample counts: three parameters and one degree of freedom
     left to say something about the fit.

@@ -1,25 +1,25 @@
 """From a scenario and a policy name to a per-device plan: the allocation engine's front door.
 
-  fimi           synthetic data + CPU + bandwidth + power, jointly (seed 003)
+  fimi           synthetic data + CPU + bandwidth + power, jointly ([FIMI])
   tfl            the same resource optimisation with no synthetic data
   hdc            FIMI's amounts, all synthetic data for the least-populated class
-  fixed          each device's given bits, a 50/50 time split, an equal band share (seed 000's baseline)
-  ondemand       bits from each device's error demand, optimal time split, equal band share (seed 000)
+  fixed          each device's given bits, a 50/50 time split, an equal band share ([ODQ]'s baseline)
+  ondemand       bits from each device's error demand, optimal time split, equal band share ([ODQ])
   fimi+ondemand  bits from each device's demand, then FIMI with S_i = M * bits_i
 
-and FIMI with one part taken out, the ablations of seed 003's Fig. 5(e):
+and FIMI with one part taken out, the ablations of [FIMI Fig. 5e]:
 
   fimi-equal-band  every device gets B/N (w/o BA: no bandwidth allocation, power still optimised)
-  fimi-uniform     FIMI's amounts spread evenly over the classes (w/o OA: not eq. 47's filling)
+  fimi-uniform     FIMI's amounts spread evenly over the classes (w/o OA: not [FIMI eq. 47]'s filling)
 
 and two fixed-width forms of `fixed` (`parse_policy`):
 
-  fp32           every device at 32 bits, raw floats (seed 000's FedAvg baseline)
-  fixed-N        every device at N bits, N in 2..32 (seed 000's fixed 6/7/8-bit baselines)
+  fp32           every device at 32 bits, raw floats ([ODQ]'s FedAvg baseline)
+  fixed-N        every device at N bits, N in 2..32 ([ODQ]'s fixed 6/7/8-bit baselines)
 
 Bits from a demand (`ondemand`, `fimi+ondemand`) follow `bits_rule`: "codec" (default) models
 our codec's real error K / (L - 1)^2 with each device's reported codec constant K (the prior
-from M where it has none); "theorem1" is seed 000's rule, which our codec does not honour
+from M where it has none); "theorem1" is [ODQ Thm. 1]'s rule, which our codec does not honour
 (quantization.py). A demand that no width up to 31 bits meets makes the plan infeasible.
 """
 
@@ -193,7 +193,7 @@ def _bits_from_demands(scenario: Scenario, rule: str) -> tuple[Scenario, list[di
         bits[demanded] = planned_bits(dv.quant_error[demanded], constant[demanded], rule)
     reasons = []
     floor = smallest_demand(constant, rule)
-    model = "Theorem 1" if rule == "theorem1" else "the codec model"
+    model = "ODQ's Theorem 1" if rule == "theorem1" else "the codec model"
     for k in np.flatnonzero(demanded & (bits > 31)):
         constant_note = "" if rule == "theorem1" else f", codec constant {constant[k]:.4g}"
         reasons.append({"constraint": "quantization_error", "devices": [dv.ids[k]],
@@ -237,7 +237,7 @@ def _plan_fimi(scenario: Scenario, policy: str, rng, search: str, settings: Cros
 
 
 def _plan_equal_share(scenario: Scenario, policy: str) -> Plan:
-    """Seed 000's setting: devices independent, each with an equal share of the band."""
+    """[ODQ]'s setting: devices independent, each with an equal share of the band."""
     sy, dv = scenario.system, scenario.devices
     n = len(dv)
     b = np.full(n, sy.bandwidth_hz / n)

@@ -1,24 +1,24 @@
-"""Scenario generators for the two papers' simulation settings.
+"""Scenario generators for the two papers' simulation settings ([FIMI] and [ODQ]).
 
-fimi (seed 003 §V-A): devices uniform over a 400 m cell, path loss 128.1 + 37.6 log10(R km),
-N0 = -174 dBm/Hz (the paper prints dBm/MHz; -174 dBm/Hz is thermal noise), B = 20 MHz for
+fimi ([FIMI §V-A]): devices uniform over a 400 m cell, path loss 128.1 + 37.6 log10(R km),
+N0 = -174 dBm/Hz ([FIMI] prints dBm/MHz; -174 dBm/Hz is thermal noise), B = 20 MHz for
 20 devices (fleets of other sizes keep that 1 MHz share per device),
 P_max ~ U(20, 23) dBm, omega = 5e6 cycles/sample, f_max ~ U(1, 2) GHz,
 eps ~ U(4e-27, 6e-27), VGG-9 (3,491,530 parameters = 111.7 Mb at 32 bits), 1250 samples per
 device, tau = 1, Delta_max = 0.2, T_max = 60 s, N = 200.
-The paper prints no alpha, beta, gamma, zeta or D_max. The learning model comes from a stored
+[FIMI] prints no alpha, beta, gamma, zeta or D_max. The learning model comes from a stored
 fit when one is given; otherwise a stand-in power law (alpha = 4, beta = 0.25, gamma = 0.2:
 error 0.47 at 1250 samples, 0.37 at 2500). zeta = 70 makes the error target ask for about a
-quarter more data per device on average, near the paper's 6659 synthetic samples for 20
+quarter more data per device on average, near [FIMI]'s 6659 synthetic samples for 20
 devices; D_max = D_loc.
 
-ondemand (seed 000 §IV-A): I_k = 1 (tau), D_k = 512, C = 3.25 Mcycles (omega), f_max = 1 GHz,
+ondemand ([ODQ §IV-A]): I_k = 1 (tau), D_k = 512, C = 3.25 Mcycles (omega), f_max = 1 GHz,
 energy coefficient 1e-26, B = 50 MHz per device, |h|^2 = 0.001, path-loss exponent 3.76,
-N0 = -95 dBm/MHz, M = 37M parameters. The paper places every device at 45 m and gives no
+N0 = -95 dBm/MHz, M = 37M parameters. [ODQ] places every device at 45 m and gives no
 P_max or T_max: we draw distances U(30, 60) m so devices differ, take P_max = 23 dBm and
-T_max = 15 s (the middle of its Fig. 4 range), and quantization demands that land on 6-8
-bits, the paper's range, by its Theorem 1 (L* = sqrt(1/(2q)) levels): the demands are the
-paper's, the bits are whatever our codec needs to keep them. Under the planner's default rule
+T_max = 15 s (the middle of [ODQ Fig. 4]'s range), and quantization demands that land on 6-8
+bits, [ODQ]'s range, by [ODQ Thm. 1] (L* = sqrt(1/(2q)) levels): the demands are
+[ODQ]'s, the bits are whatever our codec needs to keep them. Under the planner's default rule
 (our codec's model K / (L - 1)^2, quantization.py) they take 1-2 bits more with the prior K
 of round 1, and as many as the update's own K asks for after it.
 """
@@ -31,8 +31,8 @@ from .learning import LearningModel
 from .scenario import Devices, Scenario, System
 
 VGG9_PARAMS = 3_491_530
-# seed 000's C, 3.25 Mcycles per sample for its 37M-parameter model, per parameter: a job
-# with another model scales C by its size (the paper gives one model; compute ~ parameters)
+# [ODQ]'s C, 3.25 Mcycles per sample for its 37M-parameter model, per parameter: a job
+# with another model scales C by its size ([ODQ] gives one model; compute ~ parameters)
 PAPER_OMEGA_PER_PARAM = 3.25e6 / 37e6
 PRESETS = ("fimi", "ondemand")
 
@@ -59,7 +59,7 @@ def fimi_scenario(num_devices: int, seed: int, learning: LearningModel | None = 
     # Uniform over the disc (radius ~ sqrt(U)), kept 10 m clear of the base station.
     distance = np.maximum(400.0 * np.sqrt(rng.uniform(size=num_devices)), 10.0)
     class_counts = []
-    for _ in range(num_devices):  # Dir(alpha) label skew, as in the paper's experiments
+    for _ in range(num_devices):  # Dir(alpha) label skew, as in [FIMI]'s experiments
         p = rng.dirichlet(np.full(num_classes, dirichlet_alpha))
         class_counts.append(np.bincount(rng.choice(num_classes, size=d_loc, p=p), minlength=num_classes))
     devices = Devices(
@@ -79,7 +79,7 @@ def fimi_scenario(num_devices: int, seed: int, learning: LearningModel | None = 
 def ondemand_scenario(num_devices: int, seed: int) -> Scenario:
     rng = np.random.default_rng(seed)
     system = System(
-        bandwidth_hz=50e6 * num_devices,  # the paper gives every device its own 50 MHz
+        bandwidth_hz=50e6 * num_devices,  # [ODQ] gives every device its own 50 MHz
         noise_w_per_hz=float(dbm_to_w(-95.0)) / 1e6, t_max_s=15.0, model_params=37e6,
         # No synthetic data in this job: zeta = 1 leaves the FIMI error budget slack, so the FIMI
         # policies here optimise resources only (bandwidth shared instead of split evenly).
@@ -87,7 +87,7 @@ def ondemand_scenario(num_devices: int, seed: int) -> Scenario:
         alpha=4.0, beta=0.25, gamma=0.2, d_gen_max=0.0,
     )
     distance = rng.uniform(30.0, 60.0, num_devices)
-    # Levels L* = sqrt(1 / (2 q)) for a relative error demand q; Theorem 1's bits = 1 sign + ceil(log2 L*).
+    # Levels L* = sqrt(1 / (2 q)) for a relative error demand q; [ODQ Thm. 1]'s bits = 1 sign + ceil(log2 L*).
     magnitude_bits = rng.integers(5, 8, num_devices)  # -> 6..8 bits in all
     levels = 2.0 ** (magnitude_bits - 1) * rng.uniform(1.05, 1.95, num_devices)
     demand = 1.0 / (2.0 * levels ** 2)

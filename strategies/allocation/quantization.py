@@ -1,10 +1,10 @@
-"""On-demand quantization (seed 000): bits from an error demand, and each device's time split.
+"""On-demand quantization ([ODQ]): bits from an error demand, and each device's time split.
 
 Bits from a demand. A device tolerates a relative error q: E||u - Q(u)||^2 <= q ||u||^2 for
 its update u. Two rules turn q into a bit width (one sign bit, bits - 1 bits of level index,
 so L = 2**(bits - 1) magnitude levels):
 
-- `theorem1_bits_for_error`: seed 000's Theorem 1 bounds the error by ||u||^2 / (2 L^2), so
+- `theorem1_bits_for_error`: [ODQ Thm. 1] bounds the error by ||u||^2 / (2 L^2), so
   L* = sqrt(1/(2q)) levels and bits = 1 + ceil(log2 L*). It does NOT hold for our codec
   (fedfill/codec.py): the codec spaces its levels s = (hi - lo)/(L - 1) with hi = max |u| per
   tensor, not by ||u||, and on Gaussian-like updates its error is about 9x that bound.
@@ -20,7 +20,7 @@ so L = 2**(bits - 1) magnitude levels):
 
 The time split: with theta of T_max computing and pi = 1 - theta uploading over its band b,
 E(theta) = eps (tau omega D)^3 / (theta T)^2 + pi T (b N0/g)(2^(a/pi) - 1), a = S/(b T).
-The paper's eqs. 13, 15, 16 and 18 drop the factor pi and the 2^(a/pi) of the derivative;
+[ODQ eqs. 13, 15, 16 and 18] drop the factor pi and the 2^(a/pi) of the derivative;
 from this E both parts fall as their share grows and E is convex in theta, so the optimum is
 the root of dE/dtheta on [theta_min, 1 - pi_min] (f <= f_max, P <= P_max).
 """
@@ -38,15 +38,15 @@ BITS_RULES = ("codec", "theorem1")
 
 
 def levels_for_error(relative_error) -> np.ndarray:
-    """Theorem 1's levels L* = sqrt(1/(2q))."""
+    """[ODQ Thm. 1]'s levels L* = sqrt(1/(2q))."""
     return np.sqrt(1.0 / (2.0 * np.asarray(relative_error, dtype=float)))
 
 
 def theorem1_bits_for_error(relative_error) -> np.ndarray:
-    """Seed 000's rule: fewest bits whose L = 2**(bits-1) levels meet the demand under Theorem 1
+    """[ODQ]'s rule: fewest bits whose L = 2**(bits-1) levels meet the demand under [ODQ Thm. 1]
     (1/(2 L^2) <= q); 32 (no quantization) where more than 31 bits would be needed.
 
-    Kept for comparison: our codec does not deliver Theorem 1's error (module docstring).
+    Kept for comparison: our codec does not deliver [ODQ Thm. 1]'s error (module docstring).
     """
     levels = np.maximum(levels_for_error(relative_error), 1.0)
     return np.minimum(1 + np.ceil(np.log2(levels) - 1e-12).astype(int), 32).clip(2, 32)
@@ -99,8 +99,8 @@ def prior_codec_constant(model_params) -> float:
     a weighted mean of ln(2 n_t)/3 bounded by the case of one tensor holding all M
     parameters. The server knows M but not the tensor sizes or sigmas, so it takes the bound:
     conservative, since a device whose real error misses the demand can only raise its bits
-    (and pay more than planned). Values: 5.3 for VGG-9 (3.5M), 6.0 for seed 000's M = 37M,
-    against Theorem 1's implied K = (L-1)^2/(2 L^2) ~= 0.5.
+    (and pay more than planned). Values: 5.3 for VGG-9 (3.5M), 6.0 for [ODQ]'s M = 37M,
+    against [ODQ Thm. 1]'s implied K = (L-1)^2/(2 L^2) ~= 0.5.
 
     Real updates need not be Gaussian, and the prior is a Gaussian figure: `bench/bench_codec.py
     --demands` measured K = 14-15 on the digits VGG-9's SGD updates (max |u| / rms up to 15 in
@@ -118,7 +118,7 @@ def prior_codec_constant(model_params) -> float:
 
 def planned_bits(relative_error, codec_constant, rule: str = "codec") -> np.ndarray:
     """Bits per device under `rule`: "codec" (our codec's model with constant K, the default)
-    or "theorem1" (seed 000's Theorem 1, which ignores K). 32 where no width up to 31 bits
+    or "theorem1" ([ODQ Thm. 1], which ignores K). 32 where no width up to 31 bits
     meets the demand."""
     if rule == "codec":
         return codec_bits_for_error(relative_error, codec_constant)
@@ -135,7 +135,7 @@ def smallest_demand(codec_constant, rule: str = "codec") -> np.ndarray:
 
 
 def split_bounds(work_cycles, f_max, s_bits, b, gain, p_max, noise_w_per_hz, t_max):
-    """theta_min (train at f_max) and pi_min (upload at P_max over b), eq. 12."""
+    """theta_min (train at f_max) and pi_min (upload at P_max over b), [ODQ eq. 12]."""
     theta_min = work_cycles / (f_max * t_max)
     pi_min = s_bits / (t_max * b * np.log2(1.0 + gain * p_max / (noise_w_per_hz * b)))
     return theta_min, pi_min

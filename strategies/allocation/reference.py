@@ -1,7 +1,7 @@
 """A general-purpose baseline: P1 handed to scipy's SLSQP in its original variables.
 
 No decomposition, no closed forms: per device D_gen, f, b, P (scaled to [0, 1]) with the
-learning-error, latency and bandwidth constraints as written in seed 003 (12a-f). It exists
+learning-error, latency and bandwidth constraints as written in [FIMI eqs. 12a-f]. It exists
 to check the FIMI solver (tests) and to measure what the decomposition buys (bench); it is
 slow and may stop at a local point, hence the multiple starts.
 """
@@ -50,7 +50,7 @@ def solve_reference(problem: FimiProblem, starts: int = 8, seed: int = 0, feas_t
         t = compute_time(sy.tau, sy.omega, dv.d_loc + d_gen, f) + problem.s_bits / uplink_rate(b, p, dv.gain, sy.noise_w_per_hz)
         return 1.0 - t / sy.t_max_s
 
-    def error_slack(u):  # >= 0: the error budget of (13a) is met
+    def error_slack(u):  # >= 0: the error budget of [FIMI eq. 13a] is met
         d_gen = unpack(u)[0]
         delta = sy.alpha * (dv.d_loc + d_gen) ** (-sy.beta) - sy.gamma
         return np.array([(problem.error_budget - delta.sum()) / n])

@@ -29,14 +29,14 @@ class System:
     omega: float  # CPU cycles per training sample
     delta_max: float  # maximum global learning error Delta_max, in (0, 1)
     rounds: float  # N, global rounds
-    zeta: float  # constant of the convergence bound (seed 003 eq. 3)
+    zeta: float  # constant of the convergence bound ([FIMI eq. 3])
     alpha: float  # learning model delta = alpha D^-beta - gamma
     beta: float
     gamma: float
     d_gen_max: float  # cap on synthetic samples per device
 
     def learning_error_budget(self, num_devices: int) -> float:
-        """Right-hand side of constraint (13a): the sum of local errors the target allows."""
+        """Right-hand side of constraint [FIMI eq. 13a]: the sum of local errors the target allows."""
         return num_devices * (1.0 + self.zeta / self.rounds * math.log(self.delta_max))
 
 
