@@ -7,6 +7,7 @@ outside the repository (~1 min on 2 cores, most of it Ray's start).
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -28,6 +29,18 @@ def test_the_repository_flower_app_matches_the_generated_one():
     assert ours["config"] == RunConfig().to_run_config() == generated["config"]
     assert ours["components"] == generated["components"] == COMPONENTS
     assert ours["publisher"] == generated["publisher"]
+
+
+def test_licence_and_citation_agree_with_the_package_metadata():
+    """One licence (Apache-2.0, its text in LICENSE) and one version, in pyproject.toml and
+    CITATION.cff alike; Flower's build reads [project].license."""
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    assert project["license"] == "Apache-2.0" and project["license-files"] == ["LICENSE"]
+    text = (ROOT / "LICENSE").read_text()
+    assert "Apache License" in text and "Version 2.0, January 2004" in text and "END OF TERMS AND CONDITIONS" in text
+    citation = dict(re.findall(r"^([a-z-]+): *(\S.*)$", (ROOT / "CITATION.cff").read_text(), re.M))
+    assert (citation["cff-version"], citation["title"]) == ("1.2.0", project["name"])
+    assert (citation["license"], citation["version"]) == (project["license"], project["version"])
 
 
 def test_flower_builds_a_fab_without_code_and_finds_the_installed_components(tmp_path):
