@@ -15,6 +15,7 @@ import shlex
 import shutil
 import stat
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -186,7 +187,7 @@ def test_install_keeps_the_boards_torch_out_of_the_requirements(bundle):
     from importlib.metadata import requires
 
     program = re.search(r"<<'PY'\n(.*?)\nPY\n", (bundle.dir / "install.sh").read_text(), re.S).group(1)
-    listed = subprocess.run(["python", "-c", program], capture_output=True, text=True, check=True).stdout.split("\n")
+    listed = subprocess.run([sys.executable, "-c", program], capture_output=True, text=True, check=True).stdout.split("\n")
     expected = [r for r in requires("fedfill") if "extra ==" not in r and not r.startswith("torch")]
     assert [line for line in listed if line] == expected
     assert expected and not any(line.startswith("torch") for line in listed)
