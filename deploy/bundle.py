@@ -239,7 +239,7 @@ def render_summary(bundle: Bundle) -> str:
         lines.append(f"   {bundle.board_public_key} held another key before: the SuperLink may still have it "
                      f"registered; find its node id with `flwr supernode list {bundle.connection}` and remove it "
                      f"with `flwr supernode unregister NODE_ID {bundle.connection}`.")
-    lines += ["", f"3. Copy the whole directory to the board (it holds a private key: keep it private), e.g.",
+    lines += ["", "3. Copy the whole directory to the board (it holds a private key: keep it private), e.g.",
               f"     scp -r {shlex.quote(str(bundle.dir))} BOARD:",
               "", "4. On the board, as root (Python >= 3.11 with venv, systemd):",
               f"     sudo bash {bundle.name}/{INSTALL}",
