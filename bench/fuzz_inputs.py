@@ -334,7 +334,7 @@ def scenario_seeds() -> list[dict]:
     from strategies.allocation.presets import fimi_scenario, ondemand_scenario
 
     with_demands = ondemand_scenario(3, 1).to_json()
-    for k, device in enumerate(with_demands["devices"]):
+    for device in with_demands["devices"]:
         device["quant_error"], device["codec_constant"] = 1e-3, 2.5
     plain = fimi_scenario(2, 0).to_json()
     for device in plain["devices"]:
@@ -454,7 +454,8 @@ def profile_fuzz(rng: np.random.Generator, cases: int) -> Fuzz:
             strategy.profiles = {1: profile}
             strategy._scenario([1])
         except Exception as err:
-            raise AcceptedButUnusable(f"read_profile accepted {profile!r:.200}, then {type(err).__name__}: {err}")
+            raise AcceptedButUnusable(f"read_profile accepted {profile!r:.200}, "
+                                      f"then {type(err).__name__}: {err}") from err
 
     return Fuzz(inputs=inputs(), target=target, refusals=(contract.ReplyError,),
                 size=lambda content: sum(len(repr(v)) for r in content.config_records.values() for v in r.values()),

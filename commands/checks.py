@@ -19,7 +19,6 @@ import math
 from contextlib import contextmanager
 from dataclasses import fields, replace
 
-from fedfill import contract
 from fedfill.config import RunConfig, check_aggregation, key_of
 from fedfill.errors import UsageError
 

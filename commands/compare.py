@@ -18,7 +18,6 @@ from pathlib import Path
 from fedfill.config import GIVEN
 from fedfill.errors import UsageError
 from server.report import read_rounds
-from strategies.allocation.presets import fimi_path_gain
 
 
 def add_arguments(parser) -> None:

@@ -11,7 +11,9 @@ fedfill federation as a Flower SuperNode, in one directory the operator copies t
                                warm: client/supernode.py) from the venv
     install.sh                 run as root on the board: venv, fedfill, /etc/fedfill, the service
     README.txt                 what to copy and what to run on each side
-    wheels/                    empty: wheels put here make install.sh install offline
+    wheels/                    fedfill's own wheel (deploy/wheel.py), which install.sh installs
+                               (fedfill is on no package index); its dependencies as wheels,
+                               put here too, make install.sh install offline
 
 The server side lives in `pki_root` (deploy/pki.py's layout): the CA and the SuperLink's
 certificate, made there if absent or not covering the host the board dials, and
@@ -33,6 +35,7 @@ from pathlib import Path
 
 from .local import node_config_arg
 from .pki import Pki, superlink_pki_for, write_node_key
+from .wheel import build_fedfill_wheel
 
 DEFAULT_VENV = "/opt/fedfill/venv"
 ETC = "/etc/fedfill"  # where install.sh puts keys, CA and node.env on the board
@@ -50,7 +53,7 @@ CONTENTS = {
     INSTALL: "the installer: run it as root on the board",
     README: "what to copy and what to run on each side",
 }
-_WHEELS_NOTE = "fedfill's wheel and its dependencies put here make install.sh install offline"
+_WHEELS_NOTE = "fedfill's wheel, which install.sh installs; its dependencies put here make it install offline"
 
 _NAME = re.compile(r"[A-Za-z0-9_-]{1,63}")
 _DNS_LABEL = re.compile(r"(?!-)[A-Za-z0-9-]{1,63}(?<!-)")
@@ -74,13 +77,15 @@ class Bundle:
     certificate_written: bool = False  # the SuperLink's certificate (or CA) was made now
     key_kept: bool = False  # force=True kept the key pair of the bundle it replaced
     replaced_registered_key: bool = False  # boards/<name>.pub held another key before
+    fedfill_wheel: Path | None = None  # fedfill's wheel in wheels/, which install.sh installs
 
     def summary(self) -> str:
         return render_summary(self)
 
 
 def write_bundle(name: str, superlink: str, out_dir: Path, *, pki_root: Path, node_config: dict | None = None,
-                 venv: str = DEFAULT_VENV, force: bool = False, connection: str = "fedfill") -> Bundle:
+                 venv: str = DEFAULT_VENV, force: bool = False, connection: str = "fedfill",
+                 fedfill_wheel: Path | bool = True) -> Bundle:
     """Write the bundle of board `name` to `out_dir/name/` and return what was written.
 
     `superlink` is HOST:PORT as the board dials it (TLS; one port serves the Fleet and Control
@@ -92,9 +97,15 @@ def write_bundle(name: str, superlink: str, out_dir: Path, *, pki_root: Path, no
     install.sh makes the board's virtual environment. `connection` names the flwr CLI's
     connection to the SuperLink in the register command.
 
+    `fedfill_wheel`: True puts the running fedfill's wheel in wheels/ (deploy/wheel.py: built
+    from its checkout, or repacked from a non-editable install), a path puts that wheel there,
+    False none (install.sh then takes fedfill from a wheel the operator put there, else from
+    the package index). fedfill is on no package index: a board needs the wheel.
+
     An existing bundle directory is refused (FileExistsError) unless `force`: then it is
-    replaced, but its key pair (already registered with the SuperLink) and its wheels/ are kept.
-    Bad names, addresses or node configs raise ValueError.
+    replaced, but its key pair (already registered with the SuperLink) and its wheels/ are kept,
+    less its fedfill wheel where the new bundle brings one. Bad names, addresses or node
+    configs raise ValueError; a wheel that cannot be built, UsageError.
     """
     _check_name(name)
     host, port = parse_superlink(superlink)
@@ -126,13 +137,15 @@ def write_bundle(name: str, superlink: str, out_dir: Path, *, pki_root: Path, no
         _write_text(staging / UNIT_NAME, _unit(name, venv))
         _write_text(staging / INSTALL, _install_script(name, venv), mode=0o755)
         (staging / WHEELS).mkdir(exist_ok=True)
+        wheel = _put_fedfill_wheel(staging / WHEELS, fedfill_wheel)
         board_public_key, replaced = _publish_public_key(staging / PUBLIC_KEY, pki.root, name)
         register_command = shlex.join(["flwr", "supernode", "register", str(board_public_key), connection])
         bundle = Bundle(name=name, superlink=superlink, dir=final.resolve(), venv=venv, pki=pki,
                         files=[final.resolve() / f for f in CONTENTS],
                         board_public_key=board_public_key, connection=connection,
                         register_command=register_command, certificate_written=certificate_written,
-                        key_kept=key_kept, replaced_registered_key=replaced)
+                        key_kept=key_kept, replaced_registered_key=replaced,
+                        fedfill_wheel=final.resolve() / WHEELS / wheel.name if wheel else None)
         _write_text(staging / README, _readme(bundle, config))
         _swap_in(staging, final)
     finally:
@@ -202,6 +215,7 @@ def render_summary(bundle: Bundle) -> str:
     port = bundle.superlink.rpartition(":")[2]
     lines = [f"Bundle for board {bundle.name!r} in {bundle.dir}:"]
     lines.append(_contents_table("  "))
+    lines.append(_wheel_line(bundle))
     if bundle.key_kept:
         lines.append("Kept the key pair of the bundle this one replaced (the SuperLink may have registered it).")
     lines += ["", "1. Server side: the SuperLink needs TLS with these files and SuperNode authentication:",
@@ -225,7 +239,7 @@ def render_summary(bundle: Bundle) -> str:
         lines.append(f"   {bundle.board_public_key} held another key before: the SuperLink may still have it "
                      f"registered; find its node id with `flwr supernode list {bundle.connection}` and remove it "
                      f"with `flwr supernode unregister NODE_ID {bundle.connection}`.")
-    lines += ["", f"3. Copy the whole directory to the board (it holds a private key: keep it private), e.g.",
+    lines += ["", "3. Copy the whole directory to the board (it holds a private key: keep it private), e.g.",
               f"     scp -r {shlex.quote(str(bundle.dir))} BOARD:",
               "", "4. On the board, as root (Python >= 3.11 with venv, systemd):",
               f"     sudo bash {bundle.name}/{INSTALL}",
@@ -293,6 +307,21 @@ def _carry_over(old: Path, staging: Path) -> bool:
     if (old / WHEELS).is_dir():
         shutil.copytree(old / WHEELS, staging / WHEELS)
     return kept
+
+
+def _put_fedfill_wheel(wheels: Path, fedfill_wheel: Path | bool) -> Path | None:
+    """fedfill's wheel into wheels/, in place of any the replaced bundle had (install.sh would
+    take the highest version of them); returns it, or None where the bundle brings none."""
+    if fedfill_wheel is None or fedfill_wheel is False:
+        return None
+    for old in wheels.glob("fedfill-*.whl"):
+        old.unlink()
+    if fedfill_wheel is True:
+        return build_fedfill_wheel(wheels)
+    source = Path(fedfill_wheel)
+    if not source.name.startswith("fedfill-") or source.suffix != ".whl" or not source.is_file():
+        raise ValueError(f"fedfill_wheel must be True, False or fedfill's wheel file, not {fedfill_wheel!r}")
+    return Path(shutil.copy2(source, wheels / source.name))
 
 
 def _publish_public_key(public_key: Path, pki_root: Path, name: str) -> tuple[Path, bool]:
@@ -379,6 +408,8 @@ def _install_script(name: str, venv: str) -> str:
 # Installs fedfill's Flower SuperNode for board {name!r} (written by deploy/bundle.py).
 # Run as root on the board, from anywhere:   sudo bash install.sh
 # A rerun (a newer bundle, a newer wheel in wheels/) upgrades in place and restarts the service.
+# fedfill comes from its wheel in wheels/ (it is on no package index), its dependencies from the
+# package index, or from wheels/ alone (offline) where more wheels were put there.
 # PYTHON=/path/to/python3 picks the interpreter (>= 3.11; the one whose CUDA torch the board has).
 set -euo pipefail
 
@@ -416,20 +447,33 @@ if [[ ! -x $VENV/bin/python ]]; then
         || die "could not make a venv (on Debian/Ubuntu: apt-get install python3-venv)"
 fi
 PIP=("$VENV/bin/python" -m pip install --upgrade --upgrade-strategy only-if-needed)
-if compgen -G "$BUNDLE/{WHEELS}/*.whl" >/dev/null; then
-    # Offline: fedfill and its dependencies from the wheels put in the bundle's wheels/.
-    echo "installing fedfill from $BUNDLE/{WHEELS} (offline)"
+if compgen -G "$BUNDLE/{WHEELS}/fedfill-*.whl" >/dev/null; then
+    # fedfill itself from its wheel in the bundle, never from an index.
+    echo "installing fedfill from its wheel in $BUNDLE/{WHEELS}"
+    OWN=(--no-index --find-links "$BUNDLE/{WHEELS}")
+else
+    echo "no fedfill wheel in $BUNDLE/{WHEELS}: installing fedfill from the package index"
+    OWN=()
+fi
+DEPENDENCY_WHEELS=no
+for wheel in "$BUNDLE/{WHEELS}"/*.whl; do
+    if [[ -f $wheel && ${{wheel##*/}} != fedfill-* ]]; then DEPENDENCY_WHEELS=yes; fi
+done
+if [[ $DEPENDENCY_WHEELS == yes ]]; then
+    # Offline: the dependencies from the wheels put in the bundle's wheels/.
+    echo "installing fedfill's dependencies from $BUNDLE/{WHEELS} (offline)"
     SOURCE=(--no-index --find-links "$BUNDLE/{WHEELS}")
 else
-    # Online: from the package index pip is configured for (PIP_INDEX_URL; PyPI by default).
-    echo "installing fedfill from the package index"
-    SOURCE=()
+    # Online: from the package index pip is configured for (PIP_INDEX_URL; PyPI by default);
+    # --find-links: `pip install fedfill` below (no torch on the board) finds fedfill in wheels/.
+    echo "installing fedfill's dependencies from the package index"
+    SOURCE=(--find-links "$BUNDLE/{WHEELS}")
 fi
 
 # 3. fedfill itself, reinstalled on every run (a rebuilt wheel may keep its version number), then
 # its dependencies. Its torch pin is for x86 CPU installs: where the venv already sees a torch
 # (the board's), the other dependencies go in with torch held at the board's version.
-"${{PIP[@]}}" ${{SOURCE[@]+"${{SOURCE[@]}}"}} --force-reinstall --no-deps fedfill
+"${{PIP[@]}}" ${{OWN[@]+"${{OWN[@]}}"}} --force-reinstall --no-deps fedfill
 if TORCH=$("$VENV/bin/python" -c 'import torch; print(torch.__version__.split("+")[0])' 2>/dev/null); then
     echo "keeping the board's torch $TORCH"
     WORK=$(mktemp -d)
@@ -472,6 +516,13 @@ echo "fedfill-supernode started; follow it with: journalctl -u {UNIT_NAME} -f"
 """
 
 
+def _wheel_line(bundle: Bundle) -> str:
+    if bundle.fedfill_wheel is not None:
+        return f"install.sh installs fedfill from its wheel in {WHEELS}/, {bundle.fedfill_wheel.name}."
+    return (f"No fedfill wheel in {WHEELS}/: put one there (`pip wheel --no-deps -w {WHEELS} .` in a checkout), "
+            "else install.sh looks for fedfill on the package index, where it is not published.")
+
+
 def _readme(bundle: Bundle, config: dict) -> str:
     config_lines = "\n".join(f"    {key} = {value!r}" for key, value in config.items()) or "    (none)"
     title = f"fedfill SuperNode bundle for board {bundle.name!r}"
@@ -484,9 +535,9 @@ Written {dt.datetime.now(dt.UTC):%Y-%m-%d %H:%M} UTC by deploy/bundle.py. The bo
 What is here
 {_contents_table("  ")}
 The server side keeps a copy of {PUBLIC_KEY}: {bundle.board_public_key}.
-With no wheel in {WHEELS}/, install.sh installs from the package index. For an offline install put
-fedfill's wheel there (`pip wheel --no-deps -w wheels .` in a checkout) and its dependencies as
-wheels for the board's platform and Python, e.g.
+{_wheel_line(bundle)}
+Its dependencies come from the package index. For an offline install put them in {WHEELS}/ too,
+as wheels for the board's platform and Python, e.g.
   pip download --only-binary=:all: --platform manylinux2014_aarch64 --python-version 3.12 -d wheels ...
 leaving torch out where the board has its own.
 

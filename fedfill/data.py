@@ -301,9 +301,9 @@ def _load_gtsrb(root: Path, part: str) -> ImageDataset:
                 csv_path = class_dir / f"GT-{class_dir.name}.csv"
                 if not csv_path.is_file():
                     raise FileNotFoundError(f"{csv_path}: missing; each GTSRB class folder has its GT-<class>.csv")
-                j, l = _read_gtsrb_csv(csv_path, class_dir)
-                jobs += j
-                labels += l
+                class_jobs, class_labels = _read_gtsrb_csv(csv_path, class_dir)
+                jobs += class_jobs
+                labels += class_labels
         else:
             images = _gtsrb_images_dir(root, "Final_Test")
             csv_path = next((c for c in [images / "GT-final_test.csv" if images else None,
@@ -312,9 +312,9 @@ def _load_gtsrb(root: Path, part: str) -> ImageDataset:
             if images is None or csv_path is None:
                 raise FileNotFoundError(f"{root}: expected GTSRB/Final_Test/Images with GT-final_test.csv "
                                         "(the test ground truth, shipped separately)")
-            j, l = _read_gtsrb_csv(csv_path, images)
-            jobs += j
-            labels += l
+            test_jobs, test_labels = _read_gtsrb_csv(csv_path, images)
+            jobs += test_jobs
+            labels += test_labels
     if not jobs:
         raise ValueError(f"{root}: the GTSRB ground-truth files list no images")
     return ImageDataset(_read_images(jobs), np.asarray(labels, dtype=np.int64), class_names)

@@ -52,6 +52,7 @@ class Job(ABC):
         """Everything about a run of this job that can be wrong before it starts (its own
         settings and files), as ValueError with the reason; the pre-run checks call it before
         any process starts. Nothing by default."""
+        return None
 
     @abstractmethod
     def initial_weights(self) -> list[np.ndarray]:

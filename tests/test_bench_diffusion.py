@@ -37,7 +37,7 @@ def test_speed_and_bytes_on_tiny_settings():
         rf"\s+({NUMBER})\s+({NUMBER})\s+({NUMBER})\s+({NUMBER})$", out, re.M) if m[0] == "cpu"}
     assert set(speed) == {"full", "lora r4"}, out
     assert number(speed["full"][3]) == 1_003_137 and number(speed["lora r4"][3]) == 82_560
-    for kind, batch, _, _, steps, seconds, in_loop, rate, images, ratio, vs_eager in speed.values():
+    for kind, batch, _, _, steps, seconds, in_loop, rate, images, _, vs_eager in speed.values():
         assert kind == "eager" and number(vs_eager) == 1.0, "the CPU has no CUDA graph"
         assert int(batch) == 32 and int(steps) >= 2
         assert number(rate) == pytest.approx(int(steps) / number(seconds), rel=0.02)

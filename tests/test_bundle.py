@@ -3,19 +3,25 @@ way the board reads them (bash sources node.env, Flower parses the node config, 
 and `systemd-analyze verify` read the unit, `bash -n` reads install.sh), and one slow test
 runs a board's whole flow on loopback: the bundle's register command, `fedfill supernode` started
 from the unit's own ExecStart line, online on a TLS SuperLink with SuperNode authentication,
-then one round on the board's own data with its rails' energy in the report.
+then one round on the board's own data with its rails' energy in the report. The bundle carries
+fedfill's own wheel (fedfill is on no package index): it is built once for the module, and
+install.sh, run with the commands that need root stubbed, installs fedfill from it.
 """
 
 from __future__ import annotations
 
 import configparser
 import ipaddress
+import os
 import re
 import shlex
 import shutil
 import stat
 import subprocess
+import sys
 import time
+import tomllib
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -24,8 +30,13 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from flwr.common.config import parse_config_args
 
+import deploy.bundle
 from deploy.bundle import CONTENTS, parse_superlink, unit_command, write_bundle
 from deploy.pki import write_pki
+from deploy.wheel import build_fedfill_wheel
+from tests.venvs import clean_environment, venv_over_this_environment
+
+ROOT = Path(__file__).resolve().parents[1]
 
 NODE_CONFIG = {"data-dir": "/var/lib/fedfill/data", "sysfs-root": "/sys", "partition-id": 2, "eps": 0.05,
                "p-max-w": 15.0, "gain": 1e-05}
@@ -50,6 +61,19 @@ def _unit(path: Path) -> configparser.ConfigParser:
     return unit
 
 
+@pytest.fixture(scope="module")
+def fedfill_wheel(tmp_path_factory):
+    """fedfill's wheel as write_bundle makes it (deploy/wheel.py), built once for the module."""
+    return build_fedfill_wheel(tmp_path_factory.mktemp("wheel"))
+
+
+@pytest.fixture(autouse=True)
+def built_once(fedfill_wheel, monkeypatch):
+    """Every bundle here gets the module's wheel (a copy) where write_bundle would build one."""
+    monkeypatch.setattr(deploy.bundle, "build_fedfill_wheel",
+                        lambda into: Path(shutil.copy2(fedfill_wheel, into / fedfill_wheel.name)))
+
+
 @pytest.fixture
 def bundle(tmp_path):
     return write_bundle("jetson-01", "superlink.lan:9092", tmp_path / "out", pki_root=tmp_path / "pki",
@@ -60,6 +84,8 @@ def test_files_and_modes(bundle, tmp_path):
     assert bundle.dir == (tmp_path / "out" / "jetson-01").resolve()
     assert [p.name for p in bundle.files] == list(CONTENTS)
     assert sorted(p.name for p in bundle.dir.iterdir()) == sorted([*CONTENTS, "wheels"])
+    assert [p.name for p in (bundle.dir / "wheels").iterdir()] == ["fedfill-0.1.0-py3-none-any.whl"]
+    assert bundle.fedfill_wheel == bundle.dir / "wheels" / "fedfill-0.1.0-py3-none-any.whl"
     assert _mode(bundle.dir) == 0o700  # it holds a private key
     assert _mode(bundle.dir / "supernode.key") == 0o600
     assert _mode(bundle.dir / "install.sh") & 0o111
@@ -172,7 +198,9 @@ def test_install_script(bundle):
     text = script.read_text()
     assert text.startswith("#!/usr/bin/env bash\n") and "\nset -euo pipefail\n" in text
     assert '-m venv --system-site-packages "$VENV"' in text and "VENV=/opt/fedfill/venv" in text
-    assert 'SOURCE=(--no-index --find-links "$BUNDLE/wheels")' in text
+    assert 'OWN=(--no-index --find-links "$BUNDLE/wheels")' in text  # fedfill: its wheel, never an index
+    assert '"${PIP[@]}" ${OWN[@]+"${OWN[@]}"} --force-reinstall --no-deps fedfill\n' in text
+    assert 'SOURCE=(--no-index --find-links "$BUNDLE/wheels")' in text  # its dependencies, offline
     assert "install -d -m 0700 -o" in text and 'install -m 0600 -o "$SERVICE_USER"' in text
     assert "useradd --system" in text
     for line in ("systemctl daemon-reload", "systemctl enable fedfill-supernode.service",
@@ -186,7 +214,7 @@ def test_install_keeps_the_boards_torch_out_of_the_requirements(bundle):
     from importlib.metadata import requires
 
     program = re.search(r"<<'PY'\n(.*?)\nPY\n", (bundle.dir / "install.sh").read_text(), re.S).group(1)
-    listed = subprocess.run(["python", "-c", program], capture_output=True, text=True, check=True).stdout.split("\n")
+    listed = subprocess.run([sys.executable, "-c", program], capture_output=True, text=True, check=True).stdout.split("\n")
     expected = [r for r in requires("fedfill") if "extra ==" not in r and not r.startswith("torch")]
     assert [line for line in listed if line] == expected
     assert expected and not any(line.startswith("torch") for line in listed)
@@ -196,15 +224,104 @@ def test_an_existing_bundle_is_refused_and_force_keeps_its_key(bundle, tmp_path)
     with pytest.raises(FileExistsError, match="exists; pass force=True"):
         write_bundle("jetson-01", "superlink.lan:9092", tmp_path / "out", pki_root=tmp_path / "pki")
     key, public = (bundle.dir / "supernode.key").read_bytes(), bundle.board_public_key.read_bytes()
-    (bundle.dir / "wheels" / "fedfill-0.1.0-py3-none-any.whl").write_bytes(b"a wheel the operator put here")
+    wheels = bundle.dir / "wheels"
+    (wheels / "numpy-2.0.0-py3-none-any.whl").write_bytes(b"a wheel the operator put here")
+    (wheels / "fedfill-0.0.9-py3-none-any.whl").write_bytes(b"an older fedfill")
 
     again = write_bundle("jetson-01", "other.lan:9093", tmp_path / "out", pki_root=tmp_path / "pki", force=True)
     assert again.key_kept and not again.replaced_registered_key
     assert (again.dir / "supernode.key").read_bytes() == key and _mode(again.dir / "supernode.key") == 0o600
     assert again.board_public_key.read_bytes() == public
-    assert (again.dir / "wheels" / "fedfill-0.1.0-py3-none-any.whl").exists()
+    # the operator's wheels are kept; fedfill's is the new bundle's only
+    assert sorted(p.name for p in (again.dir / "wheels").iterdir()) == [
+        "fedfill-0.1.0-py3-none-any.whl", "numpy-2.0.0-py3-none-any.whl"]
     assert _sourced(again.dir / "node.env", "FEDFILL_SUPERLINK") == ["other.lan:9093"]
     assert "Kept the key pair" in again.summary()
+
+
+def _package_sources(root: Path) -> set[str]:
+    """The .py files of the packages pyproject's [tool.setuptools.packages.find] includes."""
+    include = tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]["find"]["include"]
+    tops = [d for d in root.iterdir() if d.is_dir() and (d / "__init__.py").is_file()
+            and any(Path(d.name).match(pattern.split(".")[0]) for pattern in include)]
+    return {p.relative_to(root).as_posix() for top in tops for p in top.rglob("*.py") if "__pycache__" not in p.parts}
+
+
+def test_the_bundled_wheel_is_the_running_fedfill(fedfill_wheel):
+    """Built from this checkout: its packages' modules as they are here, its metadata and licence."""
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    assert fedfill_wheel.name == f"fedfill-{project['version']}-py3-none-any.whl"
+    info = f"fedfill-{project['version']}.dist-info"
+    with zipfile.ZipFile(fedfill_wheel) as wheel:
+        names = set(wheel.namelist())
+        assert {n for n in names if n.endswith(".py")} == _package_sources(ROOT)
+        assert wheel.read("deploy/bundle.py") == (ROOT / "deploy" / "bundle.py").read_bytes()
+        metadata = wheel.read(f"{info}/METADATA").decode()
+        assert "\nName: fedfill\n" in metadata and "\nLicense-Expression: Apache-2.0\n" in metadata
+        assert wheel.read(f"{info}/licenses/LICENSE") == (ROOT / "LICENSE").read_bytes()
+        assert "fedfill = fedfill.cli:main" in wheel.read(f"{info}/entry_points.txt").decode()
+        assert not any(n.startswith(("build/", "tests/")) or "__pycache__" in n or ".egg-info" in n for n in names)
+
+
+def test_a_bundle_with_a_given_wheel_or_none(fedfill_wheel, tmp_path):
+    given = write_bundle("given", "superlink.lan:9092", tmp_path / "out", pki_root=tmp_path / "pki",
+                         fedfill_wheel=fedfill_wheel)
+    assert given.fedfill_wheel.read_bytes() == fedfill_wheel.read_bytes()
+    none = write_bundle("none", "superlink.lan:9092", tmp_path / "out", pki_root=tmp_path / "pki",
+                        fedfill_wheel=False)
+    assert none.fedfill_wheel is None and not list((none.dir / "wheels").iterdir())
+    for text in (none.summary(), (none.dir / "README.txt").read_text()):
+        assert "No fedfill wheel in wheels/" in text and "where it is not published" in text
+    with pytest.raises(ValueError, match="fedfill_wheel must be True, False or fedfill's wheel file"):
+        write_bundle("bad", "superlink.lan:9092", tmp_path / "out", pki_root=tmp_path / "pki",
+                     fedfill_wheel=tmp_path / "numpy-2.0.0-py3-none-any.whl")
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_install_sh_installs_fedfill_from_the_bundles_wheel(bundle, tmp_path):
+    """install.sh as on a board, with the commands that need root stubbed (they log their
+    arguments) and no package index at all (PIP_NO_INDEX): fedfill goes into the venv from the
+    bundle's wheel; its dependencies are those the venv already sees (this environment's, as a
+    board's venv sees its JetPack torch). The venv is made beforehand, over this environment
+    (install.sh keeps an existing one). Then the installed fedfill, a non-editable install,
+    repacks itself (deploy/wheel.py) into the wheel it was installed from."""
+    venv = tmp_path / "venv"
+    python = venv_over_this_environment(venv)
+    bundle = write_bundle("b", "superlink.lan:9092", tmp_path / "out", pki_root=tmp_path / "pki", venv=str(venv))
+    stubs, log = tmp_path / "stubs", tmp_path / "stubs.log"
+    stubs.mkdir()
+    for command, status in {"id": 0, "useradd": 0, "usermod": 0, "getent": 2, "install": 0, "systemctl": 0}.items():
+        (stubs / command).write_text(f'#!/bin/sh\necho "{command} $*" >>{shlex.quote(str(log))}\n'
+                                     + ("echo 0\n" if command == "id" else "") + f"exit {status}\n")
+        (stubs / command).chmod(0o755)
+    env = {**clean_environment(), "PATH": f"{stubs}:{os.environ['PATH']}", "PYTHON": sys.executable,
+           "PIP_NO_INDEX": "1"}
+    done = subprocess.run(["bash", str(bundle.dir / "install.sh")], cwd=tmp_path, env=env, capture_output=True,
+                          text=True, timeout=480)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert f"installing fedfill from its wheel in {bundle.dir / 'wheels'}\n" in done.stdout
+    assert "systemctl restart fedfill-supernode.service" in log.read_text()
+    assert (venv / "bin" / "flower-superexec").is_file()  # written by the installed fedfill
+
+    installed = subprocess.run([str(python), "-c", "import sys, fedfill, deploy.wheel\n"
+                                "from pathlib import Path\n"
+                                "print(fedfill.__file__)\n"
+                                "print(deploy.wheel.source_checkout())\n"
+                                "print(deploy.wheel.build_fedfill_wheel(Path(sys.argv[1])))",
+                                str(tmp_path / "repacked")], cwd=tmp_path, env=clean_environment(),
+                               capture_output=True, text=True, timeout=120)
+    assert installed.returncode == 0, installed.stderr
+    where, checkout, repacked = installed.stdout.split()
+    assert Path(where).is_relative_to(venv) and checkout == "None", installed.stdout
+    with zipfile.ZipFile(bundle.fedfill_wheel) as ours, zipfile.ZipFile(repacked) as again:
+        assert Path(repacked).name == bundle.fedfill_wheel.name
+        assert sorted(ours.namelist()) == sorted(again.namelist())
+        for name in ours.namelist():
+            if name.endswith("/RECORD"):  # the same lines, maybe in another order
+                assert sorted(ours.read(name).split()) == sorted(again.read(name).split())
+            else:
+                assert ours.read(name) == again.read(name), name
 
 
 def test_a_new_key_for_a_registered_name_is_flagged(bundle, tmp_path):

@@ -6,14 +6,12 @@ do not pay for."""
 
 from __future__ import annotations
 
-import io
 import json
 import struct
 import sys
 import tracemalloc
 import warnings
 import zipfile
-import zlib
 from pathlib import Path
 
 import numpy as np

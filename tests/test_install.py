@@ -6,7 +6,7 @@ outside the repository (~1 min on 2 cores, most of it Ray's start).
 """
 
 import json
-import os
+import re
 import shutil
 import subprocess
 import sys
@@ -17,6 +17,7 @@ import pytest
 
 from deploy.flower_app import COMPONENTS, flower_app_pyproject, write_flower_app
 from fedfill.config import RunConfig
+from tests.venvs import clean_environment, venv_over_this_environment
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -28,6 +29,18 @@ def test_the_repository_flower_app_matches_the_generated_one():
     assert ours["config"] == RunConfig().to_run_config() == generated["config"]
     assert ours["components"] == generated["components"] == COMPONENTS
     assert ours["publisher"] == generated["publisher"]
+
+
+def test_licence_and_citation_agree_with_the_package_metadata():
+    """One licence (Apache-2.0, its text in LICENSE) and one version, in pyproject.toml and
+    CITATION.cff alike; Flower's build reads [project].license."""
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    assert project["license"] == "Apache-2.0" and project["license-files"] == ["LICENSE"]
+    text = (ROOT / "LICENSE").read_text()
+    assert "Apache License" in text and "Version 2.0, January 2004" in text and "END OF TERMS AND CONDITIONS" in text
+    citation = dict(re.findall(r"^([a-z-]+): *(\S.*)$", (ROOT / "CITATION.cff").read_text(), re.M))
+    assert (citation["cff-version"], citation["title"]) == ("1.2.0", project["name"])
+    assert (citation["license"], citation["version"]) == (project["license"], project["version"])
 
 
 def test_flower_builds_a_fab_without_code_and_finds_the_installed_components(tmp_path):
@@ -50,23 +63,31 @@ def test_flower_builds_a_fab_without_code_and_finds_the_installed_components(tmp
 
 @pytest.mark.slow
 def test_fedfill_run_from_a_non_editable_install(tmp_path):
-    """pip install (not -e) into a venv that reuses this interpreter's packages (torch, flwr,
-    and the editable fedfill, which the venv's own copy must shadow), then `fedfill run` from
-    a directory outside the repository: the apps import the venv's fedfill."""
+    """pip install (not -e) into a venv that sees this environment's packages (torch, flwr, and
+    the editable fedfill, which the venv's own copy must shadow), then `fedfill run` from a
+    directory outside the repository: the apps import the venv's fedfill.
+
+    The wheel is built as a user's `pip install .` builds it: by this environment's pip, with
+    pip's build isolation (setuptools as pyproject's build-system asks, from the package index),
+    never with whatever setuptools an interpreter happens to hold (a fresh base interpreter's,
+    without `wheel`, cannot build one). It is built here rather than by the venv's interpreter,
+    whose isolated build would still see this environment's packages, its setuptools among
+    them, through the venv's .pth."""
     source = tmp_path / "source"  # a copy: the build writes build/ and *.egg-info into its tree
     shutil.copytree(ROOT, source, ignore=shutil.ignore_patterns(
         ".git", "build", "dist", "*.egg-info", "__pycache__", ".pytest_cache", "runs", ".venv"))
     venv = tmp_path / "venv"
-    # --without-pip: a venv's own pip would bring its bundled setuptools (65), which shadows
-    # this interpreter's and cannot build wheels without `wheel`; this pip and setuptools,
-    # seen through --system-site-packages, install into the venv all the same.
-    subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", "--without-pip", str(venv)],
-                   check=True, timeout=120)
-    python = venv / "bin" / "python"
-    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
-    installed = subprocess.run([str(python), "-m", "pip", "install", "--no-deps", "--no-build-isolation", "--no-index",
-                                "--disable-pip-version-check", "--quiet", str(source)],
-                               cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    python = venv_over_this_environment(venv)
+    env = clean_environment()
+    built = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--disable-pip-version-check",
+                            "--quiet", "-w", str(tmp_path / "wheel"), str(source)],
+                           cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert built.returncode == 0, built.stdout + built.stderr
+    [wheel] = (tmp_path / "wheel").glob("fedfill-*.whl")
+    # --ignore-installed: the editable fedfill the venv sees is left as it is, never uninstalled
+    installed = subprocess.run([sys.executable, "-m", "pip", "--python", str(python), "install", "--no-deps",
+                                "--no-index", "--ignore-installed", "--disable-pip-version-check", "--quiet",
+                                str(wheel)], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert installed.returncode == 0, installed.stdout + installed.stderr
     shutil.rmtree(source)  # nothing may depend on a source tree from here on
 

@@ -5,7 +5,6 @@ that writes [FIMI Table I], [FIMI Fig. 4], [FIMI Fig. 5e-g], and resumes without
 import json
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
@@ -84,7 +83,7 @@ def test_a_small_campaign_writes_the_evaluation_and_resumes(tmp_path):
     entries = table["splits"]["0.6"]
     assert set(entries) == {"tfl", "semi", "sst", "gan", "clsd", "fimi"}
     keys = {"best_accuracy", "energy_at_target_j", "latency_at_target_s", "uplink_at_target_bytes", "rounds_to_target"}
-    for method, entry in entries.items():
+    for entry in entries.values():
         assert set(entry) == keys
         assert 0 < entry["best_accuracy"] <= 1
     assert entries["clsd"]["energy_at_target_j"] is None and entries["clsd"]["rounds_to_target"] is None

@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 
 import pytest
-from flwr.app import ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.app import Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 
 from server.report import NODE_COLUMNS, RunReport, read_nodes, read_rounds

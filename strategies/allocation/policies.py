@@ -32,7 +32,7 @@ from dataclasses import dataclass, field, replace
 import numpy as np
 
 from .augmentation import synthetic_request
-from .costs import LN2, compute_energy, power_for_upload, update_bits
+from .costs import compute_energy, power_for_upload, update_bits
 from .fimi import (CrossEntropySettings, FimiProblem, SearchTrace, search_time_split,
                    solve_compute, solve_uplink)
 from .quantization import (BITS_RULES, optimal_time_split, planned_bits, prior_codec_constant, smallest_demand,

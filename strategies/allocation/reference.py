@@ -65,7 +65,7 @@ def solve_reference(problem: FimiProblem, starts: int = 8, seed: int = 0, feas_t
     rng = np.random.default_rng(seed)
     best_u, best_e = None, np.inf
     start_time = time.perf_counter()
-    for k in range(starts):
+    for _ in range(starts):
         u0 = rng.uniform(0.2, 1.0, 4 * n)
         u0[2 * n:3 * n] = 1.0 / n  # an even bandwidth split is always inside sum b <= B
         res = minimize(energy, u0, method="SLSQP", bounds=bounds, constraints=constraints,
