@@ -32,6 +32,10 @@ def add_arguments(parser) -> None:
                              "(default sysfs-root=\"/\": read the board's profile and meter its energy)")
     bundle.add_argument("--venv", default=None, help="the board's virtual environment (default /opt/fedfill/venv)")
     bundle.add_argument("--force", action="store_true", help="replace an existing bundle of that name (its key is kept)")
+    bundle.add_argument("--no-fedfill-wheel", dest="fedfill_wheel", action="store_false",
+                        help="leave fedfill's own wheel out of wheels/ (by default the bundle carries it, built from "
+                             "this checkout or repacked from this non-editable install: fedfill is on no package "
+                             "index, so install.sh then needs one put there by hand)")
 
 
 def run(args) -> int:
@@ -82,7 +86,8 @@ def _bundle(args) -> int:
         raise UsageError(f"--node-config {args.node_config!r}: {err}") from None
     try:
         bundle = write_bundle(args.name, args.superlink, Path(args.out), pki_root=Path(args.pki),
-                              node_config=dict(config), venv=args.venv or DEFAULT_VENV, force=args.force)
+                              node_config=dict(config), venv=args.venv or DEFAULT_VENV, force=args.force,
+                              fedfill_wheel=args.fedfill_wheel)
     except FileExistsError as err:
         raise UsageError(str(err)) from None
     except ValueError as err:
