@@ -833,6 +833,75 @@ def generate_fuzz(rng: np.random.Generator, cases: int) -> Fuzz:
                 scrub=scratch.name)
 
 
+# ---------------------------------------------------------------------------- a delivered state
+
+def delivery_seeds() -> list[bytes]:
+    """Real STATE replies of the shipped generator's shape (8x8x1) at a few widths: the bytes
+    of an ImageBatch as a device receives them."""
+    from fedfill.codec import encode
+    from generation import generation_pb2
+
+    rng = np.random.default_rng(0)
+    seeds = []
+    for n, bits in ((1, 32), (3, 8), (5, 2)):
+        states = rng.normal(size=(n, 1, 8, 8)).astype(np.float32)
+        seeds.append(generation_pb2.ImageBatch(
+            state=encode([states], bits, rng), labels=list(range(n)), height=8, width=8, channels=1,
+            delivery=generation_pb2.STATE, resume_index=3, timestep=500, noise_var=0.01,
+            checkpoint_digest="0" * 64, sampler="ddim").SerializeToString())
+    return seeds
+
+
+def delivery_inputs(rng: np.random.Generator) -> Iterator[bytes]:
+    from generation import generation_pb2
+
+    seeds = delivery_seeds()
+    batch = generation_pb2.ImageBatch.FromString(seeds[1])
+    for change in ({"height": 2 ** 31 - 1}, {"width": 0}, {"channels": -1}, {"noise_var": float("nan")},
+                   {"noise_var": -1.0}, {"noise_var": float("inf")}, {"state": b""}, {"state": seeds[0]}):
+        hostile = generation_pb2.ImageBatch()
+        hostile.CopyFrom(batch)
+        for key, value in change.items():
+            setattr(hostile, key, value)
+        yield hostile.SerializeToString()
+    hostile = generation_pb2.ImageBatch()
+    hostile.CopyFrom(batch)
+    del hostile.labels[:]
+    hostile.labels.extend([0] * 10 ** 5)
+    yield hostile.SerializeToString()
+    while True:
+        seed = seeds[int(rng.integers(len(seeds)))]
+        how = int(rng.integers(4))
+        if how == 0:
+            yield flip_bits(seed, rng)
+        elif how == 1:
+            yield truncate(seed, rng)
+        elif how == 2:  # the state payload itself mutated, the message around it intact
+            hostile = generation_pb2.ImageBatch.FromString(seed)
+            hostile.state = fix_crc(flip_bits(hostile.state, rng, at_least=16)) if rng.integers(2) else \
+                truncate(hostile.state, rng)
+            yield hostile.SerializeToString()
+        else:
+            yield append_noise(seed, rng)
+
+
+def delivery_fuzz(rng: np.random.Generator, cases: int) -> Fuzz:
+    """generation.client.decode_reply, what a device makes of a STATE reply before completing
+    it: a truncated or corrupted payload, a NaN, sizes that do not add up are refused
+    (MalformedReply), never completed."""
+    from google.protobuf.message import DecodeError
+
+    from generation import generation_pb2
+    from generation.client import MalformedReply, decode_reply
+
+    def target(data: bytes):
+        states = decode_reply([generation_pb2.ImageBatch.FromString(data)], "state").batches[0].states
+        if not np.isfinite(states).all():
+            raise AcceptedButUnusable("decode_reply accepted a state that is not finite")
+
+    return Fuzz(inputs=delivery_inputs(rng), target=target, refusals=(MalformedReply, DecodeError), hand_written=9)
+
+
 ENTRY_POINTS: dict[str, Callable[[np.random.Generator, int], Fuzz]] = {
     "generator_checkpoint": generator_fuzz,
     "train_reply": reply_fuzz,
@@ -841,6 +910,7 @@ ENTRY_POINTS: dict[str, Callable[[np.random.Generator, int], Fuzz]] = {
     "profile": profile_fuzz,
     "checkpoint": checkpoint_fuzz,
     "generate": generate_fuzz,
+    "delivery_reply": delivery_fuzz,
 }
 
 

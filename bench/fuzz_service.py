@@ -141,9 +141,10 @@ class ServiceProcess:
 
 # ---------------------------------------------------------------- the hostile requests
 
-def request_bytes(counts, steps: int = 1, guidance: float = 1.0, seed: int = 0) -> bytes:
-    return generation_pb2.GenerateRequest(class_counts=counts, steps=steps, guidance=guidance,
-                                          seed=seed).SerializeToString()
+def request_bytes(counts, steps: int = 1, guidance: float = 1.0, seed: int = 0, **delivery) -> bytes:
+    """delivery: the split-generation fields (delivery, server_steps, state_bits, sketch_factor)."""
+    return generation_pb2.GenerateRequest(class_counts=counts, steps=steps, guidance=guidance, seed=seed,
+                                          **delivery).SerializeToString()
 
 
 def _varint(value: int) -> bytes:
@@ -231,6 +232,27 @@ def hostile_case(rng: np.random.Generator, num_classes: int, max_images: int) ->
     if kind == "seed":
         seed = int(rng.choice([-1, INT64_MIN, INT64_MAX, MAX_SEED + 1, int(rng.integers(MAX_SEED + 1, INT64_MAX))]))
         return Case(kind, request_bytes(**{**tiny(), "seed": seed}), "reject")
+    if kind == "split":  # a valid hand-off of one image: sampled for 1 step of 2 (STATE) or 2 (SKETCH), or none (SEED)
+        delivery = int(rng.choice([generation_pb2.STATE, generation_pb2.SKETCH, generation_pb2.SEED]))
+        fields = {**tiny(), "steps": 2, "delivery": delivery, "server_steps": 1,
+                  "state_bits": int(rng.choice([2, 8, 32])), "sketch_factor": int(rng.choice([2, 4, 8]))}
+        return Case(kind, request_bytes(**fields), "accept", 1)
+    if kind == "delivery":  # a hand-off the service cannot make
+        fields = {**tiny(), "steps": int(rng.integers(2, 30))}
+        how = int(rng.integers(5))
+        if how == 0:
+            fields["delivery"] = int(rng.choice([4, 5, -1, INT32_MIN, INT32_MAX]))
+        elif how in (1, 2):
+            fields["delivery"] = int(rng.choice([generation_pb2.STATE, generation_pb2.SKETCH]))
+            fields["server_steps"] = int(rng.choice([0, -1, fields["steps"], fields["steps"] + 1, INT32_MAX, INT32_MIN]))
+            fields["state_bits"], fields["sketch_factor"] = 8, 2
+        elif how == 3:
+            fields.update(delivery=generation_pb2.STATE, server_steps=1,
+                          state_bits=int(rng.choice([0, 1, 33, 64, -8, INT32_MAX, INT32_MIN])))
+        else:
+            fields.update(delivery=generation_pb2.SKETCH, server_steps=1,
+                          sketch_factor=int(rng.choice([0, 1, 3, 5, 7, 9, 16, -2, INT32_MAX, INT32_MIN])))
+        return Case(kind, request_bytes(**fields), "reject")
     if kind == "random bytes":
         return Case(kind, rng.bytes(int(rng.integers(0, 300))), "either")
     if kind == "mutated":
@@ -247,7 +269,8 @@ def hostile_case(rng: np.random.Generator, num_classes: int, max_images: int) ->
         return Case(kind, bytes(data), "either")
     if kind == "unknown fields":
         fields = tiny()
-        extra = b"".join(unknown_field(int(rng.integers(5, 2 ** 29)), wire, payload) for wire, payload in
+        # numbers past the request's own fields (1-8)
+        extra = b"".join(unknown_field(int(rng.integers(9, 2 ** 29)), wire, payload) for wire, payload in
                          [(0, int(rng.integers(2 ** 63))), (1, rng.bytes(8)), (2, rng.bytes(int(rng.integers(50)))),
                           (5, rng.bytes(4))][:int(rng.integers(1, 5))])
         return Case(kind, request_bytes(**fields) + extra, "accept", 1)
@@ -262,7 +285,7 @@ def hostile_case(rng: np.random.Generator, num_classes: int, max_images: int) ->
 KINDS, WEIGHTS = zip(*{
     "valid": 8, "no images": 1, "at the limit": 1, "unknown fields": 4, "class count": 8, "negative count": 8,
     "too many images": 8, "steps": 8, "guidance": 8, "seed": 6, "random bytes": 16, "mutated": 16,
-    "byte limit": 2,
+    "byte limit": 2, "split": 4, "delivery": 8,
 }.items())
 WEIGHTS = tuple(w / sum(WEIGHTS) for w in WEIGHTS)
 
@@ -277,13 +300,24 @@ def call_raw(channel: grpc.Channel, data: bytes, timeout_s: float = CALL_TIMEOUT
 
 
 def images_in(batches, image_shape) -> int:
-    """How many images a stream carries; ValueError where its bytes and labels disagree."""
+    """How many images a stream carries; ValueError where its bytes and labels disagree (for
+    a hand-off: a STATE without its payload, a SEED with pixels, a SKETCH not smaller)."""
     total = 0
     for batch in batches:
         shape = (batch.height, batch.width, batch.channels)
-        if shape != tuple(image_shape) or len(batch.images) != len(batch.labels) * math.prod(shape):
-            raise ValueError(f"a batch of {len(batch.labels)} labels, {len(batch.images)} bytes, shape {shape}")
-        total += len(batch.labels)
+        n = len(batch.labels)
+        if batch.delivery == generation_pb2.STATE:
+            wrong = shape != tuple(image_shape) or not batch.state or batch.images
+        elif batch.delivery == generation_pb2.SEED:
+            wrong = shape != tuple(image_shape) or batch.images or batch.state
+        elif batch.delivery == generation_pb2.SKETCH:
+            wrong = batch.height >= image_shape[0] or len(batch.images) != n * math.prod(shape)
+        else:
+            wrong = shape != tuple(image_shape) or len(batch.images) != n * math.prod(shape)
+        if wrong:
+            raise ValueError(f"a {generation_pb2.Delivery.Name(batch.delivery)} batch of {n} labels, "
+                             f"{len(batch.images)} image bytes, {len(batch.state)} state bytes, shape {shape}")
+        total += n
     return total
 
 

@@ -32,6 +32,7 @@ def add_arguments(parser) -> None:
             p.add_argument("--class", dest="klass", type=int, required=True)
             p.add_argument("--n", type=int, default=16)
             p.add_argument("--out", required=True, help="FILE.npz (arrays images, labels) or FILE.png (a grid)")
+            _add_delivery_arguments(p)
         else:
             p.add_argument("--per-class", type=int, default=100)
             p.add_argument("--data-dir", help="where the checkpoint's dataset lives here, if not where it was "
@@ -57,6 +58,27 @@ def add_arguments(parser) -> None:
     convert.add_argument("--dataset", help="the dataset it was trained on (default: from its recorded command)")
     convert.add_argument("--data-dir", help="where that dataset lives (default: from its recorded command)")
     convert.add_argument("--split-seed", type=int, help="its split seed (default: from its recorded command)")
+
+
+def _add_delivery_arguments(p) -> None:
+    from generation.delivery import DELIVERIES
+
+    p.add_argument("--delivery", choices=DELIVERIES, help="split the work between the generation service and this "
+                   "device [MEG]: image (the service does it all), state (the service runs the first --server-steps "
+                   "steps and sends its state at --state-bits), sketch (the service sends its images downsampled "
+                   "--sketch-factor times; the device noises them to --server-steps and denoises), seed (the device "
+                   "generates them). Without it the images are sampled here, with no service")
+    p.add_argument("--server-steps", type=int, help="state, sketch: the step the device takes over at, "
+                   "1..steps-1 (default: half the steps)")
+    p.add_argument("--state-bits", type=int, default=8, help="state: the codec's bits per element, 2..32 (default 8)")
+    p.add_argument("--sketch-factor", type=int, default=2, help="sketch: downsampling per side (default 2)")
+    p.add_argument("--naive-resume", action="store_true", help="state: resume at the hand-off step as if the "
+                   "state were exact (the ablation of the noise-aware resume)")
+    p.add_argument("--channel-snr-db", type=float, metavar="DB", help="state, experiments only: white Gaussian "
+                   "noise on the received state at this signal-to-noise ratio")
+    p.add_argument("--service", metavar="HOST:PORT", help="a running generation service (with the same "
+                   "checkpoint as --checkpoint); default: one started in this process for the call")
+    p.add_argument("--json", action="store_true", help="print one JSON object: the bytes and the work on each side")
 
 
 # Defaults per model: the GAN's lr is DCGAN's (generation.train.GAN_LR), the DDPM's its own.
@@ -164,17 +186,75 @@ def _sample(args) -> int:
         raise UsageError(f"--out must end in .npz or .png, got {out.name}")
     if not 1 <= args.n <= 20_000:
         raise UsageError(f"--n must be from 1 to 20000, got {args.n}")
+    split = args.delivery is not None or args.service is not None or args.json
+    if not split and (args.server_steps is not None or args.naive_resume or args.channel_snr_db is not None):
+        raise UsageError("--server-steps, --naive-resume and --channel-snr-db go with --delivery")
     config, pipe = load_generator(args.checkpoint)
     if not 0 <= args.klass < config.num_classes:
         raise UsageError(f"unknown class {args.klass}: this generator knows classes 0..{config.num_classes - 1}")
     labels = np.full(args.n, args.klass, dtype=np.int64)
-    images = sample(config, pipe, labels, steps=args.steps, guidance=args.guidance, seed=args.seed, sampler=args.sampler)
+    figures = None
+    if split:
+        images, figures = _sample_delivered(args, config, pipe)
+    else:
+        images = sample(config, pipe, labels, steps=args.steps, guidance=args.guidance, seed=args.seed,
+                        sampler=args.sampler)
     if out.suffix == ".npz":
         np.savez(out, images=images, labels=labels)
     else:
         save_grid(images, out)
-    print(f"{args.n} images of class {args.klass} -> {out}")
+    if args.json:
+        print(json.dumps({**figures, "out": str(out)}))
+    else:
+        print(f"{args.n} images of class {args.klass} -> {out}")
     return 0
+
+
+def _sample_delivered(args, config, pipe) -> tuple[np.ndarray, dict]:
+    """The images of one request in a delivery mode, through a real service (this process's
+    own, or --service), completed here; and what each side did."""
+    import tempfile
+
+    from generation.client import GenerationClient, GenerationUnavailable
+    from generation.delivery import DigestMismatch, finish
+    from generation.service import serve
+
+    delivery = args.delivery or "image"
+    server_steps = args.server_steps if args.server_steps is not None else args.steps // 2
+    if args.channel_snr_db is not None and delivery != "state":
+        raise UsageError("--channel-snr-db is for --delivery state")
+    counts = [args.n if c == args.klass else 0 for c in range(config.num_classes)]
+    with tempfile.TemporaryDirectory(prefix="fedfill-service-") as cache:
+        server = None
+        address = args.service
+        if address is None:
+            try:
+                server, port, _ = serve(args.checkpoint, 0, cache, sampler=args.sampler)
+            except OSError as err:
+                raise UsageError(str(err)) from None
+            address = f"127.0.0.1:{port}"
+        try:
+            delivered = GenerationClient(address, timeout_s=3600.0, retries=0).fetch(
+                counts, args.seed, args.steps, args.guidance, delivery=delivery, server_steps=server_steps,
+                state_bits=args.state_bits, sketch_factor=args.sketch_factor)
+            finished = finish(delivered, config, pipe, steps=args.steps, guidance=args.guidance, seed=args.seed,
+                              naive=args.naive_resume, channel_snr_db=args.channel_snr_db)
+        except (GenerationUnavailable, DigestMismatch, ValueError) as err:
+            raise UsageError(str(err)) from None
+        finally:
+            if server is not None:
+                server.stop(grace=1)
+    figures = {"delivery": delivery, "n": args.n, "steps": args.steps,
+               "server_steps": server_steps if delivery in ("state", "sketch") else
+               (args.steps if delivery == "image" else 0),
+               "state_bits": args.state_bits if delivery == "state" else None,
+               "sketch_factor": args.sketch_factor if delivery == "sketch" else None,
+               "downlink_bytes": delivered.downlink_bytes, "server_unet_evals": delivered.server_unet_evals,
+               "device_unet_evals": finished.device_unet_evals, "server_seconds": delivered.server_seconds,
+               "device_seconds": finished.device_seconds,
+               "noise_var": max((b.noise_var for b in delivered.batches), default=0.0) if delivery == "state" else None,
+               "naive_resume": bool(args.naive_resume), "channel_snr_db": args.channel_snr_db}
+    return finished.images, figures
 
 
 def save_grid(images: np.ndarray, path: Path, scale: int = 6) -> None:

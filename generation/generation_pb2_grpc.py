@@ -5,7 +5,7 @@ import warnings
 
 from generation import generation_pb2 as generation_dot_generation__pb2
 
-GRPC_GENERATED_VERSION = '1.81.1'
+GRPC_GENERATED_VERSION = '1.78.2'
 GRPC_VERSION = grpc.__version__
 _version_not_supported = False
 
@@ -25,7 +25,7 @@ if _version_not_supported:
     )
 
 
-class GeneratorStub:
+class GeneratorStub(object):
     """Missing associated documentation comment in .proto file."""
 
     def __init__(self, channel):
@@ -41,7 +41,7 @@ class GeneratorStub:
                 _registered_method=True)
 
 
-class GeneratorServicer:
+class GeneratorServicer(object):
     """Missing associated documentation comment in .proto file."""
 
     def Generate(self, request, context):
@@ -66,7 +66,7 @@ def add_GeneratorServicer_to_server(servicer, server):
 
 
  # This class is part of an EXPERIMENTAL API.
-class Generator:
+class Generator(object):
     """Missing associated documentation comment in .proto file."""
 
     @staticmethod

@@ -116,27 +116,61 @@ class ClassConditionalPipeline(ClassConditionalMixin, DiffusionPipeline):
 
     @torch.no_grad()
     def __call__(self, class_labels, num_inference_steps: int = 20, guidance_scale: float = 2.0,
-                 generator: torch.Generator | None = None, output_type: str = "np", return_dict: bool = True):
+                 generator: torch.Generator | None = None, output_type: str = "np", return_dict: bool = True, *,
+                 latents: torch.Tensor | None = None, start_index: int = 0, stop_index: int | None = None,
+                 start_timestep: int | None = None):
         """One image per label, all in one batch. output_type: "np" (float [0, 1], NHWC, as in
-        diffusers), "pil", or "uint8" (NHWC bytes: what the service streams and caches).
+        diffusers), "pil", "uint8" (NHWC bytes: what the service streams and caches), or
+        "state": x in model space (float [N, C, H, W]) as the loop left it, unclipped.
 
         Deterministic for a given generator: it draws the initial noise and, for DDPM, each
         step's noise, in that order.
+
+        Split sampling [MEG]: the loop runs the sampler's grid from `start_index` up to (not
+        including) `stop_index`. One side stops at stop_index with output_type "state"; the
+        other passes that state as `latents` with start_index = the same index, and the two
+        halves make exactly the images of one whole run (for a sampler that draws no noise
+        while stepping: DDIM). `start_timestep` resumes `latents` at a training timestep off
+        the grid instead (a noisy hand-off, generation.sample.resume_point): one DDIM step from
+        it to the next grid timestep below, then the grid.
         """
-        labels = self.labels_tensor(class_labels, output_type)
+        labels = self.labels_tensor(class_labels, "np" if output_type == "state" else output_type)
         channels, size = self.unet.config.in_channels, self.unet.config.sample_size
         self.scheduler.set_timesteps(num_inference_steps, device=self.device)
-        x = randn_tensor((len(labels), channels, size, size), generator=generator, device=self.device,
-                         dtype=self.unet.dtype)
-        x = x * self.scheduler.init_noise_sigma
+        timesteps = self.scheduler.timesteps
+        if latents is None:
+            x = randn_tensor((len(labels), channels, size, size), generator=generator, device=self.device,
+                             dtype=self.unet.dtype)
+            x = x * self.scheduler.init_noise_sigma
+        else:
+            x = latents.to(device=self.device, dtype=self.unet.dtype)
         both_labels = torch.cat([labels, torch.full_like(labels, self.null_class)])
+
+        def eps_at(x, t):
+            model_input = self.scheduler.scale_model_input(torch.cat([x, x]), t)
+            eps_class, eps_null = self.unet(model_input, t, class_labels=both_labels).sample.chunk(2)
+            return eps_null + guidance_scale * (eps_class - eps_null)
+
+        grid = timesteps[start_index:stop_index]
+        if start_timestep is not None:  # resumed off the grid: to its end
+            grid = timesteps[timesteps < start_timestep]
+            x = self._ddim_step(eps_at(x, start_timestep), start_timestep, int(grid[0]) if len(grid) else -1, x)
         # Only schedulers that draw noise while stepping (DDPM) take the generator.
         takes_generator = "generator" in inspect.signature(self.scheduler.step).parameters
         step_kwargs = {"generator": generator} if takes_generator else {}
-        for t in self.progress_bar(self.scheduler.timesteps):
-            model_input = self.scheduler.scale_model_input(torch.cat([x, x]), t)
-            eps_class, eps_null = self.unet(model_input, t, class_labels=both_labels).sample.chunk(2)
-            eps = eps_null + guidance_scale * (eps_class - eps_null)
-            x = self.scheduler.step(eps, t, x, **step_kwargs).prev_sample
+        for t in self.progress_bar(grid):
+            x = self.scheduler.step(eps_at(x, t), t, x, **step_kwargs).prev_sample
         self.maybe_free_model_hooks()
+        if output_type == "state":
+            return ImagePipelineOutput(images=x) if return_dict else (x,)
         return self.images_output(x, output_type, return_dict)
+
+    def _ddim_step(self, eps: torch.Tensor, t: int, t_prev: int, x: torch.Tensor) -> torch.Tensor:
+        """The deterministic DDIM update (eta 0, epsilon prediction, no clipping) from any
+        training timestep t to t_prev (-1: to the clean image), which diffusers' step cannot:
+        it takes the previous timestep from the grid spacing."""
+        alphas = self.scheduler.alphas_cumprod.to(x.device)
+        alpha_t = alphas[t]
+        alpha_prev = alphas[t_prev] if t_prev >= 0 else self.scheduler.final_alpha_cumprod.to(x.device)
+        x0 = (x - (1 - alpha_t).sqrt() * eps) / alpha_t.sqrt()
+        return alpha_prev.sqrt() * x0 + (1 - alpha_prev).sqrt() * eps

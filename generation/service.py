@@ -7,6 +7,14 @@ noise schedule; or a GAN generator's tensors) and the request (counts, seed, ste
 sampler), so the same request is computed once, ever, and a new checkpoint never serves stale
 images. A GAN checkpoint is served alike: steps and guidance are checked, then ignored. Sampling holds one lock: concurrent requests queue, none fails for it.
 
+Delivery [MEG]: a request names how its samples reach the device. IMAGE (the default, what an
+old client gets) streams finished images; SKETCH the same images downsampled; STATE the
+sampler's state after `server_steps` steps, through fedfill's codec at `state_bits`, with the
+codec's exact expected error; SEED only the labels, the sampler and the checkpoint digest, from
+which a device holding the same weights makes the very images IMAGE would have sent. Every
+reply names the checkpoint digest, and the first batch the work the request cost the server
+(UNet passes, sampling seconds) for the device's report.
+
 Every request comes from an untrusted peer, so each way it can be wrong ends in a status
 with a reason and the service goes on serving: bytes that are no GenerateRequest and
 requests outside the limits get INVALID_ARGUMENT (checked before any sampling), a message
@@ -25,6 +33,7 @@ import logging
 import os
 import tempfile
 import threading
+import time
 import zipfile
 from concurrent import futures
 from pathlib import Path
@@ -33,6 +42,8 @@ import grpc
 import numpy as np
 from google.protobuf.message import DecodeError
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+from fedfill.codec import MAX_BITS, MIN_BITS, encode, expected_squared_error
 
 from . import generation_pb2, generation_pb2_grpc
 from .checkpoint import load_generator, weights_digest
@@ -100,6 +111,7 @@ class GeneratorService(generation_pb2_grpc.GeneratorServicer):
         self.sampler, self.max_images = sampler, max_images
         self.lock = threading.Lock()
         self.computed = self.cache_hits = self.abandoned = 0
+        self.server_unet_evals, self.sampling_seconds = 0, 0.0  # totals, for the report and the bench
 
     def check(self, request) -> str | None:
         """Why the request cannot be served, or None."""
@@ -118,56 +130,136 @@ class GeneratorService(generation_pb2_grpc.GeneratorServicer):
             return f"guidance must be in [0, 20], got {request.guidance}"
         if not 0 <= request.seed <= MAX_SEED:
             return f"seed must be in 0..{MAX_SEED}, got {request.seed}"
+        return self.check_delivery(request)
+
+    def check_delivery(self, request) -> str | None:
+        delivery = request.delivery
+        if delivery not in generation_pb2.Delivery.values():
+            return f"unknown delivery {delivery}; one of {', '.join(generation_pb2.Delivery.keys())}"
+        if delivery in (generation_pb2.STATE, generation_pb2.SKETCH):
+            from .sample import SPLIT_SAMPLER
+
+            name = generation_pb2.Delivery.Name(delivery)
+            if self.config.model != "ddpm":
+                return f"{name}: a GAN draws an image in one pass, there are no sampler steps to split; ask for IMAGE or SEED"
+            if self.sampler != SPLIT_SAMPLER:
+                return f"{name}: only a {SPLIT_SAMPLER} sampler can be split, this service samples with {self.sampler}"
+            if not 1 <= request.server_steps <= request.steps - 1:
+                return f"{name}: server_steps must be in 1..{request.steps - 1} of {request.steps} steps, " \
+                       f"got {request.server_steps}"
+        if delivery == generation_pb2.STATE and not MIN_BITS <= request.state_bits <= MAX_BITS:
+            return f"STATE: state_bits must be in {MIN_BITS}..{MAX_BITS}, got {request.state_bits}"
+        if delivery == generation_pb2.SKETCH:
+            factor, size = request.sketch_factor, self.config.image_size
+            if not (2 <= factor <= size and size % factor == 0):
+                return f"SKETCH: sketch_factor must divide the image size {size} and be at least 2, got {factor}"
         return None
 
     def cache_key(self, request) -> str:
+        """Images are cached under the request that made them, whatever their delivery (a
+        sketch or a seed reply is cut from or stands for those images); a STATE's float32
+        states under the request and its hand-off step (the bits are applied when sending)."""
         key = {"checkpoint": self.checkpoint_digest, "counts": list(request.class_counts), "seed": request.seed,
                "steps": request.steps, "guidance": round(float(request.guidance), 6), "sampler": self.sampler}
+        if request.delivery == generation_pb2.STATE:
+            key["state_after"] = request.server_steps
         return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()
 
     def images_for(self, request, context=None) -> tuple[np.ndarray, np.ndarray, bool] | None:
         """(images, labels, from_cache), or None when the client (`context`) left while the
-        request queued: it is then not sampled."""
+        request queued: it is then not sampled. For a STATE request the "images" are the
+        float32 states [n, C, H, W] after its server steps."""
+        result = self._produce(request, context)
+        return None if result is None else result[:3]
+
+    def _produce(self, request, context=None):
+        """images_for's answer and the work it cost: (images, labels, from_cache, passes, seconds)."""
         path = self.cache_dir / f"{self.cache_key(request)}.npz"
         with self.lock:
             cached = read_cache_entry(path)
             if cached is not None:
                 self.cache_hits += 1
-                return *cached, True
+                return *cached, True, 0, 0.0
             if context is not None and not context.is_active():
                 self.abandoned += 1
                 return None
-            from .sample import sample  # torch and diffusers: loaded with the checkpoint, not on import
+            from .sample import sample, sample_until  # torch and diffusers: loaded with the checkpoint, not on import
 
             labels = np.repeat(np.arange(self.config.num_classes), list(request.class_counts))
-            images = sample(self.config, self.pipe, labels, steps=request.steps, guidance=request.guidance,
-                            seed=request.seed, sampler=self.sampler)
+            started = time.perf_counter()
+            if request.delivery == generation_pb2.STATE:
+                images = sample_until(self.config, self.pipe, labels, steps=request.steps, guidance=request.guidance,
+                                      seed=request.seed, stop_index=request.server_steps)
+                passes = 2 * request.server_steps * len(labels)
+            else:
+                images = sample(self.config, self.pipe, labels, steps=request.steps, guidance=request.guidance,
+                                seed=request.seed, sampler=self.sampler)
+                passes = len(labels) if self.config.model == "gan" else 2 * request.steps * len(labels)
+            seconds = time.perf_counter() - started
             try:
                 write_cache_entry(path, images, labels)
             except OSError as err:  # the cache is an optimisation: serve the images anyway
                 LOG.warning("could not cache %s: %s", path.name, err)
             self.computed += 1
-            return images, labels, False
+            self.server_unet_evals += passes
+            self.sampling_seconds += seconds
+            return images, labels, False, passes, seconds
 
     def Generate(self, request, context):
         problem = self.check(request)
         if problem:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, problem)
+        size, channels = self.config.image_size, self.config.channels
+        common = {"delivery": request.delivery, "checkpoint_digest": self.checkpoint_digest, "sampler": self.sampler}
+        if request.delivery == generation_pb2.SEED:  # nothing to compute: the device makes them
+            labels = np.repeat(np.arange(self.config.num_classes), list(request.class_counts))
+            LOG.info("served the seed of %d images", len(labels))
+            for start in range(0, max(len(labels), 1), STREAM_BATCH):
+                yield generation_pb2.ImageBatch(labels=labels[start:start + STREAM_BATCH].tolist(), height=size,
+                                                width=size, channels=channels, **common)
+            return
         try:
-            result = self.images_for(request, context)
+            result = self._produce(request, context)
         except Exception as err:  # noqa: BLE001 - any failure becomes a status, the service goes on
             LOG.exception("generation failed")
             context.abort(grpc.StatusCode.INTERNAL, f"generation failed: {type(err).__name__}: {err}")
         if result is None:
             LOG.info("client left before its request was sampled")
             return
-        images, labels, cached = result
-        LOG.info("served %d images (%s)", len(labels), "cache" if cached else "computed")
-        n, h, w, c = images.shape if len(images) else (0, self.config.image_size, self.config.image_size, self.config.channels)
-        for start in range(0, max(n, 1), STREAM_BATCH):
-            chunk = images[start:start + STREAM_BATCH]
-            yield generation_pb2.ImageBatch(images=chunk.tobytes(), labels=labels[start:start + STREAM_BATCH].tolist(),
-                                            height=h, width=w, channels=c, from_cache=cached)
+        images, labels, cached, passes, seconds = result
+        LOG.info("served %d %s (%s)", len(labels), generation_pb2.Delivery.Name(request.delivery).lower(),
+                 "cache" if cached else "computed")
+        if request.delivery == generation_pb2.STATE:
+            timestep = self.handoff_timestep(request.steps, request.server_steps)
+        for start in range(0, max(len(labels), 1), STREAM_BATCH):
+            chunk, chunk_labels = images[start:start + STREAM_BATCH], labels[start:start + STREAM_BATCH].tolist()
+            work = {"server_unet_evals": passes, "server_seconds": seconds} if start == 0 else {}
+            if request.delivery == generation_pb2.STATE:
+                # the codec's rounding draws from the request: the same request, the same bytes
+                payload = encode([chunk], request.state_bits, np.random.default_rng([request.seed, start]))
+                noise_var = expected_squared_error([chunk], request.state_bits) / max(chunk.size, 1)
+                yield generation_pb2.ImageBatch(state=payload, labels=chunk_labels, height=size, width=size,
+                                                channels=channels, from_cache=cached, resume_index=request.server_steps,
+                                                timestep=timestep, noise_var=noise_var, **common, **work)
+                continue
+            if request.delivery == generation_pb2.SKETCH:
+                from .sample import downsample
+
+                chunk = downsample(chunk, request.sketch_factor) if len(chunk) else chunk
+                common["resume_index"] = request.server_steps
+            n, h, w, c = chunk.shape if len(chunk) else (0, size, size, channels)
+            if request.delivery == generation_pb2.SKETCH and not n:
+                h = w = size // request.sketch_factor
+            yield generation_pb2.ImageBatch(images=chunk.tobytes(), labels=chunk_labels, height=h, width=w, channels=c,
+                                            from_cache=cached, **common, **work)
+
+    def handoff_timestep(self, steps: int, index: int) -> int:
+        """The training timestep of the state after `index` of `steps` sampler steps."""
+        from .pipeline import make_scheduler
+
+        scheduler = make_scheduler(self.sampler, self.pipe.scheduler.config)
+        scheduler.set_timesteps(steps)
+        return int(scheduler.timesteps[index])
 
     def generate_from_bytes(self, data: bytes, context):
         """Generate for the raw request bytes: parsing them here (not in gRPC's deserializer,
@@ -181,9 +273,9 @@ class GeneratorService(generation_pb2_grpc.GeneratorServicer):
 
 
 def serve(checkpoint: str | Path, port: int, cache_dir: str | Path, host: str = "127.0.0.1", workers: int = 8,
-          max_images: int = MAX_IMAGES_PER_REQUEST):
+          max_images: int = MAX_IMAGES_PER_REQUEST, sampler: str = "ddim"):
     """Start the server (returns it; call .wait_for_termination() to block)."""
-    service = GeneratorService(checkpoint, cache_dir, max_images=max_images)
+    service = GeneratorService(checkpoint, cache_dir, sampler=sampler, max_images=max_images)
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=workers),
                          maximum_concurrent_rpcs=MAX_CONCURRENT_RPCS,
                          options=[("grpc.max_send_message_length", 64 * 1024 * 1024),
