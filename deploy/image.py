@@ -19,6 +19,7 @@ import tomllib
 from collections.abc import Callable
 from pathlib import Path
 
+from deploy.wheel import build_fedfill_wheel
 from fedfill.errors import UsageError
 
 DOCKER_DIR = Path(__file__).parent / "docker"
@@ -108,13 +109,13 @@ def build_context(root: Path, progress: Callable[[str], None] = print) -> Path:
             own.unlink()
         (context / "deps.done").write_text("")
     shutil.rmtree(project, ignore_errors=True)
-    _pip_wheel(root, project, "--no-deps")
+    build_fedfill_wheel(project)  # from a copy of the sources: a stale build/ in the checkout cannot leak in
     shutil.copy(DOCKER_DIR / "Dockerfile", context / "Dockerfile")
     return context
 
 
-def _pip_wheel(root: Path, into: Path, *flags: str) -> None:
-    done = subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", *flags, "-w", str(into), str(root)],
+def _pip_wheel(root: Path, into: Path) -> None:
+    done = subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "-w", str(into), str(root)],
                           capture_output=True, text=True)
     if done.returncode != 0:
         raise RuntimeError(f"pip wheel failed:\n{done.stderr[-3000:]}")
