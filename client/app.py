@@ -11,14 +11,15 @@ It speaks to the server only through fedfill.contract: it never imports the stra
 
 from __future__ import annotations
 
+import functools
 import os
 import time
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from logging import INFO, WARNING
 from pathlib import Path
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, Context, Message
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message
 from flwr.clientapp import ClientApp
 from flwr.common import log
 
@@ -43,6 +44,8 @@ WARM_IMPORTS = ("client.app", "torch", "jobs.classifier", "torch._dynamo", "fedf
 WARM_FIRST = 4
 
 SYNTHETIC_KEY = "synthetic"  # context.state record holding this device's generated samples
+GENERATOR_KEY = "generator-checkpoint"  # node config: the generator a split delivery is completed with;
+# in context.state: the device holds it (its download was counted)
 DATA_DIR_KEY = "data-dir"  # node config: the node's own files (class folders or an .npz)
 SYSFS_ROOT_KEY = "sysfs-root"  # node config: read the board's profile and meter its energy there
 
@@ -100,10 +103,14 @@ def query(message: Message, context: Context) -> Message:
 
 
 def fetch_synthetic(run: RunConfig, context: Context, request: np.ndarray, image_shape):
-    """Generated samples per the request, reusing what this device already holds.
+    """Generated samples per the request, reusing what this device already holds, delivered in
+    the run's mode [MEG] (the service samples them, or hands part or all of the sampling to
+    this device).
 
-    Returns (images, labels, note). When the service cannot be reached the device trains on
-    its local data alone and says so (the note goes back in the reply).
+    Returns (images, labels, note, fill): the note says what happened (it goes back in the
+    reply); fill holds the round's generation figures (TrainMetrics' gen_* fields, 0 where
+    nothing was generated). When the service cannot be reached, or what it sent cannot be
+    completed here, the device trains on what it holds and says so.
     """
     state = context.state
     held = state.array_records.get(SYNTHETIC_KEY)
@@ -112,27 +119,86 @@ def fetch_synthetic(run: RunConfig, context: Context, request: np.ndarray, image
     have = np.bincount(labels, minlength=request.size)
     shortfall = np.maximum(request - have, 0)
     note = "cached" if shortfall.sum() == 0 and request.sum() > 0 else ""
+    fill: dict = {}
     if shortfall.sum() > 0:
         if not run.generator_address:
             note = "no generation service configured: local data only"
         else:
-            from generation.client import GenerationClient, GenerationUnavailable
+            from generation.client import GenerationUnavailable
+            from generation.delivery import DigestMismatch
 
-            client = GenerationClient(run.generator_address, timeout_s=120.0, retries=2)
             seed = int(context.node_config.get("partition-id", 0)) * 1_000_003 + int(have.sum())
             try:
-                new_images, new_labels = client.generate(shortfall.tolist(), seed=seed, steps=run.generator_steps,
-                                                         guidance=run.generator_guidance)
+                new_images, new_labels, fill = _generate(run, context, shortfall, seed)
             except GenerationUnavailable as err:  # an outage degrades to what the device holds, never fails the round
                 note = f"generation service unavailable ({err}): trained without the missing samples"
+                log(WARNING, note)
+            except (DigestMismatch, ValueError) as err:  # a fill that cannot be completed here: dropped, said why
+                note = f"{run.delivery} delivery not completed ({err}): trained without the missing samples"
                 log(WARNING, note)
             else:
                 images, labels = np.concatenate([images, new_images]), np.concatenate([labels, new_labels])
                 state[SYNTHETIC_KEY] = ArrayRecord({"images": Array(images), "labels": Array(labels)})
-                note = f"generated {int(shortfall.sum())}"
+                note = f"generated {int(shortfall.sum())}" + (f" ({run.delivery} delivery)"
+                                                              if run.delivery != "image" else "")
     # Use exactly the requested count per class from what is held.
     pick = np.concatenate([np.flatnonzero(labels == c)[:n] for c, n in enumerate(request)]).astype(int)
-    return images[pick], labels[pick], note
+    return images[pick], labels[pick], note, fill
+
+
+def _generate(run: RunConfig, context: Context, counts: np.ndarray, seed: int):
+    """(images, labels, fill figures) of one request to the service in the run's delivery
+    mode, completed on this device where the mode asks it to."""
+    from generation.client import GenerationClient
+
+    client = GenerationClient(run.generator_address, timeout_s=120.0, retries=2)
+    delivered = client.fetch(counts.tolist(), seed=seed, steps=run.generator_steps, guidance=run.generator_guidance,
+                             delivery=run.delivery, server_steps=run.delivery_server_steps or run.generator_steps // 2,
+                             state_bits=run.delivery_state_bits, sketch_factor=run.delivery_sketch_factor)
+    fill = {"gen_downlink_bytes": delivered.downlink_bytes, "gen_server_unet_evals": delivered.server_unet_evals,
+            "gen_server_seconds": delivered.server_seconds}
+    if run.delivery == "image":
+        return delivered.images, delivered.labels, fill
+    from generation.delivery import finish
+
+    generator = device_generator(str(context.node_config.get(GENERATOR_KEY, "")) or run.generator_checkpoint)
+    if GENERATOR_KEY not in context.state.config_records:  # the first split fill downloads the generator
+        fill["gen_downlink_bytes"] += generator.download_bytes
+        context.state[GENERATOR_KEY] = ConfigRecord({"digest": generator.digest})
+    finished = finish(delivered, generator.config, generator.pipe, steps=run.generator_steps,
+                      guidance=run.generator_guidance, seed=seed, digest=generator.digest)
+    fill.update(gen_device_unet_evals=finished.device_unet_evals, gen_device_seconds=finished.device_seconds,
+                device_cycles=finished.device_unet_evals * generator.cycles_per_pass)
+    return finished.images, finished.labels, fill
+
+
+@dataclass(frozen=True)
+class DeviceGenerator:
+    """The generator a device completes split deliveries with, loaded once per process."""
+
+    config: object
+    pipe: object
+    digest: str  # generation.checkpoint.weights_digest: what the service's reply must name
+    download_bytes: int  # its weights files: what fetching it once costs a device
+    cycles_per_pass: float  # the cost model's cycles of one UNet pass of one image
+
+
+@functools.lru_cache(maxsize=2)
+def device_generator(checkpoint: str) -> DeviceGenerator:
+    """`checkpoint` (empty: the shipped digits generator) loaded, with what the cost model
+    needs: its weights' bytes and its cycles per pass ([ODQ]'s cycles per parameter, as the
+    device's training is modeled)."""
+    from generation.checkpoint import load_generator, weights_digest
+    from generation.config import DEFAULT_CHECKPOINT
+    from strategies.allocation.presets import PAPER_OMEGA_PER_PARAM
+
+    path = Path(checkpoint) if checkpoint else DEFAULT_CHECKPOINT
+    config, pipe = load_generator(path)
+    model = pipe.components["unet"] if "unet" in pipe.components else pipe.components["generator"]
+    parameters = sum(p.numel() for p in model.parameters())
+    return DeviceGenerator(config, pipe, weights_digest(pipe),
+                           sum(f.stat().st_size for f in path.rglob("*.safetensors")),
+                           PAPER_OMEGA_PER_PARAM * parameters)
 
 
 def quantize_update(update: list[np.ndarray], plan: contract.NodePlan, rng: np.random.Generator) -> tuple[bytes, dict]:
@@ -199,7 +265,10 @@ def local_step(message: Message, context: Context, plan: contract.NodePlan) -> t
     partition_id = node_partition(run, context)[0]
     data = local_data(run, job, context)  # NodeDataError: Flower's error reply, the strategy drops the node
     request = synthetic_request(plan.policy, data.class_counts(), plan.d_gen)
-    syn_images, syn_labels, note = fetch_synthetic(run, context, request, data.images.shape[1:])
+    syn_images, syn_labels, note, fill = fetch_synthetic(run, context, request, data.images.shape[1:])
+    if "device_cycles" in fill:  # the cost model's energy of the device's sampling, at the plan's frequency
+        eps = device_profile(run, context, len(data), job.preset)["eps"]
+        fill["gen_device_energy_j"] = float(eps * fill.pop("device_cycles") * plan.f_hz ** 2)
     semi = {}
     if run.synthetic_use == "unlabelled":  # SEMI: the generated samples, their labels withheld
         images, labels, semi = data.images, data.labels, {"unlabelled": syn_images}
@@ -221,5 +290,5 @@ def local_step(message: Message, context: Context, plan: contract.NodePlan) -> t
         partition_id, len(data), len(syn_labels), note or "none asked", train_seconds, len(payload), figures["bits"])
     metrics = contract.TrainMetrics(num_examples=int(len(data) + len(syn_labels)), d_gen_used=int(len(syn_labels)),
                                     train_seconds=train_seconds, train_loss=result.loss, upload_bytes=len(payload),
-                                    modeled_energy_j=plan.modeled_energy_j, **figures)
+                                    modeled_energy_j=plan.modeled_energy_j, **figures, **fill)
     return payload, metrics, note

@@ -19,7 +19,8 @@ import math
 from contextlib import contextmanager
 from dataclasses import fields, replace
 
-from fedfill.config import RunConfig, check_aggregation, key_of
+from fedfill.codec import MAX_BITS, MIN_BITS
+from fedfill.config import DELIVERIES, RunConfig, check_aggregation, key_of
 from fedfill.errors import UsageError
 
 # what the generation service serves (generation.service.GenerationService.check)
@@ -72,11 +73,36 @@ def check_settings(job: RunConfig) -> None:
     except ValueError as err:
         raise UsageError(str(err)) from None
     check_synthetic_use(job)
+    check_delivery(job)
     if job.learning_fit:
         check_learning_fit(job.learning_fit)
     if job.dataset.lower() == "digits" and job.data_dir:
         raise UsageError(f"--data-dir {job.data_dir}: digits is embedded and reads no directory; "
                          "name the dataset that lives there (--dataset cifar10, gtsrb, fmnist or cinic10)")
+
+
+def check_delivery(job: RunConfig) -> None:
+    """A delivery mode the service can make: a hand-off step inside the sampler's steps, the
+    codec's widths, a sketch factor that divides the image (checked against the generator by
+    the service; here against the embedded digits' 8 pixels where the dataset is digits)."""
+    flag = flag_of("delivery")
+    if job.delivery not in DELIVERIES:
+        raise UsageError(f"{flag} {job.delivery}: choose one of {', '.join(DELIVERIES)}")
+    if job.delivery == "image":
+        return
+    if job.synthetic_use == "server":
+        raise UsageError(f"{flag} {job.delivery}: with --synthetic-use server the devices get no synthetic data")
+    steps = job.delivery_server_steps or job.generator_steps // 2
+    if job.delivery in ("state", "sketch") and not 1 <= steps <= job.generator_steps - 1:
+        raise UsageError(f"{flag_of('delivery_server_steps')} {job.delivery_server_steps}: the hand-off must be a "
+                         f"step in 1..{job.generator_steps - 1} of the {job.generator_steps} generator steps")
+    if job.delivery == "state" and not MIN_BITS <= job.delivery_state_bits <= MAX_BITS:
+        raise UsageError(f"{flag_of('delivery_state_bits')} {job.delivery_state_bits}: must be in "
+                         f"{MIN_BITS}..{MAX_BITS}")
+    factor = job.delivery_sketch_factor
+    if job.delivery == "sketch" and (factor < 2 or (job.dataset.lower() == "digits" and 8 % factor)):
+        raise UsageError(f"{flag_of('delivery_sketch_factor')} {factor}: must be at least 2 and divide the image "
+                         "size (digits: 2, 4 or 8)")
 
 
 def check_synthetic_use(job: RunConfig) -> None:

@@ -95,7 +95,11 @@ def checked_job(args) -> tuple[RunConfig, str]:
     if generator_mode == "none" and args.synthetic_use != "labelled":
         raise UsageError(f"--synthetic-use {args.synthetic_use}: the synthetic samples come from a generation "
                          "service; use --generator auto or HOST:PORT")
-    job = RunConfig.from_args(args, out_dir=str(Path(args.out).resolve()),
+    if generator_mode == "none" and args.delivery != "image":
+        raise UsageError(f"--delivery {args.delivery}: the devices share the sampling with a generation service; "
+                         "use --generator auto or HOST:PORT")
+    checkpoint = str(Path(args.generator_checkpoint).resolve()) if args.generator_checkpoint else ""
+    job = RunConfig.from_args(args, out_dir=str(Path(args.out).resolve()), generator_checkpoint=checkpoint,
                               generator_address="" if generator_mode in ("auto", "none") else generator_mode)
     # a scenario profiles the deployment engine's nodes; a SuperLink's nodes are someone else's
     configs = [] if args.superlink else node_configs(args.num_partitions, args.scenario) if args.scenario else None

@@ -61,6 +61,18 @@ class RunConfig:
                                      cli=False)  # `fedfill run --generator` sets it
     generator_steps: int = setting(20, "sampling steps the generation service uses")
     generator_guidance: float = setting(2.0, "classifier-free guidance scale of the generated samples")
+    generator_checkpoint: str = setting("", "the generator a device completes a split delivery with; empty: the "
+                                            "shipped one (node config generator-checkpoint overrides it)",
+                                        cli=False)  # `fedfill run --generator-checkpoint` sets it
+    # split generation [MEG]: how the synthetic samples reach a device
+    delivery: str = setting("image", "how generated samples reach a device [MEG]: image (the service samples "
+                                     "them), state (the service runs the first --delivery-server-steps and sends "
+                                     "its state), sketch (low-resolution images the device completes) or seed "
+                                     "(the device generates them)")
+    delivery_server_steps: int = setting(0, "state, sketch: the sampler step a device takes over at; 0: half the "
+                                            "generator steps")
+    delivery_state_bits: int = setting(8, "state: the codec's bits per element of the hand-off, 2..32")
+    delivery_sketch_factor: int = setting(2, "sketch: downsampling per side, dividing the image size")
     # the ddpm job (jobs.ddpm)
     start_checkpoint: str = setting("", "the generator the ddpm job fine-tunes; empty: the shipped one that saw "
                                         "only digits 0-4")
@@ -106,6 +118,7 @@ class RunConfig:
 
 
 SYNTHETIC_USES = ("labelled", "unlabelled", "server")  # RunConfig.synthetic_use: FIMI, SEMI, SST
+DELIVERIES = ("image", "sketch", "state", "seed")  # RunConfig.delivery: who does the sampling [MEG]
 AGGREGATIONS = ("fedavg", "median", "trimmed-mean")  # the rules of RunConfig.aggregation
 
 

@@ -226,6 +226,16 @@ class TrainMetrics:
     error_expected: float = 0.0  # exact E||u - Q(u)||^2 / ||u||^2 of the sent width on this update
     error_measured: float = 0.0  # ||u - Q(u)||^2 / ||u||^2 of the payload actually sent
     codec_constant: float = 0.0  # K of this update (fedfill.codec.codec_constant): plans the next bits
+    # The round's fill of synthetic samples [MEG] (0 where none was generated this round): bytes
+    # the device received (the service's reply as serialized, and the generator the first time
+    # a split delivery needed it), UNet passes and seconds on each side, and the cost model's
+    # energy of the device's share of the sampling (eps * cycles * f^2, as its training's)
+    gen_downlink_bytes: int = 0
+    gen_server_unet_evals: int = 0
+    gen_server_seconds: float = 0.0
+    gen_device_unet_evals: int = 0
+    gen_device_seconds: float = 0.0
+    gen_device_energy_j: float = 0.0
     # The board's own energy meter (fedfill.board) over the local step (data, training,
     # quantization; the upload happens after the reply is made): joules and seconds, None
     # where the node has no sensor (then no key is sent: a figure is never invented)
@@ -270,7 +280,11 @@ _METRIC_RULES = {
     WEIGHT_KEY: dict(whole=True, positive=True, at_most=MAX_EXAMPLES), "d-gen-used": dict(whole=True),
     "train-seconds": {}, "train-loss": dict(signed=True), "upload-bytes": dict(whole=True),
     "modeled-energy-j": {}, "error-expected": {}, "error-measured": {}, "codec-constant": {},
+    "gen-downlink-bytes": dict(whole=True), "gen-server-unet-evals": dict(whole=True), "gen-server-seconds": {},
+    "gen-device-unet-evals": dict(whole=True), "gen-device-seconds": {}, "gen-device-energy-j": {},
 }
+# the fill's figures: per node in devices.csv, summed over the round's used replies in rounds.csv
+GENERATION_METRICS = tuple(key for key in _METRIC_RULES if key.startswith("gen-"))
 
 
 def read_train_reply(content: RecordDict) -> tuple[bytes, dict, str]:

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-DELIVERIES = ("image", "sketch", "state", "seed")
+from fedfill.config import DELIVERIES  # noqa: F401 - the modes, named once for the run settings too
 
 
 class DigestMismatch(ValueError):

@@ -28,9 +28,7 @@ __all__ = ["SAMPLERS", "SPLIT_SAMPLER", "complete", "complete_sketch", "make_sch
            "sample_until"]
 
 SPLIT_SAMPLER = "ddim"  # the one sampler a run can be split in (see above)
-# The sketch's completion noise comes from its own stream: seeds past MAX_SEED * 1_000_003 + any
-# index (generation.service), so it never repeats a batch's initial noise.
-SKETCH_NOISE_OFFSET = 2 ** 62
+SKETCH_NOISE_STREAM = 1  # the sketch's re-noising draws from a stream of its own (_stream_generator)
 
 
 def _runner(config, pipe, sampler: str):
@@ -48,6 +46,15 @@ def _batch_generator(seed: int, start: int):
     import torch
 
     return torch.Generator().manual_seed(seed * 1_000_003 + start)
+
+
+def _stream_generator(seed: int, start: int, stream: int):
+    """A generator for other draws of a batch than its sampling noise. Not an offset of
+    _batch_generator's seed: torch's CPU generator keeps only a seed's low 32 bits (an offset
+    of 2**62 drew the very noise the batch was sampled from), so the three numbers are hashed."""
+    import torch
+
+    return torch.Generator().manual_seed(int(np.random.SeedSequence([seed, start, stream]).generate_state(1)[0]))
 
 
 def sample(config, pipe, labels, *, steps: int = 20, guidance: float = 2.0, seed: int = 0, sampler: str = "ddim",
@@ -154,10 +161,10 @@ def complete_sketch(config, pipe, sketches: np.ndarray, labels, *, steps: int = 
     alpha = runner.scheduler.alphas_cumprod[int(runner.scheduler.timesteps[resume_index])]
     out = []
     for start in range(0, len(labels), batch_size):
-        small = torch.from_numpy(np.ascontiguousarray(sketches[start:start + batch_size])).permute(0, 3, 1, 2)
+        small = torch.from_numpy(np.array(sketches[start:start + batch_size])).permute(0, 3, 1, 2)
         x0 = F.interpolate(small.float() / 127.5 - 1.0, size=(config.image_size, config.image_size),
                            mode="bilinear", align_corners=False)
-        noise = torch.randn(x0.shape, generator=_batch_generator(seed, first_index + start + SKETCH_NOISE_OFFSET))
+        noise = torch.randn(x0.shape, generator=_stream_generator(seed, first_index + start, SKETCH_NOISE_STREAM))
         latents = alpha.sqrt() * x0 + (1 - alpha).sqrt() * noise
         out.append(runner(labels[start:start + batch_size], num_inference_steps=steps, guidance_scale=guidance,
                           output_type="uint8", latents=latents, start_index=resume_index).images)

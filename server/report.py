@@ -36,23 +36,28 @@ from pathlib import Path
 
 import numpy as np
 
+from fedfill import contract
+
 # Per-round columns after the job's evaluation metrics; the cumulative ones come first.
 CUMULATIVE = ("energy_j", "latency_s", "uplink_bytes")
 # the classes of `dropped` (strategies.fimi_strategy.DROP_CLASSES)
 DROPPED_BY_CLASS = ("dropped_no_reply", "dropped_unusable", "dropped_norm", "dropped_duplicate")
+# the fill of synthetic samples [MEG]: the round's sums over the used replies (fedfill.contract)
+GENERATION_COLUMNS = tuple(key.replace("-", "_") for key in contract.GENERATION_METRICS)
+GENERATION_INTEGERS = {column for column in GENERATION_COLUMNS if not column.endswith(("_seconds", "_j"))}
 COST_COLUMNS = (*CUMULATIVE, "round_energy_j", "round_latency_s", "round_uplink_bytes", "updates", "dropped",
                 *DROPPED_BY_CLASS, "wall_s", "train_s_max", "train_s_sum", "synthetic_used", "train_loss",
-                "dropped_nodes")
+                "dropped_nodes", *GENERATION_COLUMNS)
 INTEGER_COLUMNS = {"round", "uplink_bytes", "round_uplink_bytes", "updates", "dropped", *DROPPED_BY_CLASS,
-                   "synthetic_used"}
+                   "synthetic_used", *GENERATION_INTEGERS}
 TEXT_COLUMNS = {"dropped_nodes"}  # kept as written, empty included
 # devices.csv: the round, then the strategy's figures of a node (strategies.fimi_strategy.NODE_FIGURES)
 NODES_CSV = "devices.csv"
 NODE_COLUMNS = ("round", "node", "partition_id", "bits_planned", "bits", "error_demand", "error_expected",
                 "error_measured", "t_cmp_s", "t_com_s", "energy_j", "e_cmp_j", "measured_energy_j", "measured_s",
                 "plan_uplink_bps", "train_s", "delivery_s", "launch_s", "handler_s", "upload_s", "reply_bytes",
-                "status", "reason")
-NODE_INTEGER_COLUMNS = {"round", "node", "partition_id", "bits_planned", "bits", "reply_bytes"}
+                "status", "reason", *GENERATION_COLUMNS)
+NODE_INTEGER_COLUMNS = {"round", "node", "partition_id", "bits_planned", "bits", "reply_bytes", *GENERATION_INTEGERS}
 NODE_TEXT_COLUMNS = {"status", "reason"}
 DROP_COLUMNS = ("round", "node", "reason")
 
@@ -134,6 +139,7 @@ class RunReport:
             row[f"round_{key}"] = costs.get(key, zero)
         row.update({key: costs.get(key, 0) for key in ("updates", "dropped", *DROPPED_BY_CLASS, "synthetic_used")})
         row.update({key: costs.get(key, 0.0) for key in ("train_s_max", "train_s_sum")})
+        row.update({key: costs.get(key, 0 if key in GENERATION_INTEGERS else 0.0) for key in GENERATION_COLUMNS})
         row["train_loss"] = costs.get("train_loss", "")  # none before round 1 or when no update came
         # measured: wall time of the round as the server saw it
         row["wall_s"] = time.monotonic() - self._last

@@ -38,7 +38,8 @@ from strategies.allocation.policies import error_target_out_of_reach, parse_poli
 # empty where the node has no sensor) stands beside.
 NODE_FIGURES = ("node", "partition_id", "bits_planned", "bits", "error_demand", "error_expected", "error_measured",
                 "t_cmp_s", "t_com_s", "energy_j", "e_cmp_j", "measured_energy_j", "measured_s", "plan_uplink_bps",
-                "train_s", "delivery_s", "launch_s", "handler_s", "upload_s", "reply_bytes", "status", "reason")
+                "train_s", "delivery_s", "launch_s", "handler_s", "upload_s", "reply_bytes", "status", "reason",
+                *(name.replace("-", "_") for name in contract.GENERATION_METRICS))
 DEMANDING_POLICIES = ("ondemand", "fimi+ondemand")  # plans whose bits answer each device's error demand
 # Why an update was not merged, by class: the round's MetricRecord counts each as dropped-<class>
 # (rounds.csv's dropped_<class>, which add up to `dropped`).
@@ -319,6 +320,7 @@ class FimiFedAvg(FedAvg):
             **{f"dropped-{kind}": count for kind, count in dropped.items()},
             "train-s-max": max(train_seconds, default=0.0), "train-s-sum": float(sum(train_seconds)),
             "synthetic-used": int(sum(int(r["d-gen-used"]) for r in node_metrics)),
+            **{key: sum(r[key] for r in node_metrics) for key in contract.GENERATION_METRICS},
         })
         new = None
         if decoded and self.complementary_update is not None:
@@ -379,7 +381,8 @@ class FimiFedAvg(FedAvg):
                        error_measured=float(metrics.get("error-measured", 0.0)),
                        energy_j=self._modeled_energy(node_id, plan, bits),
                        measured_energy_j=contract.node_figure(metrics, "measured-energy-j"),
-                       measured_s=contract.node_figure(metrics, "measured-s"))
+                       measured_s=contract.node_figure(metrics, "measured-s"),
+                       **{key.replace("-", "_"): metrics[key] for key in contract.GENERATION_METRICS})
         constant = float(metrics.get("codec-constant", 0.0))
         if np.isfinite(constant) and constant > 0:
             self.profiles[node_id]["codec_constant"] = constant
@@ -404,7 +407,8 @@ class FimiFedAvg(FedAvg):
                 "plan_uplink_bps": (float(update_bits(self.system.model_params, plan.bits))
                                                       / plan.t_com_s if plan.t_com_s > 0 else None),
                 "train_s": None, "delivery_s": None, "launch_s": None, "handler_s": None, "upload_s": None,
-                "reply_bytes": None, "status": "used", "reason": ""}
+                "reply_bytes": None, "status": "used", "reason": "",
+                **{key.replace("-", "_"): None for key in contract.GENERATION_METRICS}}
 
 
 def timeline(reply: Message, pushed_at: float | None) -> dict:

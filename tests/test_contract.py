@@ -32,7 +32,9 @@ def test_a_train_reply_carries_the_codec_bytes_and_the_figures():
     payload = encode(update, 8, np.random.default_rng(0))
     metrics = contract.TrainMetrics(num_examples=120, d_gen_used=20, train_seconds=1.5, train_loss=0.3,
                                     upload_bytes=len(payload), modeled_energy_j=0.02, bits=8, error_expected=1e-4,
-                                    error_measured=1.1e-4, codec_constant=0.9)
+                                    error_measured=1.1e-4, codec_constant=0.9, gen_downlink_bytes=1652,
+                                    gen_server_unet_evals=400, gen_server_seconds=0.5, gen_device_unet_evals=400,
+                                    gen_device_seconds=0.6, gen_device_energy_j=0.003)
     content = contract.train_reply(payload, metrics, "generated 20")
     array = content[contract.UPDATE_KEY]["payload"]
     assert array.stype == contract.CODEC_STYPE and array.data == payload
@@ -40,7 +42,9 @@ def test_a_train_reply_carries_the_codec_bytes_and_the_figures():
     assert decode(got_payload)[0].shape == (3, 4) and note == "generated 20"
     assert got_metrics == {"num-examples": 120, "d-gen-used": 20, "train-seconds": 1.5, "train-loss": 0.3,
                            "upload-bytes": len(payload), "modeled-energy-j": 0.02, "bits": 8,
-                           "error-expected": 1e-4, "error-measured": 1.1e-4, "codec-constant": 0.9}
+                           "error-expected": 1e-4, "error-measured": 1.1e-4, "codec-constant": 0.9,
+                           "gen-downlink-bytes": 1652, "gen-server-unet-evals": 400, "gen-server-seconds": 0.5,
+                           "gen-device-unet-evals": 400, "gen-device-seconds": 0.6, "gen-device-energy-j": 0.003}
     assert contract.reply_bytes(content) > len(payload)
     metered = replace(metrics, measured_energy_j=4.25, measured_s=1.7)  # a board with sensors says more
     assert contract.read_train_reply(contract.train_reply(payload, metered, ""))[1] == {

@@ -2,6 +2,7 @@
 "device" with the shipped checkpoint: exact hand-offs, the noise-aware resume, bytes, and bad
 input refused with a reason."""
 
+import csv
 import json
 import subprocess
 import sys
@@ -203,3 +204,56 @@ def test_sample_command_splits_the_work_and_reports_it(tmp_path):
                               "--steps", "6", "--delivery", "sketch", "--sketch-factor", "3", "--out",
                               str(tmp_path / "x.npz")], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert refused.returncode == 2 and "sketch_factor must divide" in refused.stderr
+
+
+def test_a_sketch_is_renoised_from_a_stream_of_its_own(generator):
+    """Re-noised almost to pure noise, a sketch must not come back as the very image it was
+    cut from: torch keeps only a seed's low 32 bits, and an offset of 2**62 once drew the
+    batch's own sampling noise again."""
+    config, pipe = generator
+    from generation.sample import complete_sketch, downsample
+
+    labels = np.repeat(np.arange(10), 3)
+    source = sample(config, pipe, labels, steps=STEPS, seed=0).astype(int)
+    redrawn = complete_sketch(config, pipe, downsample(source.astype(np.uint8), 2), labels, steps=STEPS, seed=0,
+                              resume_index=1)
+    other_seed = sample(config, pipe, labels, steps=STEPS, seed=1).astype(int)
+    assert np.abs(redrawn - source).mean() > 0.5 * np.abs(other_seed - source).mean()
+
+
+@pytest.mark.slow
+def test_a_run_with_seed_delivery_trains_on_the_very_images_of_image_delivery(tmp_path):
+    """fedfill run with --delivery seed: each device generates its samples itself, the same
+    images the service would have sent, so the run's accuracy is image delivery's to the
+    digit; the reports say who sampled and what it cost."""
+    rows = {}
+    for delivery in ("image", "seed"):
+        out = tmp_path / delivery
+        done = subprocess.run([sys.executable, "-m", "fedfill", "run", "--nodes", "3", "--rounds", "1",
+                               "--delivery", delivery, "--out", str(out), "--timeout", "400"],
+                              cwd=ROOT, capture_output=True, text=True, timeout=500)
+        assert done.returncode == 0, done.stdout + done.stderr
+        with open(out / "rounds.csv") as fh:
+            rows[delivery] = list(csv.DictReader(fh))[-1]
+        with open(out / "devices.csv") as fh:
+            rows[delivery + "-devices"] = list(csv.DictReader(fh))
+    image, seed = rows["image"], rows["seed"]
+    assert seed["accuracy"] == image["accuracy"] and seed["synthetic_used"] == image["synthetic_used"]
+    assert int(image["gen_server_unet_evals"]) > 0 and int(image["gen_device_unet_evals"]) == 0
+    assert int(seed["gen_server_unet_evals"]) == 0
+    assert int(seed["gen_device_unet_evals"]) == int(image["gen_server_unet_evals"])
+    assert float(seed["gen_device_energy_j"]) > 0 and float(image["gen_device_energy_j"]) == 0
+    # a classifier device fetched the generator once: its weights' bytes are counted
+    assert int(seed["gen_downlink_bytes"]) > 3 * 4_000_000 > int(image["gen_downlink_bytes"])
+    assert all(int(d["gen_device_unet_evals"]) > 0 for d in rows["seed-devices"])
+
+
+def test_run_refuses_a_delivery_it_cannot_make(tmp_path):
+    for flags, reason in ((["--delivery", "video"], "--delivery video: choose one of image, sketch, state, seed"),
+                          (["--delivery", "state", "--delivery-server-steps", "20"], "in 1..19 of the 20"),
+                          (["--delivery", "state", "--delivery-state-bits", "1"], "must be in 2..32"),
+                          (["--delivery", "sketch", "--delivery-sketch-factor", "3"], "divide the image size"),
+                          (["--delivery", "seed", "--generator", "none"], "use --generator auto or HOST:PORT")):
+        done = subprocess.run([sys.executable, "-m", "fedfill", "run", *flags, "--out", str(tmp_path / "x")],
+                              cwd=ROOT, capture_output=True, text=True, timeout=120)
+        assert done.returncode == 2 and reason in done.stderr, (flags, done.stderr[-500:])
