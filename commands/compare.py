@@ -17,7 +17,7 @@ from pathlib import Path
 
 from fedfill.config import GIVEN
 from fedfill.errors import UsageError
-from server.report import read_rounds
+from server.report import GENERATION_COLUMNS, read_rounds
 
 
 def add_arguments(parser) -> None:
@@ -75,10 +75,12 @@ def run(args) -> int:
         if run_command.run(policy_args) != 0:
             print(f"fedfill compare: the {policy} run failed; see {out / policy / 'flwr.log'}")
             return 1
-        results[policy] = costs_at_target(read_rounds(out / policy / "rounds.csv"), args.target, metric)
+        rows = read_rounds(out / policy / "rounds.csv")
+        results[policy] = {**costs_at_target(rows, args.target, metric), "fill": fill_figures(rows)}
         if args.job == "ddpm":
             results[policy].update(diffusion_figures(out / policy))
-    summary = {f"target_{metric}": args.target, "job": args.job, "dataset": args.dataset, "alpha": args.dirichlet_alpha,
+    summary = {f"target_{metric}": args.target, "job": args.job, "dataset": args.dataset, "delivery": args.delivery,
+               "alpha": args.dirichlet_alpha,
                "seed": args.seed, "rounds": args.rounds, "nodes": args.num_partitions, "policies": results}
     (out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
     plot_policies(out, policies, args.target, metric)
@@ -93,6 +95,13 @@ def run(args) -> int:
         plot_synthetic_per_device(out / "fimi", out / "fimi_devices.png")
     print(f"compare: {out}/summary.json, policies.png" + (", fimi_devices.png" if "fimi" in policies else ""))
     return 0
+
+
+def fill_figures(rows: list[dict]) -> dict:
+    """What generating the run's synthetic samples cost, over all its rounds (rounds.csv's
+    gen_* columns): where the sampling ran, the bytes it took to the devices, the devices'
+    modeled energy for it. Older reports, without the columns, give zeros."""
+    return {column: sum(row.get(column) or 0 for row in rows) for column in GENERATION_COLUMNS}
 
 
 def policy_run_args(args, policy: str, out: Path) -> argparse.Namespace:
@@ -206,9 +215,10 @@ def print_table(summary: dict) -> None:
 
     target = summary["target_accuracy"]
     table = Table(title=f"{summary['dataset']}, Dir({summary['alpha']}), {summary['nodes']} nodes, "
-                        f"{summary['rounds']} rounds, target {target:.0%}")
+                        f"{summary['rounds']} rounds, target {target:.0%}; fill: generating the synthetic samples "
+                        f"({summary.get('delivery', 'image')} delivery)")
     for column in ("policy", f"Energy@{target:.0%} J", f"Latency@{target:.0%} h", f"Uplink@{target:.0%} MB",
-                   "rounds", "Best acc"):
+                   "rounds", "Best acc", "fill: server s", "fill: downlink kB", "fill: device J"):
         table.add_column(column, justify="right")
     base = summary["policies"].get("tfl")
 
@@ -225,8 +235,10 @@ def print_table(summary: dict) -> None:
                       cell(r["latency_at_target_s"], "latency_at_target_s", 1 / 3600),
                       cell(r["uplink_at_target_bytes"], "uplink_at_target_bytes", 1e-6, "{:.1f}"),
                       "N/A" if r["rounds_to_target"] is None else str(r["rounds_to_target"]),
-                      "N/A" if r["best_accuracy"] is None else f"{r['best_accuracy']:.2%}")
-    Console(width=140).print(table)
+                      "N/A" if r["best_accuracy"] is None else f"{r['best_accuracy']:.2%}",
+                      f"{r['fill']['gen_server_seconds']:.2f}", f"{r['fill']['gen_downlink_bytes'] / 1e3:.1f}",
+                      f"{r['fill']['gen_device_energy_j']:.4g}")
+    Console(width=170).print(table)
 
 
 def plot_policies(out: Path, policies: list[str], target: float, metric: str = "accuracy") -> None:
