@@ -102,10 +102,22 @@ def query(message: Message, context: Context) -> Message:
                    reply_to=message)
 
 
-def fetch_synthetic(run: RunConfig, context: Context, request: np.ndarray, image_shape):
+def delivery_of(run: RunConfig, plan: contract.NodePlan | None = None) -> dict:
+    """How this round's samples reach the device: the plan's choice where the server planned
+    one (--delivery auto), else the run's settings."""
+    if plan is not None and plan.gen_delivery:
+        return {"delivery": plan.gen_delivery, "server_steps": plan.gen_server_steps,
+                "state_bits": plan.gen_state_bits or run.delivery_state_bits,
+                "sketch_factor": plan.gen_sketch_factor or run.delivery_sketch_factor}
+    return {"delivery": "image" if run.delivery == "auto" else run.delivery,
+            "server_steps": run.delivery_server_steps or run.generator_steps // 2,
+            "state_bits": run.delivery_state_bits, "sketch_factor": run.delivery_sketch_factor}
+
+
+def fetch_synthetic(run: RunConfig, context: Context, request: np.ndarray, image_shape, delivery: dict | None = None):
     """Generated samples per the request, reusing what this device already holds, delivered in
-    the run's mode [MEG] (the service samples them, or hands part or all of the sampling to
-    this device).
+    `delivery` ([MEG]: delivery_of's; default: the service samples them), or hands part or
+    all of the sampling to this device.
 
     Returns (images, labels, note, fill): the note says what happened (it goes back in the
     reply); fill holds the round's generation figures (TrainMetrics' gen_* fields, 0 where
@@ -128,36 +140,36 @@ def fetch_synthetic(run: RunConfig, context: Context, request: np.ndarray, image
             from generation.delivery import DigestMismatch
 
             seed = int(context.node_config.get("partition-id", 0)) * 1_000_003 + int(have.sum())
+            delivery = delivery or delivery_of(run)
             try:
-                new_images, new_labels, fill = _generate(run, context, shortfall, seed)
+                new_images, new_labels, fill = _generate(run, context, shortfall, seed, delivery)
             except GenerationUnavailable as err:  # an outage degrades to what the device holds, never fails the round
                 note = f"generation service unavailable ({err}): trained without the missing samples"
                 log(WARNING, note)
             except (DigestMismatch, ValueError) as err:  # a fill that cannot be completed here: dropped, said why
-                note = f"{run.delivery} delivery not completed ({err}): trained without the missing samples"
+                note = f"{delivery['delivery']} delivery not completed ({err}): trained without the missing samples"
                 log(WARNING, note)
             else:
                 images, labels = np.concatenate([images, new_images]), np.concatenate([labels, new_labels])
                 state[SYNTHETIC_KEY] = ArrayRecord({"images": Array(images), "labels": Array(labels)})
-                note = f"generated {int(shortfall.sum())}" + (f" ({run.delivery} delivery)"
-                                                              if run.delivery != "image" else "")
+                mode = delivery["delivery"]
+                note = f"generated {int(shortfall.sum())}" + (f" ({mode} delivery)" if mode != "image" else "")
     # Use exactly the requested count per class from what is held.
     pick = np.concatenate([np.flatnonzero(labels == c)[:n] for c, n in enumerate(request)]).astype(int)
     return images[pick], labels[pick], note, fill
 
 
-def _generate(run: RunConfig, context: Context, counts: np.ndarray, seed: int):
-    """(images, labels, fill figures) of one request to the service in the run's delivery
-    mode, completed on this device where the mode asks it to."""
+def _generate(run: RunConfig, context: Context, counts: np.ndarray, seed: int, delivery: dict):
+    """(images, labels, fill figures) of one request to the service in the `delivery` mode,
+    completed on this device where the mode asks it to."""
     from generation.client import GenerationClient
 
     client = GenerationClient(run.generator_address, timeout_s=120.0, retries=2)
     delivered = client.fetch(counts.tolist(), seed=seed, steps=run.generator_steps, guidance=run.generator_guidance,
-                             delivery=run.delivery, server_steps=run.delivery_server_steps or run.generator_steps // 2,
-                             state_bits=run.delivery_state_bits, sketch_factor=run.delivery_sketch_factor)
+                             **delivery)
     fill = {"gen_downlink_bytes": delivered.downlink_bytes, "gen_server_unet_evals": delivered.server_unet_evals,
             "gen_server_seconds": delivered.server_seconds}
-    if run.delivery == "image":
+    if delivered.delivery == "image":
         return delivered.images, delivered.labels, fill
     from generation.delivery import finish
 
@@ -188,17 +200,14 @@ def device_generator(checkpoint: str) -> DeviceGenerator:
     """`checkpoint` (empty: the shipped digits generator) loaded, with what the cost model
     needs: its weights' bytes and its cycles per pass ([ODQ]'s cycles per parameter, as the
     device's training is modeled)."""
-    from generation.checkpoint import load_generator, weights_digest
+    from generation.checkpoint import load_generator, parameter_count, weights_bytes, weights_digest
     from generation.config import DEFAULT_CHECKPOINT
-    from strategies.allocation.presets import PAPER_OMEGA_PER_PARAM
+    from strategies.allocation.presets import model_pass_cycles
 
     path = Path(checkpoint) if checkpoint else DEFAULT_CHECKPOINT
     config, pipe = load_generator(path)
-    model = pipe.components["unet"] if "unet" in pipe.components else pipe.components["generator"]
-    parameters = sum(p.numel() for p in model.parameters())
-    return DeviceGenerator(config, pipe, weights_digest(pipe),
-                           sum(f.stat().st_size for f in path.rglob("*.safetensors")),
-                           PAPER_OMEGA_PER_PARAM * parameters)
+    return DeviceGenerator(config, pipe, weights_digest(pipe), weights_bytes(path),
+                           model_pass_cycles(parameter_count(path)))
 
 
 def quantize_update(update: list[np.ndarray], plan: contract.NodePlan, rng: np.random.Generator) -> tuple[bytes, dict]:
@@ -265,7 +274,8 @@ def local_step(message: Message, context: Context, plan: contract.NodePlan) -> t
     partition_id = node_partition(run, context)[0]
     data = local_data(run, job, context)  # NodeDataError: Flower's error reply, the strategy drops the node
     request = synthetic_request(plan.policy, data.class_counts(), plan.d_gen)
-    syn_images, syn_labels, note, fill = fetch_synthetic(run, context, request, data.images.shape[1:])
+    syn_images, syn_labels, note, fill = fetch_synthetic(run, context, request, data.images.shape[1:],
+                                                         delivery_of(run, plan))
     if "device_cycles" in fill:  # the cost model's energy of the device's sampling, at the plan's frequency
         eps = device_profile(run, context, len(data), job.preset)["eps"]
         fill["gen_device_energy_j"] = float(eps * fill.pop("device_cycles") * plan.f_hz ** 2)

@@ -59,6 +59,9 @@ _RULES = {
     "pseudo_label_threshold": (lambda v: _finite(v) and 0 < v <= 1, "in (0, 1]: a class probability"),
     "node_wait_s": (lambda v: _finite(v) and v >= 0, "0 or a positive number of seconds"),
     "reply_timeout_s": (lambda v: _finite(v) and v > 0, "a positive number of seconds"),
+    "delivery_downlink_bps": (lambda v: _finite(v) and v > 0, "a positive rate in bit/s"),
+    "delivery_rx_power_w": (lambda v: _finite(v) and v >= 0, "0 or a positive power in W"),
+    "delivery_server_passes": (lambda v: v >= 0, "0 (no limit) or a positive number of UNet passes"),
 }
 
 
@@ -86,8 +89,8 @@ def check_delivery(job: RunConfig) -> None:
     codec's widths, a sketch factor that divides the image (checked against the generator by
     the service; here against the embedded digits' 8 pixels where the dataset is digits)."""
     flag = flag_of("delivery")
-    if job.delivery not in DELIVERIES:
-        raise UsageError(f"{flag} {job.delivery}: choose one of {', '.join(DELIVERIES)}")
+    if job.delivery not in (*DELIVERIES, "auto"):
+        raise UsageError(f"{flag} {job.delivery}: choose one of {', '.join(DELIVERIES)} or auto")
     if job.delivery == "image":
         return
     if job.synthetic_use == "server":

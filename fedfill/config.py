@@ -67,12 +67,18 @@ class RunConfig:
     # split generation [MEG]: how the synthetic samples reach a device
     delivery: str = setting("image", "how generated samples reach a device [MEG]: image (the service samples "
                                      "them), state (the service runs the first --delivery-server-steps and sends "
-                                     "its state), sketch (low-resolution images the device completes) or seed "
-                                     "(the device generates them)")
+                                     "its state), sketch (low-resolution images the device completes), seed "
+                                     "(the device generates them), or auto (the planner picks each device's "
+                                     "mode, hand-off and bits every round)")
     delivery_server_steps: int = setting(0, "state, sketch: the sampler step a device takes over at; 0: half the "
                                             "generator steps")
     delivery_state_bits: int = setting(8, "state: the codec's bits per element of the hand-off, 2..32")
     delivery_sketch_factor: int = setting(2, "sketch: downsampling per side, dividing the image size")
+    delivery_downlink_bps: float = setting(20e6, "auto: the devices' downlink rate the planner assumes (bit/s)")
+    delivery_rx_power_w: float = setting(0.1, "auto: a device's power while receiving (W): what a second of "
+                                              "downlink costs it in the planner's objective")
+    delivery_server_passes: int = setting(0, "auto: UNet passes the generation service can run in a round, all "
+                                             "devices together; 0: no limit")
     # the ddpm job (jobs.ddpm)
     start_checkpoint: str = setting("", "the generator the ddpm job fine-tunes; empty: the shipped one that saw "
                                         "only digits 0-4")
@@ -118,7 +124,7 @@ class RunConfig:
 
 
 SYNTHETIC_USES = ("labelled", "unlabelled", "server")  # RunConfig.synthetic_use: FIMI, SEMI, SST
-DELIVERIES = ("image", "sketch", "state", "seed")  # RunConfig.delivery: who does the sampling [MEG]
+DELIVERIES = ("image", "sketch", "state", "seed")  # who does the sampling [MEG]; RunConfig.delivery adds auto
 AGGREGATIONS = ("fedavg", "median", "trimmed-mean")  # the rules of RunConfig.aggregation
 
 

@@ -24,7 +24,7 @@ each other, so a key or a field is named once.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, fields
+from dataclasses import MISSING, asdict, dataclass, fields
 
 from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
@@ -157,6 +157,12 @@ class NodePlan:
     # the device's relative error demand E||u - Q(u)||^2 / ||u||^2 ([ODQ]); 0: none, the
     # plan's bits are sent as they are
     error_demand: float = 0.0
+    # how its synthetic samples reach it [MEG], where the server planned it (--delivery auto);
+    # "": the run's own delivery settings. A plan without these keys (an older server) parses.
+    gen_delivery: str = ""
+    gen_server_steps: int = 0
+    gen_state_bits: int = 0
+    gen_sketch_factor: int = 0
 
     @classmethod
     def from_plan_entry(cls, entry: dict, server_round: int, policy: str, error_demand: float = 0.0) -> "NodePlan":
@@ -175,9 +181,10 @@ class NodePlan:
 
     @classmethod
     def from_config(cls, config) -> "NodePlan":
-        types = {f.name: f.type for f in fields(cls)}
+        """From a TRAIN message's ConfigRecord; a field with a default may be missing."""
         cast = {"int": int, "float": float, "str": str}
-        return cls(**{name: cast[types[name]](config[name.replace("_", "-")]) for name in types})
+        return cls(**{f.name: cast[f.type](config[f.name.replace("_", "-")]) for f in fields(cls)
+                      if f.name.replace("_", "-") in config or f.default is MISSING})
 
 
 def train_message_content(arrays: ArrayRecord, plan: NodePlan, train_config: ConfigRecord) -> RecordDict:

@@ -18,6 +18,8 @@ import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 
+import numpy as np
+
 from .config import (COMPONENTS, DEFAULT_CHECKPOINT, GAN_INDEX, GENERATOR_JSON, LEGACY_FILES, SCHEDULER_CONFIG,
                      UNET_CONFIG, WEIGHTS, CheckpointError, GeneratorConfig)
 
@@ -117,6 +119,25 @@ def _load_pipeline(directory: Path, pipeline_cls, subfolder: str, model_cls, wha
                                                 low_cpu_mem_usage=False)
         except Exception as err:  # noqa: BLE001 - see above
             raise CheckpointError(f"{directory} is not a loadable pipeline: {first_line(err)}") from None
+
+
+def parameter_count(directory: str | Path) -> int:
+    """The parameters of a checkpoint's network, from its safetensors headers (no model built,
+    no torch): what the cost model counts a generator's sampling by."""
+    from safetensors import safe_open
+
+    total = 0
+    for path in sorted(Path(directory).rglob("*.safetensors")):
+        with safe_open(str(path), "np") as handle:
+            for name in handle.keys():
+                shape = handle.get_slice(name).get_shape()
+                total += int(np.prod(shape, dtype=np.int64)) if shape else 1
+    return total
+
+
+def weights_bytes(directory: str | Path) -> int:
+    """What fetching a checkpoint's weights costs: its safetensors files' bytes."""
+    return sum(path.stat().st_size for path in Path(directory).rglob("*.safetensors"))
 
 
 def weights_digest(pipe) -> str:

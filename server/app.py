@@ -19,7 +19,7 @@ from flwr.common import log
 import fedfill
 from fedfill import contract
 from fedfill.config import RunConfig
-from jobs import load_job
+from jobs import load_job, run_split
 from server.checkpoint import read_checkpoint, write_checkpoint
 from server.report import RunReport
 from server.timed_grid import TimedGrid
@@ -124,6 +124,41 @@ def environment() -> dict:
     return {"python": sys.executable, "torch": torch.__version__, "fedfill": str(Path(fedfill.__file__).parent)}
 
 
+def delivery_planner(run: RunConfig):
+    """--delivery auto: a function of the planned devices' profiles and synthetic counts that
+    picks each one's delivery [MEG] with strategies.allocation.delivery, under the run's fill
+    budget (its round budget T_max), downlink rate, receive power and service capacity; the
+    generator's size and cycles per pass from its checkpoint's weights."""
+    from generation.checkpoint import parameter_count, weights_bytes
+    from generation.config import DEFAULT_CHECKPOINT
+    from strategies.allocation.delivery import DeliveryProblem, solve_delivery
+    from strategies.allocation.presets import model_pass_cycles
+
+    checkpoint = Path(run.generator_checkpoint) if run.generator_checkpoint else DEFAULT_CHECKPOINT
+    cycles, download = model_pass_cycles(parameter_count(checkpoint)), weights_bytes(checkpoint)
+    image_shape = tuple(run_split(run).test.images.shape[1:])  # [H, W, C]
+    side = image_shape[0]
+    factors = tuple(r for r in (2, 4) if side % r == 0) or (side,)
+
+    def plan(profiles: dict[int, dict], images: dict[int, int]) -> dict[int, dict]:
+        nodes = list(images)
+        problem = DeliveryProblem(
+            images=[images[n] for n in nodes], eps=[profiles[n]["eps"] for n in nodes],
+            f_max=[profiles[n]["f_max_hz"] for n in nodes], downlink_bps=run.delivery_downlink_bps,
+            steps=run.generator_steps, image_bytes=int(np.prod(image_shape)), cycles_per_pass=cycles,
+            t_fill_s=run.t_max_s, holds_generator=[bool(profiles[n].get("holds_generator")) for n in nodes],
+            generator_bytes=download, server_capacity=run.delivery_server_passes or math.inf,
+            downlink_weight=run.delivery_rx_power_w, sketch_factors=factors)
+        solved = solve_delivery(problem)
+        if not solved.feasible:  # the service's images, as without a planner, and why
+            log(WARNING, "delivery plan infeasible: %s; the service sends images", "; ".join(solved.reasons))
+            return {n: {"gen_delivery": "image"} for n in nodes}
+        return {n: {"gen_delivery": o.mode, "gen_server_steps": o.handoff, "gen_state_bits": o.bits,
+                    "gen_sketch_factor": o.factor} for n, o in zip(nodes, solved.options)}
+
+    return plan
+
+
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     run = RunConfig.from_run_config(context.run_config)
@@ -148,7 +183,8 @@ def main(grid: Grid, context: Context) -> None:
                           min_train_nodes=1, bits_rule=run.bits_rule,
                           aggregation=run.aggregation, trim_beta=run.trim_beta, norm_bound=run.norm_bound,
                           complementary_update=(complementary_update(run, job, profiles)
-                                                if run.synthetic_use == "server" else None))
+                                                if run.synthetic_use == "server" else None),
+                          delivery_planner=delivery_planner(run) if run.delivery == "auto" else None)
     initial, done = ArrayRecord(weights), 0
     checkpoint = out_dir / "checkpoint.npz"
     if run.resume and checkpoint.exists():

@@ -56,9 +56,9 @@ NODES_CSV = "devices.csv"
 NODE_COLUMNS = ("round", "node", "partition_id", "bits_planned", "bits", "error_demand", "error_expected",
                 "error_measured", "t_cmp_s", "t_com_s", "energy_j", "e_cmp_j", "measured_energy_j", "measured_s",
                 "plan_uplink_bps", "train_s", "delivery_s", "launch_s", "handler_s", "upload_s", "reply_bytes",
-                "status", "reason", *GENERATION_COLUMNS)
+                "status", "reason", "gen_planned", *GENERATION_COLUMNS)
 NODE_INTEGER_COLUMNS = {"round", "node", "partition_id", "bits_planned", "bits", "reply_bytes", *GENERATION_INTEGERS}
-NODE_TEXT_COLUMNS = {"status", "reason"}
+NODE_TEXT_COLUMNS = {"status", "reason", "gen_planned"}
 DROP_COLUMNS = ("round", "node", "reason")
 
 

@@ -39,7 +39,7 @@ from strategies.allocation.policies import error_target_out_of_reach, parse_poli
 NODE_FIGURES = ("node", "partition_id", "bits_planned", "bits", "error_demand", "error_expected", "error_measured",
                 "t_cmp_s", "t_com_s", "energy_j", "e_cmp_j", "measured_energy_j", "measured_s", "plan_uplink_bps",
                 "train_s", "delivery_s", "launch_s", "handler_s", "upload_s", "reply_bytes", "status", "reason",
-                *(name.replace("-", "_") for name in contract.GENERATION_METRICS))
+                "gen_planned", *(name.replace("-", "_") for name in contract.GENERATION_METRICS))
 DEMANDING_POLICIES = ("ondemand", "fimi+ondemand")  # plans whose bits answer each device's error demand
 # Why an update was not merged, by class: the round's MetricRecord counts each as dropped-<class>
 # (rounds.csv's dropped_<class>, which add up to `dropped`).
@@ -114,7 +114,8 @@ class FimiFedAvg(FedAvg):
                  fraction_train: float = 1.0, min_train_nodes: int = 1, bits_rule: str = "codec",
                  aggregation: str = "fedavg", trim_beta: float = 0.2, norm_bound: float = 10.0,
                  complementary_update: Callable[[list[np.ndarray], int], tuple[list[np.ndarray], int, float]]
-                 | None = None) -> None:
+                 | None = None,
+                 delivery_planner: Callable[[dict[int, dict], dict[int, int]], dict[int, dict]] | None = None) -> None:
         check_aggregation(aggregation, trim_beta, norm_bound)
         keys = dict(weighted_by_key=contract.WEIGHT_KEY, arrayrecord_key=contract.ARRAYS_KEY,
                     configrecord_key=contract.CONFIG_KEY)
@@ -133,6 +134,7 @@ class FimiFedAvg(FedAvg):
                 "(32 unless their profile says otherwise): %s", policy, len(undemanding), undemanding)
         self.profiles = profiles
         self.complementary_update = complementary_update
+        self.delivery_planner = delivery_planner
         self.node_wait_s = node_wait_s
         self.on_plan, self.on_round_metrics = on_plan, on_round_metrics
         self.upload_seconds = upload_seconds or (lambda reply: None)
@@ -200,6 +202,11 @@ class FimiFedAvg(FedAvg):
         self._planned = {node_id: contract.NodePlan.from_plan_entry(entry, server_round, self.policy,
                                                                     self._error_demand(node_id))
                          for node_id, entry in zip(planned_ids, entries)}
+        if self.delivery_planner is not None and self._planned:
+            # each device's delivery mode for the samples its plan asks it to generate [MEG]
+            chosen = self.delivery_planner({n: self.profiles[n] for n in self._planned},
+                                           {n: p.d_gen for n, p in self._planned.items()})
+            self._planned = {n: replace(p, **chosen.get(n, {})) for n, p in self._planned.items()}
         sent = contract.global_model_record(arrays)
         messages = [Message(content=contract.train_message_content(sent, node_plan, config),
                             message_type=MessageType.TRAIN, dst_node_id=node_id)
@@ -383,6 +390,8 @@ class FimiFedAvg(FedAvg):
                        measured_energy_j=contract.node_figure(metrics, "measured-energy-j"),
                        measured_s=contract.node_figure(metrics, "measured-s"),
                        **{key.replace("-", "_"): metrics[key] for key in contract.GENERATION_METRICS})
+        if metrics["gen-device-unet-evals"] > 0:  # it completed a split delivery: it holds the generator now
+            self.profiles[node_id]["holds_generator"] = True
         constant = float(metrics.get("codec-constant", 0.0))
         if np.isfinite(constant) and constant > 0:
             self.profiles[node_id]["codec_constant"] = constant
@@ -407,8 +416,19 @@ class FimiFedAvg(FedAvg):
                 "plan_uplink_bps": (float(update_bits(self.system.model_params, plan.bits))
                                                       / plan.t_com_s if plan.t_com_s > 0 else None),
                 "train_s": None, "delivery_s": None, "launch_s": None, "handler_s": None, "upload_s": None,
-                "reply_bytes": None, "status": "used", "reason": "",
+                "reply_bytes": None, "status": "used", "reason": "", "gen_planned": delivery_label(plan),
                 **{key.replace("-", "_"): None for key in contract.GENERATION_METRICS}}
+
+
+def delivery_label(plan: contract.NodePlan) -> str:
+    """The planned delivery as devices.csv says it: image, seed, state-k10-q4, sketch-k10-r2;
+    empty where the run's own setting applies."""
+    mode = plan.gen_delivery
+    if mode == "state":
+        return f"state-k{plan.gen_server_steps}-q{plan.gen_state_bits}"
+    if mode == "sketch":
+        return f"sketch-k{plan.gen_server_steps}-r{plan.gen_sketch_factor}"
+    return mode
 
 
 def timeline(reply: Message, pushed_at: float | None) -> dict:

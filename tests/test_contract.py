@@ -98,3 +98,16 @@ def test_a_job_brings_its_own_defaults_and_a_flag_the_user_gives_wins():
 def test_run_config_values_are_read_back_with_their_types():
     run = RunConfig.from_run_config({"num-partitions": "7", "resume": "true", "lr": 1, "unknown-key": 3})
     assert run.num_partitions == 7 and run.resume is True and run.lr == 1.0 and isinstance(run.lr, float)
+
+
+def test_a_plan_from_an_older_server_parses_with_the_runs_own_delivery():
+    """A TRAIN message without the delivery keys (a server before split generation) still
+    parses; the device then uses the run's delivery settings."""
+    plan = contract.NodePlan(server_round=1, policy="fimi", d_gen=10, f_hz=1e9, b_hz=1e6, p_w=0.1, eta=0.5, bits=8,
+                             t_cmp_s=1.0, t_com_s=1.0, e_cmp_j=0.1, e_com_j=0.1)
+    config = {k: v for k, v in plan.to_config().items() if not k.startswith("gen-")}
+    assert contract.NodePlan.from_config(config) == plan and plan.gen_delivery == ""
+    chosen = replace(plan, gen_delivery="state", gen_server_steps=10, gen_state_bits=4)
+    assert contract.NodePlan.from_config(chosen.to_config()) == chosen
+    with pytest.raises(KeyError):
+        contract.NodePlan.from_config({k: v for k, v in config.items() if k != "bits"})

@@ -257,3 +257,22 @@ def test_run_refuses_a_delivery_it_cannot_make(tmp_path):
         done = subprocess.run([sys.executable, "-m", "fedfill", "run", *flags, "--out", str(tmp_path / "x")],
                               cwd=ROOT, capture_output=True, text=True, timeout=120)
         assert done.returncode == 2 and reason in done.stderr, (flags, done.stderr[-500:])
+
+
+@pytest.mark.slow
+def test_a_run_with_delivery_auto_keeps_the_service_within_its_capacity(tmp_path):
+    """--delivery auto with a service of 4,000 UNet passes a round: the planner gives some
+    devices the service's images and has the others generate, and the service runs no more
+    than it can; devices.csv says what each device was planned."""
+    done = subprocess.run([sys.executable, "-m", "fedfill", "run", "--nodes", "4", "--rounds", "1", "--delivery",
+                           "auto", "--delivery-server-passes", "4000", "--out", str(tmp_path), "--timeout", "400"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=500)
+    assert done.returncode == 0, done.stdout + done.stderr
+    with open(tmp_path / "devices.csv") as fh:
+        devices = [d for d in csv.DictReader(fh) if d["round"] == "1"]
+    planned = {d["gen_planned"] for d in devices}
+    assert "image" in planned and planned - {"image"}, planned
+    assert sum(int(d["gen_server_unet_evals"]) for d in devices) <= 4000
+    for device in devices:
+        generated_here = int(device["gen_device_unet_evals"]) > 0
+        assert generated_here == (device["gen_planned"] != "image"), device

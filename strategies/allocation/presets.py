@@ -37,6 +37,12 @@ PAPER_OMEGA_PER_PARAM = 3.25e6 / 37e6
 PRESETS = ("fimi", "ondemand")
 
 
+def model_pass_cycles(parameters: int) -> float:
+    """Cycles of one forward pass of one image through a model of that many parameters (a
+    generator's UNet step): [ODQ]'s C per parameter, as the devices' training is modeled."""
+    return PAPER_OMEGA_PER_PARAM * float(parameters)
+
+
 def dbm_to_w(dbm):
     return 10.0 ** ((np.asarray(dbm, dtype=float) - 30.0) / 10.0)
 
