@@ -61,7 +61,7 @@ def add_arguments(parser) -> None:
 
 
 def _add_delivery_arguments(p) -> None:
-    from generation.delivery import DELIVERIES
+    from fedfill.config import DELIVERIES
 
     p.add_argument("--delivery", choices=DELIVERIES, help="split the work between the generation service and this "
                    "device [MEG]: image (the service does it all), state (the service runs the first --server-steps "

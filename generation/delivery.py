@@ -19,8 +19,6 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from fedfill.config import DELIVERIES  # noqa: F401 - the modes, named once for the run settings too
-
 
 class DigestMismatch(ValueError):
     """The service's weights are not the device's: completing would make other images."""
