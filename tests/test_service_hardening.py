@@ -50,13 +50,15 @@ def cache_entries(service) -> set:
 
 
 def assert_whole_entries(cache_dir):
-    """Every file in the cache is an entry that loads, with one label per image."""
+    """Every file in the cache is an entry that loads, with one label per image: uint8 images,
+    or a STATE request's float32 states [n, C, H, W] (the fuzzer sends valid hand-offs too)."""
     for path in cache_dir.iterdir():
         assert path.suffix == ".npz", f"{path.name} is no cache entry"
         entry = read_cache_entry(path)
         assert entry is not None, f"{path.name} does not load"
         images, labels = entry
-        assert images.dtype == np.uint8 and len(images) == len(labels)
+        assert images.dtype == np.uint8 or (images.dtype == np.float32 and images.ndim == 4), images.dtype
+        assert len(images) == len(labels)
 
 
 HOSTILE = {  # name: (request fields, the status, words its message must hold)
