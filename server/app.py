@@ -153,6 +153,10 @@ def delivery_planner(run: RunConfig):
         if not solved.feasible:  # the service's images, as without a planner, and why
             log(WARNING, "delivery plan infeasible: %s; the service sends images", "; ".join(solved.reasons))
             return {n: {"gen_delivery": "image"} for n in nodes}
+        gap = solved.objective - solved.lower_bound
+        log(INFO, "delivery plan: %s; the devices' fill %.4g J (Lagrangian bound %.4g J, gap %.2g), %d server "
+            "UNet passes", ", ".join(sorted({o.mode for o in solved.options})), solved.objective, solved.lower_bound,
+            gap, int(solved.server_passes.sum()))
         return {n: {"gen_delivery": o.mode, "gen_server_steps": o.handoff, "gen_state_bits": o.bits,
                     "gen_sketch_factor": o.factor} for n, o in zip(nodes, solved.options)}
 
