@@ -17,6 +17,7 @@ from fedfill.errors import UsageError
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "scenario": ("commands.scenario", "write a scenario file (system + device profiles)"),
     "plan": ("commands.plan", "solve the per-device allocation for a scenario"),
+    "price": ("commands.price", "the leader's price of GenMEN's pricing game, and the devices' responses"),
     "fit-learning": ("commands.fit_learning", "measure and fit the learning model delta = alpha D^-beta - gamma"),
     "generator": ("commands.generator", "train, sample from or serve the class-conditional diffusion model"),
     "run": ("commands.run", "run the federated FIMI job on Flower and write its report"),
