@@ -833,6 +833,60 @@ def generate_fuzz(rng: np.random.Generator, cases: int) -> Fuzz:
                 scrub=scratch.name)
 
 
+# ---------------------------------------------------------------------------- a pricing game
+
+def game_seeds() -> list[dict]:
+    """The design note's worked example, continuous and in whole units, and a random game."""
+    devices = [{"theta": t, "capacity": c, "unit_cost": 0.358, "fixed_cost": 0.116, "units": 12}
+               for t, c in ((1.0, 3.0), (1.5, 4.5), (0.8, 6.0))]
+    rng = np.random.default_rng(0)
+    random = [{"theta": float(rng.uniform(0.2, 2)), "capacity": float(rng.uniform(1, 8)),
+               "unit_cost": float(rng.uniform(0.1, 0.6)), "fixed_cost": float(rng.uniform(0, 0.5)),
+               "units": int(rng.integers(4, 16))} for _ in range(10)]
+    return [{"server_cost": 0.6, "revenue": 40, "integer": False, "devices": devices},
+            {"server_cost": 0.6, "revenue": 40, "integer": True, "devices": devices},
+            {"server_cost": 0.4, "revenue": 10, "integer": True, "devices": random}]
+
+
+def game_inputs(rng: np.random.Generator) -> Iterator[bytes]:
+    seeds = game_seeds()
+    huge = {**seeds[1], "devices": [{**seeds[1]["devices"][0], "units": 1e15, "capacity": 1e15, "unit_cost": 1e-9}]}
+    many = {**seeds[0], "devices": seeds[0]["devices"] * 40_000}
+    for nasty in (huge, many, {**seeds[0], "server_cost": 1e308}, {**seeds[0], "devices": [{}]}, {"devices": 3}):
+        yield json.dumps(nasty).encode()
+    while True:
+        data = seeds[int(rng.integers(len(seeds)))]
+        for _ in range(int(rng.integers(1, 4))):
+            data = _mutate_tree(data, rng)
+        text = json.dumps(data, default=str).encode()
+        if rng.random() < 0.3:
+            mutation = int(rng.integers(3))
+            text = (flip_bits(text, rng) if mutation == 0 else truncate(text, rng) if mutation == 1
+                    else append_noise(text, rng))
+        yield text
+
+
+def game_fuzz(rng: np.random.Generator, cases: int) -> Fuzz:
+    """`fedfill price GAME.json`'s reader and the exact solver: a refused game is a GameError
+    with the reason; an accepted one solves to a finite utility no lower than offloading
+    nothing (the exact optimum never loses to p = 0)."""
+    from strategies.allocation.stackelberg import GameError, parse_game, solve_price
+
+    def target(text: bytes):
+        try:
+            decoded = text.decode()
+        except UnicodeDecodeError as err:
+            raise GameError(f"not UTF-8: {err}") from None
+        solution = solve_price(parse_game(decoded))
+        if not (np.isfinite(solution.leader_utility) and
+                solution.leader_utility >= solution.utility_without_offloading - 1e-9 * abs(
+                    solution.utility_without_offloading)):
+            raise AcceptedButUnusable(f"solved to {solution.leader_utility!r} against "
+                                      f"{solution.utility_without_offloading!r} without offloading")
+
+    return Fuzz(inputs=game_inputs(rng), target=target, refusals=(GameError,), hand_written=5)
+
+
 # ---------------------------------------------------------------------------- a delivered state
 
 def delivery_seeds() -> list[bytes]:
@@ -911,6 +965,7 @@ ENTRY_POINTS: dict[str, Callable[[np.random.Generator, int], Fuzz]] = {
     "checkpoint": checkpoint_fuzz,
     "generate": generate_fuzz,
     "delivery_reply": delivery_fuzz,
+    "pricing_game": game_fuzz,
 }
 
 

@@ -447,7 +447,7 @@ def test_a_unet_config_diffusers_trips_on_is_a_checkpoint_error(tiny_generator, 
 
 @pytest.mark.parametrize("name,cases", [("codec.decode", 300), ("scenario", 300), ("profile", 300),
                                         ("train_reply", 300), ("checkpoint", 300), ("generator_checkpoint", 150),
-                                        ("delivery_reply", 300)])
+                                        ("delivery_reply", 300), ("pricing_game", 300)])
 def test_the_bench_finds_no_crash_no_hang_and_bounded_memory(name, cases):
     result = fuzz_inputs.fuzz_entry(name, cases, seed=0, time_limit_s=10.0, memory_every=25)
     assert result.tried == cases

@@ -89,7 +89,7 @@ def test_the_price_rises_with_the_servers_own_cost():
     ("[", "not a JSON game file"), ("[]", "a JSON object"), ('{"devices": []}', "non-empty list"),
     ('{"server_cost": 1, "devices": [{"theta": 1}]}', "'capacity' must be a number"),
     ('{"server_cost": -1, "devices": [{"theta": 1, "capacity": 2, "unit_cost": 1, "fixed_cost": 0, "units": 3}]}',
-     "'server_cost' must be a finite non-negative number"),
+     "'server_cost' must be a number in \\[0, 1e\\+15\\]"),
     ('{"server_cost": 1, "devices": [{"theta": 1, "capacity": 0.1, "unit_cost": 1, "fixed_cost": 0.5, "units": 3}]}',
      "capacity 0.1 is below its fixed cost 0.5"),
     ('{"server_cost": 1, "devices": [{"theta": 1e999, "capacity": 2, "unit_cost": 1, "fixed_cost": 0, "units": 3}]}',
@@ -98,6 +98,12 @@ def test_the_price_rises_with_the_servers_own_cost():
      "'theta' must be positive"),
     ('{"server_cost": 1, "integer": true, "devices": [{"theta": 1, "capacity": 1e12, "unit_cost": 1e-6, '
      '"fixed_cost": 0, "units": 1e12}]}', "units in all"),
+    ('{"server_cost": 1e308, "devices": [{"theta": 1, "capacity": 2, "unit_cost": 1, "fixed_cost": 0, "units": 3}]}',
+     "must be a number in"),
+    ('{"server_cost": 1, "devices": [{"theta": 1, "capacity": 2, "unit_cost": 1, "fixed_cost": 0, "units": 1'
+     + "0" * 400 + '}]}', "an integer of 401 digits"),
+    ('{"server_cost": 1, "devices": [{"theta": 1, "capacity": 2, "unit_cost": 1e-300, "fixed_cost": 0, "units": 3}]}',
+     "'unit_cost' must be at least"),
 ])
 def test_a_bad_game_is_refused_with_the_reason(text, reason):
     with pytest.raises(GameError, match=reason):

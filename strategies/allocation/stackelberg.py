@@ -29,12 +29,15 @@ numpy only, like every solver here.
 from __future__ import annotations
 
 import json
-import math
 from dataclasses import dataclass
 
 import numpy as np
 
 MAX_DEVICES = 1_000_000
+# No number of a game may exceed this: sums and products of a million devices' figures stay far
+# inside float range (a server cost of 1e308 overflowed the leader's utility)
+MAX_VALUE = 1e15
+MIN_UNIT_COST = 1e-12  # below it the units a device's compute allows overflow the sums
 MAX_THRESHOLDS = 20_000_000  # whole units over all devices, for the integer game
 DEVICE_FIELDS = ("theta", "capacity", "unit_cost", "fixed_cost", "units")
 
@@ -66,18 +69,24 @@ class PricingGame:
                 raise GameError(f"'{name}' must be finite: device {int(np.flatnonzero(~np.isfinite(values))[0])}")
             if np.any(values < 0):
                 raise GameError(f"'{name}' must not be negative: device {int(np.flatnonzero(values < 0)[0])}")
+            if np.any(values > MAX_VALUE):
+                raise GameError(f"'{name}' must be at most {MAX_VALUE:g}: device "
+                                f"{int(np.flatnonzero(values > MAX_VALUE)[0])}")
             object.__setattr__(self, name, values)
         for name in ("theta", "unit_cost", "units"):
             if np.any(arrays[name] <= 0):
                 raise GameError(f"'{name}' must be positive: device {int(np.flatnonzero(arrays[name] <= 0)[0])}")
+        cheap = np.flatnonzero(arrays["unit_cost"] < MIN_UNIT_COST)
+        if len(cheap):
+            raise GameError(f"'unit_cost' must be at least {MIN_UNIT_COST:g}: device {int(cheap[0])}")
         short = np.flatnonzero(arrays["capacity"] < arrays["fixed_cost"])
         if len(short):
             raise GameError(f"device {int(short[0])}: capacity {arrays['capacity'][short[0]]:g} is below its fixed "
                             f"cost {arrays['fixed_cost'][short[0]]:g}")
         for name in ("server_cost", "revenue"):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
-                raise GameError(f"'{name}' must be a finite non-negative number, got {value!r}")
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= MAX_VALUE:
+                raise GameError(f"'{name}' must be a number in [0, {MAX_VALUE:g}], got {value!r}")
         if not isinstance(self.integer, bool):
             raise GameError(f"'integer' must be true or false, got {self.integer!r}")
         if self.integer and float(np.floor(self.cap).sum()) > MAX_THRESHOLDS:
@@ -140,13 +149,21 @@ def parse_game(text: str) -> PricingGame:
             value = device.get(name)
             if isinstance(value, bool) or not isinstance(value, (int, float)):
                 raise GameError(f"device {i}: '{name}' must be a number, got {str(value)[:40]}")
-            columns[name].append(float(value))
+            columns[name].append(_float(value, f"device {i}: '{name}'"))
     for name in ("server_cost", "revenue"):
         value = data.get(name, 0.0 if name == "revenue" else None)
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise GameError(f"'{name}' must be a number, got {str(value)[:40]}")
-    return PricingGame(**{k: np.asarray(v) for k, v in columns.items()}, server_cost=float(data["server_cost"]),
-                       revenue=float(data.get("revenue", 0.0)), integer=data.get("integer", False))
+    return PricingGame(**{k: np.asarray(v) for k, v in columns.items()},
+                       server_cost=_float(data["server_cost"], "'server_cost'"),
+                       revenue=_float(data.get("revenue", 0.0), "'revenue'"), integer=data.get("integer", False))
+
+
+def _float(value, where: str) -> float:
+    try:
+        return float(value)
+    except OverflowError:  # an integer of more digits than a float holds
+        raise GameError(f"{where} must be at most {MAX_VALUE:g}, got an integer of {len(str(value))} digits") from None
 
 
 def follower_response(game: PricingGame, price) -> np.ndarray:
