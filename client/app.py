@@ -174,11 +174,11 @@ def _generate(run: RunConfig, context: Context, counts: np.ndarray, seed: int, d
     from generation.delivery import finish
 
     generator = device_generator(str(context.node_config.get(GENERATOR_KEY, "")) or run.generator_checkpoint)
-    if GENERATOR_KEY not in context.state.config_records:  # the first split fill downloads the generator
-        fill["gen_downlink_bytes"] += generator.download_bytes
-        context.state[GENERATOR_KEY] = ConfigRecord({"digest": generator.digest})
     finished = finish(delivered, generator.config, generator.pipe, steps=run.generator_steps,
                       guidance=run.generator_guidance, seed=seed, digest=generator.digest)
+    if GENERATOR_KEY not in context.state.config_records:  # the first completed split fill downloaded the generator
+        fill["gen_downlink_bytes"] += generator.download_bytes
+        context.state[GENERATOR_KEY] = ConfigRecord({"digest": generator.digest})
     fill.update(gen_device_unet_evals=finished.device_unet_evals, gen_device_seconds=finished.device_seconds,
                 device_cycles=finished.device_unet_evals * generator.cycles_per_pass)
     return finished.images, finished.labels, fill

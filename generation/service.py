@@ -229,8 +229,16 @@ class GeneratorService(generation_pb2_grpc.GeneratorServicer):
         images, labels, cached, passes, seconds = result
         LOG.info("served %d %s (%s)", len(labels), generation_pb2.Delivery.Name(request.delivery).lower(),
                  "cache" if cached else "computed")
+        height = width = size
+        if request.delivery in (generation_pb2.STATE, generation_pb2.SKETCH):
+            common["resume_index"] = request.server_steps
         if request.delivery == generation_pb2.STATE:
-            timestep = self.handoff_timestep(request.steps, request.server_steps)
+            common["timestep"] = self.handoff_timestep(request.steps, request.server_steps)
+        elif request.delivery == generation_pb2.SKETCH:  # cut from the (cached) images: the same for the same request
+            from .sample import downsample
+
+            images = downsample(images, request.sketch_factor)
+            height = width = size // request.sketch_factor
         for start in range(0, max(len(labels), 1), STREAM_BATCH):
             chunk, chunk_labels = images[start:start + STREAM_BATCH], labels[start:start + STREAM_BATCH].tolist()
             work = {"server_unet_evals": passes, "server_seconds": seconds} if start == 0 else {}
@@ -239,19 +247,11 @@ class GeneratorService(generation_pb2_grpc.GeneratorServicer):
                 payload = encode([chunk], request.state_bits, np.random.default_rng([request.seed, start]))
                 noise_var = expected_squared_error([chunk], request.state_bits) / max(chunk.size, 1)
                 yield generation_pb2.ImageBatch(state=payload, labels=chunk_labels, height=size, width=size,
-                                                channels=channels, from_cache=cached, resume_index=request.server_steps,
-                                                timestep=timestep, noise_var=noise_var, **common, **work)
-                continue
-            if request.delivery == generation_pb2.SKETCH:
-                from .sample import downsample
-
-                chunk = downsample(chunk, request.sketch_factor) if len(chunk) else chunk
-                common["resume_index"] = request.server_steps
-            n, h, w, c = chunk.shape if len(chunk) else (0, size, size, channels)
-            if request.delivery == generation_pb2.SKETCH and not n:
-                h = w = size // request.sketch_factor
-            yield generation_pb2.ImageBatch(images=chunk.tobytes(), labels=chunk_labels, height=h, width=w, channels=c,
-                                            from_cache=cached, **common, **work)
+                                                channels=channels, from_cache=cached, noise_var=noise_var, **common,
+                                                **work)
+            else:
+                yield generation_pb2.ImageBatch(images=chunk.tobytes(), labels=chunk_labels, height=height,
+                                                width=width, channels=channels, from_cache=cached, **common, **work)
 
     def handoff_timestep(self, steps: int, index: int) -> int:
         """The training timestep of the state after `index` of `steps` sampler steps."""
