@@ -17,8 +17,9 @@ EXAMPLE = dict(theta=[1.0, 1.5, 0.8], capacity=[3.0, 4.5, 6.0], unit_cost=[0.358
                units=[12] * 3, server_cost=0.6, revenue=40.0)
 
 
-def random_game(rng, n: int, integer: bool = False) -> PricingGame:
-    return PricingGame(theta=rng.uniform(0.2, 2.0, n), capacity=rng.uniform(1.0, 8.0, n),
+def random_game(rng, n: int, integer: bool = False, weighted: bool = False) -> PricingGame:
+    """weighted: each unit is 1 to 8 pieces of work (a federated run's m_n images per sampler step)."""
+    return PricingGame(weight=rng.integers(1, 9, n) if weighted else None, theta=rng.uniform(0.2, 2.0, n), capacity=rng.uniform(1.0, 8.0, n),
                        unit_cost=rng.uniform(0.1, 0.6, n), fixed_cost=rng.uniform(0.0, 0.5, n),
                        units=rng.integers(4, 16, n), server_cost=float(rng.uniform(0.1, 1.0)), revenue=10.0,
                        integer=integer)
@@ -41,8 +42,8 @@ def test_the_worked_example():
 @pytest.mark.parametrize("seed", range(20))
 def test_no_price_on_a_dense_grid_beats_the_exact_one(seed):
     rng = np.random.default_rng(seed)
-    for integer in (False, True):
-        game = random_game(rng, int(rng.choice([5, 10, 20])), integer)
+    for integer, weighted in ((False, False), (True, False), (False, True), (True, True)):
+        game = random_game(rng, int(rng.choice([5, 10, 20])), integer, weighted)
         exact = solve_price(game)
         grid = np.linspace(0.0, 2 * game.server_cost + 1.0, 100_001)
         values = np.concatenate([leader_utility(game, chunk) for chunk in np.array_split(grid, 10)])
@@ -56,25 +57,39 @@ def test_no_price_on_a_dense_grid_beats_the_exact_one(seed):
 
 def test_the_integer_optimum_equals_brute_force_over_every_threshold():
     rng = np.random.default_rng(7)
-    for _ in range(20):
-        game = random_game(rng, 5, integer=True)
+    for trial in range(20):
+        game = random_game(rng, 5, integer=True, weighted=trial % 2 == 1)
         thresholds = np.concatenate([game.thresholds(n) for n in range(5)] + [[0.0]])
         assert solve_price(game).leader_utility == pytest.approx(leader_utility(game, thresholds).max(), abs=1e-12)
 
 
-def test_no_follower_gains_by_a_step_up_or_down():
+@pytest.mark.parametrize("weighted", [False, True])
+def test_no_follower_gains_by_a_step_up_or_down(weighted):
     rng = np.random.default_rng(3)
-    game = random_game(rng, 10, integer=True)
+    game = random_game(rng, 10, integer=True, weighted=weighted)
     price = solve_price(game).price
     taken = follower_response(game, price)
 
     def utility(units):
-        return price * units + game.theta * np.log(1 + game.capacity - game.unit_cost * units - game.fixed_cost)
+        return price * game.weight * units + game.theta * np.log(1 + game.capacity - game.unit_cost * units - game.fixed_cost)
 
     for step in (-1, 1):
         other = taken + step
         allowed = (other >= 0) & (other <= np.floor(game.cap))
         assert np.all(utility(other)[allowed] <= utility(taken)[allowed] + 1e-12)
+
+
+def test_a_weighted_game_is_the_plain_game_counted_in_pieces_of_work():
+    """Continuous: a unit of w pieces at cost a is w pieces at cost a / w each: the same game."""
+    rng = np.random.default_rng(11)
+    weighted = random_game(rng, 8, weighted=True)
+    w = weighted.weight
+    plain = PricingGame(theta=weighted.theta, capacity=weighted.capacity, unit_cost=weighted.unit_cost / w,
+                        fixed_cost=weighted.fixed_cost, units=weighted.units * w, server_cost=weighted.server_cost,
+                        revenue=weighted.revenue)
+    a, b = solve_price(weighted), solve_price(plain)
+    assert a.price == pytest.approx(b.price, rel=1e-9) and a.leader_utility == pytest.approx(b.leader_utility, rel=1e-9)
+    assert a.responses * w == pytest.approx(b.responses, rel=1e-9)
 
 
 def test_the_price_rises_with_the_servers_own_cost():

@@ -1,19 +1,23 @@
 """The pricing game of [GenMEN]'s case study, as reconstructed (the paper prints none of its
 utilities' symbols; docs/references.md), solved exactly.
 
-A leader (the server) sets one price p per unit of work a device takes on; device n (a
-follower) then takes l_n units, 0 <= l_n <= cap_n = min(units_n, (capacity_n - fixed_n) / a_n),
-to maximise
+A leader (the server) sets one price p per piece of work; device n (a follower) takes on
+l_n of its units, each worth w_n pieces (its weight, 1 unless given), with
+0 <= l_n <= cap_n = min(units_n, (capacity_n - fixed_n) / a_n), to maximise
 
-    U_n(l) = p * l + theta_n * ln(1 + capacity_n - a_n * l - fixed_n)      (a_n: unit_cost)
+    U_n(l) = p * w_n * l + theta_n * ln(1 + capacity_n - a_n * l - fixed_n)      (a_n: unit_cost)
 
 preferring the larger l at equal utility. The leader maximises
 
-    U_s(p) = revenue - sum_n [ p * l_n(p) + server_cost * (units_n - l_n(p)) ].
+    U_s(p) = revenue - sum_n w_n [ p * l_n(p) + server_cost * (units_n - l_n(p)) ].
+
+(In a federated run a unit is one sampler step of all m_n images a device needs, so w_n = m_n
+step-images and one price per step-image holds for every device.)
 
 - The follower's best response is closed form: l = clip(A - theta / p, 0, cap) with
-  A = (1 + capacity - fixed) / a in the continuous game; in whole units, l = #{l : pi_l <= p}
-  over its thresholds pi_l = theta * ln[(1 + capacity - fixed - a l) / (1 + capacity - fixed - a (l+1))].
+  A = (1 + capacity - fixed) / a in the continuous game (theta / (w p) for theta / p when
+  weighted); in whole units, l = #{l : pi_l <= p} over its thresholds
+  pi_l = (theta / w) * ln[(1 + capacity - fixed - a l) / (1 + capacity - fixed - a (l+1))].
 - The leader's continuous problem is piecewise smooth but not concave: the prices where a
   device starts taking work (theta / A) or reaches its cap (theta / (A - cap)) split the price
   axis; on each piece U_s = const - c1 p - c2 / p, whose stationary point sqrt(c2 / c1) and
@@ -40,6 +44,8 @@ MAX_VALUE = 1e15
 MIN_UNIT_COST = 1e-12  # below it the units a device's compute allows overflow the sums
 MAX_THRESHOLDS = 20_000_000  # whole units over all devices, for the integer game
 DEVICE_FIELDS = ("theta", "capacity", "unit_cost", "fixed_cost", "units")
+OPTIONAL_FIELDS = {"weight": 1.0}  # pieces of work per unit
+FIELDS = DEVICE_FIELDS + tuple(OPTIONAL_FIELDS)
 
 
 class GameError(ValueError):
@@ -56,9 +62,12 @@ class PricingGame:
     server_cost: float
     revenue: float = 0.0
     integer: bool = False
+    weight: np.ndarray | None = None  # None: every unit is one piece of work
 
     def __post_init__(self):
-        arrays = {name: np.atleast_1d(np.asarray(getattr(self, name), dtype=float)) for name in DEVICE_FIELDS}
+        if self.weight is None:
+            object.__setattr__(self, "weight", np.ones_like(np.atleast_1d(np.asarray(self.theta, dtype=float))))
+        arrays = {name: np.atleast_1d(np.asarray(getattr(self, name), dtype=float)) for name in FIELDS}
         n = len(arrays["theta"])
         if not 1 <= n <= MAX_DEVICES:
             raise GameError(f"a game needs 1 to {MAX_DEVICES} devices, got {n}")
@@ -73,7 +82,7 @@ class PricingGame:
                 raise GameError(f"'{name}' must be at most {MAX_VALUE:g}: device "
                                 f"{int(np.flatnonzero(values > MAX_VALUE)[0])}")
             object.__setattr__(self, name, values)
-        for name in ("theta", "unit_cost", "units"):
+        for name in ("theta", "unit_cost", "units", "weight"):
             if np.any(arrays[name] <= 0):
                 raise GameError(f"'{name}' must be positive: device {int(np.flatnonzero(arrays[name] <= 0)[0])}")
         cheap = np.flatnonzero(arrays["unit_cost"] < MIN_UNIT_COST)
@@ -108,7 +117,12 @@ class PricingGame:
         left = 1.0 + self.capacity[device] - self.fixed_cost[device]
         steps = np.arange(int(np.floor(self.cap[device])))
         a = self.unit_cost[device]
-        return self.theta[device] * np.log((left - a * steps) / (left - a * (steps + 1)))
+        return self.theta[device] / self.weight[device] * np.log((left - a * steps) / (left - a * (steps + 1)))
+
+    def public(self) -> dict:
+        """What the leader may see of the game: everything but the devices' theta."""
+        return {name: getattr(self, name) for name in ("capacity", "unit_cost", "fixed_cost", "units", "weight",
+                                                       "server_cost", "revenue", "integer")}
 
 
 @dataclass(frozen=True)
@@ -129,7 +143,7 @@ def load_game(path) -> PricingGame:
 
 def parse_game(text: str) -> PricingGame:
     """A game file: {"server_cost", "revenue", "integer", "devices": [{theta, capacity,
-    unit_cost, fixed_cost, units}, ...]}; GameError saying what is wrong."""
+    unit_cost, fixed_cost, units, weight (optional, 1)}, ...]}; GameError saying what is wrong."""
     try:
         data = json.loads(text)
     except (ValueError, RecursionError) as err:
@@ -141,12 +155,12 @@ def parse_game(text: str) -> PricingGame:
         raise GameError("'devices' must be a non-empty list")
     if len(devices) > MAX_DEVICES:
         raise GameError(f"a game needs 1 to {MAX_DEVICES} devices, got {len(devices)}")
-    columns = {name: [] for name in DEVICE_FIELDS}
+    columns = {name: [] for name in FIELDS}
     for i, device in enumerate(devices):
         if not isinstance(device, dict):
             raise GameError(f"device {i} must be an object with {', '.join(DEVICE_FIELDS)}")
-        for name in DEVICE_FIELDS:
-            value = device.get(name)
+        for name in FIELDS:
+            value = device.get(name, OPTIONAL_FIELDS.get(name))
             if isinstance(value, bool) or not isinstance(value, (int, float)):
                 raise GameError(f"device {i}: '{name}' must be a number, got {str(value)[:40]}")
             columns[name].append(_float(value, f"device {i}: '{name}'"))
@@ -176,19 +190,20 @@ def follower_response(game: PricingGame, price) -> np.ndarray:
             out[..., n] = np.searchsorted(game.thresholds(n), prices, side="right")
         return out
     with np.errstate(divide="ignore"):
-        interior = game.reach - game.theta / p
+        interior = game.reach - game.theta / (p * game.weight)
     return np.clip(np.where(p > 0, interior, 0.0), 0.0, game.cap)
 
 
 def leader_utility(game: PricingGame, price, responses=None) -> np.ndarray:
     responses = follower_response(game, price) if responses is None else responses
     p = np.asarray(price, dtype=float)
-    return game.revenue - (p * responses.sum(axis=-1) + game.server_cost * (game.units - responses).sum(axis=-1))
+    w = game.weight
+    return game.revenue - (p * (w * responses).sum(axis=-1) + game.server_cost * (w * (game.units - responses)).sum(axis=-1))
 
 
 def solve_price(game: PricingGame) -> PriceSolution:
     """The leader's optimal uniform price, exactly (continuous or integer game)."""
-    base = game.revenue - game.server_cost * float(game.units.sum())
+    base = _utility_without_offloading(game)
     candidates = _integer_candidates(game) if game.integer else _continuous_candidates(game)
     prices, values = candidates
     best = int(np.argmax(values))
@@ -202,8 +217,9 @@ def solve_price(game: PricingGame) -> PriceSolution:
 
 def _continuous_candidates(game: PricingGame) -> tuple[np.ndarray, np.ndarray]:
     """Every candidate price of the continuous game and U_s there, by one sweep of the
-    breakpoints with running sums over the interior (S_A, S_theta) and capped (S_cap) devices."""
-    reach, cap, theta, kappa = game.reach, game.cap, game.theta, game.server_cost
+    breakpoints with running sums over the interior (S_A, S_theta) and capped (S_cap) devices,
+    all counted in pieces of work (units times weight)."""
+    reach, cap, theta, kappa = game.reach * game.weight, game.cap * game.weight, game.theta, game.server_cost
     enter = theta / reach  # l starts growing above this price
     capped = reach > cap
     full = np.where(capped, theta / np.where(capped, reach - cap, 1.0), np.inf)  # l reaches cap here
@@ -215,7 +231,7 @@ def _continuous_candidates(game: PricingGame) -> tuple[np.ndarray, np.ndarray]:
     order = np.argsort(prices, kind="stable")
     prices, d_reach, d_theta, d_cap = prices[order], d_reach[order], d_theta[order], d_cap[order]
     s_reach, s_theta, s_cap = np.cumsum(d_reach), np.cumsum(d_theta), np.cumsum(d_cap)
-    base = game.revenue - kappa * float(game.units.sum())
+    base = _utility_without_offloading(game)
 
     def value(p, sr, st, sc):  # U_s on a piece: base - (p - kappa) (S_A + S_cap - S_theta / p)
         return base - (p - kappa) * (sr + sc - st / p)
@@ -236,23 +252,32 @@ def _continuous_candidates(game: PricingGame) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _integer_candidates(game: PricingGame) -> tuple[np.ndarray, np.ndarray]:
-    """Every threshold (and U_s there: base - (p - kappa) * #{thresholds <= p})."""
-    thresholds = np.sort(np.concatenate([game.thresholds(n) for n in range(len(game.theta))]))
+    """Every threshold (and U_s there: base - (p - kappa) * the work of the thresholds <= p)."""
+    per_device = [game.thresholds(n) for n in range(len(game.theta))]
+    base = _utility_without_offloading(game)
+    thresholds = np.concatenate(per_device)
     if not len(thresholds):
-        return np.zeros(1), np.array([game.revenue - game.server_cost * float(game.units.sum())])
-    taken = np.searchsorted(thresholds, thresholds, side="right")
-    base = game.revenue - game.server_cost * float(game.units.sum())
+        return np.zeros(1), np.array([base])
+    work = np.concatenate([np.full(len(t), game.weight[n]) for n, t in enumerate(per_device)])
+    order = np.argsort(thresholds, kind="stable")
+    thresholds, work = thresholds[order], np.cumsum(work[order])
+    taken = work[np.searchsorted(thresholds, thresholds, side="right") - 1]  # ties: every equal threshold taken
     return thresholds, base - (thresholds - game.server_cost) * taken
+
+
+def _utility_without_offloading(game: PricingGame) -> float:
+    return game.revenue - game.server_cost * float((game.weight * game.units).sum())
 
 
 def solve_discriminatory(game: PricingGame) -> tuple[np.ndarray, float]:
     """(one price per device, U_s): each device priced on its own, the upper bound of what a
     uniform price can reach."""
     prices = np.zeros(len(game.theta))
-    total = game.revenue - game.server_cost * float(game.units.sum())
+    total = _utility_without_offloading(game)
     for n in range(len(game.theta)):
         single = PricingGame(*(np.asarray(getattr(game, f))[n:n + 1] for f in DEVICE_FIELDS),
-                             server_cost=game.server_cost, revenue=0.0, integer=game.integer)
+                             server_cost=game.server_cost, revenue=0.0, integer=game.integer,
+                             weight=game.weight[n:n + 1])
         solution = solve_price(single)
         prices[n] = solution.price
         total += solution.leader_utility - solution.utility_without_offloading
