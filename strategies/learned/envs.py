@@ -1,0 +1,144 @@
+"""The pricing game of [GenMEN] as a learning environment: the leader sees only what it would
+see in a deployment (its last price, the devices' responses, their public figures), never a
+device's theta, which is drawn afresh every episode. numpy only.
+
+Everything is measured in units the game's scale drops out of, so one policy serves games of
+any server cost or size with the same number of devices:
+
+- q = p / server_cost, the price as a fraction of what the server's own work costs (a price
+  above it never pays, so q in [0, 1]);
+- per device, y = l / A (the work it took, A = (1 + capacity - fixed) / a its unclipped reach),
+  c = cap / A (its cap) and s = N w A / sum(w A) (its share of the game's work).
+
+A device's interior response l = A - theta / (w p) is y = 1 - e / q with e = theta / (w A kappa)
+its private entry price: one interior response tells the leader e, a zero only that e >= q.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import numpy as np
+
+from strategies.allocation.stackelberg import GameError, PricingGame, follower_response, leader_utility, solve_price
+
+REWARDS = ("utility", "improvement", "improvement-vs-best")
+
+
+def observe(game: PricingGame, price: float, responses: np.ndarray) -> np.ndarray:
+    """The leader's state after one price: [q, y_1..y_N, c_1..c_N, s_1..s_N]. Reads no theta."""
+    reach = game.reach
+    work = game.weight * reach
+    share = len(reach) * work / work.sum()
+    return np.concatenate([[price / game.server_cost if game.server_cost > 0 else 0.0],
+                           responses / reach, game.cap / reach, share]).astype(np.float32)
+
+
+def observation_size(devices: int) -> int:
+    return 1 + 3 * devices
+
+
+def normalised_utility(game: PricingGame, price, responses=None) -> np.ndarray:
+    """(U_s(p) - U_s(0)) / (server_cost * all the work): 0 when the server keeps everything,
+    the share of its cost saved net of payments otherwise."""
+    work = float((game.weight * game.units).sum())
+    base = game.revenue - game.server_cost * work
+    scale = game.server_cost * work
+    return (leader_utility(game, price, responses) - base) / scale if scale > 0 else np.zeros_like(np.asarray(price))
+
+
+@dataclass(frozen=True)
+class GameDraw:
+    """How an episode's game is drawn. With `public` (a game file's public figures) only theta
+    is drawn: each device's entry price e = theta / (w A kappa) uniform in `entry`. Without it,
+    the design note's reproduction table: capacity U(3, 6), theta U(0.5, 2), unit cost 0.358,
+    fixed cost 0.116, 12 units, server cost 0.6, revenue 40."""
+    devices: int = 5
+    integer: bool = False
+    entry: tuple[float, float] = (0.02, 0.6)
+    public: dict | None = None  # {"capacity": [...], ...}: PricingGame.public() as lists
+
+    @classmethod
+    def around(cls, game: PricingGame, entry=(0.02, 0.6)) -> GameDraw:
+        public = {k: (v.tolist() if isinstance(v, np.ndarray) else v) for k, v in game.public().items()}
+        return cls(devices=len(game.theta), integer=game.integer, entry=tuple(entry), public=public)
+
+    def draw(self, rng: np.random.Generator) -> PricingGame:
+        n = self.devices
+        if self.public is None:
+            return PricingGame(theta=rng.uniform(0.5, 2.0, n), capacity=rng.uniform(3.0, 6.0, n),
+                               unit_cost=np.full(n, 0.358), fixed_cost=np.full(n, 0.116), units=np.full(n, 12.0),
+                               server_cost=0.6, revenue=40.0, integer=self.integer)
+        figures = {k: (np.asarray(v, dtype=float) if isinstance(v, list) else v) for k, v in self.public.items()}
+        known = PricingGame(theta=np.ones(n), **figures)
+        entry = rng.uniform(*self.entry, n)
+        theta = np.maximum(entry * known.weight * known.reach * known.server_cost, 1e-12)
+        return PricingGame(theta=theta, **figures)
+
+    def settings(self) -> dict:
+        return asdict(self)
+
+
+class PricingEnv:
+    """Episodes of `horizon` prices on one drawn game, `batch` episodes side by side.
+
+    reset() draws the games and a random first price (the paper: "the initial state ... can be
+    generated through random sampling") and returns the states; step(actions in [-1, 1]) sets
+    the prices q = (a + 1) / 2 and returns (states, rewards, done). Reward "utility" is the
+    normalised utility; "improvement" is [GenMEN]'s 1 when U_s rose over the last price (which
+    a policy sitting at the optimum never earns); "improvement-vs-best" pays 1 when U_s reaches
+    the episode's best so far."""
+
+    def __init__(self, draw: GameDraw, horizon: int = 10, batch: int = 1, reward: str = "utility", seed: int = 0):
+        if reward not in REWARDS:
+            raise ValueError(f"reward must be one of {', '.join(REWARDS)}, got {reward!r}")
+        if horizon < 1 or batch < 1:
+            raise ValueError("horizon and batch must be at least 1")
+        self.draw, self.horizon, self.batch, self.reward = draw, horizon, batch, reward
+        self.rng = np.random.default_rng(seed)
+        self.games: list[PricingGame] = []
+        self.optimum = np.zeros(batch)  # the exact solver's normalised utility, for regret only
+
+    action_size = 1  # the price
+
+    @property
+    def observation_size(self) -> int:
+        return observation_size(self.draw.devices)
+
+    def reset(self, games: list[PricingGame] | None = None) -> np.ndarray:
+        self.games = games if games is not None else [self.draw.draw(self.rng) for _ in range(self.batch)]
+        self.batch = len(self.games)
+        self.optimum = np.array([float(normalised_utility(g, solve_price(g).price)) for g in self.games])
+        self.t = 0
+        states, self.last = self._respond(self.rng.uniform(0.0, 1.0, self.batch))
+        self.best = self.last
+        return states
+
+    def step(self, actions: np.ndarray) -> tuple[np.ndarray, np.ndarray, bool]:
+        q = (np.clip(np.asarray(actions, dtype=float).reshape(self.batch), -1.0, 1.0) + 1.0) / 2.0
+        states, utility = self._respond(q)
+        if self.reward == "utility":
+            rewards = utility
+        elif self.reward == "improvement":
+            rewards = (utility > self.last).astype(float)
+        else:
+            rewards = (utility >= np.maximum(self.best, self.last)).astype(float)
+        self.best = np.maximum(self.best, utility)
+        self.last, self.t = utility, self.t + 1
+        return states, rewards, self.t >= self.horizon
+
+    def _respond(self, q: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        states, utility = [], []
+        for game, fraction in zip(self.games, q):
+            price = float(fraction) * game.server_cost
+            responses = follower_response(game, price)
+            states.append(observe(game, price, responses))
+            utility.append(float(normalised_utility(game, price, responses)))
+        self.prices = q
+        return np.stack(states), np.asarray(utility)
+
+
+def check_draw(game: PricingGame) -> None:
+    """The learned pricers play games of one device count with a positive server cost."""
+    if game.server_cost <= 0:
+        raise GameError("a learned pricer needs a positive server_cost: it sets prices as a fraction of it")

@@ -1,0 +1,203 @@
+"""[GenMEN]'s generative diffusion model (GDM) policy, in plain torch: an actor that makes an
+action by denoising Gaussian noise conditioned on the state, trained against a double critic.
+
+The paper gives no architecture; this follows the public code of the GDM tutorial it cites
+(GDMOPT, docs/references.md): a 6-step chain on a VP noise schedule, 256-wide Mish MLPs, a
+min-of-two-Q critic, AdamW at 1e-4. One deliberate difference: the critic regresses the reward
+itself (no bootstrapped next-state value, so no target networks). The leader's episodes are a
+sequence of one-shot pricing decisions whose reward depends only on that price, so the value of
+a state-action pair is its expected reward; bootstrapping would only add noise.
+
+The actor is trained the paper's way, by back-propagating -min(Q1, Q2)(s, actor(s)) through
+the whole denoising chain: back-propagation, not "denoising instead of back-propagation"
+(the design note's erratum I.6-4).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import torch
+from torch import nn
+
+
+@dataclass(frozen=True)
+class GdmSettings:
+    denoising_steps: int = 6
+    beta_min: float = 0.1
+    beta_max: float = 10.0
+    hidden: int = 256
+    actor_lr: float = 1e-4
+    critic_lr: float = 1e-4
+    weight_decay: float = 1e-4
+    batch: int = 512
+    buffer: int = 1_000_000
+    exploration: float = 0.1  # Gaussian noise on the actor's action while collecting episodes
+    updates_per_step: int = 1  # gradient updates per step of the side-by-side episodes
+
+    def __post_init__(self):
+        for name in ("denoising_steps", "hidden", "batch", "buffer", "updates_per_step"):
+            if not 1 <= getattr(self, name) <= 10_000_000:
+                raise ValueError(f"{name} must be a positive whole number, got {getattr(self, name)}")
+
+
+def vp_betas(steps: int, beta_min: float, beta_max: float) -> torch.Tensor:
+    """GDMOPT's variance-preserving schedule, discretised to `steps` steps."""
+    i = torch.arange(1, steps + 1, dtype=torch.float64)
+    return (1 - torch.exp(-beta_min / steps - (beta_max - beta_min) * (2 * i - 1) / (2 * steps ** 2))).float()
+
+
+class StepEmbedding(nn.Module):
+    """Sinusoidal embedding of the denoising step, then a small MLP (16 -> 32 -> 16)."""
+
+    def __init__(self, size: int = 16):
+        super().__init__()
+        self.size = size
+        self.mlp = nn.Sequential(nn.Linear(size, 2 * size), nn.Mish(), nn.Linear(2 * size, size))
+
+    def forward(self, step: torch.Tensor) -> torch.Tensor:
+        half = self.size // 2
+        freqs = torch.exp(-math.log(10000.0) * torch.arange(half, dtype=torch.float32) / (half - 1))
+        angles = step.float()[:, None] * freqs[None, :]
+        return self.mlp(torch.cat([angles.sin(), angles.cos()], dim=-1))
+
+
+class Denoiser(nn.Module):
+    """eps(x_i, i, s): the noise in the action x_i at step i, given the state s."""
+
+    def __init__(self, state_size: int, action_size: int, hidden: int):
+        super().__init__()
+        self.state = nn.Sequential(nn.Linear(state_size, hidden), nn.Mish(), nn.Linear(hidden, hidden), nn.Mish())
+        self.step = StepEmbedding()
+        self.trunk = nn.Sequential(nn.Linear(hidden + action_size + self.step.size, hidden), nn.Mish(),
+                                   nn.Linear(hidden, hidden), nn.Mish(), nn.Linear(hidden, action_size))
+
+    def forward(self, x: torch.Tensor, step: torch.Tensor, state: torch.Tensor) -> torch.Tensor:
+        return self.trunk(torch.cat([self.state(state), x, self.step(step)], dim=-1))
+
+
+class DiffusionActor(nn.Module):
+    """An action in [-1, 1]^d made by `denoising_steps` DDPM posterior steps from N(0, I),
+    the predicted clean action clipped to [-1, 1] at every step."""
+
+    def __init__(self, state_size: int, action_size: int, settings: GdmSettings):
+        super().__init__()
+        self.action_size = action_size
+        self.denoiser = Denoiser(state_size, action_size, settings.hidden)
+        betas = vp_betas(settings.denoising_steps, settings.beta_min, settings.beta_max)
+        alphas = 1 - betas
+        alpha_bar = torch.cumprod(alphas, 0)
+        previous = torch.cat([torch.ones(1), alpha_bar[:-1]])
+        for name, value in {"alpha_bar": alpha_bar,
+                            "x0_coef": betas * previous.sqrt() / (1 - alpha_bar),
+                            "xt_coef": (1 - previous) * alphas.sqrt() / (1 - alpha_bar),
+                            "sigma": (betas * (1 - previous) / (1 - alpha_bar)).clamp(min=1e-20).sqrt()}.items():
+            self.register_buffer(name, value)
+
+    def forward(self, state: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        batch = state.shape[0]
+        x = torch.randn(batch, self.action_size, generator=generator)
+        for i in reversed(range(len(self.alpha_bar))):
+            step = torch.full((batch,), i)
+            eps = self.denoiser(x, step, state)
+            x0 = ((x - (1 - self.alpha_bar[i]).sqrt() * eps) / self.alpha_bar[i].sqrt()).clamp(-1, 1)
+            x = self.x0_coef[i] * x0 + self.xt_coef[i] * x
+            if i > 0:
+                x = x + self.sigma[i] * torch.randn(batch, self.action_size, generator=generator)
+        return x.clamp(-1, 1)
+
+
+class DoubleCritic(nn.Module):
+    """Two Q heads on a shared state encoder; the actor maximises their minimum, which keeps it
+    from chasing one head's overestimate."""
+
+    def __init__(self, state_size: int, action_size: int, hidden: int):
+        super().__init__()
+        self.state = nn.Sequential(nn.Linear(state_size, hidden), nn.ReLU(), nn.Linear(hidden, hidden), nn.ReLU())
+        self.heads = nn.ModuleList(
+            nn.Sequential(nn.Linear(hidden + action_size, hidden), nn.ReLU(), nn.Linear(hidden, hidden), nn.ReLU(),
+                          nn.Linear(hidden, 1)) for _ in range(2))
+
+    def forward(self, state: torch.Tensor, action: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        features = torch.cat([self.state(state), action], dim=-1)
+        return self.heads[0](features)[:, 0], self.heads[1](features)[:, 0]
+
+
+class ReplayBuffer:
+    """(state, action, reward) rows, oldest overwritten first."""
+
+    def __init__(self, size: int, state_size: int, action_size: int):
+        self.states = np.zeros((size, state_size), np.float32)
+        self.actions = np.zeros((size, action_size), np.float32)
+        self.rewards = np.zeros(size, np.float32)
+        self.count = 0
+
+    def add(self, states, actions, rewards) -> None:
+        for s, a, r in zip(states, actions, rewards):
+            i = self.count % len(self.rewards)
+            self.states[i], self.actions[i], self.rewards[i] = s, a, r
+            self.count += 1
+
+    def sample(self, batch: int, rng: np.random.Generator):
+        rows = rng.integers(0, min(self.count, len(self.rewards)), batch)
+        return (torch.from_numpy(self.states[rows]), torch.from_numpy(self.actions[rows]),
+                torch.from_numpy(self.rewards[rows]))
+
+
+@dataclass
+class Training:
+    """A trained actor and critic, and what the training saw."""
+    actor: DiffusionActor
+    critic: DoubleCritic
+    settings: GdmSettings
+    env_steps: int
+    updates: int
+
+
+def train_gdm(env, env_steps: int, settings: GdmSettings = GdmSettings(), seed: int = 0,
+              on_progress=None, progress_every: int = 0) -> Training:
+    """Train on `env` (reset() -> states; step(actions) -> states, rewards, done; its
+    observation_size and action_size) for `env_steps` steps summed over its side-by-side
+    episodes. on_progress(env_steps_so_far, training) every `progress_every` steps."""
+    torch.manual_seed(seed)
+    rng = np.random.default_rng(seed)
+    actor = DiffusionActor(env.observation_size, env.action_size, settings)
+    critic = DoubleCritic(env.observation_size, env.action_size, settings.hidden)
+    actor_opt = torch.optim.AdamW(actor.parameters(), lr=settings.actor_lr, weight_decay=settings.weight_decay)
+    critic_opt = torch.optim.AdamW(critic.parameters(), lr=settings.critic_lr, weight_decay=settings.weight_decay)
+    buffer = ReplayBuffer(min(settings.buffer, env_steps), env.observation_size, env.action_size)
+    training = Training(actor, critic, settings, 0, 0)
+    noise = torch.Generator().manual_seed(seed)
+    states = env.reset()
+    next_report = progress_every
+    while training.env_steps < env_steps:
+        with torch.no_grad():
+            actions = actor(torch.from_numpy(states), noise)
+            actions = (actions + settings.exploration * torch.randn(actions.shape, generator=noise)).clamp(-1, 1)
+        actions = actions.numpy()
+        following, rewards, done = env.step(actions)
+        buffer.add(states, actions, rewards)
+        training.env_steps += len(states)
+        states = env.reset() if done else following
+        for _ in range(settings.updates_per_step):
+            s, a, r = buffer.sample(settings.batch, rng)
+            q1, q2 = critic(s, a)
+            critic_loss = (q1 - r).pow(2).mean() + (q2 - r).pow(2).mean()
+            critic_opt.zero_grad()
+            critic_loss.backward()
+            critic_opt.step()
+            actor_loss = -torch.minimum(*critic(s, actor(s, noise))).mean()
+            actor_opt.zero_grad()
+            actor_loss.backward()
+            actor_opt.step()
+            training.updates += 1
+        if on_progress is not None and progress_every and training.env_steps >= next_report:
+            on_progress(training.env_steps, training)
+            next_report += progress_every
+    return training
+
+
+def settings_dict(settings: GdmSettings) -> dict:
+    return asdict(settings)

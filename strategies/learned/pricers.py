@@ -1,0 +1,171 @@
+"""Learned leaders for [GenMEN]'s pricing game: train, play, save and load.
+
+A pricer maps the leader's states (envs.observe) to actions in [-1, 1], the price
+q = (a + 1) / 2 of the server's own cost. Three kinds: the paper's GDM policy, PPO and a
+uniformly random price. Each is trained on games drawn by a GameDraw and only ever sees what a
+deployed leader would; the exact solver (which needs every theta) is the yardstick.
+
+A checkpoint is a directory: pricer.json (the kind, the draw, the settings, the training it had)
+and the weights (actor.pt for the GDM, ppo.zip for PPO).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from strategies.allocation.stackelberg import PricingGame
+
+from .envs import REWARDS, GameDraw, PricingEnv, observation_size, observe
+
+PRICERS = ("gdm", "ppo", "random")
+MAX_TRAIN_STEPS = 10_000_000
+PRICER_FILE = "pricer.json"
+
+
+class PricerError(ValueError):
+    """A pricer checkpoint that cannot be used, or a request it cannot serve, with the reason."""
+
+
+@dataclass
+class Pricer:
+    kind: str
+    draw: GameDraw
+    horizon: int = 10
+    reward: str = "utility"
+    env_steps: int = 0
+    seed: int = 0
+    settings: dict = field(default_factory=dict)
+    model: object = None  # the GDM's actor or the PPO model; None for the random pricer
+
+    def act(self, states: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+        """One action in [-1, 1] per state row (shape (B, 1))."""
+        states = np.asarray(states, dtype=np.float32)
+        if states.ndim != 2 or states.shape[1] != observation_size(self.draw.devices):
+            raise PricerError(f"this pricer plays games of {self.draw.devices} devices, not "
+                              f"{(states.shape[-1] - 1) // 3}")
+        if self.kind == "random":
+            return rng.uniform(-1.0, 1.0, (len(states), 1))
+        if self.kind == "ppo":
+            return np.asarray(self.model.predict(states, deterministic=True)[0]).reshape(len(states), 1)
+        import torch
+        with torch.no_grad():
+            generator = torch.Generator().manual_seed(int(rng.integers(2 ** 31)))
+            return self.model(torch.from_numpy(states), generator).numpy()
+
+    def next_price(self, game: PricingGame, price: float, responses: np.ndarray, rng: np.random.Generator) -> float:
+        """The price after `price` drew `responses` in `game`, reading only its public figures."""
+        q = (float(self.act(observe(game, price, responses)[None, :], rng)[0, 0]) + 1.0) / 2.0
+        return q * game.server_cost
+
+
+@dataclass
+class Play:
+    """Prices (fractions of the server's cost) and normalised utilities, one row per game and
+    one column per step, and the exact optimum's normalised utility."""
+    prices: np.ndarray
+    utilities: np.ndarray
+    optimum: np.ndarray
+
+    @property
+    def regret(self) -> np.ndarray:
+        """(U* - U(p)) / (U* - U(0)) at each game's last price; 0 where nothing is to be gained."""
+        final = self.utilities[:, -1]
+        with np.errstate(divide="ignore", invalid="ignore"):
+            return np.where(self.optimum > 0, (self.optimum - final) / self.optimum, 0.0)
+
+
+def play(pricer: Pricer, games: list[PricingGame], seed: int = 0) -> Play:
+    """`pricer.horizon` prices on each game from a random first price, no exploration noise."""
+    env = PricingEnv(pricer.draw, horizon=pricer.horizon, reward=pricer.reward, seed=seed)
+    rng = np.random.default_rng(seed)
+    states = env.reset(games)
+    prices, utilities = [], []
+    for _ in range(pricer.horizon):
+        states, _, _ = env.step(pricer.act(states, rng))
+        prices.append(env.prices)
+        utilities.append(env.last)
+    return Play(np.stack(prices, 1), np.stack(utilities, 1), env.optimum)
+
+
+def train_pricer(kind: str, draw: GameDraw, env_steps: int, seed: int = 0, horizon: int = 10,
+                 reward: str = "utility", gdm_settings=None, on_progress=None, progress_every: int = 0) -> Pricer:
+    """A pricer trained for `env_steps` environment steps (the random pricer needs none).
+    on_progress(env_steps_so_far, pricer) every `progress_every` steps: learning curves."""
+    if kind not in PRICERS:
+        raise PricerError(f"unknown pricer {kind!r}; choose one of {', '.join(PRICERS)}")
+    if reward not in REWARDS:
+        raise PricerError(f"reward must be one of {', '.join(REWARDS)}, got {reward!r}")
+    if not 0 <= env_steps <= MAX_TRAIN_STEPS:
+        raise PricerError(f"training steps must be in [0, {MAX_TRAIN_STEPS:,}], got {env_steps}")
+    pricer = Pricer(kind, draw, horizon, reward, env_steps, seed)
+    if kind == "random":
+        return pricer
+    if kind == "gdm":
+        from .gdm import GdmSettings, settings_dict, train_gdm
+        settings = gdm_settings or GdmSettings()
+        pricer.settings = settings_dict(settings)
+        env = PricingEnv(draw, horizon=horizon, batch=GDM_EPISODES, reward=reward, seed=seed)
+
+        def report(steps, training):
+            on_progress(steps, Pricer(kind, draw, horizon, reward, steps, seed, pricer.settings, training.actor))
+
+        training = train_gdm(env, env_steps, settings, seed, report if on_progress else None, progress_every)
+        pricer.model = training.actor
+        return pricer
+    from .ppo import ROLLOUT, train_ppo
+    pricer.settings = {"library": "stable-baselines3", "rollout": ROLLOUT}
+
+    def report(steps, model):
+        on_progress(steps, Pricer(kind, draw, horizon, reward, steps, seed, pricer.settings, model))
+
+    pricer.model = train_ppo(draw, env_steps, horizon, reward, seed, report if on_progress else None, progress_every)
+    return pricer
+
+
+GDM_EPISODES = 8  # episodes the GDM plays side by side while it trains
+
+
+def save_pricer(pricer: Pricer, directory) -> Path:
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    meta = {"kind": pricer.kind, "draw": pricer.draw.settings(), "horizon": pricer.horizon, "reward": pricer.reward,
+            "env_steps": pricer.env_steps, "seed": pricer.seed, "settings": pricer.settings}
+    if pricer.kind == "gdm":
+        import torch
+        torch.save(pricer.model.state_dict(), directory / "actor.pt")
+    elif pricer.kind == "ppo":
+        pricer.model.save(directory / "ppo.zip")
+    (directory / PRICER_FILE).write_text(json.dumps(meta, indent=1) + "\n")
+    return directory
+
+
+def load_pricer(directory) -> Pricer:
+    directory = Path(directory)
+    try:
+        meta = json.loads((directory / PRICER_FILE).read_text())
+        draw = meta["draw"]
+        draw = GameDraw(devices=int(draw["devices"]), integer=bool(draw["integer"]), entry=tuple(draw["entry"]),
+                        public=draw["public"])
+        pricer = Pricer(meta["kind"], draw, int(meta["horizon"]), meta["reward"], int(meta["env_steps"]),
+                        int(meta["seed"]), dict(meta["settings"]))
+    except OSError as err:
+        raise PricerError(f"{directory}: not a pricer checkpoint ({err.strerror or err})") from None
+    except (ValueError, KeyError, TypeError) as err:
+        raise PricerError(f"{directory / PRICER_FILE}: unreadable ({type(err).__name__}: {err})") from None
+    if pricer.kind == "gdm":
+        import torch
+
+        from .gdm import DiffusionActor, GdmSettings
+        actor = DiffusionActor(observation_size(draw.devices), 1, GdmSettings(**pricer.settings))
+        actor.load_state_dict(torch.load(directory / "actor.pt", weights_only=True))
+        pricer.model = actor.eval()
+    elif pricer.kind == "ppo":
+        from .ppo import _require
+        pricer.model = _require()[1].PPO.load(directory / "ppo.zip", device="cpu")
+    elif pricer.kind != "random":
+        raise PricerError(f"{directory}: unknown pricer kind {pricer.kind!r}")
+    return pricer
