@@ -79,6 +79,19 @@ class RunConfig:
                                               "downlink costs it in the planner's objective")
     delivery_server_passes: int = setting(0, "auto: UNet passes the generation service can run in a round, all "
                                              "devices together; 0: no limit")
+    # priced offloading [GenMEN]: the server prices sampler steps, each device takes what pays it
+    pricing: str = setting("off", "priced offloading of the sampler steps [GenMEN]: off, exact (the oracle, "
+                                  "which knows every device's theta), gdm, ppo (learned pricers), random, or "
+                                  "fixed:P (P per step-image); needs --delivery state")
+    pricing_server_cost: float = setting(1.0, "kappa: what one step-image (one sampler step of one image) costs "
+                                              "the server, in the price's money")
+    pricing_revenue: float = setting(0.0, "R: the server's revenue a round, added to its utility (reporting only)")
+    pricing_budget_s: float = setting(0.5, "seconds of its f_max a device may spend on sampler steps a round: its "
+                                           "public capacity C_n in step-images (the cost model's cycles)")
+    pricer: str = setting("", "gdm, ppo: the pricer checkpoint (fedfill price ... --save); empty: the server "
+                              "trains one for the run's nodes at start and saves it in the report's pricer/")
+    synthetic_refresh: float = setting(0.0, "the fraction of its synthetic samples a device regenerates every round "
+                                            "(so the pricing game recurs after the first fill); 0: keep them")
     # the ddpm job (jobs.ddpm)
     start_checkpoint: str = setting("", "the generator the ddpm job fine-tunes; empty: the shipped one that saw "
                                         "only digits 0-4")
@@ -126,6 +139,25 @@ class RunConfig:
 SYNTHETIC_USES = ("labelled", "unlabelled", "server")  # RunConfig.synthetic_use: FIMI, SEMI, SST
 DELIVERIES = ("image", "sketch", "state", "seed")  # who does the sampling [MEG]; RunConfig.delivery adds auto
 AGGREGATIONS = ("fedavg", "median", "trimmed-mean")  # the rules of RunConfig.aggregation
+PRICINGS = ("off", "exact", "gdm", "ppo", "random")  # RunConfig.pricing, besides fixed:P
+LEARNED_PRICINGS = ("gdm", "ppo", "random")  # strategies.learned's pricers
+
+
+def parse_pricing(pricing: str) -> tuple[str, float]:
+    """(kind, price): the kind of RunConfig.pricing and, for fixed:P, its price P (0 otherwise);
+    ValueError saying what would work."""
+    if pricing in PRICINGS:
+        return pricing, 0.0
+    kind, sep, value = pricing.partition(":")
+    if kind == "fixed" and sep:
+        try:
+            price = float(value)
+        except ValueError:
+            price = float("nan")
+        if price >= 0 and price < float("inf"):
+            return "fixed", price
+        raise ValueError(f"--pricing {pricing}: fixed:P needs a finite price P >= 0 per step-image")
+    raise ValueError(f"--pricing {pricing}: choose one of {', '.join(PRICINGS)} or fixed:P (P >= 0)")
 
 
 def check_aggregation(aggregation: str, trim_beta: float, norm_bound: float) -> None:

@@ -47,6 +47,10 @@ PROFILE_FIELDS = ("f_max_hz", "eps", "p_max_w", "gain")  # what an operator must
 # up to date from the replies so that its next bits are planned on its own statistics
 OPTIONAL_PROFILE_FIELDS = {"bits": int, "quant_error": float, "codec_constant": float}  # name -> type
 PARTITION_FIELD = "partition_id"  # the node's partition id in its profile: a name for it, not planned on
+# priced offloading [GenMEN]: C_n, the step-images (sampler steps of one image) a device can run a
+# round, public; its preference theta_n (node config THETA_KEY) is never put in a profile or message
+CAPACITY_FIELD = "gen_capacity"
+THETA_KEY = "gen-theta"
 
 
 def node_config_key(profile_field: str) -> str:
@@ -127,6 +131,9 @@ def read_profile(content: RecordDict) -> dict:
                 at_most=math.nextafter(1.0, 0.0))
     if "codec_constant" in profile:
         _figure(profile["codec_constant"], "profile field 'codec_constant'", positive=True)
+    if CAPACITY_FIELD in profile:
+        _figure(profile[CAPACITY_FIELD], f"profile field '{CAPACITY_FIELD}' (step-images a round)", positive=True,
+                at_most=MAX_CAPACITY)
     partition = profile.get(PARTITION_FIELD)
     if partition is not None and not isinstance(partition, str):
         _figure(partition, f"profile field '{PARTITION_FIELD}'", whole=True)
@@ -163,6 +170,9 @@ class NodePlan:
     gen_server_steps: int = 0
     gen_state_bits: int = 0
     gen_sketch_factor: int = 0
+    # priced offloading [GenMEN]: the server's price per step-image this round (the same for
+    # every device); 0 with pricing off, and in a plan from an older server
+    gen_price: float = 0.0
 
     @classmethod
     def from_plan_entry(cls, entry: dict, server_round: int, policy: str, error_demand: float = 0.0) -> "NodePlan":
@@ -181,10 +191,37 @@ class NodePlan:
 
     @classmethod
     def from_config(cls, config) -> "NodePlan":
-        """From a TRAIN message's ConfigRecord; a field with a default may be missing."""
-        cast = {"int": int, "float": float, "str": str}
-        return cls(**{f.name: cast[f.type](config[f.name.replace("_", "-")]) for f in fields(cls)
-                      if f.name.replace("_", "-") in config or f.default is MISSING})
+        """From a TRAIN message's ConfigRecord; a field with a default may be missing. ReplyError
+        naming the field when one is missing or not a value of its type and range (a number
+        finite and non-negative, a price at most MAX_PRICE): the device refuses the plan
+        rather than generate or pay on a NaN."""
+        values = {}
+        for f in fields(cls):
+            key = f.name.replace("_", "-")
+            if key not in config:
+                if f.default is MISSING:
+                    raise ReplyError(f"plan field '{key}' missing")
+                continue
+            value = config[key]
+            if f.type == "str":
+                if not isinstance(value, str):
+                    raise ReplyError(f"plan field '{key}' must be text, got {_shown(value)}")
+                values[f.name] = value
+                continue
+            if f.name == "bits":
+                values[f.name] = _bits(value, "plan field 'bits'")
+                continue
+            rule = dict(whole=True, at_most=MAX_EXAMPLES) if f.type == "int" else {}
+            if f.name == "gen_price":
+                rule["at_most"] = MAX_PRICE
+            # a planned eta is signed in no policy, but the solver's figures are its own business
+            _figure(value, f"plan field '{key}'", signed=f.name == "eta", **rule)
+            values[f.name] = int(value) if f.type == "int" else float(value)
+        return cls(**values)
+
+
+MAX_PRICE = 1e15  # the stackelberg module's bound on a game's figures
+MAX_CAPACITY = 1e15
 
 
 def train_message_content(arrays: ArrayRecord, plan: NodePlan, train_config: ConfigRecord) -> RecordDict:
@@ -243,6 +280,13 @@ class TrainMetrics:
     gen_device_unet_evals: int = 0
     gen_device_seconds: float = 0.0
     gen_device_energy_j: float = 0.0
+    # Priced offloading [GenMEN] (0 with pricing off): the plan's price per step-image, the
+    # images m_n the device generated this round, the sampler steps k_n of each it ran itself
+    # (its best response to the price) and what the server owes it for them, p * k_n * m_n
+    gen_price: float = 0.0
+    gen_images: int = 0
+    gen_local_steps: int = 0
+    gen_payment: float = 0.0
     # The board's own energy meter (fedfill.board) over the local step (data, training,
     # quantization; the upload happens after the reply is made): joules and seconds, None
     # where the node has no sensor (then no key is sent: a figure is never invented)
@@ -289,9 +333,13 @@ _METRIC_RULES = {
     "modeled-energy-j": {}, "error-expected": {}, "error-measured": {}, "codec-constant": {},
     "gen-downlink-bytes": dict(whole=True), "gen-server-unet-evals": dict(whole=True), "gen-server-seconds": {},
     "gen-device-unet-evals": dict(whole=True), "gen-device-seconds": {}, "gen-device-energy-j": {},
+    "gen-price": dict(at_most=MAX_PRICE), "gen-images": dict(whole=True, at_most=MAX_EXAMPLES),
+    "gen-local-steps": dict(whole=True, at_most=MAX_EXAMPLES), "gen-payment": {},
 }
+# the priced offloading's figures of a node: in devices.csv; the server settles the round from them
+PRICING_METRICS = ("gen-price", "gen-images", "gen-local-steps", "gen-payment")
 # the fill's figures: per node in devices.csv, summed over the round's used replies in rounds.csv
-GENERATION_METRICS = tuple(key for key in _METRIC_RULES if key.startswith("gen-"))
+GENERATION_METRICS = tuple(key for key in _METRIC_RULES if key.startswith("gen-") and key not in PRICING_METRICS)
 
 
 def read_train_reply(content: RecordDict) -> tuple[bytes, dict, str]:

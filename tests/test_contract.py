@@ -44,7 +44,8 @@ def test_a_train_reply_carries_the_codec_bytes_and_the_figures():
                            "upload-bytes": len(payload), "modeled-energy-j": 0.02, "bits": 8,
                            "error-expected": 1e-4, "error-measured": 1.1e-4, "codec-constant": 0.9,
                            "gen-downlink-bytes": 1652, "gen-server-unet-evals": 400, "gen-server-seconds": 0.5,
-                           "gen-device-unet-evals": 400, "gen-device-seconds": 0.6, "gen-device-energy-j": 0.003}
+                           "gen-device-unet-evals": 400, "gen-device-seconds": 0.6, "gen-device-energy-j": 0.003,
+                           "gen-price": 0.0, "gen-images": 0, "gen-local-steps": 0, "gen-payment": 0.0}
     assert contract.reply_bytes(content) > len(payload)
     metered = replace(metrics, measured_energy_j=4.25, measured_s=1.7)  # a board with sensors says more
     assert contract.read_train_reply(contract.train_reply(payload, metered, ""))[1] == {
@@ -109,5 +110,19 @@ def test_a_plan_from_an_older_server_parses_with_the_runs_own_delivery():
     assert contract.NodePlan.from_config(config) == plan and plan.gen_delivery == ""
     chosen = replace(plan, gen_delivery="state", gen_server_steps=10, gen_state_bits=4)
     assert contract.NodePlan.from_config(chosen.to_config()) == chosen
-    with pytest.raises(KeyError):
+    with pytest.raises(contract.ReplyError, match="'bits' missing"):
         contract.NodePlan.from_config({k: v for k, v in config.items() if k != "bits"})
+    priced = replace(plan, gen_price=0.25)
+    assert contract.NodePlan.from_config(priced.to_config()) == priced and plan.gen_price == 0.0
+
+
+@pytest.mark.parametrize("key, value, reason", [
+    ("gen-price", float("nan"), "must be finite"), ("gen-price", -0.1, "non-negative"),
+    ("gen-price", 1e300, "at most"), ("gen-price", "0.3", "must be a number"), ("bits", 40, "from 2 to 32"),
+    ("d-gen", 2.5, "whole number"), ("gen-delivery", 3, "must be text"), ("f-hz", float("inf"), "finite"),
+])
+def test_a_plan_field_out_of_its_range_is_refused_with_the_field_named(key, value, reason):
+    plan = contract.NodePlan(server_round=1, policy="fimi", d_gen=10, f_hz=1e9, b_hz=1e6, p_w=0.1, eta=0.5, bits=8,
+                             t_cmp_s=1.0, t_com_s=1.0, e_cmp_j=0.1, e_com_j=0.1, gen_price=0.2)
+    with pytest.raises(contract.ReplyError, match=f"plan field '{key}'.*{reason}"):
+        contract.NodePlan.from_config({**plan.to_config(), key: value})
