@@ -98,8 +98,59 @@ def query(message: Message, context: Context) -> Message:
     board = read_board(root) if root else None
     if board is not None:
         log(INFO, "board at %s: %s", root, board.profile_fields() or "nothing measurable")
-    return Message(contract.profile_reply(device_profile(run, context, len(data), job.preset, board)),
-                   reply_to=message)
+    profile = device_profile(run, context, len(data), job.preset, board)
+    if run.pricing != "off":  # its capacity for the server's sampler steps is public; its theta never leaves
+        profile[contract.CAPACITY_FIELD] = generation_capacity(run, context, profile["f_max_hz"])
+    return Message(contract.profile_reply(profile), reply_to=message)
+
+
+def generation_capacity(run: RunConfig, context: Context, f_max_hz: float) -> float:
+    """C_n in step-images a round (strategies.allocation.offloading): the node config's
+    `gen-capacity`, else what its f_max buys in the run's budget at the generator's cycles."""
+    given = context.node_config.get(contract.node_config_key(contract.CAPACITY_FIELD))
+    if given is not None:
+        return float(given)
+    from generation.checkpoint import parameter_count
+    from generation.config import DEFAULT_CHECKPOINT
+    from strategies.allocation.offloading import step_capacity
+    from strategies.allocation.presets import model_pass_cycles
+
+    checkpoint = str(context.node_config.get(GENERATOR_KEY, "")) or run.generator_checkpoint
+    cycles = model_pass_cycles(parameter_count(Path(checkpoint) if checkpoint else DEFAULT_CHECKPOINT))
+    return step_capacity(f_max_hz, run.pricing_budget_s, cycles)
+
+
+def node_theta(run: RunConfig, context: Context, capacity: float) -> float:
+    """This device's private preference theta_n: the node config's `gen-theta`, else (simulation,
+    where a node has no config file of its own) the run's draw for its partition. Used here
+    only: it is never put in the profile nor in any message."""
+    given = context.node_config.get(contract.THETA_KEY)
+    if given is not None:
+        return float(given)
+    from strategies.allocation.offloading import simulated_theta
+
+    return simulated_theta(run.seed, node_partition(run, context)[0], capacity, run.pricing_server_cost)
+
+
+def priced_delivery(run: RunConfig, context: Context, plan: contract.NodePlan, f_max_hz: float):
+    """With pricing on: a function of the images m this round needs that gives the delivery
+    of the device's best response k to the plan's price (the service runs the first S - k
+    steps: k = 0 its images, k = S a seed) and the figures the reply reports."""
+    from strategies.allocation.offloading import best_response
+
+    steps = run.generator_steps
+    capacity = generation_capacity(run, context, f_max_hz)
+    theta = node_theta(run, context, capacity)
+
+    def respond(images: int) -> tuple[dict, dict]:
+        k = best_response(plan.gen_price, theta, capacity, images, steps)
+        mode = "image" if k == 0 else "seed" if k >= steps else "state"
+        delivery = {"delivery": mode, "server_steps": steps - k if mode == "state" else 0,
+                    "state_bits": run.delivery_state_bits, "sketch_factor": run.delivery_sketch_factor}
+        return delivery, {"gen_images": int(images), "gen_local_steps": int(k),
+                          "gen_payment": float(plan.gen_price * k * images)}
+
+    return respond
 
 
 def delivery_of(run: RunConfig, plan: contract.NodePlan | None = None) -> dict:
@@ -114,10 +165,14 @@ def delivery_of(run: RunConfig, plan: contract.NodePlan | None = None) -> dict:
             "state_bits": run.delivery_state_bits, "sketch_factor": run.delivery_sketch_factor}
 
 
-def fetch_synthetic(run: RunConfig, context: Context, request: np.ndarray, image_shape, delivery: dict | None = None):
+def fetch_synthetic(run: RunConfig, context: Context, request: np.ndarray, image_shape, delivery: dict | None = None,
+                    *, refresh: float = 0.0, salt: int = 0, offload=None):
     """Generated samples per the request, reusing what this device already holds, delivered in
     `delivery` ([MEG]: delivery_of's; default: the service samples them), or hands part or
-    all of the sampling to this device.
+    all of the sampling to this device. `refresh`: the fraction of the held samples the request
+    would use that are dropped first (the oldest), so they are generated anew (with `salt` in the
+    seed: new images, not the service's cache). `offload(m)` (priced offloading) gives the
+    delivery for the m images the round generates, and the figures it adds to the fill.
 
     Returns (images, labels, note, fill): the note says what happened (it goes back in the
     reply); fill holds the round's generation figures (TrainMetrics' gen_* fields, 0 where
@@ -129,6 +184,9 @@ def fetch_synthetic(run: RunConfig, context: Context, request: np.ndarray, image
     images = held["images"].numpy() if held else np.zeros((0, *image_shape), np.uint8)
     labels = held["labels"].numpy() if held else np.zeros(0, np.int64)
     have = np.bincount(labels, minlength=request.size)
+    if refresh > 0 and len(labels):
+        images, labels = _drop_oldest_used(images, labels, request, refresh)
+        have = np.bincount(labels, minlength=request.size)
     shortfall = np.maximum(request - have, 0)
     note = "cached" if shortfall.sum() == 0 and request.sum() > 0 else ""
     fill: dict = {}
@@ -139,10 +197,14 @@ def fetch_synthetic(run: RunConfig, context: Context, request: np.ndarray, image
             from generation.client import GenerationUnavailable
             from generation.delivery import DigestMismatch
 
-            seed = int(context.node_config.get("partition-id", 0)) * 1_000_003 + int(have.sum())
+            seed = int(context.node_config.get("partition-id", 0)) * 1_000_003 + int(have.sum()) + salt
             delivery = delivery or delivery_of(run)
+            priced = {}
+            if offload is not None:
+                delivery, priced = offload(int(shortfall.sum()))
             try:
                 new_images, new_labels, fill = _generate(run, context, shortfall, seed, delivery)
+                fill.update(priced)
             except GenerationUnavailable as err:  # an outage degrades to what the device holds, never fails the round
                 note = f"generation service unavailable ({err}): trained without the missing samples"
                 log(WARNING, note)
@@ -157,6 +219,15 @@ def fetch_synthetic(run: RunConfig, context: Context, request: np.ndarray, image
     # Use exactly the requested count per class from what is held.
     pick = np.concatenate([np.flatnonzero(labels == c)[:n] for c, n in enumerate(request)]).astype(int)
     return images[pick], labels[pick], note, fill
+
+
+def _drop_oldest_used(images: np.ndarray, labels: np.ndarray, request: np.ndarray, fraction: float):
+    """The held samples less round(fraction x u) of the u ones the request would use, the
+    oldest first (samples are appended as generated)."""
+    used = np.concatenate([np.flatnonzero(labels == c)[:n] for c, n in enumerate(request)]).astype(int)
+    drop = np.sort(used)[:int(round(fraction * len(used)))]
+    keep = np.setdiff1d(np.arange(len(labels)), drop)
+    return images[keep], labels[keep]
 
 
 def _generate(run: RunConfig, context: Context, counts: np.ndarray, seed: int, delivery: dict):
@@ -274,11 +345,19 @@ def local_step(message: Message, context: Context, plan: contract.NodePlan) -> t
     partition_id = node_partition(run, context)[0]
     data = local_data(run, job, context)  # NodeDataError: Flower's error reply, the strategy drops the node
     request = synthetic_request(plan.policy, data.class_counts(), plan.d_gen)
-    syn_images, syn_labels, note, fill = fetch_synthetic(run, context, request, data.images.shape[1:],
-                                                         delivery_of(run, plan))
+    offload = None
+    if run.pricing != "off":
+        root = board_root(context)  # the f_max its QUERY reported, so the capacity it plays with is the public one
+        profile = device_profile(run, context, len(data), job.preset, read_board(root) if root else None)
+        offload = priced_delivery(run, context, plan, profile["f_max_hz"])
+    syn_images, syn_labels, note, fill = fetch_synthetic(
+        run, context, request, data.images.shape[1:], delivery_of(run, plan), refresh=run.synthetic_refresh,
+        salt=plan.server_round * 7919 if run.synthetic_refresh > 0 else 0, offload=offload)
     if "device_cycles" in fill:  # the cost model's energy of the device's sampling, at the plan's frequency
         eps = device_profile(run, context, len(data), job.preset)["eps"]
         fill["gen_device_energy_j"] = float(eps * fill.pop("device_cycles") * plan.f_hz ** 2)
+    if run.pricing != "off":
+        fill["gen_price"] = plan.gen_price
     semi = {}
     if run.synthetic_use == "unlabelled":  # SEMI: the generated samples, their labels withheld
         images, labels, semi = data.images, data.labels, {"unlabelled": syn_images}
