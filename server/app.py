@@ -163,6 +163,58 @@ def delivery_planner(run: RunConfig):
     return plan
 
 
+PRICER_TRAIN_STEPS = {"gdm": 400, "ppo": 3000, "random": 0}  # a pricer trained at start: environment steps
+# on the design's reproduction draw (the GDM takes ~0.3 s a step on one CPU core: 400 are about 2 minutes)
+
+
+def pricing_of(run: RunConfig, profiles: dict[int, dict], out_dir: Path):
+    """--pricing: the round pricing of strategies.pricing for these nodes, or None (off). A
+    learned pricer is loaded from --pricer, or trained at start for this many nodes (saved in
+    the report's pricer/). The thetas the devices of a simulation draw are recomputed here for
+    the oracle only (the report's leader_utility_oracle, and --pricing exact, which is it):
+    no other pricing reads them."""
+    from fedfill.config import parse_pricing
+    from strategies.allocation.offloading import simulated_theta
+    from strategies.pricing import RoundPricing
+
+    kind, fixed = parse_pricing(run.pricing)
+    if kind == "off":
+        return None
+    missing = [n for n, p in profiles.items() if contract.CAPACITY_FIELD not in p]
+    if missing:
+        raise RuntimeError(f"--pricing {run.pricing}: node(s) {missing} reported no {contract.CAPACITY_FIELD}")
+    thetas = {n: simulated_theta(run.seed, p[contract.PARTITION_FIELD], p[contract.CAPACITY_FIELD],
+                                 run.pricing_server_cost)
+              for n, p in profiles.items() if p.get(contract.PARTITION_FIELD) is not None}
+    pricer = None
+    if kind in ("gdm", "ppo", "random"):
+        pricer = learned_pricer(run, kind, len(profiles), out_dir)
+    return RoundPricing(kind, profiles=profiles, steps=run.generator_steps, server_cost=run.pricing_server_cost,
+                        revenue=run.pricing_revenue, refresh=run.synthetic_refresh, fixed_price=fixed,
+                        thetas=thetas if len(thetas) == len(profiles) else None, pricer=pricer, seed=run.seed)
+
+
+def learned_pricer(run: RunConfig, kind: str, devices: int, out_dir: Path):
+    """--pricer's checkpoint when it plays this many devices, else one trained now (a few
+    thousand steps on the design's reproduction draw, integer game) and saved under pricer/."""
+    from strategies.learned.envs import GameDraw
+    from strategies.learned.pricers import load_pricer, save_pricer, train_pricer
+
+    if run.pricer:
+        pricer = load_pricer(run.pricer)
+        if pricer.kind == kind and pricer.draw.devices == devices:
+            log(INFO, "pricing: the %s pricer of %s", kind, run.pricer)
+            return pricer
+        log(WARNING, "pricing: %s is a %s pricer of %d devices; %d reported a profile: training one for them",
+            run.pricer, pricer.kind, pricer.draw.devices, devices)
+    steps = PRICER_TRAIN_STEPS[kind]
+    pricer = train_pricer(kind, GameDraw(devices=devices, integer=True), steps, seed=run.seed)
+    saved = save_pricer(pricer, out_dir / "pricer")
+    log(INFO, "pricing: trained a %s pricer for %d devices (%d environment steps on the reproduction draw), saved "
+        "in %s", kind, devices, steps, saved)
+    return pricer
+
+
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     run = RunConfig.from_run_config(context.run_config)
@@ -188,7 +240,8 @@ def main(grid: Grid, context: Context) -> None:
                           aggregation=run.aggregation, trim_beta=run.trim_beta, norm_bound=run.norm_bound,
                           complementary_update=(complementary_update(run, job, profiles)
                                                 if run.synthetic_use == "server" else None),
-                          delivery_planner=delivery_planner(run) if run.delivery == "auto" else None)
+                          delivery_planner=delivery_planner(run) if run.delivery == "auto" else None,
+                          pricing=pricing_of(run, profiles, out_dir))
     initial, done = ArrayRecord(weights), 0
     checkpoint = out_dir / "checkpoint.npz"
     if run.resume and checkpoint.exists():

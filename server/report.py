@@ -45,19 +45,26 @@ DROPPED_BY_CLASS = ("dropped_no_reply", "dropped_unusable", "dropped_norm", "dro
 # the fill of synthetic samples [MEG]: the round's sums over the used replies (fedfill.contract)
 GENERATION_COLUMNS = tuple(key.replace("-", "_") for key in contract.GENERATION_METRICS)
 GENERATION_INTEGERS = {column for column in GENERATION_COLUMNS if not column.endswith(("_seconds", "_j"))}
+# priced offloading [GenMEN] (strategies.pricing): the round's price per step-image, the
+# step-images the service and the devices ran, the payments, the realised leader utility and the
+# oracle's; empty with pricing off
+PRICING_COLUMNS = ("gen_price", "gen_server_steps", "gen_device_steps", "gen_payments", "leader_utility",
+                   "leader_utility_oracle")
 COST_COLUMNS = (*CUMULATIVE, "round_energy_j", "round_latency_s", "round_uplink_bytes", "updates", "dropped",
                 *DROPPED_BY_CLASS, "wall_s", "train_s_max", "train_s_sum", "synthetic_used", "train_loss",
-                "dropped_nodes", *GENERATION_COLUMNS)
+                "dropped_nodes", *GENERATION_COLUMNS, *PRICING_COLUMNS)
 INTEGER_COLUMNS = {"round", "uplink_bytes", "round_uplink_bytes", "updates", "dropped", *DROPPED_BY_CLASS,
-                   "synthetic_used", *GENERATION_INTEGERS}
+                   "synthetic_used", *GENERATION_INTEGERS, "gen_server_steps", "gen_device_steps"}
 TEXT_COLUMNS = {"dropped_nodes"}  # kept as written, empty included
 # devices.csv: the round, then the strategy's figures of a node (strategies.fimi_strategy.NODE_FIGURES)
 NODES_CSV = "devices.csv"
 NODE_COLUMNS = ("round", "node", "partition_id", "bits_planned", "bits", "error_demand", "error_expected",
                 "error_measured", "t_cmp_s", "t_com_s", "energy_j", "e_cmp_j", "measured_energy_j", "measured_s",
                 "plan_uplink_bps", "train_s", "delivery_s", "launch_s", "handler_s", "upload_s", "reply_bytes",
-                "status", "reason", "gen_planned", *GENERATION_COLUMNS)
-NODE_INTEGER_COLUMNS = {"round", "node", "partition_id", "bits_planned", "bits", "reply_bytes", *GENERATION_INTEGERS}
+                "status", "reason", "gen_planned", *GENERATION_COLUMNS,
+                *(key.replace("-", "_") for key in contract.PRICING_METRICS))
+NODE_INTEGER_COLUMNS = {"round", "node", "partition_id", "bits_planned", "bits", "reply_bytes", *GENERATION_INTEGERS,
+                        "gen_images", "gen_local_steps"}
 NODE_TEXT_COLUMNS = {"status", "reason", "gen_planned"}
 DROP_COLUMNS = ("round", "node", "reason")
 
@@ -140,6 +147,7 @@ class RunReport:
         row.update({key: costs.get(key, 0) for key in ("updates", "dropped", *DROPPED_BY_CLASS, "synthetic_used")})
         row.update({key: costs.get(key, 0.0) for key in ("train_s_max", "train_s_sum")})
         row.update({key: costs.get(key, 0 if key in GENERATION_INTEGERS else 0.0) for key in GENERATION_COLUMNS})
+        row.update({key: costs.get(key, "") for key in PRICING_COLUMNS})  # none with pricing off
         row["train_loss"] = costs.get("train_loss", "")  # none before round 1 or when no update came
         # measured: wall time of the round as the server saw it
         row["wall_s"] = time.monotonic() - self._last

@@ -39,7 +39,8 @@ from strategies.allocation.policies import error_target_out_of_reach, parse_poli
 NODE_FIGURES = ("node", "partition_id", "bits_planned", "bits", "error_demand", "error_expected", "error_measured",
                 "t_cmp_s", "t_com_s", "energy_j", "e_cmp_j", "measured_energy_j", "measured_s", "plan_uplink_bps",
                 "train_s", "delivery_s", "launch_s", "handler_s", "upload_s", "reply_bytes", "status", "reason",
-                "gen_planned", *(name.replace("-", "_") for name in contract.GENERATION_METRICS))
+                "gen_planned", *(name.replace("-", "_") for name in contract.GENERATION_METRICS),
+                *(name.replace("-", "_") for name in contract.PRICING_METRICS))
 DEMANDING_POLICIES = ("ondemand", "fimi+ondemand")  # plans whose bits answer each device's error demand
 # Why an update was not merged, by class: the round's MetricRecord counts each as dropped-<class>
 # (rounds.csv's dropped_<class>, which add up to `dropped`).
@@ -115,7 +116,8 @@ class FimiFedAvg(FedAvg):
                  aggregation: str = "fedavg", trim_beta: float = 0.2, norm_bound: float = 10.0,
                  complementary_update: Callable[[list[np.ndarray], int], tuple[list[np.ndarray], int, float]]
                  | None = None,
-                 delivery_planner: Callable[[dict[int, dict], dict[int, int]], dict[int, dict]] | None = None) -> None:
+                 delivery_planner: Callable[[dict[int, dict], dict[int, int]], dict[int, dict]] | None = None,
+                 pricing=None) -> None:
         check_aggregation(aggregation, trim_beta, norm_bound)
         keys = dict(weighted_by_key=contract.WEIGHT_KEY, arrayrecord_key=contract.ARRAYS_KEY,
                     configrecord_key=contract.CONFIG_KEY)
@@ -135,6 +137,7 @@ class FimiFedAvg(FedAvg):
         self.profiles = profiles
         self.complementary_update = complementary_update
         self.delivery_planner = delivery_planner
+        self.pricing = pricing  # strategies.pricing.RoundPricing: a price per step-image each round [GenMEN]
         self.node_wait_s = node_wait_s
         self.on_plan, self.on_round_metrics = on_plan, on_round_metrics
         self.upload_seconds = upload_seconds or (lambda reply: None)
@@ -207,6 +210,9 @@ class FimiFedAvg(FedAvg):
             chosen = self.delivery_planner({n: self.profiles[n] for n in self._planned},
                                            {n: p.d_gen for n, p in self._planned.items()})
             self._planned = {n: replace(p, **chosen.get(n, {})) for n, p in self._planned.items()}
+        if self.pricing is not None and self._planned:  # one price for every device, in its plan
+            price = self.pricing.price_round(server_round, {n: p.d_gen for n, p in self._planned.items()})
+            self._planned = {n: replace(p, gen_price=price) for n, p in self._planned.items()}
         sent = contract.global_model_record(arrays)
         messages = [Message(content=contract.train_message_content(sent, node_plan, config),
                             message_type=MessageType.TRAIN, dst_node_id=node_id)
@@ -329,6 +335,8 @@ class FimiFedAvg(FedAvg):
             "synthetic-used": int(sum(int(r["d-gen-used"]) for r in node_metrics)),
             **{key: sum(r[key] for r in node_metrics) for key in contract.GENERATION_METRICS},
         })
+        if self.pricing is not None:  # the round's game as played: steps moved, payments, utilities
+            costs.update(self.pricing.settle(dict(zip(used, node_metrics))))
         new = None
         if decoded and self.complementary_update is not None:
             decoded.append(self._server_reply(server_round, decoded[0].content[contract.METRICS_KEY]))
@@ -389,7 +397,8 @@ class FimiFedAvg(FedAvg):
                        energy_j=self._modeled_energy(node_id, plan, bits),
                        measured_energy_j=contract.node_figure(metrics, "measured-energy-j"),
                        measured_s=contract.node_figure(metrics, "measured-s"),
-                       **{key.replace("-", "_"): metrics[key] for key in contract.GENERATION_METRICS})
+                       **{key.replace("-", "_"): metrics[key]
+                          for key in (*contract.GENERATION_METRICS, *contract.PRICING_METRICS)})
         if metrics["gen-device-unet-evals"] > 0:  # it completed a split delivery: it holds the generator now
             self.profiles[node_id]["holds_generator"] = True
         constant = float(metrics.get("codec-constant", 0.0))
@@ -417,7 +426,7 @@ class FimiFedAvg(FedAvg):
                                                       / plan.t_com_s if plan.t_com_s > 0 else None),
                 "train_s": None, "delivery_s": None, "launch_s": None, "handler_s": None, "upload_s": None,
                 "reply_bytes": None, "status": "used", "reason": "", "gen_planned": delivery_label(plan),
-                **{key.replace("-", "_"): None for key in contract.GENERATION_METRICS}}
+                **{key.replace("-", "_"): None for key in (*contract.GENERATION_METRICS, *contract.PRICING_METRICS)}}
 
 
 def delivery_label(plan: contract.NodePlan) -> str:
