@@ -956,7 +956,74 @@ def delivery_fuzz(rng: np.random.Generator, cases: int) -> Fuzz:
     return Fuzz(inputs=delivery_inputs(rng), target=target, refusals=(MalformedReply, DecodeError), hand_written=9)
 
 
+# ---------------------------------------------------------------------------- a TRAIN message's plan
+
+PLAN_VALUES = [0, -1, 1, 2, 20, 33, 0.3, -0.3, 1e15, 1e16, 1e308, float("nan"), float("inf"), float("-inf"),
+               2**53 + 1, 2**63 - 1, -(2**63), 5e-324, True, "", "state", "x" * 100_000, "0.3", [1, 2], [0.3], b"\xff"]
+
+
+def plan_seeds() -> list[dict]:
+    """Plans as a device receives them (NodePlan.to_config): a fill round, a priced one, a
+    planned split delivery."""
+    from fedfill import contract
+
+    base = contract.NodePlan(server_round=3, policy="fimi", d_gen=115, f_hz=1.4e9, b_hz=1e6, p_w=0.1, eta=0.4,
+                             bits=8, t_cmp_s=2.0, t_com_s=3.0, e_cmp_j=0.01, e_com_j=0.02)
+    from dataclasses import replace
+
+    return [base.to_config(), replace(base, gen_price=0.3, gen_delivery="").to_config(),
+            replace(base, gen_delivery="state", gen_server_steps=10, gen_state_bits=4, gen_price=0.05).to_config()]
+
+
+def plan_inputs(rng: np.random.Generator) -> Iterator[dict]:
+    seeds = plan_seeds()
+    yield {}
+    yield {**seeds[1], "gen-price": float("nan")}
+    yield {**seeds[1], "gen-price": 1e300}
+    yield {**seeds[1], "bits": 2**64}
+    while True:
+        plan = dict(seeds[int(rng.integers(len(seeds)))])
+        for _ in range(int(rng.integers(1, 4))):
+            name = list(plan)[int(rng.integers(len(plan)))]
+            if rng.random() < 0.15:
+                del plan[name]
+            else:
+                plan[name] = PLAN_VALUES[int(rng.integers(len(PLAN_VALUES)))]
+        yield plan
+
+
+def plan_fuzz(rng: np.random.Generator, cases: int) -> Fuzz:
+    """NodePlan.from_config, what a device makes of its TRAIN message's plan, then what it does
+    with the price: its best response in sampler steps (strategies.allocation.offloading). A
+    refusal is a ReplyError naming the field; an accepted plan must price without a crash."""
+    from flwr.app import ConfigRecord
+
+    from fedfill import contract
+    from strategies.allocation.offloading import best_response
+
+    def inputs():
+        for plan in plan_inputs(rng):
+            try:
+                yield ConfigRecord(plan)
+            except (TypeError, ValueError):  # Flower's own types refuse it: it cannot arrive
+                continue
+
+    def target(record):
+        plan = contract.NodePlan.from_config(record)
+        try:
+            k = best_response(plan.gen_price, 500.0, 4000.0, 100, 20)
+        except Exception as err:
+            raise AcceptedButUnusable(f"from_config accepted a price {plan.gen_price!r}, then {type(err).__name__}: "
+                                      f"{err}") from err
+        if not 0 <= k <= 20:
+            raise AcceptedButUnusable(f"a price {plan.gen_price!r} drew {k} of 20 steps")
+
+    return Fuzz(inputs=inputs(), target=target, refusals=(contract.ReplyError,),
+                size=lambda record: sum(len(repr(v)) for v in record.values()), hand_written=4)
+
+
 ENTRY_POINTS: dict[str, Callable[[np.random.Generator, int], Fuzz]] = {
+    "node_plan": plan_fuzz,
     "generator_checkpoint": generator_fuzz,
     "train_reply": reply_fuzz,
     "codec.decode": codec_fuzz,

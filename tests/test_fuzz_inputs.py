@@ -443,11 +443,35 @@ def test_a_unet_config_diffusers_trips_on_is_a_checkpoint_error(tiny_generator, 
         load_generator(case)
 
 
+# ---------------------------------------------------------------------------- a TRAIN message's plan
+
+PLAN_FIELD_VALUES = st.one_of(st.integers(min_value=-(2**63), max_value=2**63 - 1), st.floats(), st.booleans(),
+                              st.text(max_size=20), st.lists(st.integers(min_value=-5, max_value=5), max_size=3))
+
+
+@PROPERTY
+@given(changes=st.dictionaries(st.sampled_from(sorted(fuzz_inputs.plan_seeds()[2])), PLAN_FIELD_VALUES, max_size=4),
+       drop=st.sets(st.sampled_from(sorted(fuzz_inputs.plan_seeds()[2])), max_size=2))
+def test_a_plan_is_read_with_finite_in_range_figures_or_refused_naming_the_field(changes, drop):
+    """The plan fields a device reads (the price, the delivery, the bits, ...) are each a value
+    of their type and range, or the device refuses the plan with a ReplyError naming the field."""
+    config = {k: v for k, v in {**fuzz_inputs.plan_seeds()[2], **changes}.items() if k not in drop}
+    try:
+        plan = contract.NodePlan.from_config(config)
+    except contract.ReplyError as err:
+        assert "plan field" in str(err)
+        return
+    for name, value in plan.__dict__.items():
+        if isinstance(value, float):
+            assert np.isfinite(value) and (value >= 0 or name == "eta")
+    assert 0 <= plan.gen_price <= contract.MAX_PRICE and 2 <= plan.bits <= 32
+
+
 # ---------------------------------------------------------------------------- the bench's harness
 
 @pytest.mark.parametrize("name,cases", [("codec.decode", 300), ("scenario", 300), ("profile", 300),
                                         ("train_reply", 300), ("checkpoint", 300), ("generator_checkpoint", 150),
-                                        ("delivery_reply", 300), ("pricing_game", 300)])
+                                        ("delivery_reply", 300), ("pricing_game", 300), ("node_plan", 300)])
 def test_the_bench_finds_no_crash_no_hang_and_bounded_memory(name, cases):
     result = fuzz_inputs.fuzz_entry(name, cases, seed=0, time_limit_s=10.0, memory_every=25)
     assert result.tried == cases
