@@ -77,6 +77,7 @@ def check_settings(job: RunConfig) -> None:
         raise UsageError(str(err)) from None
     check_synthetic_use(job)
     check_delivery(job)
+    check_pricing(job)
     if job.learning_fit:
         check_learning_fit(job.learning_fit)
     if job.dataset.lower() == "digits" and job.data_dir:
@@ -106,6 +107,62 @@ def check_delivery(job: RunConfig) -> None:
     if job.delivery == "sketch" and (factor < 2 or (job.dataset.lower() == "digits" and 8 % factor)):
         raise UsageError(f"{flag_of('delivery_sketch_factor')} {factor}: must be at least 2 and divide the image "
                          "size (digits: 2, 4 or 8)")
+
+
+def check_pricing(job: RunConfig) -> None:
+    """Priced offloading [GenMEN]: a pricing the server knows, its figures in range, a split
+    delivery for the devices' share, a refresh fraction, and a pricer checkpoint of the kind
+    and the number of devices of the run."""
+    from fedfill.config import parse_pricing
+
+    flag = flag_of("pricing")
+    refresh = job.synthetic_refresh
+    if not (_finite(refresh) and 0 <= refresh <= 1):
+        raise UsageError(f"{flag_of('synthetic_refresh')} {refresh}: must be a fraction in [0, 1]")
+    try:
+        kind, _ = parse_pricing(job.pricing)
+    except ValueError as err:
+        raise UsageError(str(err)) from None
+    if kind == "off":
+        if job.pricer:
+            raise UsageError(f"{flag_of('pricer')} {job.pricer}: it prices with --pricing gdm or ppo")
+        return
+    for name, low, works in (("pricing_server_cost", 0.0, "a positive finite cost per step-image"),
+                             ("pricing_budget_s", 0.0, "a positive number of seconds")):
+        value = getattr(job, name)
+        if not (_finite(value) and low < value <= 1e15):
+            raise UsageError(f"{flag_of(name)} {value}: must be {works}")
+    if not (_finite(job.pricing_revenue) and 0 <= job.pricing_revenue <= 1e15):
+        raise UsageError(f"{flag_of('pricing_revenue')} {job.pricing_revenue}: must be 0 or a positive finite number")
+    if job.delivery != "state":
+        raise UsageError(f"{flag} {job.pricing}: a device runs the last k of the sampler steps the service hands it "
+                         f"over (k = 0: the service's images, k = all: a seed); add --delivery state, not "
+                         f"--delivery {job.delivery}")
+    if job.generator_checkpoint:
+        from generation.checkpoint import load_generator
+        from generation.config import CheckpointError
+
+        try:
+            config, _ = load_generator(job.generator_checkpoint)
+        except CheckpointError:
+            config = None  # check_generator says why
+        if config is not None and config.model != "ddpm":
+            raise UsageError(f"{flag} {job.pricing}: the generator {job.generator_checkpoint} is a "
+                             f"{config.model}, with no sampler steps to share; use a diffusion checkpoint")
+    if job.pricer:
+        if kind not in ("gdm", "ppo"):
+            raise UsageError(f"{flag_of('pricer')} {job.pricer}: only --pricing gdm or ppo reads a pricer")
+        from strategies.learned.pricers import PricerError, load_pricer
+
+        try:
+            pricer = load_pricer(job.pricer)
+        except (PricerError, ImportError, OSError, RuntimeError) as err:
+            raise UsageError(f"{flag_of('pricer')} {job.pricer}: {err}") from None
+        if pricer.kind != kind:
+            raise UsageError(f"{flag_of('pricer')} {job.pricer}: a {pricer.kind} pricer, not {kind}")
+        if pricer.draw.devices != job.num_partitions:
+            raise UsageError(f"{flag_of('pricer')} {job.pricer}: trained for {pricer.draw.devices} devices, the run "
+                             f"has {job.num_partitions} (leave --pricer out to train one at start)")
 
 
 def check_synthetic_use(job: RunConfig) -> None:
