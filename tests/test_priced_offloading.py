@@ -157,26 +157,29 @@ def test_exact_pricing_is_the_oracle_and_leaves_accuracy_as_pricing_off(tmp_path
     assert priced[1]["accuracy"] == off[1]["accuracy"] and off[1]["gen_price"] == ""
 
 
-def test_run_refuses_pricing_it_cannot_play(tmp_path):
-    for flags, reason in ((["--pricing", "fixed:-2", "--delivery", "state"], "fixed:P needs a finite price P >= 0"),
-                          (["--pricing", "auction"], "choose one of off, exact, gdm, ppo, random or fixed:P"),
-                          (["--pricing", "exact"], "add --delivery state, not --delivery image"),
-                          (["--pricing", "exact", "--delivery", "state", "--synthetic-refresh", "1.5"],
-                           "--synthetic-refresh 1.5: must be a fraction in [0, 1]"),
-                          (["--pricing", "exact", "--delivery", "state", "--pricing-server-cost", "0"],
-                           "--pricing-server-cost 0.0: must be a positive finite cost"),
-                          (["--pricing", "exact", "--delivery", "state", "--pricer", str(tmp_path)],
-                           "only --pricing gdm or ppo reads a pricer"),
-                          (["--pricing", "gdm", "--delivery", "state", "--pricer", str(tmp_path)],
-                           "not a pricer checkpoint"),
-                          (["--pricing", "fixed:1", "--delivery", "state", "--generator-checkpoint",
-                            str(ROOT / "generation/checkpoints/digits-gan")], "no sampler steps to share")):
-        done = subprocess.run([sys.executable, "-m", "fedfill", "run", *flags, "--out", str(tmp_path / "x")],
-                              cwd=ROOT, capture_output=True, text=True, timeout=120)
-        assert done.returncode == 2 and reason in done.stderr, (flags, done.stderr[-500:])
+@pytest.mark.parametrize("settings, reason", [
+    ({"pricing": "fixed:-2"}, "fixed:P needs a finite price P >= 0"),
+    ({"pricing": "auction"}, "choose one of off, exact, gdm, ppo, random or fixed:P"),
+    ({"pricing": "exact", "delivery": "image"}, "add --delivery state, not --delivery image"),
+    ({"synthetic_refresh": 1.5}, "--synthetic-refresh 1.5: must be a fraction in [0, 1]"),
+    ({"pricing_server_cost": 0.0}, "--pricing-server-cost 0.0: must be a positive finite cost"),
+    ({"pricing_budget_s": float("nan")}, "--pricing-budget-s nan: must be a positive number of seconds"),
+    ({"pricing": "exact", "pricer": "somewhere"}, "only --pricing gdm or ppo reads a pricer"),
+    ({"pricing": "gdm", "pricer": "/nonexistent"}, "not a pricer checkpoint"),
+    ({"generator_checkpoint": str(ROOT / "generation/checkpoints/digits-gan")}, "no sampler steps to share"),
+])
+def test_pricing_it_cannot_play_is_refused_before_the_run(settings, reason):
+    from commands.checks import check_settings
+    from fedfill.errors import UsageError
+
+    job = RunConfig(**{"pricing": "fixed:0.3", "delivery": "state", **settings})
+    with pytest.raises(UsageError) as err:
+        check_settings(job)
+    assert reason in str(err.value)
 
 
-def test_a_pricer_for_another_number_of_devices_is_refused(tmp_path):
+def test_run_refuses_a_pricer_for_another_number_of_devices(tmp_path):
+    """The command itself: exit 2 with the reason, before any process starts."""
     from strategies.learned.envs import GameDraw
     from strategies.learned.pricers import save_pricer, train_pricer
 
