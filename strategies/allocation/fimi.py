@@ -19,6 +19,7 @@ convex there). The benchmark shows both. Every array has the devices on its last
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -422,10 +423,27 @@ def feasible_start(problem: FimiProblem) -> np.ndarray | None:
     return candidates[k] if np.isfinite(energy[k]) else None
 
 
-def search_time_split(problem: FimiProblem, search: str, rng: np.random.Generator,
-                      settings: CrossEntropySettings, trace: SearchTrace) -> np.ndarray | None:
-    """eta for every device, or None when no feasible split was found."""
-    if search == "ce":
+def search_time_split(problem: FimiProblem, search: str | Callable[[FimiProblem], np.ndarray],
+                      rng: np.random.Generator, settings: CrossEntropySettings,
+                      trace: SearchTrace) -> np.ndarray | None:
+    """eta for every device, or None when no feasible split was found.
+
+    `search` is a name in SEARCHES or a callable problem -> eta: the hook through which a
+    search living elsewhere (the learned one of strategies/learned/time_split.py, which needs
+    torch) plugs in while this package stays numpy/scipy only. A callable's answer passes the
+    same feasibility check as ours; one of the wrong shape is a ValueError, not a plan.
+    """
+    if callable(search):
+        eta = search(problem)
+        if eta is None:
+            return None
+        eta = np.asarray(eta, dtype=float)
+        if eta.shape != problem.s_bits.shape:
+            raise ValueError(f"a time-split search must return one eta per device, shape "
+                             f"{problem.s_bits.shape}, got shape {eta.shape}")
+        if not np.all(np.isfinite(eta)):
+            return None
+    elif search == "ce":
         eta = cross_entropy_search(problem, rng, settings, trace)
     elif search == "lagrangian":
         eta = feasible_start(problem)
@@ -433,7 +451,7 @@ def search_time_split(problem: FimiProblem, search: str, rng: np.random.Generato
             return None
         eta = lagrangian_search(problem, eta, trace)
     else:
-        raise ValueError(f"unknown search {search!r}; choose one of {', '.join(SEARCHES)}")
+        raise ValueError(f"unknown search {search!r}; choose one of {', '.join(SEARCHES)} or pass a callable")
     return eta if np.isfinite(round_energy(problem, eta)[0]) else None
 
 

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 
 import numpy as np
@@ -122,12 +123,13 @@ def parse_policy(name: str) -> tuple[str, int | None]:
     raise ValueError(f"unknown policy {name!r}; choose one of {POLICY_FORMS}")
 
 
-def solve_plan(scenario: Scenario, policy: str = "fimi", seed: int = 0, search: str = "lagrangian",
+def solve_plan(scenario: Scenario, policy: str = "fimi", seed: int = 0, search: str | Callable = "lagrangian",
                ce_settings: CrossEntropySettings | None = None, bits_rule: str = "codec") -> Plan:
     """Plan one round for every device of the scenario. Infeasible is an answer, not an error.
 
     `policy` is any name `parse_policy` accepts (the plan keeps it as given); `bits_rule`
     ("codec" or "theorem1") turns error demands into bits for ondemand and fimi+ondemand.
+    `search` is a name in fimi.SEARCHES or a callable problem -> eta (search_time_split's hook).
     """
     base, fixed_bits = parse_policy(policy)
     if bits_rule not in BITS_RULES:
@@ -204,7 +206,7 @@ def _bits_from_demands(scenario: Scenario, rule: str) -> tuple[Scenario, list[di
     return Scenario(scenario.system, dv.with_bits(bits)), reasons
 
 
-def _plan_fimi(scenario: Scenario, policy: str, rng, search: str, settings: CrossEntropySettings) -> Plan:
+def _plan_fimi(scenario: Scenario, policy: str, rng, search: str | Callable, settings: CrossEntropySettings) -> Plan:
     problem = FimiProblem.build(scenario, allow_synthetic=(policy != "tfl"), equal_band=(policy == "fimi-equal-band"))
     trace = SearchTrace()
     eta_min, eta_max = problem.eta_bounds()
