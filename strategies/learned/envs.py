@@ -23,6 +23,7 @@ import numpy as np
 from strategies.allocation.stackelberg import GameError, PricingGame, follower_response, leader_utility, solve_price
 
 REWARDS = ("utility", "improvement", "improvement-vs-best")
+MAX_DEVICES = 1000  # the state grows by 3 numbers a device; every episode solves its game exactly for the regret
 
 
 def observe(game: PricingGame, price: float, responses: np.ndarray) -> np.ndarray:
@@ -57,6 +58,21 @@ class GameDraw:
     integer: bool = False
     entry: tuple[float, float] = (0.02, 0.6)
     public: dict | None = None  # {"capacity": [...], ...}: PricingGame.public() as lists
+
+    def __post_init__(self):
+        if isinstance(self.devices, bool) or not isinstance(self.devices, int) or not 1 <= self.devices <= MAX_DEVICES:
+            raise GameError(f"a learned pricer plays games of 1 to {MAX_DEVICES} devices, got {self.devices!r}")
+        entry = self.entry
+        if not (isinstance(entry, (tuple, list)) and len(entry) == 2
+                and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in entry)
+                and 0 <= entry[0] < entry[1] <= 10):
+            raise GameError(f"entry must be two prices (fractions of the server's cost) 0 <= lo < hi <= 10, "
+                            f"got {self.entry!r}")
+        if self.public is not None:
+            try:  # a public game that cannot take a theta is refused now, not at the first episode
+                self.draw(np.random.default_rng(0))
+            except (TypeError, ValueError, AttributeError) as err:
+                raise GameError(f"public figures unusable: {str(err)[:200]}") from None
 
     @classmethod
     def around(cls, game: PricingGame, entry=(0.02, 0.6)) -> GameDraw:
@@ -139,6 +155,9 @@ class PricingEnv:
 
 
 def check_draw(game: PricingGame) -> None:
-    """The learned pricers play games of one device count with a positive server cost."""
+    """A learned pricer plays games of at most MAX_DEVICES devices with a positive server cost."""
+    if len(game.theta) > MAX_DEVICES:
+        raise GameError(f"a learned pricer plays games of at most {MAX_DEVICES} devices; this one has "
+                        f"{len(game.theta)} (the exact solver takes up to a million)")
     if game.server_cost <= 0:
         raise GameError("a learned pricer needs a positive server_cost: it sets prices as a fraction of it")

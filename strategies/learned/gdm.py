@@ -22,6 +22,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from .threads import one_thread
+
 
 @dataclass(frozen=True)
 class GdmSettings:
@@ -38,9 +40,20 @@ class GdmSettings:
     updates_per_step: int = 1  # gradient updates per step of the side-by-side episodes
 
     def __post_init__(self):
-        for name in ("denoising_steps", "hidden", "batch", "buffer", "updates_per_step"):
-            if not 1 <= getattr(self, name) <= 10_000_000:
-                raise ValueError(f"{name} must be a positive whole number, got {getattr(self, name)}")
+        for name, most in LIMITS.items():
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= most:
+                raise ValueError(f"GDM setting {name} must be a number in (0, {most:g}], got {value!r}")
+            if isinstance(most, int) and not isinstance(value, int):
+                raise ValueError(f"GDM setting {name} must be a whole number, got {value!r}")
+        if self.beta_min >= self.beta_max:
+            raise ValueError(f"beta_min must be below beta_max, got {self.beta_min} and {self.beta_max}")
+
+
+# what a settings file may ask for: enough for any use here, small enough to build
+LIMITS = {"denoising_steps": 100, "beta_min": 100.0, "beta_max": 100.0, "hidden": 1024, "actor_lr": 1.0,
+          "critic_lr": 1.0, "weight_decay": 1.0, "batch": 65536, "buffer": 10_000_000, "exploration": 10.0,
+          "updates_per_step": 100}
 
 
 def vp_betas(steps: int, beta_min: float, beta_max: float) -> torch.Tensor:
@@ -161,6 +174,11 @@ def train_gdm(env, env_steps: int, settings: GdmSettings = GdmSettings(), seed: 
     """Train on `env` (reset() -> states; step(actions) -> states, rewards, done; its
     observation_size and action_size) for `env_steps` steps summed over its side-by-side
     episodes. on_progress(env_steps_so_far, training) every `progress_every` steps."""
+    with one_thread():
+        return _train(env, env_steps, settings, seed, on_progress, progress_every)
+
+
+def _train(env, env_steps, settings, seed, on_progress, progress_every) -> Training:
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
     actor = DiffusionActor(env.observation_size, env.action_size, settings)

@@ -60,7 +60,13 @@ def train_ppo(draw: GameDraw, env_steps: int, horizon: int, reward: str, seed: i
                 self.next += progress_every
             return True
 
+    from .threads import one_thread
+    with one_thread():
+        return _learn(sb3, draw, env_steps, horizon, reward, seed, Progress())
+
+
+def _learn(sb3, draw, env_steps, horizon, reward, seed, callback):
     model = sb3.PPO("MlpPolicy", make_gym(draw, horizon, reward, seed), n_steps=ROLLOUT, batch_size=64, seed=seed,
                     device="cpu", verbose=0)
-    model.learn(total_timesteps=env_steps, callback=Progress())
+    model.learn(total_timesteps=env_steps, callback=callback)
     return model

@@ -23,6 +23,7 @@ from .envs import REWARDS, GameDraw, PricingEnv, observation_size, observe
 
 PRICERS = ("gdm", "ppo", "random")
 MAX_TRAIN_STEPS = 10_000_000
+MAX_HORIZON = 1000
 PRICER_FILE = "pricer.json"
 
 
@@ -52,7 +53,9 @@ class Pricer:
         if self.kind == "ppo":
             return np.asarray(self.model.predict(states, deterministic=True)[0]).reshape(len(states), 1)
         import torch
-        with torch.no_grad():
+
+        from .threads import one_thread
+        with torch.no_grad(), one_thread():
             generator = torch.Generator().manual_seed(int(rng.integers(2 ** 31)))
             return self.model(torch.from_numpy(states), generator).numpy()
 
@@ -152,20 +155,26 @@ def load_pricer(directory) -> Pricer:
                         public=draw["public"])
         pricer = Pricer(meta["kind"], draw, int(meta["horizon"]), meta["reward"], int(meta["env_steps"]),
                         int(meta["seed"]), dict(meta["settings"]))
+        if pricer.kind not in PRICERS:
+            raise ValueError(f"unknown pricer kind {pricer.kind!r}")
+        if not 1 <= pricer.horizon <= MAX_HORIZON or pricer.reward not in REWARDS:
+            raise ValueError(f"horizon must be 1..{MAX_HORIZON} and reward one of {', '.join(REWARDS)}")
     except OSError as err:
         raise PricerError(f"{directory}: not a pricer checkpoint ({err.strerror or err})") from None
-    except (ValueError, KeyError, TypeError) as err:
-        raise PricerError(f"{directory / PRICER_FILE}: unreadable ({type(err).__name__}: {err})") from None
-    if pricer.kind == "gdm":
-        import torch
+    except (ValueError, KeyError, TypeError, AttributeError, OverflowError, RecursionError) as err:
+        raise PricerError(f"{directory / PRICER_FILE}: unreadable ({type(err).__name__}: {str(err)[:200]})") from None
+    try:
+        if pricer.kind == "gdm":
+            import torch
 
-        from .gdm import DiffusionActor, GdmSettings
-        actor = DiffusionActor(observation_size(draw.devices), 1, GdmSettings(**pricer.settings))
-        actor.load_state_dict(torch.load(directory / "actor.pt", weights_only=True))
-        pricer.model = actor.eval()
-    elif pricer.kind == "ppo":
-        from .ppo import _require
-        pricer.model = _require()[1].PPO.load(directory / "ppo.zip", device="cpu")
-    elif pricer.kind != "random":
-        raise PricerError(f"{directory}: unknown pricer kind {pricer.kind!r}")
+            from .gdm import DiffusionActor, GdmSettings
+            actor = DiffusionActor(observation_size(draw.devices), 1, GdmSettings(**pricer.settings))
+            actor.load_state_dict(torch.load(directory / "actor.pt", weights_only=True))
+            pricer.model = actor.eval()
+        elif pricer.kind == "ppo":
+            from .ppo import _require
+            pricer.model = _require()[1].PPO.load(directory / "ppo.zip", device="cpu")
+    except (OSError, ValueError, TypeError, RuntimeError, KeyError) as err:  # torch's mismatches are RuntimeErrors
+        raise PricerError(f"{directory}: the {pricer.kind} weights do not load ({type(err).__name__}: "
+                          f"{str(err)[:200]})") from None
     return pricer
