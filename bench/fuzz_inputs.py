@@ -887,6 +887,51 @@ def game_fuzz(rng: np.random.Generator, cases: int) -> Fuzz:
     return Fuzz(inputs=game_inputs(rng), target=target, refusals=(GameError,), hand_written=5)
 
 
+# ---------------------------------------------------------------------------- a pricer checkpoint
+
+def pricer_seeds(directory: Path) -> list[dict]:
+    """pricer.json of a random pricer and of an (untrained) GDM, whose actor.pt stays beside it."""
+    from strategies.learned.envs import GameDraw
+    from strategies.learned.pricers import save_pricer, train_pricer
+
+    seeds = []
+    for kind in ("random", "gdm"):
+        save_pricer(train_pricer(kind, GameDraw(devices=3), 0), directory)
+        seeds.append(json.loads((directory / "pricer.json").read_text()))
+    return seeds
+
+
+def pricer_fuzz(rng: np.random.Generator, cases: int) -> Fuzz:
+    """`fedfill price --pricer DIR` and the federated run's pricer: a refused pricer.json is a
+    PricerError with the reason; an accepted one prices a game of its size within [0, 1]."""
+    from strategies.learned.pricers import PricerError, load_pricer
+
+    workdir = tempfile.TemporaryDirectory(prefix="fuzz-pricer-")
+    directory = Path(workdir.name)
+    seeds = pricer_seeds(directory)
+
+    def inputs():
+        yield json.dumps({**seeds[1], "settings": {**seeds[1]["settings"], "hidden": 10**9}}).encode()
+        yield json.dumps({**seeds[0], "draw": {**seeds[0]["draw"], "devices": 10**9}}).encode()
+        while True:
+            data = seeds[int(rng.integers(len(seeds)))]
+            for _ in range(int(rng.integers(1, 3))):
+                data = _mutate_tree(data, rng)
+            text = json.dumps(data, default=str).encode()
+            yield flip_bits(text, rng) if rng.random() < 0.2 else text
+
+    def target(text: bytes):
+        (directory / "pricer.json").write_bytes(text)
+        pricer = load_pricer(directory)
+        states = np.zeros((2, 1 + 3 * pricer.draw.devices), np.float32)
+        actions = pricer.act(states, np.random.default_rng(0))
+        if not (actions.shape == (2, 1) and np.all(np.abs(actions) <= 1)):
+            raise AcceptedButUnusable(f"acted {actions!r}")
+
+    return Fuzz(inputs=inputs(), target=target, refusals=(PricerError,), close=workdir.cleanup, hand_written=2,
+                scrub=workdir.name)
+
+
 # ---------------------------------------------------------------------------- a delivered state
 
 def delivery_seeds() -> list[bytes]:
@@ -1033,6 +1078,7 @@ ENTRY_POINTS: dict[str, Callable[[np.random.Generator, int], Fuzz]] = {
     "generate": generate_fuzz,
     "delivery_reply": delivery_fuzz,
     "pricing_game": game_fuzz,
+    "pricer_checkpoint": pricer_fuzz,
 }
 
 

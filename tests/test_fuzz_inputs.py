@@ -471,7 +471,8 @@ def test_a_plan_is_read_with_finite_in_range_figures_or_refused_naming_the_field
 
 @pytest.mark.parametrize("name,cases", [("codec.decode", 300), ("scenario", 300), ("profile", 300),
                                         ("train_reply", 300), ("checkpoint", 300), ("generator_checkpoint", 150),
-                                        ("delivery_reply", 300), ("pricing_game", 300), ("node_plan", 300)])
+                                        ("delivery_reply", 300), ("pricing_game", 300), ("node_plan", 300),
+                                        ("pricer_checkpoint", 150)])
 def test_the_bench_finds_no_crash_no_hang_and_bounded_memory(name, cases):
     result = fuzz_inputs.fuzz_entry(name, cases, seed=0, time_limit_s=10.0, memory_every=25)
     assert result.tried == cases
