@@ -33,7 +33,9 @@ def problem():
 @pytest.fixture(scope="module")
 def trained():
     """A GDM trained briefly: enough to answer, not to be good."""
-    return train_time_split_gdm(5, env_steps=32, seed=0, samples=8)
+    from strategies.learned.gdm import GdmSettings
+    return train_time_split_gdm(5, env_steps=32, seed=0, samples=8,
+                                settings=GdmSettings(hidden=64, batch=32, updates_per_step=2))
 
 
 def test_the_hook_takes_a_callable_and_checks_its_answer(problem):
