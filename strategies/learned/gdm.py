@@ -38,12 +38,18 @@ class GdmSettings:
     buffer: int = 1_000_000
     exploration: float = 0.1  # Gaussian noise on the actor's action while collecting episodes
     updates_per_step: int = 1  # gradient updates per step of the side-by-side episodes
+    # the first share of the steps plays uniform random actions (TD3's start steps): where an
+    # untrained critic's slope would drive every action to a corner of [-1, 1]^d, whose clip
+    # stops the actor's gradient (measured on FIMI's time split); 0 for the pricing game
+    random_start: float = 0.0
 
     def __post_init__(self):
         for name, most in LIMITS.items():
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= most:
-                raise ValueError(f"GDM setting {name} must be a number in (0, {most:g}], got {value!r}")
+            least_ok = value >= 0 if name == "random_start" else value > 0
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not (least_ok and value <= most):
+                raise ValueError(f"GDM setting {name} must be a number in {'[' if name == 'random_start' else '('}0, "
+                                 f"{most:g}], got {value!r}")
             if isinstance(most, int) and not isinstance(value, int):
                 raise ValueError(f"GDM setting {name} must be a whole number, got {value!r}")
         if self.beta_min >= self.beta_max:
@@ -53,7 +59,7 @@ class GdmSettings:
 # what a settings file may ask for: enough for any use here, small enough to build
 LIMITS = {"denoising_steps": 100, "beta_min": 100.0, "beta_max": 100.0, "hidden": 1024, "actor_lr": 1.0,
           "critic_lr": 1.0, "weight_decay": 1.0, "batch": 65536, "buffer": 10_000_000, "exploration": 10.0,
-          "updates_per_step": 100}
+          "updates_per_step": 100, "random_start": 1.0}
 
 
 def vp_betas(steps: int, beta_min: float, beta_max: float) -> torch.Tensor:
@@ -191,10 +197,13 @@ def _train(env, env_steps, settings, seed, on_progress, progress_every) -> Train
     states = env.reset()
     next_report = progress_every
     while training.env_steps < env_steps:
-        with torch.no_grad():
-            actions = actor(torch.from_numpy(states), noise)
-            actions = (actions + settings.exploration * torch.randn(actions.shape, generator=noise)).clamp(-1, 1)
-        actions = actions.numpy()
+        if training.env_steps < settings.random_start * env_steps:
+            actions = rng.uniform(-1.0, 1.0, (len(states), env.action_size)).astype(np.float32)
+        else:
+            with torch.no_grad():
+                actions = actor(torch.from_numpy(states), noise)
+                actions = (actions + settings.exploration * torch.randn(actions.shape, generator=noise)).clamp(-1, 1)
+            actions = actions.numpy()
         following, rewards, done = env.step(actions)
         buffer.add(states, actions, rewards)
         training.env_steps += len(states)

@@ -154,53 +154,21 @@ def train_time_split_gdm(devices: int, env_steps: int, seed: int = 0, settings: 
                          episodes: int = 8, samples: int = 1, random_start: float = 0.25, on_progress=None,
                          progress_every: int = 0) -> GdmTimeSplit:
     """A GdmTimeSplit for `devices` devices trained on `env_steps` drawn scenarios, `episodes`
-    side by side, `settings.updates_per_step` gradient updates per step.
+    side by side, by gdm.train_gdm with the first `random_start` of the steps played at random:
+    with the actor's own actions from the start, the untrained critic's slope drives every
+    device to a = +-1, where the actor's clipping stops its gradient and the buffer then holds
+    only corners (measured on 5 devices: no feasible split after 2,400 episodes).
+    on_progress(env_steps_so_far, GdmTimeSplit) every `progress_every` steps."""
+    from dataclasses import replace
 
-    gdm.train_gdm's loop with one change: the first `random_start` of the episodes play
-    uniform random actions (TD3's start steps). With the actor's own actions from the start,
-    the untrained critic's slope drives every device to a = +-1, where the actor's clipping
-    stops its gradient and the buffer then holds only corners: measured on 5 devices, no
-    feasible split after 2,400 episodes. on_progress(env_steps_so_far, GdmTimeSplit) every
-    `progress_every` steps."""
-    import torch
+    from .gdm import train_gdm
 
-    from .gdm import DiffusionActor, DoubleCritic, ReplayBuffer
-
-    torch.manual_seed(seed)
-    rng = np.random.default_rng(seed)
     env = TimeSplitEnv(devices, batch=episodes, seed=seed)
-    actor = DiffusionActor(env.observation_size, env.action_size, settings)
-    critic = DoubleCritic(env.observation_size, env.action_size, settings.hidden)
-    actor_opt = torch.optim.AdamW(actor.parameters(), lr=settings.actor_lr, weight_decay=settings.weight_decay)
-    critic_opt = torch.optim.AdamW(critic.parameters(), lr=settings.critic_lr, weight_decay=settings.weight_decay)
-    buffer = ReplayBuffer(min(settings.buffer, max(env_steps, 1)), env.observation_size, env.action_size)
-    noise = torch.Generator().manual_seed(seed)
-    steps, next_report = 0, progress_every
-    while steps < env_steps:
-        states = env.reset()
-        if steps < random_start * env_steps:
-            actions = rng.uniform(-1.0, 1.0, (len(states), devices)).astype(np.float32)
-        else:
-            with torch.no_grad():
-                actions = actor(torch.from_numpy(states), noise)
-                actions = (actions + settings.exploration * torch.randn(actions.shape, generator=noise)).clamp(-1, 1)
-            actions = actions.numpy()
-        _, rewards, _ = env.step(actions)
-        buffer.add(states, actions, rewards)
-        steps += len(states)
-        for _ in range(settings.updates_per_step):
-            s, a, r = buffer.sample(settings.batch, rng)
-            q1, q2 = critic(s, a)
-            critic_loss = (q1 - r).pow(2).mean() + (q2 - r).pow(2).mean()
-            critic_opt.zero_grad()
-            critic_loss.backward()
-            critic_opt.step()
-            actor_loss = -torch.minimum(*critic(s, actor(s, noise))).mean()
-            actor_opt.zero_grad()
-            actor_loss.backward()
-            actor_opt.step()
-        if on_progress is not None and progress_every and steps >= next_report:
-            on_progress(steps, GdmTimeSplit(actor, devices, samples, seed, steps))
-            next_report += progress_every
-    actor.eval()
-    return GdmTimeSplit(actor, devices, samples, seed, steps)
+
+    def report(steps, training):
+        on_progress(steps, GdmTimeSplit(training.actor, devices, samples, seed, steps))
+
+    training = train_gdm(env, env_steps, replace(settings, random_start=random_start), seed,
+                         report if on_progress else None, progress_every)
+    training.actor.eval()
+    return GdmTimeSplit(training.actor, devices, samples, seed, training.env_steps)
