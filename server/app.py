@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import math
 import sys
+import time
 from dataclasses import replace
 from logging import INFO, WARNING
 from pathlib import Path
@@ -163,8 +164,8 @@ def delivery_planner(run: RunConfig):
     return plan
 
 
-PRICER_TRAIN_STEPS = {"gdm": 400, "ppo": 3000, "random": 0}  # a pricer trained at start: environment steps
-# on the design's reproduction draw (the GDM takes ~0.3 s a step on one CPU core: 400 are about 2 minutes)
+# a pricer trained at start: environment steps (4000 GDM steps take about 30 s on one idle CPU core)
+PRICER_TRAIN_STEPS = {"gdm": 4000, "ppo": 4000, "random": 0}
 
 
 def pricing_of(run: RunConfig, profiles: dict[int, dict], out_dir: Path):
@@ -186,20 +187,27 @@ def pricing_of(run: RunConfig, profiles: dict[int, dict], out_dir: Path):
     thetas = {n: simulated_theta(run.seed, p[contract.PARTITION_FIELD], p[contract.CAPACITY_FIELD],
                                  run.pricing_server_cost)
               for n, p in profiles.items() if p.get(contract.PARTITION_FIELD) is not None}
-    pricer = None
+    pricing = RoundPricing(kind, profiles=profiles, steps=run.generator_steps, server_cost=run.pricing_server_cost,
+                           revenue=run.pricing_revenue, refresh=run.synthetic_refresh, fixed_price=fixed,
+                           thetas=thetas if len(thetas) == len(profiles) else None, seed=run.seed)
     if kind in ("gdm", "ppo", "random"):
-        pricer = learned_pricer(run, kind, len(profiles), out_dir)
-    return RoundPricing(kind, profiles=profiles, steps=run.generator_steps, server_cost=run.pricing_server_cost,
-                        revenue=run.pricing_revenue, refresh=run.synthetic_refresh, fixed_price=fixed,
-                        thetas=thetas if len(thetas) == len(profiles) else None, pricer=pricer, seed=run.seed)
+        most_images = int(np.ceil(2.0 * max(p["d_loc"] for p in profiles.values())))  # the plan's d_gen_max
+        pricing.pricer = learned_pricer(run, kind, [pricing.capacity[n] for n in pricing.order], most_images,
+                                        out_dir)
+    return pricing
 
 
-def learned_pricer(run: RunConfig, kind: str, devices: int, out_dir: Path):
-    """--pricer's checkpoint when it plays this many devices, else one trained now (a few
-    thousand steps on the design's reproduction draw, integer game) and saved under pricer/."""
+def learned_pricer(run: RunConfig, kind: str, capacities: list[float], most_images: int, out_dir: Path):
+    """--pricer's checkpoint when it plays this many devices, else one trained now and saved
+    under pricer/: on games of this fleet's public figures (its capacities, in the order the
+    pricing plays them), each device needing 1 to `most_images` images, and thetas drawn from
+    the leader's prior (entry prices in the simulation's range): what the leader knows of the
+    game it will play, and nothing it does not."""
+    from strategies.allocation.offloading import ENTRY_RANGE, device_game
     from strategies.learned.envs import GameDraw
     from strategies.learned.pricers import load_pricer, save_pricer, train_pricer
 
+    devices = len(capacities)
     if run.pricer:
         pricer = load_pricer(run.pricer)
         if pricer.kind == kind and pricer.draw.devices == devices:
@@ -208,10 +216,14 @@ def learned_pricer(run: RunConfig, kind: str, devices: int, out_dir: Path):
         log(WARNING, "pricing: %s is a %s pricer of %d devices; %d reported a profile: training one for them",
             run.pricer, pricer.kind, pricer.draw.devices, devices)
     steps = PRICER_TRAIN_STEPS[kind]
-    pricer = train_pricer(kind, GameDraw(devices=devices, integer=True), steps, seed=run.seed)
+    public = device_game(np.ones(devices), capacities, np.ones(devices), run.generator_steps,
+                         run.pricing_server_cost, run.pricing_revenue)
+    draw = GameDraw.around(public, entry=ENTRY_RANGE, weight_range=(1, max(most_images, 1)))
+    started = time.monotonic()
+    pricer = train_pricer(kind, draw, steps, seed=run.seed)
     saved = save_pricer(pricer, out_dir / "pricer")
-    log(INFO, "pricing: trained a %s pricer for %d devices (%d environment steps on the reproduction draw), saved "
-        "in %s", kind, devices, steps, saved)
+    log(INFO, "pricing: trained a %s pricer for %d devices (%d environment steps on this fleet's public figures, "
+        "%.0f s), saved in %s", kind, devices, steps, time.monotonic() - started, saved)
     return pricer
 
 

@@ -58,6 +58,10 @@ class GameDraw:
     integer: bool = False
     entry: tuple[float, float] = (0.02, 0.6)
     public: dict | None = None  # {"capacity": [...], ...}: PricingGame.public() as lists
+    # with `public`: each episode draws every device's weight (pieces of work per unit) as a whole
+    # number in this range, its unit cost scaled alike (the cost of a piece stays): a federated
+    # run's devices need a different number of images m_n every round
+    weight_range: tuple[int, int] | None = None
 
     def __post_init__(self):
         if isinstance(self.devices, bool) or not isinstance(self.devices, int) or not 1 <= self.devices <= MAX_DEVICES:
@@ -68,6 +72,11 @@ class GameDraw:
                 and 0 <= entry[0] < entry[1] <= 10):
             raise GameError(f"entry must be two prices (fractions of the server's cost) 0 <= lo < hi <= 10, "
                             f"got {self.entry!r}")
+        weights = self.weight_range
+        if weights is not None and not (isinstance(weights, (tuple, list)) and len(weights) == 2
+                                        and all(isinstance(v, int) and not isinstance(v, bool) for v in weights)
+                                        and 1 <= weights[0] <= weights[1] <= 10**9):
+            raise GameError(f"weight_range must be two whole numbers 1 <= lo <= hi, got {weights!r}")
         if self.public is not None:
             try:  # a public game that cannot take a theta is refused now, not at the first episode
                 self.draw(np.random.default_rng(0))
@@ -75,9 +84,10 @@ class GameDraw:
                 raise GameError(f"public figures unusable: {str(err)[:200]}") from None
 
     @classmethod
-    def around(cls, game: PricingGame, entry=(0.02, 0.6)) -> GameDraw:
+    def around(cls, game: PricingGame, entry=(0.02, 0.6), weight_range: tuple[int, int] | None = None) -> GameDraw:
         public = {k: (v.tolist() if isinstance(v, np.ndarray) else v) for k, v in game.public().items()}
-        return cls(devices=len(game.theta), integer=game.integer, entry=tuple(entry), public=public)
+        return cls(devices=len(game.theta), integer=game.integer, entry=tuple(entry), public=public,
+                   weight_range=tuple(weight_range) if weight_range is not None else None)
 
     def draw(self, rng: np.random.Generator) -> PricingGame:
         n = self.devices
@@ -86,6 +96,10 @@ class GameDraw:
                                unit_cost=np.full(n, 0.358), fixed_cost=np.full(n, 0.116), units=np.full(n, 12.0),
                                server_cost=0.6, revenue=40.0, integer=self.integer)
         figures = {k: (np.asarray(v, dtype=float) if isinstance(v, list) else v) for k, v in self.public.items()}
+        if self.weight_range is not None:
+            weight = rng.integers(self.weight_range[0], self.weight_range[1] + 1, n).astype(float)
+            figures["unit_cost"] = figures["unit_cost"] / figures.get("weight", 1.0) * weight
+            figures["weight"] = weight
         known = PricingGame(theta=np.ones(n), **figures)
         entry = rng.uniform(*self.entry, n)
         theta = np.maximum(entry * known.weight * known.reach * known.server_cost, 1e-12)

@@ -151,8 +151,9 @@ def load_pricer(directory) -> Pricer:
     try:
         meta = json.loads((directory / PRICER_FILE).read_text())
         draw = meta["draw"]
+        weights = draw.get("weight_range")
         draw = GameDraw(devices=int(draw["devices"]), integer=bool(draw["integer"]), entry=tuple(draw["entry"]),
-                        public=draw["public"])
+                        public=draw["public"], weight_range=tuple(weights) if weights is not None else None)
         pricer = Pricer(meta["kind"], draw, int(meta["horizon"]), meta["reward"], int(meta["env_steps"]),
                         int(meta["seed"]), dict(meta["settings"]))
         if pricer.kind not in PRICERS:
