@@ -2,7 +2,7 @@
 (strategies/allocation/stackelberg.py), the devices' responses and the leader's utility.
 
     fedfill price GAME.json [--solver exact|gdm|ppo|random] [--train-steps N] [--seed S]
-                            [--reward utility|improvement|improvement-vs-best]
+                            [--reward utility|improvement|improvement-vs-best] [--state bounds|last]
                             [--pricer DIR] [--save DIR] [--json]
 
 GAME.json: {"server_cost", "revenue", "integer", "devices": [{"theta", "capacity",
@@ -11,7 +11,8 @@ GAME.json: {"server_cost", "revenue", "integer", "devices": [{"theta", "capacity
 exact solves the game knowing every theta. A learned solver (gdm, ppo) never sees a theta: it
 trains on games with the file's public figures and thetas drawn from a prior (each device's
 entry price uniform in 2%..60% of the server's cost), then plays the file's game for a few
-rounds, seeing only the devices' responses, and its last price is the answer. random draws
+rounds, seeing only the devices' responses (and, by default, the bounds on each device's
+entry price that they imply so far), and its last price is the answer. random draws
 its prices uniformly in [0, server_cost]. Any solver but exact reports its regret against
 the optimum: (U* - U(p)) / (U* - U(0)).
 """
@@ -41,6 +42,10 @@ def add_arguments(parser) -> None:
     parser.add_argument("--reward", default="utility", choices=("utility", "improvement", "improvement-vs-best"),
                         help="gdm, ppo: utility (default): the leader's normalised utility; improvement: [GenMEN]'s "
                              "1 when it rose over the last price; improvement-vs-best: 1 at the episode's best")
+    parser.add_argument("--state", default="bounds", choices=("bounds", "last"),
+                        help="gdm, ppo: what the leader's state holds: bounds (default): the last price and "
+                             "responses, and per device the entry-price bounds all responses so far imply; last: "
+                             "[GenMEN]'s, the last price and responses only")
     parser.add_argument("--pricer", metavar="DIR", help="gdm, ppo, random: play a saved pricer instead of training one")
     parser.add_argument("--save", metavar="DIR", help="gdm, ppo, random: save the trained pricer here")
     parser.add_argument("--seed", type=int, default=0, help="the seed of training, the thetas drawn and the first price")
@@ -120,7 +125,7 @@ def _pricer(args, game):
         try:
             pricer = train_pricer(args.solver, GameDraw.around(game), args.train_steps if args.solver != "random" else 0,
                                   seed=args.seed, reward=args.reward, on_progress=progress,
-                                  progress_every=max(args.train_steps // 10, 1))
+                                  progress_every=max(args.train_steps // 10, 1), memory=args.state == "bounds")
         except ImportError as err:
             raise UsageError(str(err)) from None
     if args.save:

@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 
 from strategies.allocation.stackelberg import GameError, PricingGame, follower_response, solve_price
-from strategies.learned.envs import GameDraw, PricingEnv, check_draw, normalised_utility, observe
+from strategies.allocation.offloading import device_game
+from strategies.learned.envs import GameDraw, PricingEnv, check_draw, narrow, no_bounds, normalised_utility, observe
 from strategies.learned.pricers import PricerError, load_pricer, play, save_pricer, train_pricer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -35,6 +36,29 @@ def test_the_leaders_state_reads_no_theta():
     y, q = state[1:5], state[0]
     interior = (responses > 0) & (responses < game.cap)
     assert np.allclose((q * (1 - y))[interior], (game.theta / (game.reach * game.server_cost))[interior])
+
+
+@pytest.mark.parametrize("integer", [False, True])
+def test_the_entry_price_bounds_always_hold_the_hidden_entry_price(integer):
+    """envs.narrow's bounds, after any sequence of prices, contain each device's entry price
+    theta / (w A kappa), which the leader never sees; an interior response pins it down."""
+    rng = np.random.default_rng(int(integer))
+    fleet = device_game(np.ones(5), rng.uniform(100, 5000, 5), np.ones(5), 20, 1.0)
+    narrowed = 0.0
+    for trial in range(200):
+        draw = GameDraw(devices=5, integer=integer) if trial % 2 else GameDraw.around(fleet, weight_range=(1, 500))
+        game = draw.draw(rng)
+        game = PricingGame(**{**{k: getattr(game, k) for k in ("theta", "capacity", "unit_cost", "fixed_cost",
+                                                                 "units", "server_cost", "weight")},
+                              "integer": integer})
+        entry = game.theta / (game.weight * game.reach * game.server_cost)
+        bounds = no_bounds(5)
+        for price in rng.uniform(0, game.server_cost, 8):
+            bounds = narrow(game, price, follower_response(game, price), bounds)
+            assert np.all(bounds[0] <= entry * (1 + 1e-9))
+            assert np.all((entry <= bounds[1] * (1 + 1e-9)) | (entry > 1))
+        narrowed += float(np.mean(bounds[1] - bounds[0]))
+    assert narrowed / 200 < 0.5  # and they do narrow from [0, 1]
 
 
 def test_the_normalised_utility_is_zero_without_offloading_and_largest_at_the_optimum():
@@ -70,18 +94,20 @@ def test_a_short_gdm_training_prices_held_out_games_near_the_optimum(tmp_path):
     assert gdm_regret.mean() < 0.1 and gdm_regret.mean() < random_regret.mean() / 3
     assert np.all(gdm_regret >= -1e-9)  # the exact solver is the optimum
     loaded = load_pricer(save_pricer(gdm, tmp_path / "gdm"))
-    assert loaded.settings == gdm.settings and loaded.env_steps == 2000
+    assert loaded.settings == gdm.settings and loaded.env_steps == 2000 and loaded.memory
     assert np.array_equal(play(loaded, games[:5], seed=4).prices, play(gdm, games[:5], seed=4).prices)
 
 
-def test_ppo_trains_saves_and_loads(tmp_path):
+def test_ppo_trains_saves_and_loads_with_the_papers_state(tmp_path):
     pytest.importorskip("stable_baselines3")
-    ppo = train_pricer("ppo", GameDraw(devices=3), 512, seed=0)
+    ppo = train_pricer("ppo", GameDraw(devices=3), 512, seed=0, memory=False)
     loaded = load_pricer(save_pricer(ppo, tmp_path / "ppo"))
     games = held_out(3, 5)
     first, again = play(ppo, games, seed=2), play(loaded, games, seed=2)
     assert np.array_equal(first.prices, again.prices)
-    assert np.all((first.prices >= 0) & (first.prices <= 1))
+    assert np.all((first.prices >= 0) & (first.prices <= 1)) and loaded.memory is False
+    with pytest.raises(PricerError, match="plays games of 3 devices"):  # the paper's state: 1 + 3 N numbers
+        loaded.act(np.zeros((1, 16)), np.random.default_rng(0))
 
 
 def test_bad_requests_are_refused_with_the_reason(tmp_path):

@@ -11,7 +11,13 @@ any server cost or size with the same number of devices:
   c = cap / A (its cap) and s = N w A / sum(w A) (its share of the game's work).
 
 A device's interior response l = A - theta / (w p) is y = 1 - e / q with e = theta / (w A kappa)
-its private entry price: one interior response tells the leader e, a zero only that e >= q.
+its private entry price: one interior response tells the leader e, a zero only that e >= q,
+a device at its cap only that e <= q (1 - c). [GenMEN]'s state is the last price and the
+responses alone; with `memory` the leader also keeps, per device, the bounds on e that every
+response so far implies (`narrow`): where responses are mostly all or nothing, as in a
+federated run whose devices need few images, one response says little and the bounds are
+what a leader can know. e does not depend on the round's weight (w A = (1 + C - b) w / a),
+so the bounds carry from round to round.
 """
 
 from __future__ import annotations
@@ -26,17 +32,52 @@ REWARDS = ("utility", "improvement", "improvement-vs-best")
 MAX_DEVICES = 1000  # the state grows by 3 numbers a device; every episode solves its game exactly for the regret
 
 
-def observe(game: PricingGame, price: float, responses: np.ndarray) -> np.ndarray:
-    """The leader's state after one price: [q, y_1..y_N, c_1..c_N, s_1..s_N]. Reads no theta."""
+def observe(game: PricingGame, price: float, responses: np.ndarray, bounds=None) -> np.ndarray:
+    """The leader's state after one price: [q, y_1..y_N, c_1..c_N, s_1..s_N], then with
+    `bounds` (lo, hi) the entry-price bounds [lo_1..lo_N, hi_1..hi_N]. Reads no theta."""
     reach = game.reach
     work = game.weight * reach
     share = len(reach) * work / work.sum()
-    return np.concatenate([[price / game.server_cost if game.server_cost > 0 else 0.0],
-                           responses / reach, game.cap / reach, share]).astype(np.float32)
+    parts = [[price / game.server_cost if game.server_cost > 0 else 0.0], responses / reach, game.cap / reach, share]
+    if bounds is not None:
+        parts += [bounds[0], bounds[1]]
+    return np.concatenate(parts).astype(np.float32)
 
 
-def observation_size(devices: int) -> int:
-    return 1 + 3 * devices
+def observation_size(devices: int, memory: bool = False) -> int:
+    return 1 + (5 if memory else 3) * devices
+
+
+def no_bounds(devices: int) -> tuple[np.ndarray, np.ndarray]:
+    """Before any response: e in [0, 1] (a device whose entry price is above the server's
+    cost never takes work at a price worth paying, so 1 is as high as matters)."""
+    return np.zeros(devices), np.ones(devices)
+
+
+def narrow(game: PricingGame, price: float, responses: np.ndarray, bounds) -> tuple[np.ndarray, np.ndarray]:
+    """The bounds on each device's entry price e = theta / (w A kappa) after it answered
+    `price` with `responses`, exactly: in whole units l taken means pi_(l-1) <= p < pi_l with
+    pi_j = (theta / w) ln((A - j) / (A - j - 1)); in the continuous game l = A - theta / (w p)
+    clipped to [0, cap]."""
+    lo, hi = (np.array(b, dtype=float) for b in bounds)
+    q = price / game.server_cost if game.server_cost > 0 else 0.0
+    if q <= 0:
+        return lo, hi  # at no price nobody works: nothing learned
+    reach, cap, taken = game.reach, game.cap, np.asarray(responses, dtype=float)
+    if game.integer:
+        top = np.floor(cap)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            upper = q / (reach * np.log((reach - taken + 1) / (reach - taken)))  # from pi_(l-1) <= p
+            lower = q / (reach * np.log((reach - taken) / (reach - taken - 1)))  # from pi_l > p
+        hi = np.where(taken >= 1, np.minimum(hi, upper), hi)
+        lo = np.where(taken < top, np.maximum(lo, lower), lo)
+    else:
+        at_cap = taken >= cap * (1 - 1e-12)
+        interior = (taken > 0) & ~at_cap
+        exact = q * (1 - taken / reach)
+        lo = np.where(taken <= 0, np.maximum(lo, q), np.where(interior, exact, lo))
+        hi = np.where(at_cap, np.minimum(hi, q * (1 - cap / reach)), np.where(interior, exact, hi))
+    return np.minimum(lo, 1.0), np.clip(hi, 0.0, 1.0)
 
 
 def normalised_utility(game: PricingGame, price, responses=None) -> np.ndarray:
@@ -59,7 +100,7 @@ class GameDraw:
     entry: tuple[float, float] = (0.02, 0.6)
     public: dict | None = None  # {"capacity": [...], ...}: PricingGame.public() as lists
     # with `public`: each episode draws every device's weight (pieces of work per unit) as a whole
-    # number in this range, its unit cost scaled alike (the cost of a piece stays): a federated
+    # number in this range, log-uniform, its unit cost scaled alike (the cost of a piece stays): a federated
     # run's devices need a different number of images m_n every round
     weight_range: tuple[int, int] | None = None
 
@@ -97,7 +138,8 @@ class GameDraw:
                                server_cost=0.6, revenue=40.0, integer=self.integer)
         figures = {k: (np.asarray(v, dtype=float) if isinstance(v, list) else v) for k, v in self.public.items()}
         if self.weight_range is not None:
-            weight = rng.integers(self.weight_range[0], self.weight_range[1] + 1, n).astype(float)
+            low, high = np.log(self.weight_range[0]), np.log(self.weight_range[1] + 1)
+            weight = np.floor(np.exp(rng.uniform(low, high, n)))  # log-uniform: as many small rounds as large
             figures["unit_cost"] = figures["unit_cost"] / figures.get("weight", 1.0) * weight
             figures["weight"] = weight
         known = PricingGame(theta=np.ones(n), **figures)
@@ -119,12 +161,13 @@ class PricingEnv:
     a policy sitting at the optimum never earns); "improvement-vs-best" pays 1 when U_s reaches
     the episode's best so far."""
 
-    def __init__(self, draw: GameDraw, horizon: int = 10, batch: int = 1, reward: str = "utility", seed: int = 0):
+    def __init__(self, draw: GameDraw, horizon: int = 10, batch: int = 1, reward: str = "utility", seed: int = 0,
+                 memory: bool = False):
         if reward not in REWARDS:
             raise ValueError(f"reward must be one of {', '.join(REWARDS)}, got {reward!r}")
         if horizon < 1 or batch < 1:
             raise ValueError("horizon and batch must be at least 1")
-        self.draw, self.horizon, self.batch, self.reward = draw, horizon, batch, reward
+        self.draw, self.horizon, self.batch, self.reward, self.memory = draw, horizon, batch, reward, memory
         self.rng = np.random.default_rng(seed)
         self.games: list[PricingGame] = []
         self.optimum = np.zeros(batch)  # the exact solver's normalised utility, for regret only
@@ -133,13 +176,14 @@ class PricingEnv:
 
     @property
     def observation_size(self) -> int:
-        return observation_size(self.draw.devices)
+        return observation_size(self.draw.devices, self.memory)
 
     def reset(self, games: list[PricingGame] | None = None) -> np.ndarray:
         self.games = games if games is not None else [self.draw.draw(self.rng) for _ in range(self.batch)]
         self.batch = len(self.games)
         self.optimum = np.array([float(normalised_utility(g, solve_price(g).price)) for g in self.games])
         self.t = 0
+        self.bounds = [no_bounds(len(g.theta)) for g in self.games]
         states, self.last = self._respond(self.rng.uniform(0.0, 1.0, self.batch))
         self.best = self.last
         return states
@@ -159,10 +203,12 @@ class PricingEnv:
 
     def _respond(self, q: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         states, utility = [], []
-        for game, fraction in zip(self.games, q):
+        for i, (game, fraction) in enumerate(zip(self.games, q)):
             price = float(fraction) * game.server_cost
             responses = follower_response(game, price)
-            states.append(observe(game, price, responses))
+            if self.memory:
+                self.bounds[i] = narrow(game, price, responses, self.bounds[i])
+            states.append(observe(game, price, responses, self.bounds[i] if self.memory else None))
             utility.append(float(normalised_utility(game, price, responses)))
         self.prices = q
         return np.stack(states), np.asarray(utility)

@@ -21,13 +21,13 @@ def _require():
     return gymnasium, stable_baselines3
 
 
-def make_gym(draw: GameDraw, horizon: int, reward: str, seed: int):
+def make_gym(draw: GameDraw, horizon: int, reward: str, seed: int, memory: bool):
     """A gymnasium view of one PricingEnv episode at a time."""
     gymnasium, _ = _require()
 
     class PricingGym(gymnasium.Env):
         def __init__(self):
-            self.env = PricingEnv(draw, horizon=horizon, batch=1, reward=reward, seed=seed)
+            self.env = PricingEnv(draw, horizon=horizon, batch=1, reward=reward, seed=seed, memory=memory)
             size = self.env.observation_size
             self.observation_space = gymnasium.spaces.Box(-np.inf, np.inf, (size,), np.float32)
             self.action_space = gymnasium.spaces.Box(-1.0, 1.0, (1,), np.float32)
@@ -44,7 +44,7 @@ def make_gym(draw: GameDraw, horizon: int, reward: str, seed: int):
 
 
 def train_ppo(draw: GameDraw, env_steps: int, horizon: int, reward: str, seed: int, on_progress=None,
-              progress_every: int = 0):
+              progress_every: int = 0, memory: bool = True):
     """A trained stable-baselines3 PPO model; on_progress(env_steps_so_far, model) as it learns."""
     _, sb3 = _require()
     from stable_baselines3.common.callbacks import BaseCallback
@@ -62,11 +62,11 @@ def train_ppo(draw: GameDraw, env_steps: int, horizon: int, reward: str, seed: i
 
     from .threads import one_thread
     with one_thread():
-        return _learn(sb3, draw, env_steps, horizon, reward, seed, Progress())
+        return _learn(sb3, make_gym(draw, horizon, reward, seed, memory), env_steps, seed, Progress())
 
 
-def _learn(sb3, draw, env_steps, horizon, reward, seed, callback):
-    model = sb3.PPO("MlpPolicy", make_gym(draw, horizon, reward, seed), n_steps=ROLLOUT, batch_size=64, seed=seed,
+def _learn(sb3, env, env_steps, seed, callback):
+    model = sb3.PPO("MlpPolicy", env, n_steps=ROLLOUT, batch_size=64, seed=seed,
                     device="cpu", verbose=0)
     model.learn(total_timesteps=env_steps, callback=callback)
     return model

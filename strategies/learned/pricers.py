@@ -19,7 +19,7 @@ import numpy as np
 
 from strategies.allocation.stackelberg import PricingGame
 
-from .envs import REWARDS, GameDraw, PricingEnv, observation_size, observe
+from .envs import REWARDS, GameDraw, PricingEnv, narrow, no_bounds, observation_size, observe
 
 PRICERS = ("gdm", "ppo", "random")
 MAX_TRAIN_STEPS = 10_000_000
@@ -40,14 +40,16 @@ class Pricer:
     env_steps: int = 0
     seed: int = 0
     settings: dict = field(default_factory=dict)
+    memory: bool = True  # the state holds each device's entry-price bounds (envs.narrow); False: [GenMEN]'s
     model: object = None  # the GDM's actor or the PPO model; None for the random pricer
+    bounds: tuple | None = None  # next_price's bounds so far, over the rounds of a run
 
     def act(self, states: np.ndarray, rng: np.random.Generator) -> np.ndarray:
         """One action in [-1, 1] per state row (shape (B, 1))."""
         states = np.asarray(states, dtype=np.float32)
-        if states.ndim != 2 or states.shape[1] != observation_size(self.draw.devices):
-            raise PricerError(f"this pricer plays games of {self.draw.devices} devices, not "
-                              f"{(states.shape[-1] - 1) // 3}")
+        if states.ndim != 2 or states.shape[1] != observation_size(self.draw.devices, self.memory):
+            raise PricerError(f"this pricer plays games of {self.draw.devices} devices: a state of "
+                              f"{observation_size(self.draw.devices, self.memory)} numbers, not {states.shape[-1]}")
         if self.kind == "random":
             return rng.uniform(-1.0, 1.0, (len(states), 1))
         if self.kind == "ppo":
@@ -60,8 +62,12 @@ class Pricer:
             return self.model(torch.from_numpy(states), generator).numpy()
 
     def next_price(self, game: PricingGame, price: float, responses: np.ndarray, rng: np.random.Generator) -> float:
-        """The price after `price` drew `responses` in `game`, reading only its public figures."""
-        q = (float(self.act(observe(game, price, responses)[None, :], rng)[0, 0]) + 1.0) / 2.0
+        """The price after `price` drew `responses` in `game`, reading only its public figures
+        (and, with memory, narrowing the bounds kept from the earlier calls)."""
+        bounds = None
+        if self.memory:
+            bounds = self.bounds = narrow(game, price, responses, self.bounds or no_bounds(len(game.units)))
+        q = (float(self.act(observe(game, price, responses, bounds)[None, :], rng)[0, 0]) + 1.0) / 2.0
         return q * game.server_cost
 
 
@@ -83,7 +89,7 @@ class Play:
 
 def play(pricer: Pricer, games: list[PricingGame], seed: int = 0) -> Play:
     """`pricer.horizon` prices on each game from a random first price, no exploration noise."""
-    env = PricingEnv(pricer.draw, horizon=pricer.horizon, reward=pricer.reward, seed=seed)
+    env = PricingEnv(pricer.draw, horizon=pricer.horizon, reward=pricer.reward, seed=seed, memory=pricer.memory)
     rng = np.random.default_rng(seed)
     states = env.reset(games)
     prices, utilities = [], []
@@ -95,7 +101,8 @@ def play(pricer: Pricer, games: list[PricingGame], seed: int = 0) -> Play:
 
 
 def train_pricer(kind: str, draw: GameDraw, env_steps: int, seed: int = 0, horizon: int = 10,
-                 reward: str = "utility", gdm_settings=None, on_progress=None, progress_every: int = 0) -> Pricer:
+                 reward: str = "utility", gdm_settings=None, on_progress=None, progress_every: int = 0,
+                 memory: bool = True) -> Pricer:
     """A pricer trained for `env_steps` environment steps (the random pricer needs none).
     on_progress(env_steps_so_far, pricer) every `progress_every` steps: learning curves."""
     if kind not in PRICERS:
@@ -104,17 +111,18 @@ def train_pricer(kind: str, draw: GameDraw, env_steps: int, seed: int = 0, horiz
         raise PricerError(f"reward must be one of {', '.join(REWARDS)}, got {reward!r}")
     if not 0 <= env_steps <= MAX_TRAIN_STEPS:
         raise PricerError(f"training steps must be in [0, {MAX_TRAIN_STEPS:,}], got {env_steps}")
-    pricer = Pricer(kind, draw, horizon, reward, env_steps, seed)
+    pricer = Pricer(kind, draw, horizon, reward, env_steps, seed, memory=memory)
     if kind == "random":
         return pricer
     if kind == "gdm":
         from .gdm import GdmSettings, settings_dict, train_gdm
         settings = gdm_settings or GdmSettings()
         pricer.settings = settings_dict(settings)
-        env = PricingEnv(draw, horizon=horizon, batch=GDM_EPISODES, reward=reward, seed=seed)
+        env = PricingEnv(draw, horizon=horizon, batch=GDM_EPISODES, reward=reward, seed=seed, memory=memory)
 
         def report(steps, training):
-            on_progress(steps, Pricer(kind, draw, horizon, reward, steps, seed, pricer.settings, training.actor))
+            on_progress(steps, Pricer(kind, draw, horizon, reward, steps, seed, pricer.settings, memory,
+                                      training.actor))
 
         training = train_gdm(env, env_steps, settings, seed, report if on_progress else None, progress_every)
         pricer.model = training.actor
@@ -123,9 +131,10 @@ def train_pricer(kind: str, draw: GameDraw, env_steps: int, seed: int = 0, horiz
     pricer.settings = {"library": "stable-baselines3", "rollout": ROLLOUT}
 
     def report(steps, model):
-        on_progress(steps, Pricer(kind, draw, horizon, reward, steps, seed, pricer.settings, model))
+        on_progress(steps, Pricer(kind, draw, horizon, reward, steps, seed, pricer.settings, memory, model))
 
-    pricer.model = train_ppo(draw, env_steps, horizon, reward, seed, report if on_progress else None, progress_every)
+    pricer.model = train_ppo(draw, env_steps, horizon, reward, seed, report if on_progress else None, progress_every,
+                             memory)
     return pricer
 
 
@@ -136,7 +145,7 @@ def save_pricer(pricer: Pricer, directory) -> Path:
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     meta = {"kind": pricer.kind, "draw": pricer.draw.settings(), "horizon": pricer.horizon, "reward": pricer.reward,
-            "env_steps": pricer.env_steps, "seed": pricer.seed, "settings": pricer.settings}
+            "env_steps": pricer.env_steps, "seed": pricer.seed, "settings": pricer.settings, "memory": pricer.memory}
     if pricer.kind == "gdm":
         import torch
         torch.save(pricer.model.state_dict(), directory / "actor.pt")
@@ -155,7 +164,9 @@ def load_pricer(directory) -> Pricer:
         draw = GameDraw(devices=int(draw["devices"]), integer=bool(draw["integer"]), entry=tuple(draw["entry"]),
                         public=draw["public"], weight_range=tuple(weights) if weights is not None else None)
         pricer = Pricer(meta["kind"], draw, int(meta["horizon"]), meta["reward"], int(meta["env_steps"]),
-                        int(meta["seed"]), dict(meta["settings"]))
+                        int(meta["seed"]), dict(meta["settings"]), meta.get("memory", False))
+        if not isinstance(pricer.memory, bool):
+            raise ValueError(f"memory must be true or false, got {pricer.memory!r}")
         if pricer.kind not in PRICERS:
             raise ValueError(f"unknown pricer kind {pricer.kind!r}")
         if not 1 <= pricer.horizon <= MAX_HORIZON or pricer.reward not in REWARDS:
@@ -169,7 +180,7 @@ def load_pricer(directory) -> Pricer:
             import torch
 
             from .gdm import DiffusionActor, GdmSettings
-            actor = DiffusionActor(observation_size(draw.devices), 1, GdmSettings(**pricer.settings))
+            actor = DiffusionActor(observation_size(draw.devices, pricer.memory), 1, GdmSettings(**pricer.settings))
             actor.load_state_dict(torch.load(directory / "actor.pt", weights_only=True))
             pricer.model = actor.eval()
         elif pricer.kind == "ppo":
