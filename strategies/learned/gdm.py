@@ -2,7 +2,7 @@
 action by denoising Gaussian noise conditioned on the state, trained against a double critic.
 
 The paper gives no architecture; this follows the public code of the GDM tutorial it cites
-(GDMOPT, docs/references.md): a 6-step chain on a VP noise schedule, 256-wide Mish MLPs, a
+([GDM tutorial], docs/references.md): a 6-step chain on a VP noise schedule, 256-wide Mish MLPs, a
 min-of-two-Q critic, AdamW at 1e-4. One deliberate difference: the critic regresses the reward
 itself (no bootstrapped next-state value, so no target networks). The leader's episodes are a
 sequence of one-shot pricing decisions whose reward depends only on that price, so the value of
