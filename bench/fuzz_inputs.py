@@ -302,7 +302,10 @@ def codec_fuzz(rng: np.random.Generator, cases: int) -> Fuzz:
 
 HOSTILE_VALUES = [None, True, False, "", "x" * 10_000, [], {}, 0, -1, 0.5, 1, 2, 32, 33, 1e308, -1e308,
                   float("nan"), float("inf"), float("-inf"), 10**400, 2**63, 5e-324, [1, 2], {"a": 1},
-                  [[[[[]]]]], "1e3", [float("nan")]]
+                  [[[[[]]]]], "1e3", [float("nan")],
+                  # finite, and out of range only in a product or a power: a square (1e155), a cube
+                  # (1e103), a reciprocal (1e-300), a negative one
+                  1e155, 1e103, 1e-300, -1e200]
 
 
 def _mutate_tree(data, rng: np.random.Generator):
@@ -430,11 +433,13 @@ def profile_inputs(rng: np.random.Generator) -> Iterator[dict]:
 
 
 def profile_fuzz(rng: np.random.Generator, cases: int) -> Fuzz:
-    """read_profile, then what the server does with a profile it accepted: writes it to
-    profiles.json and plans with it (FimiFedAvg._scenario)."""
+    """The server's reading of a profile (server.app.accept_profile: the contract's checks and
+    the planner's ranges), then what it does with one it accepted: writes it to profiles.json
+    and plans with it (FimiFedAvg._scenario)."""
     from flwr.app import ConfigRecord, RecordDict
 
     from fedfill import contract
+    from server.app import accept_profile
     from strategies.allocation.presets import fimi_scenario
     from strategies.fimi_strategy import FimiFedAvg
 
@@ -448,13 +453,13 @@ def profile_fuzz(rng: np.random.Generator, cases: int) -> Fuzz:
                 continue
 
     def target(content):
-        profile = contract.read_profile(content)
+        profile = accept_profile(content)
         try:
             json.dumps({"1": profile})
             strategy.profiles = {1: profile}
             strategy._scenario([1])
         except Exception as err:
-            raise AcceptedButUnusable(f"read_profile accepted {profile!r:.200}, "
+            raise AcceptedButUnusable(f"accept_profile accepted {profile!r:.200}, "
                                       f"then {type(err).__name__}: {err}") from err
 
     return Fuzz(inputs=inputs(), target=target, refusals=(contract.ReplyError,),

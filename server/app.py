@@ -24,7 +24,7 @@ from jobs import load_job, run_split
 from server.checkpoint import read_checkpoint, write_checkpoint
 from server.report import RunReport
 from server.timed_grid import TimedGrid
-from strategies.allocation import LearningModel, System
+from strategies.allocation import LearningModel, ScenarioError, System, check_device_profile
 from strategies.allocation.learning import shipped_fit
 from strategies.allocation.presets import PAPER_OMEGA_PER_PARAM, fimi_scenario, ondemand_scenario
 from strategies.fimi_strategy import FimiFedAvg, wait_for_nodes
@@ -42,11 +42,22 @@ def collect_profiles(grid: Grid, expected: int, wait_s: float, timeout_s: float)
         try:
             if reply.has_error():
                 raise contract.ReplyError(reply.error.reason)
-            profiles[node_id] = contract.read_profile(reply.content)
+            profiles[node_id] = accept_profile(reply.content)
         except contract.ReplyError as err:
             log(WARNING, "node %d did not report a profile: %s", node_id, err)
     log(INFO, "device profiles from %d node(s)", len(profiles))
     return profiles
+
+
+def accept_profile(content: RecordDict) -> dict:
+    """A node's profile as the server keeps it: read and checked by the contract, its figures
+    in the planner's ranges; ReplyError naming the field otherwise (the node sits out)."""
+    profile = contract.read_profile(content)
+    try:
+        check_device_profile(profile)
+    except ScenarioError as err:
+        raise contract.ReplyError(str(err)) from None
+    return profile
 
 
 def learning_model(run: RunConfig) -> LearningModel | None:

@@ -13,7 +13,7 @@ _HOMES = {
     "LearningModel": "learning", "fit_learning_model": "learning",
     "POLICIES": "policies", "Plan": "policies", "solve_plan": "policies",
     "Devices": "scenario", "Scenario": "scenario", "ScenarioError": "scenario", "System": "scenario",
-    "load_scenario": "scenario", "parse_scenario": "scenario",
+    "load_scenario": "scenario", "parse_scenario": "scenario", "check_device_profile": "scenario",
 }
 __all__ = sorted(_HOMES)
 

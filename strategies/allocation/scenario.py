@@ -40,13 +40,19 @@ class System:
         return num_devices * (1.0 + self.zeta / self.rounds * math.log(self.delta_max))
 
 
-# (field, must be strictly positive); every one must be finite and non-negative.
+# field -> (must be strictly positive, the range it must lie in). The ranges hold every real
+# deployment by orders of magnitude and keep the solvers' products and powers inside float
+# range: a t_max of 1e308 or an alpha of 1e308 is a finite number that overflowed them.
 _SYSTEM_RULES = {
-    "bandwidth_hz": True, "noise_w_per_hz": True, "t_max_s": True, "model_params": True,
-    "tau": True, "omega": True, "delta_max": True, "rounds": True, "zeta": True,
-    "alpha": True, "beta": True, "gamma": False, "d_gen_max": False,
+    "bandwidth_hz": (True, (1e-3, 1e12)), "noise_w_per_hz": (True, (1e-40, 1.0)), "t_max_s": (True, (1e-6, 1e7)),
+    "model_params": (True, (1.0, 1e13)), "tau": (True, (1e-6, 1e6)), "omega": (True, (1e-3, 1e15)),
+    "delta_max": (True, (0.0, 1.0)), "rounds": (True, (1e-3, 1e9)), "zeta": (True, (1e-12, 1e6)),
+    "alpha": (True, (1e-12, 1e6)), "beta": (True, (1e-3, 1e3)), "gamma": (False, (0.0, 1e6)),
+    "d_gen_max": (False, (0.0, 1e12)),
 }
-_DEVICE_RULES = {"d_loc": True, "f_max_hz": True, "eps": True, "p_max_w": True, "gain": True}
+_DEVICE_RULES = {"d_loc": (True, (1e-3, 1e12)), "f_max_hz": (True, (1e-3, 1e13)), "eps": (True, (1e-45, 1.0)),
+                 "p_max_w": (True, (1e-12, 1e4)), "gain": (True, (1e-30, 1e3))}
+MAX_LOG10_POWER = 300  # alpha^(3/beta), the convergence model's power in [FIMI eq. 22], must stay below 1e300
 
 
 @dataclass(frozen=True)
@@ -131,6 +137,14 @@ def _shown(value) -> str:
     return text if len(text) <= 80 else text[:77] + "..."
 
 
+def _ranged(value, where: str, rule) -> float:
+    positive, (low, high) = rule
+    x = _number(value, where, positive)
+    if not low <= x <= high:
+        raise ScenarioError(f"{where} must be in [{low:g}, {high:g}], got {_shown(value)}")
+    return x
+
+
 def _number(value, where: str, positive: bool) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise ScenarioError(f"{where} must be a number, got {_shown(value)}")
@@ -143,6 +157,15 @@ def _number(value, where: str, positive: bool) -> float:
     if x < 0 or (positive and x == 0):
         raise ScenarioError(f"{where} must be {'positive' if positive else 'non-negative'}, got {_shown(value)}")
     return x
+
+
+def check_device_profile(profile: dict) -> None:
+    """A node's reported figures in the planner's ranges, or ScenarioError naming the field:
+    checked when the node reports them, so a node the planner would refuse sits out instead
+    of stopping a round's planning."""
+    for name, rule in _DEVICE_RULES.items():
+        if name in profile:
+            _ranged(profile[name], f"profile field '{name}'", rule)
 
 
 def _check_demand(q: float, where: str) -> float:
@@ -160,12 +183,16 @@ def parse_scenario(data) -> Scenario:
     if not isinstance(system_data, dict):
         raise ScenarioError("missing object 'system'")
     values = {}
-    for name, positive in _SYSTEM_RULES.items():
+    for name, rule in _SYSTEM_RULES.items():
         if name not in system_data:
             raise ScenarioError(f"system: missing field '{name}'")
-        values[name] = _number(system_data[name], f"system.{name}", positive)
+        values[name] = _ranged(system_data[name], f"system.{name}", rule)
     if values["delta_max"] >= 1:
         raise ScenarioError(f"system.delta_max must be below 1, got {values['delta_max']}")
+    power = 3.0 / values["beta"] * math.log10(values["alpha"])
+    if abs(power) > MAX_LOG10_POWER:
+        raise ScenarioError(f"system.alpha and system.beta: alpha^(3/beta) = 10^{power:.4g} is out of float range "
+                            f"(at most 10^{MAX_LOG10_POWER}); the learning model's fit is not one of this scale")
     system = System(**values)
 
     devices_data = data.get("devices")
@@ -187,10 +214,10 @@ def parse_scenario(data) -> Scenario:
             raise ScenarioError(f"{where}: duplicate id")
         seen.add(dev_id)
         ids.append(dev_id)
-        for name, positive in _DEVICE_RULES.items():
+        for name, rule in _DEVICE_RULES.items():
             if name not in dev:
                 raise ScenarioError(f"{where}: missing field '{name}'")
-            columns[name].append(_number(dev[name], f"{where}: field '{name}'", positive))
+            columns[name].append(_ranged(dev[name], f"{where}: field '{name}'", rule))
         b = dev.get("bits", 32)
         if isinstance(b, bool) or not isinstance(b, int) or not 1 <= b <= 32:
             raise ScenarioError(f"{where}: field 'bits' must be an integer from 1 to 32, got {_shown(b)}")
