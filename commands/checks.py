@@ -22,6 +22,7 @@ from dataclasses import fields, replace
 from fedfill.codec import MAX_BITS, MIN_BITS
 from fedfill.config import DELIVERIES, RunConfig, check_aggregation, key_of
 from fedfill.errors import UsageError
+from strategies.allocation.scenario import system_range
 
 # what the generation service serves (generation.service.GenerationService.check)
 GENERATOR_STEPS = (1, 1000)
@@ -45,10 +46,11 @@ _RULES = {
     "dirichlet_alpha": (lambda v: _finite(v) and v > 0,
                         "a positive number (0.1: a few classes per node; 100: near IID)"),
     "seed": (lambda v: v >= 0, "0 or more (numpy's generators refuse negative seeds)"),
-    "local_epochs": (lambda v: v >= 1, "at least 1"),
+    "local_epochs": (lambda v: 1 <= v <= system_range("tau")[1], "at least 1, at most {:g}".format(system_range("tau")[1])),
     "lr": (lambda v: _finite(v) and v > 0, "a positive finite number"),
     "batch_size": (lambda v: v >= 1, "at least 1"),
-    "t_max_s": (lambda v: _finite(v) and v > 0, "a positive number of seconds"),
+    "t_max_s": (lambda v: _finite(v) and system_range("t_max_s")[0] <= v <= system_range("t_max_s")[1],
+                "in [{:g}, {:g}] seconds (the planner's range)".format(*system_range("t_max_s"))),
     "synthetic_fraction": (lambda v: _finite(v) and v >= 0, "0 or a positive number (0.5: half as much again)"),
     "generator_steps": (lambda v: GENERATOR_STEPS[0] <= v <= GENERATOR_STEPS[1],
                         "in {}..{} (what the generation service serves)".format(*GENERATOR_STEPS)),

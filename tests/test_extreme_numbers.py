@@ -97,3 +97,15 @@ def test_the_server_sits_out_a_profile_the_planner_would_refuse():
     assert accept_profile(RecordDict({contract.PROFILE_KEY: ConfigRecord(good)}))["gain"] == 1e-10
     with pytest.raises(contract.ReplyError, match=r"profile field 'gain' must be in \[1e-30, 1000\], got 1e\+200"):
         accept_profile(RecordDict({contract.PROFILE_KEY: ConfigRecord({**good, "gain": 1e200})}))
+
+
+@pytest.mark.parametrize("setting, value", [("t_max_s", 1e308), ("t_max_s", 5e-324), ("local_epochs", 10**12)])
+def test_a_run_setting_the_planner_would_refuse_is_refused_before_the_run(setting, value):
+    from dataclasses import replace
+
+    from commands.checks import check_settings
+    from fedfill.config import RunConfig
+    from fedfill.errors import UsageError
+
+    with pytest.raises(UsageError, match="must be"):
+        check_settings(replace(RunConfig(), **{setting: value}))

@@ -159,6 +159,11 @@ def _number(value, where: str, positive: bool) -> float:
     return x
 
 
+def system_range(name: str) -> tuple[float, float]:
+    """The range a system field must lie in: a run setting that becomes it is checked against it."""
+    return _SYSTEM_RULES[name][1]
+
+
 def check_device_profile(profile: dict) -> None:
     """A node's reported figures in the planner's ranges, or ScenarioError naming the field:
     checked when the node reports them, so a node the planner would refuse sits out instead
