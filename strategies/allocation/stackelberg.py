@@ -114,10 +114,23 @@ class PricingGame:
 
     def thresholds(self, device: int) -> np.ndarray:
         """pi_l for l = 0 .. floor(cap) - 1: the prices at which the device goes from l to l+1 units."""
-        left = 1.0 + self.capacity[device] - self.fixed_cost[device]
-        steps = np.arange(int(np.floor(self.cap[device])))
-        a = self.unit_cost[device]
-        return self.theta[device] / self.weight[device] * np.log((left - a * steps) / (left - a * (steps + 1)))
+        values, owner = self.all_thresholds()
+        return values[owner == device]
+
+    def all_thresholds(self) -> tuple[np.ndarray, np.ndarray]:
+        """Every device's thresholds pi_l in one array, device by device, and the device each
+        belongs to: computed at once (a loop over 40,000 devices took seconds)."""
+        cached = self.__dict__.get("_thresholds")
+        if cached is None:
+            counts = np.floor(self.cap).astype(np.int64)
+            owner = np.repeat(np.arange(len(counts)), counts)
+            steps = (np.arange(int(counts.sum())) - np.repeat(np.cumsum(counts) - counts, counts)).astype(float)
+            left = (1.0 + self.capacity - self.fixed_cost)[owner]
+            a = self.unit_cost[owner]
+            values = self.theta[owner] / self.weight[owner] * np.log((left - a * steps) / (left - a * (steps + 1)))
+            cached = (values, owner)
+            object.__setattr__(self, "_thresholds", cached)
+        return cached
 
     def public(self) -> dict:
         """What the leader may see of the game: everything but the devices' theta."""
@@ -185,9 +198,12 @@ def follower_response(game: PricingGame, price) -> np.ndarray:
     prices = np.asarray(price, dtype=float)
     p = prices[..., None]
     if game.integer:
+        values, owner = game.all_thresholds()
+        if prices.ndim == 0:  # one price: count each device's thresholds at or below it, all at once
+            return np.bincount(owner[values <= prices], minlength=len(game.theta)).astype(float)
         out = np.zeros(p.shape[:-1] + (len(game.theta),))
         for n in range(len(game.theta)):
-            out[..., n] = np.searchsorted(game.thresholds(n), prices, side="right")
+            out[..., n] = np.searchsorted(values[owner == n], prices, side="right")
         return out
     with np.errstate(divide="ignore"):
         interior = game.reach - game.theta / (p * game.weight)
@@ -253,12 +269,11 @@ def _continuous_candidates(game: PricingGame) -> tuple[np.ndarray, np.ndarray]:
 
 def _integer_candidates(game: PricingGame) -> tuple[np.ndarray, np.ndarray]:
     """Every threshold (and U_s there: base - (p - kappa) * the work of the thresholds <= p)."""
-    per_device = [game.thresholds(n) for n in range(len(game.theta))]
+    thresholds, owner = game.all_thresholds()
     base = _utility_without_offloading(game)
-    thresholds = np.concatenate(per_device)
     if not len(thresholds):
         return np.zeros(1), np.array([base])
-    work = np.concatenate([np.full(len(t), game.weight[n]) for n, t in enumerate(per_device)])
+    work = game.weight[owner]
     order = np.argsort(thresholds, kind="stable")
     thresholds, work = thresholds[order], np.cumsum(work[order])
     taken = work[np.searchsorted(thresholds, thresholds, side="right") - 1]  # ties: every equal threshold taken
