@@ -8,6 +8,8 @@ steps: new requests (sampled; sampling holds one lock, so they queue), then the 
 again (cache hits), for `--rounds` rounds. Prints requests per second and latency p50/p95/max
 for each, and the service's resident memory after warm-up, after each round and after 1,000
 more hostile requests (fuzz_generate): it must level off, not grow with the requests served.
+First (--fair), fairness: 10-image requests beside one large request, with the service
+sampling a slice a turn and, as before slicing, a whole request a turn.
 The service runs with fuzz_service's small image limit, so that the fuzzer's requests at the
 limit stay cheap; the load's requests are below it.
 """
@@ -27,6 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.fuzz_service import FUZZ_MAX_IMAGES, ServiceProcess, fuzz_generate  # noqa: E402
 from generation.client import GenerationClient  # noqa: E402
+from generation.service import SLICE_IMAGES  # noqa: E402
 
 IMAGES_PER_REQUEST = 10
 STEPS = 4
@@ -79,13 +82,67 @@ def measure_load(service: ServiceProcess, clients: int = 8, requests_per_client:
             "p95_s": float(np.percentile(done, 95)), "max_s": float(done.max())}
 
 
+def measure_fairness(slice_images: int, large: int, clients: int = 4, steps: int = STEPS) -> dict:
+    """A fresh service sampling `slice_images` a turn (0: a whole request a turn, the service
+    before slicing); one client asks for `large` images, and while it is sampled `clients`
+    others ask for 10 images again and again. Returns the large request's seconds and the
+    small ones' count, p50, p95 and max latency."""
+    with tempfile.TemporaryDirectory(prefix="service-fair-") as cache, \
+            ServiceProcess(cache, slice_images=slice_images) as service:
+        GenerationClient(service.address).generate(counts_for(service.num_classes, 10, 1), seed=1, steps=steps)
+        done, small = threading.Event(), []
+        timing = {}
+
+        def ask_large():
+            started = time.monotonic()
+            GenerationClient(service.address, timeout_s=3600, retries=0).generate(
+                counts_for(service.num_classes, large, 2), seed=2, steps=steps)
+            timing["large_s"] = time.monotonic() - started
+            done.set()
+
+        def ask_small(index: int):
+            client, k = GenerationClient(service.address, timeout_s=3600, retries=0), 0
+            while not done.is_set():  # every request asked while the large one is being sampled
+                sent = time.monotonic()
+                client.generate(counts_for(service.num_classes, 10, 100 + 1000 * index + k), seed=100 + 1000 * index + k,
+                                steps=steps)
+                small.append(time.monotonic() - sent)
+                k += 1
+
+        threads = [threading.Thread(target=ask_large)]
+        threads[0].start()
+        time.sleep(1.0)  # the large request is sampling
+        threads += [threading.Thread(target=ask_small, args=(i,)) for i in range(clients)]
+        for thread in threads[1:]:
+            thread.start()
+        for thread in threads:
+            thread.join()
+    latency = np.asarray(small) if small else np.asarray([np.nan])
+    return {"slice_images": slice_images, "large_images": large, "large_s": timing["large_s"], "small": len(small),
+            "p50_s": float(np.percentile(latency, 50)), "p95_s": float(np.percentile(latency, 95)),
+            "max_s": float(latency.max())}
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--clients", type=int, default=8)
     parser.add_argument("--requests", type=int, default=4, help="requests per client")
     parser.add_argument("--rounds", type=int, default=3, help="rounds of new requests (then the same again)")
     parser.add_argument("--fuzz", type=int, default=1000, help="hostile requests after the load")
+    parser.add_argument("--fair", type=int, default=5000, metavar="IMAGES",
+                        help="fairness: 10-image requests beside one of this many, sliced and not (0: skip)")
     args = parser.parse_args(argv)
+    if args.fair:
+        print(f"fairness: 4 clients asking for 10 images while one request of {args.fair} is sampled "
+              f"(DDIM {STEPS} steps)")
+        print(f"{'turn':>22} | {'large s':>7} | {'small':>5} {'p50 s':>7} {'p95 s':>7} {'max s':>7}")
+        rows = [measure_fairness(slice_images, args.fair) for slice_images in (0, SLICE_IMAGES)]
+        for row in rows:
+            turn = "a whole request" if not row["slice_images"] else f"a slice of {row['slice_images']}"
+            print(f"{turn:>22} | {row['large_s']:7.1f} | {row['small']:5d} {row['p50_s']:7.3f} {row['p95_s']:7.3f} "
+                  f"{row['max_s']:7.3f}")
+        print(f"p95 of the small requests: {rows[0]['p95_s'] / rows[1]['p95_s']:.0f}x lower with slices "
+              f"(the large request's time is the machine's load as much as the slicing: compare it across runs)")
     with tempfile.TemporaryDirectory(prefix="service-load-") as cache, \
             ServiceProcess(cache, max_images=FUZZ_MAX_IMAGES) as service:
         warm_up = counts_for(service.num_classes, IMAGES_PER_REQUEST, 10 ** 6)

@@ -39,7 +39,8 @@ sys.path.insert(0, str(ROOT))
 
 from generation import generation_pb2  # noqa: E402
 from generation.config import DEFAULT_CHECKPOINT  # noqa: E402
-from generation.service import MAX_IMAGES_PER_REQUEST, MAX_REQUEST_BYTES, MAX_SEED, SERVICE_NAME  # noqa: E402
+from generation.service import (MAX_IMAGES_PER_REQUEST, MAX_REQUEST_BYTES, MAX_SEED, SERVICE_NAME,  # noqa: E402
+                                SLICE_IMAGES)
 
 GENERATE = f"/{SERVICE_NAME}/Generate"
 FUZZ_MAX_IMAGES = 16
@@ -51,7 +52,7 @@ INT64_MAX, INT64_MIN, INT32_MAX, INT32_MIN = 2 ** 63 - 1, -2 ** 63, 2 ** 31 - 1,
 _CHILD = """
 import json, sys
 from generation.service import serve
-server, port, service = serve(sys.argv[1], 0, sys.argv[2], max_images=int(sys.argv[3]))
+server, port, service = serve(sys.argv[1], 0, sys.argv[2], max_images=int(sys.argv[3]), slice_images=int(sys.argv[4]))
 config = service.config
 print(json.dumps({"port": port, "num_classes": config.num_classes, "max_images": service.max_images,
                   "image_shape": [config.image_size, config.image_size, config.channels]}), flush=True)
@@ -67,10 +68,11 @@ class ServiceProcess:
     """
 
     def __init__(self, cache_dir: str | Path, max_images: int = MAX_IMAGES_PER_REQUEST,
-                 checkpoint: str | Path = DEFAULT_CHECKPOINT, start_timeout_s: float = 300.0):
+                 checkpoint: str | Path = DEFAULT_CHECKPOINT, start_timeout_s: float = 300.0,
+                 slice_images: int = SLICE_IMAGES):
         self.cache_dir = Path(cache_dir)
         self.log = tempfile.TemporaryFile("w+")  # the child's stderr, read back when it fails
-        command = [sys.executable, "-c", _CHILD, str(checkpoint), str(cache_dir), str(max_images)]
+        command = [sys.executable, "-c", _CHILD, str(checkpoint), str(cache_dir), str(max_images), str(slice_images)]
         self.process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=self.log, text=True,
                                         env={**os.environ, "PYTHONPATH": str(ROOT)})
         try:

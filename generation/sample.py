@@ -58,17 +58,25 @@ def _stream_generator(seed: int, start: int, stream: int):
 
 
 def sample(config, pipe, labels, *, steps: int = 20, guidance: float = 2.0, seed: int = 0, sampler: str = "ddim",
-           batch_size: int = 256) -> np.ndarray:
-    """uint8 images [N, H, W, C] of the given class labels (config and pipe from load_generator)."""
+           batch_size: int = 256, first_index: int = 0) -> np.ndarray:
+    """uint8 images [N, H, W, C] of the given class labels (config and pipe from load_generator).
+    first_index: where these labels start in their request, a multiple of batch_size: the
+    images are then those of the whole request, bit for bit (the service samples in slices)."""
+    _check_slice(first_index, batch_size)
     labels = pipe.check_class_labels(labels)
     runner = _runner(config, pipe, sampler)
     out = []
     for start in range(0, len(labels), batch_size):
         out.append(runner(labels[start:start + batch_size], num_inference_steps=steps, guidance_scale=guidance,
-                          generator=_batch_generator(seed, start), output_type="uint8").images)
+                          generator=_batch_generator(seed, first_index + start), output_type="uint8").images)
     if not out:
         return np.zeros((0, config.image_size, config.image_size, config.channels), np.uint8)
     return np.concatenate(out)
+
+
+def _check_slice(first_index: int, batch_size: int) -> None:
+    if first_index < 0 or first_index % batch_size:
+        raise ValueError(f"a slice starts at a batch boundary (a multiple of {batch_size}), not at {first_index}")
 
 
 def _check_split(config, steps: int, resume_index: int) -> None:
@@ -79,14 +87,15 @@ def _check_split(config, steps: int, resume_index: int) -> None:
 
 
 def sample_until(config, pipe, labels, *, steps: int = 20, guidance: float = 2.0, seed: int = 0,
-                 stop_index: int, batch_size: int = 256) -> np.ndarray:
+                 stop_index: int, batch_size: int = 256, first_index: int = 0) -> np.ndarray:
     """float32 states [N, C, H, W] after the first `stop_index` of `steps` DDIM steps of the
-    very batches `sample` draws (the server's half of a split run)."""
+    very batches `sample` draws (the server's half of a split run); first_index as sample's."""
     _check_split(config, steps, stop_index)
+    _check_slice(first_index, batch_size)
     labels = pipe.check_class_labels(labels)
     runner = _runner(config, pipe, SPLIT_SAMPLER)
     out = [runner(labels[start:start + batch_size], num_inference_steps=steps, guidance_scale=guidance,
-                  generator=_batch_generator(seed, start), output_type="state", stop_index=stop_index
+                  generator=_batch_generator(seed, first_index + start), output_type="state", stop_index=stop_index
                   ).images.float().numpy() for start in range(0, len(labels), batch_size)]
     if not out:
         return np.zeros((0, config.channels, config.image_size, config.image_size), np.float32)

@@ -5,7 +5,14 @@ request may ask.
 The cache key is a hash of the checkpoint's weights (the UNet's tensors as loaded, and the
 noise schedule; or a GAN generator's tensors) and the request (counts, seed, steps, guidance,
 sampler), so the same request is computed once, ever, and a new checkpoint never serves stale
-images. A GAN checkpoint is served alike: steps and guidance are checked, then ignored. Sampling holds one lock: concurrent requests queue, none fails for it.
+images. A GAN checkpoint is served alike: steps and guidance are checked, then ignored.
+
+Sampling is fair: one slice of SLICE_IMAGES images at a time, the requests that wait taking
+turns slice by slice in the order they asked (Turns). A 10-image request beside a
+20,000-image one waits for one slice, not the whole of it; none fails for waiting. A request
+whose client has gone (cancelled, or past its deadline) stops at its next slice. Per client:
+at most MAX_IMAGES_PER_REQUEST images a request and MAX_CONCURRENT_RPCS calls at once over
+all clients (gRPC's own limit); a slice is the most a request can hold the others up.
 
 Delivery [MEG]: a request names how its samples reach the device. IMAGE (the default, what an
 old client gets) streams finished images; SKETCH the same images downsampled; STATE the
@@ -27,6 +34,7 @@ not at all (write_cache_entry).
 
 from __future__ import annotations
 
+import collections
 import hashlib
 import json
 import logging
@@ -36,6 +44,7 @@ import threading
 import time
 import zipfile
 from concurrent import futures
+from contextlib import contextmanager
 from pathlib import Path
 
 import grpc
@@ -58,6 +67,35 @@ MAX_SEED = 2 ** 40  # sample() seeds torch with seed * 1_000_003 + an image inde
 # Calls past this many at once are refused (RESOURCE_EXHAUSTED) instead of queueing without bound.
 MAX_CONCURRENT_RPCS = 64
 STREAM_BATCH = 256
+SLICE_IMAGES = 256  # images sampled per turn: sample()'s batch, so a sliced request is bit for bit the whole
+
+
+class Turns:
+    """One slice of sampling at a time, in the order the threads asked: a thread that finished
+    a slice queues again behind the others. (A plain Lock gives no order: the thread that just
+    released it may take it straight back, and a large request holds the rest up to the end.)"""
+
+    def __init__(self):
+        self._changed = threading.Condition()
+        self._queue: collections.deque = collections.deque()
+
+    def waiting(self) -> int:
+        """Requests sampling or waiting for a slice now (the one sampling among them)."""
+        with self._changed:
+            return len(self._queue)
+
+    @contextmanager
+    def turn(self):
+        me = object()
+        with self._changed:
+            self._queue.append(me)
+            self._changed.wait_for(lambda: self._queue[0] is me)
+        try:
+            yield
+        finally:
+            with self._changed:
+                self._queue.popleft()
+                self._changed.notify_all()
 PARTIAL_SUFFIX = ".part"  # a cache entry being written; a leftover one is removed at start
 
 
@@ -101,15 +139,20 @@ def remove_partial_entries(cache_dir: Path) -> int:
 
 class GeneratorService(generation_pb2_grpc.GeneratorServicer):
     def __init__(self, checkpoint: str | Path, cache_dir: str | Path, sampler: str = "ddim",
-                 max_images: int = MAX_IMAGES_PER_REQUEST):
+                 max_images: int = MAX_IMAGES_PER_REQUEST, slice_images: int = SLICE_IMAGES):
         self.config, self.pipe = load_generator(checkpoint)
         self.checkpoint_digest = weights_digest(self.pipe)
         self.cache_dir = Path(cache_dir)
         self.cache_dir.mkdir(parents=True, exist_ok=True)
         if removed := remove_partial_entries(self.cache_dir):
             LOG.warning("removed %d half-written cache files in %s", removed, self.cache_dir)
-        self.sampler, self.max_images = sampler, max_images
-        self.lock = threading.Lock()
+        if slice_images < 0 or slice_images % SLICE_IMAGES:
+            raise ValueError(f"slice_images must be a multiple of {SLICE_IMAGES} (0: a whole request a turn), "
+                             f"got {slice_images}")
+        # 0: a whole request in one turn, the service as it was before slicing (the bench's baseline)
+        self.sampler, self.max_images, self.slice_images = sampler, max_images, slice_images
+        self.turns = Turns()
+        self.counting = threading.Lock()  # the counters below, updated from every request's thread
         self.computed = self.cache_hits = self.abandoned = 0
         self.server_unet_evals, self.sampling_seconds = 0, 0.0  # totals, for the report and the bench
 
@@ -173,37 +216,52 @@ class GeneratorService(generation_pb2_grpc.GeneratorServicer):
         return None if result is None else result[:3]
 
     def _produce(self, request, context=None):
-        """images_for's answer and the work it cost: (images, labels, from_cache, passes, seconds)."""
+        """images_for's answer and the work it cost: (images, labels, from_cache, passes, seconds),
+        sampled slice by slice in turns with the other requests; None when the client left."""
         path = self.cache_dir / f"{self.cache_key(request)}.npz"
-        with self.lock:
-            cached = read_cache_entry(path)
-            if cached is not None:
-                self.cache_hits += 1
-                return *cached, True, 0, 0.0
-            if context is not None and not context.is_active():
-                self.abandoned += 1
-                return None
-            from .sample import sample, sample_until  # torch and diffusers: loaded with the checkpoint, not on import
-
-            labels = np.repeat(np.arange(self.config.num_classes), list(request.class_counts))
-            started = time.perf_counter()
-            if request.delivery == generation_pb2.STATE:
-                images = sample_until(self.config, self.pipe, labels, steps=request.steps, guidance=request.guidance,
-                                      seed=request.seed, stop_index=request.server_steps)
-                passes = 2 * request.server_steps * len(labels)
-            else:
-                images = sample(self.config, self.pipe, labels, steps=request.steps, guidance=request.guidance,
-                                seed=request.seed, sampler=self.sampler)
-                passes = len(labels) if self.config.model == "gan" else 2 * request.steps * len(labels)
-            seconds = time.perf_counter() - started
-            try:
-                write_cache_entry(path, images, labels)
-            except OSError as err:  # the cache is an optimisation: serve the images anyway
-                LOG.warning("could not cache %s: %s", path.name, err)
+        labels = np.repeat(np.arange(self.config.num_classes), list(request.class_counts))
+        size = self.slice_images or max(len(labels), 1)
+        parts, seconds = [], 0.0
+        for start in range(0, max(len(labels), 1), size):
+            with self.turns.turn():
+                if start == 0:  # in its turn: a request another one just finished is served from disk
+                    cached = read_cache_entry(path)
+                    if cached is not None:
+                        with self.counting:
+                            self.cache_hits += 1
+                        return *cached, True, 0, 0.0
+                if context is not None and not context.is_active():
+                    with self.counting:
+                        self.abandoned += 1
+                    if start:
+                        LOG.info("client left: stopped after %d of %d images", start, len(labels))
+                    return None
+                started = time.perf_counter()
+                parts.append(self._sample_slice(request, labels[start:start + size], start))
+                seconds += time.perf_counter() - started
+        images = np.concatenate(parts)
+        if request.delivery == generation_pb2.STATE:
+            passes = 2 * request.server_steps * len(labels)
+        else:
+            passes = len(labels) if self.config.model == "gan" else 2 * request.steps * len(labels)
+        try:
+            write_cache_entry(path, images, labels)
+        except OSError as err:  # the cache is an optimisation: serve the images anyway
+            LOG.warning("could not cache %s: %s", path.name, err)
+        with self.counting:
             self.computed += 1
             self.server_unet_evals += passes
             self.sampling_seconds += seconds
-            return images, labels, False, passes, seconds
+        return images, labels, False, passes, seconds
+
+    def _sample_slice(self, request, labels: np.ndarray, first_index: int) -> np.ndarray:
+        from .sample import sample, sample_until  # torch and diffusers: loaded with the checkpoint, not on import
+
+        if request.delivery == generation_pb2.STATE:
+            return sample_until(self.config, self.pipe, labels, steps=request.steps, guidance=request.guidance,
+                                seed=request.seed, stop_index=request.server_steps, first_index=first_index)
+        return sample(self.config, self.pipe, labels, steps=request.steps, guidance=request.guidance,
+                      seed=request.seed, sampler=self.sampler, first_index=first_index)
 
     def Generate(self, request, context):
         problem = self.check(request)
@@ -273,9 +331,10 @@ class GeneratorService(generation_pb2_grpc.GeneratorServicer):
 
 
 def serve(checkpoint: str | Path, port: int, cache_dir: str | Path, host: str = "127.0.0.1", workers: int = 8,
-          max_images: int = MAX_IMAGES_PER_REQUEST, sampler: str = "ddim"):
+          max_images: int = MAX_IMAGES_PER_REQUEST, sampler: str = "ddim", slice_images: int = SLICE_IMAGES):
     """Start the server (returns it; call .wait_for_termination() to block)."""
-    service = GeneratorService(checkpoint, cache_dir, sampler=sampler, max_images=max_images)
+    service = GeneratorService(checkpoint, cache_dir, sampler=sampler, max_images=max_images,
+                               slice_images=slice_images)
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=workers),
                          maximum_concurrent_rpcs=MAX_CONCURRENT_RPCS,
                          options=[("grpc.max_send_message_length", 64 * 1024 * 1024),

@@ -144,3 +144,68 @@ def test_serve_command_runs_as_its_own_process(tmp_path):
     finally:
         process.terminate()
         process.wait(timeout=30)
+
+
+def test_a_sliced_request_is_bit_for_bit_the_whole_one():
+    """The service samples a request in slices of 256 (sample's batch): the same images as one
+    call over the whole request, for images and for hand-off states."""
+    from generation.sample import sample, sample_until
+
+    config, pipe = load_generator(DEFAULT_CHECKPOINT)
+    labels = np.arange(300) % config.num_classes
+    whole = sample(config, pipe, labels, steps=1, seed=5)
+    sliced = np.concatenate([sample(config, pipe, labels[a:a + 256], steps=1, seed=5, first_index=a)
+                             for a in range(0, 300, 256)])
+    assert np.array_equal(whole, sliced)
+    states = sample_until(config, pipe, labels, steps=2, seed=5, stop_index=1)
+    assert np.array_equal(states[256:], sample_until(config, pipe, labels[256:], steps=2, seed=5, stop_index=1,
+                                                     first_index=256))
+    with pytest.raises(ValueError, match="batch boundary"):
+        sample(config, pipe, labels[:10], steps=2, first_index=100)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("slice_images", [256, 0])
+def test_a_small_request_beside_a_large_one_waits_for_a_slice_not_the_whole(tmp_path, slice_images):
+    """With slices a 10-image request asked just after a 2,560-image one finishes first; with
+    a whole request a turn (0, the service before slicing) it finishes last."""
+    server, port, servicer = serve(DEFAULT_CHECKPOINT, 0, tmp_path, slice_images=slice_images)
+    address, finished = f"127.0.0.1:{port}", []
+    try:
+        def ask(name, counts, seed):
+            GenerationClient(address, timeout_s=300).generate(counts, seed=seed, steps=4)
+            finished.append(name)
+
+        large = threading.Thread(target=ask, args=("large", [256] * 10, 1))
+        large.start()
+        deadline = time.monotonic() + 60
+        while servicer.turns.waiting() == 0 and time.monotonic() < deadline:  # the large one is sampling
+            time.sleep(0.01)
+        ask("small", [1] * 10, 2)
+        large.join(timeout=600)
+    finally:
+        server.stop(grace=1)
+    assert finished == (["small", "large"] if slice_images else ["large", "small"])
+
+
+def test_a_cancelled_request_stops_sampling_at_its_next_slice(tmp_path):
+    server, port, servicer = serve(DEFAULT_CHECKPOINT, 0, tmp_path)
+    try:
+        from generation import generation_pb2
+
+        channel = grpc.insecure_channel(f"127.0.0.1:{port}")
+        call = channel.unary_stream("/fedfill.generation.Generator/Generate",
+                                    request_serializer=generation_pb2.GenerateRequest.SerializeToString,
+                                    response_deserializer=generation_pb2.ImageBatch.FromString)
+        stream = call(generation_pb2.GenerateRequest(class_counts=[512] * 10, seed=3, steps=20, guidance=2.0))
+        deadline = time.monotonic() + 60
+        while servicer.turns.waiting() == 0 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        stream.cancel()
+        deadline = time.monotonic() + 120
+        while servicer.abandoned == 0 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        channel.close()
+    finally:
+        server.stop(grace=1)
+    assert servicer.abandoned == 1 and servicer.computed == 0  # 20 slices asked, stopped after the first
