@@ -39,7 +39,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from strategies.allocation.stackelberg import PricingGame, leader_utility, solve_price  # noqa: E402
 from strategies.learned.envs import GameDraw, normalised_utility  # noqa: E402
-from strategies.learned.pricers import play, train_pricer  # noqa: E402
+from strategies.learned.pricers import play, regret, train_pricer  # noqa: E402
 
 GOAL_REGRET = 0.10
 
@@ -75,9 +75,11 @@ def best_constant_price(draw: GameDraw, seed: int) -> float:
     return float(grid[int(np.argmax(mean))])
 
 
-def regret_of(games, utilities) -> np.ndarray:
-    optimum = np.array([normalised_utility(g, solve_price(g).price) for g in games])
-    return np.where(optimum > 0, (optimum - utilities) / np.where(optimum > 0, optimum, 1.0), 0.0)
+def best_constant_row(devices: int, draw: GameDraw, held_out: list, optimum: np.ndarray) -> dict:
+    """The summary row of the best constant price on the held-out games."""
+    q = best_constant_price(draw, seed=11)
+    utility = np.array([normalised_utility(g, q * g.server_cost) for g in held_out])
+    return summary(devices, f"best constant (q={q:.3f})", [regret(optimum, utility)], [0.0])
 
 
 def main(argv=None) -> int:
@@ -132,15 +134,13 @@ def main(argv=None) -> int:
                 rounds = play(pricer, held_out, seed=seed + 100)
                 per_seed.append(rounds.regret)
                 if kind == "random":
-                    best_random.append(regret_of(held_out, rounds.utilities.max(axis=1)))
+                    best_random.append(rounds.best_regret)
                 if n == devices[0]:
                     curves.setdefault(kind, []).append(curve)
             rows.append(summary(n, kind, per_seed, seconds))
             if best_random:
                 rows.append(summary(n, f"best of {pricer.horizon} random", best_random, [0.0]))
-        q = best_constant_price(draw, seed=11)
-        constant = regret_of(held_out, np.array([normalised_utility(g, q * g.server_cost) for g in held_out]))
-        rows.append(summary(n, f"best constant (q={q:.3f})", [constant], [0.0]))
+        rows.append(best_constant_row(n, draw, held_out, rounds.optimum))
         if n == devices[0]:
             report["curve_exact_mean"] = exact_mean
     report["regret"] = rows
@@ -186,13 +186,11 @@ def main(argv=None) -> int:
             seconds.append(time.perf_counter() - started)
             rounds = play(pricer, held_out, seed=seed + 100)
             regrets.append(rounds.regret)
-            best_random.append(regret_of(held_out, rounds.utilities.max(axis=1)))
+            best_random.append(rounds.best_regret)
         report["wide"].append(summary(3, label, regrets, seconds))
         if kind == "random":
             report["wide"].append(summary(3, f"best of {pricer.horizon} random", best_random, [0.0]))
-    q = best_constant_price(draw, seed=11)
-    constant = regret_of(held_out, np.array([normalised_utility(g, q * g.server_cost) for g in held_out]))
-    report["wide"].append(summary(3, f"best constant (q={q:.3f})", [constant], [0.0]))
+    report["wide"].append(best_constant_row(3, draw, held_out, rounds.optimum))
     for row in report["wide"]:
         print(f"{row['leader']:>24} | {row['mean']:7.4f} ± {row['spread']:<6.4f} {row['median']:7.4f} "
               f"{row['p90']:6.3f} | {row['train_seconds']:7.1f}")

@@ -115,6 +115,13 @@ class DiffusionActor(nn.Module):
                             "sigma": (betas * (1 - previous) / (1 - alpha_bar)).clamp(min=1e-20).sqrt()}.items():
             self.register_buffer(name, value)
 
+    def act(self, states: np.ndarray, seed: int) -> np.ndarray:
+        """Actions for float32 state rows, denoised from the noise of `seed`, no gradients:
+        what a trained actor is used for."""
+        with torch.no_grad(), one_thread():
+            return self(torch.from_numpy(np.asarray(states, dtype=np.float32)),
+                        torch.Generator().manual_seed(seed)).numpy()
+
     def forward(self, state: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         batch = state.shape[0]
         x = torch.randn(batch, self.action_size, generator=generator)

@@ -54,12 +54,7 @@ class Pricer:
             return rng.uniform(-1.0, 1.0, (len(states), 1))
         if self.kind == "ppo":
             return np.asarray(self.model.predict(states, deterministic=True)[0]).reshape(len(states), 1)
-        import torch
-
-        from .threads import one_thread
-        with torch.no_grad(), one_thread():
-            generator = torch.Generator().manual_seed(int(rng.integers(2 ** 31)))
-            return self.model(torch.from_numpy(states), generator).numpy()
+        return self.model.act(states, int(rng.integers(2 ** 31)))
 
     def next_price(self, game: PricingGame, price: float, responses: np.ndarray, rng: np.random.Generator) -> float:
         """The price after `price` drew `responses` in `game`, reading only its public figures
@@ -81,10 +76,21 @@ class Play:
 
     @property
     def regret(self) -> np.ndarray:
-        """(U* - U(p)) / (U* - U(0)) at each game's last price; 0 where nothing is to be gained."""
-        final = self.utilities[:, -1]
-        with np.errstate(divide="ignore", invalid="ignore"):
-            return np.where(self.optimum > 0, (self.optimum - final) / self.optimum, 0.0)
+        """The regret of each game's last price."""
+        return regret(self.optimum, self.utilities[:, -1])
+
+    @property
+    def best_regret(self) -> np.ndarray:
+        """The regret of the best price each game saw: a leader that keeps the best it tried
+        (it sees its own utility)."""
+        return regret(self.optimum, self.utilities.max(axis=1))
+
+
+def regret(optimum: np.ndarray, utility: np.ndarray) -> np.ndarray:
+    """(U* - U(p)) / (U* - U(0)) from normalised utilities (U(0) is 0 there); 0 where nothing
+    is to be gained."""
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return np.where(optimum > 0, (optimum - utility) / optimum, 0.0)
 
 
 def play(pricer: Pricer, games: list[PricingGame], seed: int = 0) -> Play:

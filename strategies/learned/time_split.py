@@ -91,14 +91,18 @@ class TimeSplitEnv:
 
     def reset(self, problems: list[FimiProblem] | None = None) -> np.ndarray:
         if problems is None:
-            problems = []
+            problems, reference = [], []
             while len(problems) < self.batch:
                 problem = problem_for(self.devices, int(self.rng.integers(TRAIN_SEEDS_FROM, 2 ** 31)))
-                if feasible_start(problem) is not None:
+                energy = reference_energy(problem)
+                if np.isfinite(energy):
                     problems.append(problem)
+                    reference.append(energy)
+        else:
+            reference = [reference_energy(p) for p in problems]
         self.problems = problems
         self.batch = len(problems)
-        self.reference = np.array([reference_energy(p) for p in problems])
+        self.reference = np.array(reference)
         self.states = np.stack([observe(p) for p in problems])
         return self.states
 
@@ -131,14 +135,10 @@ class GdmTimeSplit:
     env_steps: int = 0
 
     def __call__(self, problem: FimiProblem) -> np.ndarray:
-        import torch
-
         n = len(problem.scenario.devices)
         if n != self.devices:
             raise ValueError(f"this time-split policy serves {self.devices} devices, not {n}")
-        states = torch.from_numpy(np.repeat(observe(problem)[None, :], self.samples, axis=0))
-        with torch.no_grad():
-            actions = self.actor(states, torch.Generator().manual_seed(self.seed)).numpy()
+        actions = self.actor.act(np.repeat(observe(problem)[None, :], self.samples, axis=0), self.seed)
         candidates = action_to_eta(problem, actions)
         if self.samples == 1:
             return candidates[0]
