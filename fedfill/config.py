@@ -106,9 +106,9 @@ class RunConfig:
     out_dir: str = setting("runs/latest", "report directory", cli=False)  # `fedfill run --out` sets it
     resume: bool = setting(False, "continue the run in the report directory from its last checkpoint")
     node_wait_s: float = setting(60.0, "how long the server waits for nodes before going on with fewer")
-    reply_timeout_s: float = setting(600.0, "how long the server waits for a round's replies; keep it over 180 s: a "
-                                            "node that dies mid-upload holds up the pull of the round's other replies "
-                                            "until Flower's object-push session expires (180 s)")
+    reply_timeout_s: float = setting(600.0, "how long the server waits for a round's replies at most; a node that "
+                                            "dies, in training or mid-upload, is given up on sooner, once the "
+                                            "SuperLink counts it offline (20 s after its last heartbeat)")
 
     @classmethod
     def from_run_config(cls, run_config) -> "RunConfig":
