@@ -23,6 +23,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message
 from flwr.clientapp import ClientApp
 from flwr.common import log
 
+from client import faults
 from fedfill import contract
 from fedfill.board import BoardProfile, EnergyMeter, read_board
 from fedfill.config import RunConfig
@@ -320,6 +321,8 @@ def train(message: Message, context: Context) -> Message:
     """The local step, metered by the board's rails where the node has them."""
     handler_started_at = time.time()
     plan = contract.NodePlan.from_config(message.content[contract.CONFIG_KEY])
+    if os.environ.get(faults.HOLD_FILE_ENV):  # fault injection (--kill-at): hold in this phase until killed
+        faults.at_training(plan.server_round)
     root = board_root(context)
     meter = EnergyMeter(root).start() if root else None
     try:

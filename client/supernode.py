@@ -23,7 +23,16 @@ three launcher-level changes, measured together by bench/bench_flower.py:
    against (FLOWER_VERSION; tests/test_warm_clientapp.py checks the literals are still there).
    Another Flower version runs with its own waits and says so.
 
-`--clientapp flower` changes nothing: Flower's SuperNode as it ships, the benchmark's baseline.
+`--clientapp flower` changes none of these: Flower's SuperNode as it ships, the benchmark's
+baseline. Both set the node's heartbeat (`--heartbeat-s`, 10 s, the least the SuperLink takes,
+against Flower's 30 s): the SuperLink marks a node offline when it has not heard from it for
+twice that interval, and that is how soon a round can give up on a node that died (60 s with
+Flower's, 20 s here; the ServerApp's server/timed_grid.py). The interval is a literal Flower's
+SuperNode sends (HEARTBEAT_DEFAULT_INTERVAL, in its connection module and its heartbeat
+sender), with no option, so this sets it there, for FLOWER_VERSION only
+(`node_heartbeat_found`). Its cost is a heartbeat every ~4 s per node, and a node whose
+heartbeats all fail for 20 s (a loaded host) is counted offline and its update of that round
+lost. A node asked to hold for fault injection (client/faults.py) wraps `_push_messages` too.
 """
 
 from __future__ import annotations
@@ -50,11 +59,23 @@ FLOWER_IDLE_S = 3  # flwr 1.41 start_client_internal: `time.sleep(3)` when nothi
 FLOWER_REPLY_POLL_S = 0.5  # and `time.sleep(0.5)` while the ClientApp's reply is not there
 REPLY_POLL_S = 0.1
 TASK_POLL_ENV, TASK_POLL_S = "FLWR_SUPEREXEC_TASK_POLL_INTERVAL", "0.25"
+FLOWER_HEARTBEAT_S = 30  # flwr 1.41 HEARTBEAT_DEFAULT_INTERVAL, what its SuperNode sends
+HEARTBEAT_S = 10  # flwr 1.41 HEARTBEAT_MIN_INTERVAL: the least interval its SuperLink accepts
 
 
 def run_supernode(flower_args: list[str], *, clientapp: str = "warm", idle_poll_s: float = 0.3,
-                  active_s: float = 60.0) -> int:
-    """Flower's SuperNode with `flower_args`; with clientapp "warm", the three changes above."""
+                  active_s: float = 60.0, heartbeat_s: float = HEARTBEAT_S) -> int:
+    """Flower's SuperNode with `flower_args`; with clientapp "warm", the three changes above;
+    either way the heartbeat interval `heartbeat_s` (0: Flower's) and the fault hold."""
+    from client.faults import install_upload_hold
+
+    if heartbeat_s:
+        set_node_heartbeat(heartbeat_s)
+    if install_upload_hold():
+        from flwr.common import log
+
+        log(WARNING, "fedfill: fault injection armed (%s): the node holds where it is asked to",
+            os.environ.get("FEDFILL_HOLD_FILE"))
     if clientapp == "warm":
         os.environ.setdefault(TASK_POLL_ENV, TASK_POLL_S)
         warm = WarmClientApp().start()
@@ -217,3 +238,44 @@ def shorten_node_waits(idle_poll_s: float, active_s: float = 60.0) -> _NodeClock
     log(INFO, "fedfill: warm ClientApp; the node asks for messages every %.2g s while a run is active (%g s "
         "after its last message), then waits up to %d s", idle_poll_s, active_s, FLOWER_IDLE_S)
     return clock
+
+
+def node_heartbeat_found() -> tuple[bool, str]:
+    """Whether the installed Flower's SuperNode sends the heartbeat interval this sets: the
+    pinned version, the literal in its connection module and its heartbeat sender's loop."""
+    import flwr.supercore.heartbeat as sender
+    import flwr.supernode.fleet_http_connection as connection
+    from flwr.common import constant
+
+    installed = version("flwr")
+    if installed != FLOWER_VERSION:
+        return False, f"flwr {installed} (the heartbeat is set for {FLOWER_VERSION})"
+    found = {"connection": getattr(connection, "HEARTBEAT_DEFAULT_INTERVAL", None),
+             "sender": getattr(sender, "HEARTBEAT_DEFAULT_INTERVAL", None)}
+    if any(value != FLOWER_HEARTBEAT_S for value in found.values()):
+        return False, f"flwr {installed}'s SuperNode heartbeat interval is not {FLOWER_HEARTBEAT_S} s where set: {found}"
+    sends = inspect.getsource(connection)
+    if sends.count("heartbeat_interval=HEARTBEAT_DEFAULT_INTERVAL") != 2:
+        return False, f"flwr {installed}'s SuperNode no longer tells the SuperLink HEARTBEAT_DEFAULT_INTERVAL"
+    if "HEARTBEAT_DEFAULT_INTERVAL - HEARTBEAT_CALL_TIMEOUT" not in inspect.getsource(sender.HeartbeatSender._run):
+        return False, f"flwr {installed}'s heartbeat sender no longer waits by HEARTBEAT_DEFAULT_INTERVAL"
+    if not constant.HEARTBEAT_MIN_INTERVAL <= HEARTBEAT_S:
+        return False, f"flwr {installed}'s SuperLink takes no interval under {constant.HEARTBEAT_MIN_INTERVAL} s"
+    return True, f"flwr {installed}"
+
+
+def set_node_heartbeat(seconds: float) -> bool:
+    """The interval the SuperNode announces and heartbeats by (module docstring); False, and
+    Flower's own, where the installed Flower is not the one it was written for."""
+    import flwr.supercore.heartbeat as sender
+    import flwr.supernode.fleet_http_connection as connection
+    from flwr.common import log
+
+    found, which = node_heartbeat_found()
+    if not found:
+        log(WARNING, "fedfill: %s: the node keeps Flower's heartbeat interval", which)
+        return False
+    connection.HEARTBEAT_DEFAULT_INTERVAL = sender.HEARTBEAT_DEFAULT_INTERVAL = seconds
+    log(INFO, "fedfill: heartbeat interval %g s (the SuperLink counts the node offline %g s after its last)",
+        seconds, 2 * seconds)
+    return True

@@ -56,6 +56,9 @@ def add_arguments(parser) -> None:
                              "imported Flower and the app once (fedfill supernode); flower: Flower's SuperNode as "
                              "it ships")
     parser.add_argument("--scenario", help="scenario JSON whose device i profiles SuperNode i (deployment engine)")
+    parser.add_argument("--kill-at", action="append", default=[], metavar="NODE:ROUND:PHASE",
+                        help="deployment engine, fault injection: kill SuperNode NODE (its partition, from 0) in "
+                             "PHASE (train or upload) of ROUND, once its log shows it there; repeat for more nodes")
     parser.add_argument("--generator", default="auto", metavar="auto|none|HOST:PORT",
                         help="auto (default): start the generation service with the shipped digits checkpoint; "
                              "none: no synthetic data; HOST:PORT: a running service")
@@ -117,6 +120,11 @@ def check_launcher_options(args) -> None:
     if args.clientapp != "warm" and (args.engine != "deployment" or args.superlink):
         raise UsageError(f"--clientapp {args.clientapp}: it chooses the SuperNodes the deployment engine starts; "
                          "add --engine deployment" + (" and leave out --superlink" if args.superlink else ""))
+    args.kill_at = parse_kill_at(args.kill_at, args.num_partitions, args.rounds)
+    if args.kill_at and (args.engine != "deployment" or args.superlink):
+        raise UsageError(f"--kill-at {args.kill_at[0]}: it kills SuperNodes the deployment engine starts; add --engine "
+                         "deployment" + (" and leave out --superlink (`fedfill testbed kill --at` for a testbed's "
+                                         "nodes)" if args.superlink else ""))
     if args.generator_checkpoint and args.generator != "auto":
         raise UsageError("--generator-checkpoint chooses what --generator auto serves; a running service "
                          "serves its own")
@@ -132,6 +140,35 @@ def check_launcher_options(args) -> None:
     if not (math.isfinite(args.timeout) and args.timeout > 0):
         raise UsageError(f"--timeout {args.timeout}: must be a positive number of seconds")
     check_report_dir("--out", Path(args.out))
+
+
+def parse_kill_at(specs: list, nodes: int, rounds: int) -> list:
+    """`--kill-at NODE:ROUND:PHASE` specs as deploy.local.KillAt, each naming a node the engine
+    starts (0..nodes-1), a round of the run (1..rounds) and a phase (train, upload), at most one
+    per node; UsageError naming what is wrong otherwise."""
+    from client.faults import PHASES
+    from deploy.local import KillAt
+
+    faults: list[KillAt] = []
+    for spec in specs:
+        if isinstance(spec, KillAt):  # checked already
+            faults.append(spec)
+            continue
+        parts = str(spec).split(":")
+        if len(parts) != 3 or not parts[0].isdigit() or not parts[1].isdigit():
+            raise UsageError(f"--kill-at {spec}: expected NODE:ROUND:PHASE, e.g. 2:3:upload")
+        node, server_round, phase = int(parts[0]), int(parts[1]), parts[2]
+        if node >= nodes:
+            raise UsageError(f"--kill-at {spec}: there is no node {node}; the run starts nodes 0..{nodes - 1} (--nodes)")
+        if not 1 <= server_round <= rounds:
+            raise UsageError(f"--kill-at {spec}: there is no round {server_round}; the run has rounds 1..{rounds} "
+                             "(--rounds)")
+        if phase not in PHASES:
+            raise UsageError(f"--kill-at {spec}: phase {phase!r}: choose {' or '.join(PHASES)}")
+        if any(fault.node == node for fault in faults):
+            raise UsageError(f"--kill-at {spec}: node {node} is killed once already (a killed node stays down)")
+        faults.append(KillAt(node, server_round, phase))
+    return faults
 
 
 def check_report_dir(option: str, out: Path) -> None:
@@ -180,7 +217,8 @@ def run(args) -> int:
                 # (`options.` there is deprecated in 1.41).
                 simulation = ["--federation-config", f"num-supernodes={args.num_partitions} client-resources-num-cpus=1"]
             else:
-                federation = LocalFederation(out / "logs", env=env, node_configs=configs, clientapp=args.clientapp)
+                federation = LocalFederation(out / "logs", env=env, node_configs=configs, clientapp=args.clientapp,
+                                             kill_at=args.kill_at)
                 watch = federation.check_alive
             if federation is not None:
                 federation.start()  # assigned first: an interrupted start is stopped below too

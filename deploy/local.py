@@ -9,12 +9,15 @@ dependency installation off, and Flower's commands on the interpreter that runs 
 
 from __future__ import annotations
 
+import math
 import os
+import re
 import shlex
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -156,10 +159,10 @@ class _Components:
     def address(self) -> str:
         return f"127.0.0.1:{self.superlink_port}"
 
-    def _spawn(self, name: str, command: list[str]) -> subprocess.Popen:
+    def _spawn(self, name: str, command: list[str], extra_env: dict[str, str] | None = None) -> subprocess.Popen:
         self.log_dir.mkdir(parents=True, exist_ok=True)
         log = open(self.log_dir / f"{name}.log", "w")  # noqa: SIM115 - lives as long as the process
-        env = self.env or {**os.environ, "FLWR_DISABLE_UPDATE_CHECK": "1"}
+        env = {**(self.env or {**os.environ, "FLWR_DISABLE_UPDATE_CHECK": "1"}), **(extra_env or {})}
         process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=self.log_dir,
                                    start_new_session=True)
         self.processes.append((name, process))
@@ -211,21 +214,75 @@ def supernode_command(clientapp: str = "warm") -> list[str]:
     return ["fedfill", "supernode", "--clientapp", clientapp]
 
 
+@dataclass(frozen=True)
+class KillAt:
+    """`--kill-at NODE:ROUND:PHASE`: kill SuperNode `node` (its partition index) in `phase`
+    (train or upload) of `server_round`."""
+
+    node: int
+    server_round: int
+    phase: str
+
+    def __str__(self) -> str:
+        return f"{self.node}:{self.server_round}:{self.phase}"
+
+
 @dataclass
 class LocalFederation(_Components):
     """Flower's deployment engine: a SuperLink and N SuperNodes (warm ClientApps unless
-    `clientapp` is "flower"); `address` is what `flwr run` connects to."""
+    `clientapp` is "flower"); `address` is what `flwr run` connects to.
+
+    `kill_at`: faults to inject. Each such node is asked to hold in that phase of that round
+    (client/faults.py, through a file in the log directory); a thread watches its log for the
+    hold line and then kills the node's process group with SIGKILL, as a crash or a power cut
+    would end it, so the kill is known to have landed in the phase (the line quoted in
+    `kills`, and in the log directory's kills.log)."""
 
     node_configs: list[dict] = field(default_factory=list)
     clientapp: str = "warm"
+    kill_at: list[KillAt] = field(default_factory=list)
+    kills: list[str] = field(default_factory=list)  # one line per kill done: when, which node, its hold line
 
     def start(self, timeout_s: float = 60.0) -> "LocalFederation":
+        from client.faults import HOLD_FILE_ENV, write_hold
+
         self._start_superlink(timeout_s, simulation=False)
         for k, config in enumerate(self.node_configs):
-            self._spawn(f"supernode-{k}", [
+            faults = [fault for fault in self.kill_at if fault.node == k]
+            extra_env = {}
+            if faults:  # one fault a node: it dies in it
+                hold_file = self.log_dir / f"hold-supernode-{k}"
+                write_hold(hold_file, faults[0].phase, faults[0].server_round)
+                extra_env[HOLD_FILE_ENV] = str(hold_file)
+            process = self._spawn(f"supernode-{k}", [
                 *supernode_command(self.clientapp), "--insecure", "--superlink", self.address,
-                "--port", str(free_port()), "--node-config", node_config_arg(config), "--max-wait-time", "120"])
+                "--port", str(free_port()), "--node-config", node_config_arg(config), "--max-wait-time", "120"],
+                extra_env)
+            if faults:
+                threading.Thread(target=self._kill_when_holding, args=(faults[0], process), daemon=True,
+                                 name=f"fedfill-kill-{k}").start()
         return self
+
+    def _kill_when_holding(self, fault: KillAt, process: subprocess.Popen) -> None:
+        from client.faults import wait_for_hold
+
+        name = f"supernode-{fault.node}"
+        line = wait_for_hold(self.log_dir / f"{name}.log", fault.phase, fault.server_round, math.inf,
+                             alive=lambda: process.poll() is None)
+        if line is None:  # the node ended first (the run is over, or it died on its own)
+            return
+        try:
+            os.killpg(process.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            return
+        stop_group(process)  # reaps it, and anything of the group that outlived the signal
+        line = re.sub(r"\x1b\[[0-9;]*m", "", line)  # Flower's log colours
+        record = f"{time.time():.3f} kill-at {fault}: killed {name}'s process group at: {line}"
+        self.kills.append(record)
+        with open(self.log_dir / "kills.log", "a") as kills:
+            kills.write(record + "\n")
+        print(f"  kill-at {fault}: killed {name} holding in {fault.phase} (see {self.log_dir / 'kills.log'})",
+              flush=True)
 
 
 @dataclass
