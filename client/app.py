@@ -26,7 +26,7 @@ from flwr.common import log
 from client import faults
 from fedfill import contract
 from fedfill.board import BoardProfile, EnergyMeter, read_board
-from fedfill.config import RunConfig
+from fedfill.config import RunConfig, parse_attack
 from fedfill.data import ImageDataset, NodeDataError
 from jobs import Job, load_job
 from fedfill.profile import node_profile
@@ -374,6 +374,9 @@ def local_step(message: Message, context: Context, plan: contract.NodePlan) -> t
                        **semi)
     train_seconds = result.seconds
     update = [w - g for w, g in zip(result.weights, global_weights)]
+    if partition_id < run.attackers:  # an experiment's poisoned update (--attack), sent as an honest one
+        update = [parse_attack(run.attack) * u for u in update]
+        note = (note + "; " if note else "") + f"attacker: {run.attack}"
     payload, figures = quantize_update(update, plan, np.random.default_rng(plan.server_round * 7919 + partition_id))
     if figures["bits"] != plan.bits:
         note = (note + "; " if note else "") + (f"{plan.bits} planned bits miss the error demand "

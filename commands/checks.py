@@ -20,7 +20,7 @@ from contextlib import contextmanager
 from dataclasses import fields, replace
 
 from fedfill.codec import MAX_BITS, MIN_BITS
-from fedfill.config import DELIVERIES, RunConfig, check_aggregation, key_of
+from fedfill.config import DELIVERIES, RunConfig, check_aggregation, check_attack, key_of
 from fedfill.errors import UsageError
 from strategies.allocation.scenario import system_range
 
@@ -74,7 +74,8 @@ def check_settings(job: RunConfig) -> None:
         if not good(value):
             raise UsageError(f"{flag_of(name)} {value}: must be {works}")
     try:
-        check_aggregation(job.aggregation, job.trim_beta, job.norm_bound)
+        check_aggregation(job.aggregation, job.trim_beta, job.norm_bound, job.norm_screen)
+        check_attack(job.attack, job.attackers, job.num_partitions)
     except ValueError as err:
         raise UsageError(str(err)) from None
     check_synthetic_use(job)

@@ -55,8 +55,17 @@ class RunConfig:
                                          "D_gen), median (coordinate-wise) or trimmed-mean (both unweighted, "
                                          "Flower's FedMedian and FedTrimmedAvg)")
     trim_beta: float = setting(0.2, "the fraction trimmed-mean cuts from each tail of every coordinate, in [0, 0.5)")
-    norm_bound: float = setting(10.0, "drop an update whose L2 norm exceeds this many times the round's median "
-                                      "update norm (rounds of 3 or more updates); 0: no norm screening")
+    norm_bound: float = setting(10.0, "the norm screen's bound: this many times the round's median update norm "
+                                      "(rounds of 3 or more updates); 0: no norm screening")
+    norm_screen: str = setting("adaptive", "what the norm screen does with an update above the bound "
+                                           "(strategies.screening): adaptive (scale it down to the bound, and "
+                                           "drop it where it is also above 4 x the largest round median so far: "
+                                           "honest stragglers after convergence are kept), median (drop it) or "
+                                           "clip (scale it down to the bound)")
+    # experiments: poisoned updates (client.app applies them, bench/bench_robust.py measures them)
+    attack: str = setting("", "turn the first --attackers nodes malicious: scale:F multiplies each update they send "
+                              "by F (scale:-100, a boosted sign flip), sign-flip by -1; empty: none")
+    attackers: int = setting(0, "how many nodes (partitions 0..K-1) --attack turns malicious")
     generator_address: str = setting("", "host:port of the generation service; empty: no synthetic data",
                                      cli=False)  # `fedfill run --generator` sets it
     generator_steps: int = setting(20, "sampling steps the generation service uses")
@@ -139,6 +148,7 @@ class RunConfig:
 SYNTHETIC_USES = ("labelled", "unlabelled", "server")  # RunConfig.synthetic_use: FIMI, SEMI, SST
 DELIVERIES = ("image", "sketch", "state", "seed")  # who does the sampling [MEG]; RunConfig.delivery adds auto
 AGGREGATIONS = ("fedavg", "median", "trimmed-mean")  # the rules of RunConfig.aggregation
+NORM_SCREENS = ("adaptive", "median", "clip")  # RunConfig.norm_screen (strategies.screening)
 PRICINGS = ("off", "exact", "gdm", "ppo", "random")  # RunConfig.pricing, besides fixed:P
 LEARNED_PRICINGS = ("gdm", "ppo", "random")  # strategies.learned's pricers
 
@@ -160,7 +170,7 @@ def parse_pricing(pricing: str) -> tuple[str, float]:
     raise ValueError(f"--pricing {pricing}: choose one of {', '.join(PRICINGS)} or fixed:P (P >= 0)")
 
 
-def check_aggregation(aggregation: str, trim_beta: float, norm_bound: float) -> None:
+def check_aggregation(aggregation: str, trim_beta: float, norm_bound: float, norm_screen: str = "adaptive") -> None:
     """ValueError naming the bad setting, so a run refuses it before it starts (the strategy
     checks again when it is built)."""
     if aggregation not in AGGREGATIONS:
@@ -168,8 +178,39 @@ def check_aggregation(aggregation: str, trim_beta: float, norm_bound: float) -> 
     if not 0.0 <= trim_beta < 0.5:
         raise ValueError(f"trim-beta {trim_beta} is outside [0, 0.5): trimmed-mean cuts that fraction from "
                          "each tail, and at 0.5 nothing is left")
-    if not norm_bound >= 0.0:  # NaN too
-        raise ValueError(f"norm-bound {norm_bound} must be 0 (no norm screening) or positive")
+    if norm_screen not in NORM_SCREENS:
+        raise ValueError(f"unknown norm screen {norm_screen!r}: choose one of {', '.join(NORM_SCREENS)}")
+    if not (norm_bound >= 0.0 and norm_bound < float("inf")):  # NaN too
+        raise ValueError(f"norm-bound {norm_bound} must be 0 (no norm screening) or positive and finite")
+
+
+def parse_attack(attack: str) -> float:
+    """The factor an attacker multiplies its update by: `scale:F` (F finite, not 1) or
+    `sign-flip` (-1), as bench/bench_robust.py's attackers do; ValueError naming the spec."""
+    if attack == "sign-flip":
+        return -1.0
+    if attack.startswith("scale:"):
+        try:
+            factor = float(attack.split(":", 1)[1])
+        except ValueError:
+            factor = float("nan")
+        if abs(factor) < float("inf") and factor != 1.0:
+            return factor
+    raise ValueError(f"--attack {attack}: choose scale:F (a finite factor other than 1, e.g. scale:-100) "
+                     "or sign-flip")
+
+
+def check_attack(attack: str, attackers: int, nodes: int) -> None:
+    """ValueError unless the attack names a factor and 1 <= attackers < nodes (an experiment
+    with every node malicious measures nothing), or there is no attack and no attackers."""
+    if not attack:
+        if attackers:
+            raise ValueError(f"--attackers {attackers}: name the attack too (--attack scale:F or sign-flip)")
+        return
+    parse_attack(attack)
+    if not 1 <= attackers < nodes:
+        raise ValueError(f"--attackers {attackers}: --attack {attack} turns the first K of the {nodes} nodes "
+                         f"malicious; K must be in 1..{nodes - 1}")
 
 
 # run-config values a job changes from the defaults above when the user gives none

@@ -252,7 +252,8 @@ def main(grid: Grid, context: Context) -> None:
     system = run_system(run, model_params, profiles, job.preset, job.compute_params())
     report = RunReport(out_dir, {"job": run.job, "policy": run.policy, "dataset": run.dataset,
                                  "aggregation": run.aggregation, "norm_bound": run.norm_bound,
-                                 "alpha": run.dirichlet_alpha, "seed": run.seed, "nodes": len(profiles),
+                                 "norm_screen": run.norm_screen, "alpha": run.dirichlet_alpha, "seed": run.seed,
+                                 "nodes": len(profiles),
                                  "model_params": model_params}, metrics=job.metrics)
     (out_dir / "system.json").write_text(json.dumps(system.__dict__, indent=1) + "\n")
     (out_dir / "profiles.json").write_text(json.dumps({str(k): v for k, v in profiles.items()}, indent=1) + "\n")
@@ -261,6 +262,7 @@ def main(grid: Grid, context: Context) -> None:
                           upload_seconds=grid.upload_seconds, pushed_at=grid.pushed_at, addressee=grid.addressee,
                           min_train_nodes=1, bits_rule=run.bits_rule,
                           aggregation=run.aggregation, trim_beta=run.trim_beta, norm_bound=run.norm_bound,
+                          norm_screen=run.norm_screen,
                           complementary_update=(complementary_update(run, job, profiles)
                                                 if run.synthetic_use == "server" else None),
                           delivery_planner=delivery_planner(run) if run.delivery == "auto" else None,
@@ -272,6 +274,9 @@ def main(grid: Grid, context: Context) -> None:
         initial = ArrayRecord(resumed)
         report.resume_from(done)
         strategy.round_offset = done
+        # the adaptive screen's memory of the steps the model took while it was learning
+        strategy.screen.peak_median = max((row["norm_median"] for row in report.rows if "norm_median" in row),
+                                          default=0.0)
         log(INFO, "resuming after round %d of %d from %s", done, run.rounds, checkpoint)
 
     def evaluate(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:

@@ -50,10 +50,13 @@ GENERATION_INTEGERS = {column for column in GENERATION_COLUMNS if not column.end
 # oracle's; empty with pricing off
 PRICING_COLUMNS = ("gen_price", "gen_server_steps", "gen_device_steps", "gen_payments", "leader_utility",
                    "leader_utility_oracle")
+# the norm screen (strategies.screening): the round's median update norm and the bound it set,
+# empty in a round it did not judge; and how many updates it clipped
+SCREEN_COLUMNS = ("norm_median", "norm_bound", "clipped")
 COST_COLUMNS = (*CUMULATIVE, "round_energy_j", "round_latency_s", "round_uplink_bytes", "updates", "dropped",
-                *DROPPED_BY_CLASS, "wall_s", "train_s_max", "train_s_sum", "synthetic_used", "train_loss",
+                *DROPPED_BY_CLASS, *SCREEN_COLUMNS, "wall_s", "train_s_max", "train_s_sum", "synthetic_used", "train_loss",
                 "dropped_nodes", *GENERATION_COLUMNS, *PRICING_COLUMNS)
-INTEGER_COLUMNS = {"round", "uplink_bytes", "round_uplink_bytes", "updates", "dropped", *DROPPED_BY_CLASS,
+INTEGER_COLUMNS = {"round", "uplink_bytes", "round_uplink_bytes", "updates", "dropped", *DROPPED_BY_CLASS, "clipped",
                    "synthetic_used", *GENERATION_INTEGERS, "gen_server_steps", "gen_device_steps"}
 TEXT_COLUMNS = {"dropped_nodes"}  # kept as written, empty included
 # devices.csv: the round, then the strategy's figures of a node (strategies.fimi_strategy.NODE_FIGURES)
@@ -144,7 +147,9 @@ class RunReport:
             zero = 0 if key in INTEGER_COLUMNS else 0.0  # a column keeps one type, round 0 included
             row[key] = previous[key] + costs.get(key, zero)
             row[f"round_{key}"] = costs.get(key, zero)
-        row.update({key: costs.get(key, 0) for key in ("updates", "dropped", *DROPPED_BY_CLASS, "synthetic_used")})
+        row.update({key: costs.get(key, 0) for key in ("updates", "dropped", *DROPPED_BY_CLASS, "clipped",
+                                                       "synthetic_used")})
+        row.update({key: costs.get(key, "") for key in ("norm_median", "norm_bound")})
         row.update({key: costs.get(key, 0.0) for key in ("train_s_max", "train_s_sum")})
         row.update({key: costs.get(key, 0 if key in GENERATION_INTEGERS else 0.0) for key in GENERATION_COLUMNS})
         row.update({key: costs.get(key, "") for key in PRICING_COLUMNS})  # none with pricing off

@@ -29,6 +29,7 @@ from fedfill.config import check_aggregation
 from strategies.allocation import Plan, Scenario, ScenarioError, System, parse_scenario, solve_plan
 from strategies.allocation.costs import update_bits, upload_energy
 from strategies.allocation.policies import error_target_out_of_reach, parse_policy, reachable_delta_max
+from strategies.screening import NormScreen
 
 # What the strategy says of each planned node every round (server.report's devices.csv
 # columns after `round`): the plan's modeled figures, the measured ones, and what became of
@@ -47,7 +48,12 @@ DEMANDING_POLICIES = ("ondemand", "fimi+ondemand")  # plans whose bits answer ea
 DROP_CLASSES = ("no-reply", "unusable", "norm", "duplicate")
 # Flower's strategies whose aggregate_train merges the screened updates, by RunConfig.aggregation
 FLOWER_RULES = {"fedavg": FedAvg, "median": FedMedian, "trimmed-mean": FedTrimmedAvg}
-NORM_SCREEN_MIN_UPDATES = 3  # below this a median says nothing about which update is the odd one
+
+
+def update_norm(reply: Message) -> float:
+    """The L2 norm over all arrays of a decoded reply's update."""
+    return float(np.sqrt(sum(np.sum(np.square(a.numpy(), dtype=np.float64))
+                             for a in reply.content[contract.UPDATE_KEY].values())))
 
 
 def wait_for_nodes(grid: Grid, wanted: int, wait_s: float, accept: Callable[[int], bool] = lambda n: True) -> list[int]:
@@ -91,12 +97,10 @@ class FimiFedAvg(FedAvg):
 
     Screening, before any merging: one reply per node per round (a second one from the same
     node, which a hostile or broken node or SuperLink path could send, is dropped unread with
-    the reason "duplicate"); then a reply that carries no usable update is dropped; then, when
-    `norm_bound` > 0 and 3 or more updates are left, an update whose L2 norm exceeds norm_bound x
-    the median of those updates' norms. The median, because the attackers' own norms barely
-    move it while they are fewer than half (a mean or maximum they would set themselves);
-    below 3 updates no norm is screened, since a median of one or two says nothing about which
-    update is the odd one.
+    the reason "duplicate"); then a reply that carries no usable update is dropped; then the
+    L2 norms of the updates left go through the norm screen (strategies.screening: `norm_screen`
+    names its rule, `norm_bound` its multiple of the round's median norm, 0 for none), which
+    drops an update or scales it down to the bound (a clipped update is merged, its row says so).
     `complementary_update(global weights, round)`, when given (the SST baseline), is the server's
     own update trained on the synthetic data it keeps: (update arrays, examples, loss), merged
     with the devices' updates as one more reply, weighted by its examples; a round with no
@@ -114,17 +118,18 @@ class FimiFedAvg(FedAvg):
                  addressee: Callable[[Message], int | None] | None = None,
                  fraction_train: float = 1.0, min_train_nodes: int = 1, bits_rule: str = "codec",
                  aggregation: str = "fedavg", trim_beta: float = 0.2, norm_bound: float = 10.0,
+                 norm_screen: str = "adaptive",
                  complementary_update: Callable[[list[np.ndarray], int], tuple[list[np.ndarray], int, float]]
                  | None = None,
                  delivery_planner: Callable[[dict[int, dict], dict[int, int]], dict[int, dict]] | None = None,
                  pricing=None) -> None:
-        check_aggregation(aggregation, trim_beta, norm_bound)
+        check_aggregation(aggregation, trim_beta, norm_bound, norm_screen)
         keys = dict(weighted_by_key=contract.WEIGHT_KEY, arrayrecord_key=contract.ARRAYS_KEY,
                     configrecord_key=contract.CONFIG_KEY)
         super().__init__(fraction_train=fraction_train, fraction_evaluate=0.0, min_train_nodes=min_train_nodes,
                          min_available_nodes=min_train_nodes, **keys)
         rule = FLOWER_RULES[aggregation]
-        self.aggregation, self.norm_bound = aggregation, norm_bound
+        self.aggregation, self.screen = aggregation, NormScreen(norm_screen, norm_bound)
         # Flower's strategy of the rule, used for its aggregate_train alone: whatever the rule,
         # FimiFedAvg stays one class that plans, decodes and screens
         self.merger: FedAvg = (partial(rule, beta=trim_beta) if rule is FedTrimmedAvg else rule)(**keys)
@@ -310,13 +315,19 @@ class FimiFedAvg(FedAvg):
             else:
                 reason = "no reply before the timeout"
             drop(nodes[node_id], reason, "no-reply")
-        too_large = self._beyond_norm_bound([decoded for _, _, decoded in candidates])
+        verdicts = self.screen.judge([update_norm(decoded) for _, _, decoded in candidates])
         decoded: list[Message] = []  # Flower's input: replies carrying decoded updates
         used: list[int] = []  # the nodes whose updates are used
-        for (node_id, message, reply), reason in zip(candidates, too_large):
-            if reason:
-                drop(nodes[node_id], reason, "norm")
+        clipped = 0
+        for (node_id, message, reply), verdict in zip(candidates, verdicts):
+            if verdict.scale == 0.0:
+                drop(nodes[node_id], verdict.reason, "norm")
                 continue
+            if verdict.scale < 1.0:  # clipped: merged, scaled down to the bound
+                clipped += 1
+                nodes[node_id]["reason"] = verdict.reason
+                reply.content[contract.UPDATE_KEY] = ArrayRecord(
+                    {k: Array(a.numpy() * verdict.scale) for k, a in reply.content[contract.UPDATE_KEY].items()})
             try:
                 self._account_reply(node_id, message.content[contract.METRICS_KEY], nodes[node_id])
             except contract.ReplyError as err:
@@ -330,7 +341,8 @@ class FimiFedAvg(FedAvg):
             "energy-j": float(sum(nodes[n]["energy_j"] for n in used)),
             "latency-s": float(max((self._planned[n].t_cmp_s + self._planned[n].t_com_s for n in used), default=0.0)),
             "uplink-bytes": wire_bytes, "updates": len(decoded), "dropped": sum(dropped.values()),
-            **{f"dropped-{kind}": count for kind, count in dropped.items()},
+            **{f"dropped-{kind}": count for kind, count in dropped.items()}, "clipped": clipped,
+            **self.screen.last,
             "train-s-max": max(train_seconds, default=0.0), "train-s-sum": float(sum(train_seconds)),
             "synthetic-used": int(sum(int(r["d-gen-used"]) for r in node_metrics)),
             **{key: sum(r[key] for r in node_metrics) for key in contract.GENERATION_METRICS},
@@ -369,22 +381,6 @@ class FimiFedAvg(FedAvg):
                                 "train-loss": float(loss)})
         content = RecordDict({contract.UPDATE_KEY: arrays, contract.METRICS_KEY: metrics})
         return Message(content, dst_node_id=0, message_type=MessageType.TRAIN)
-
-    def _beyond_norm_bound(self, decoded: list[Message]) -> list[str]:
-        """For each decoded reply, why its update is too large to merge ("" where it is not):
-        its L2 norm over all arrays above norm_bound x the median of the round's norms (see the
-        class docstring: no screening below NORM_SCREEN_MIN_UPDATES updates, nor when the
-        median is 0 and there is no scale to judge by)."""
-        norms = [float(np.sqrt(sum(np.sum(np.square(a.numpy())) for a in m.content[contract.UPDATE_KEY].values())))
-                 for m in decoded]
-        if not self.norm_bound or len(norms) < NORM_SCREEN_MIN_UPDATES:
-            return [""] * len(norms)
-        median = float(np.median(norms))
-        if not median > 0:
-            return [""] * len(norms)
-        bound = self.norm_bound * median
-        return [f"update norm {norm:.4g} exceeds the bound {bound:.4g} ({self.norm_bound:g} x the round's median "
-                f"update norm {median:.4g})" if not norm <= bound else "" for norm in norms]
 
     def _account_reply(self, node_id: int, metrics: MetricRecord, figures: dict) -> None:
         """A used reply's figures into the node's row, its codec constant into its profile (the

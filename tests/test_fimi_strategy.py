@@ -277,7 +277,7 @@ def test_the_merge_does_not_depend_on_the_order_replies_arrive_in():
     merged = []
     for order in ([0, 1, 2, 3], [0, 2, 1, 3]):
         strategy, nodes = strategy_for()
-        strategy.norm_bound = 0.0  # these norms are the point here, not an attack
+        strategy.screen.bound = 0.0  # these norms are the point here, not an attack
         strategy.configure_train(1, ArrayRecord(GLOBAL), ConfigRecord(), OnlineNodes(nodes))
         replies = [reply_to(nodes[k], updates[k], weight=10, bits=32) for k in order]
         merged.append(strategy.aggregate_train(1, replies)[0].to_numpy_ndarrays())
