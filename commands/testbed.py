@@ -59,6 +59,11 @@ def add_arguments(parser) -> None:
     kill.add_argument("names", nargs="*")
     kill.add_argument("--fraction", type=float, default=0.0)
     kill.add_argument("--seed", type=int)
+    kill.add_argument("--at", choices=("train", "upload"),
+                      help="kill each node in this phase of its next round (it holds there, its log says so, then it "
+                           "is killed); a run must be going on")
+    kill.add_argument("--wait-s", type=float, default=300.0, metavar="S",
+                      help="with --at: give up (killing nothing) when a node is not there within S seconds (300)")
     restart = sub.add_parser("restart", help="restart containers (names like node-2, superlink)")
     restart.add_argument("names", nargs="+")
     sub.add_parser("status", help="each container: role, state, CPU quota, memory, node id, shaped uplink")
@@ -213,8 +218,13 @@ def _run(args) -> int:
 def _kill(args) -> int:
     if not args.names and not 0 < args.fraction <= 1:
         raise UsageError("name the containers to kill, or give --fraction between 0 and 1")
-    killed = _testbed(args).kill(args.names, args.fraction, args.seed)
+    if args.at and not 0 < args.wait_s < float("inf"):
+        raise UsageError(f"--wait-s {args.wait_s}: a positive number of seconds")
+    testbed = _testbed(args)
+    killed = testbed.kill(args.names, args.fraction, args.seed, at=args.at, wait_s=args.wait_s)
     print("killed:", " ".join(killed))
+    for name, line in getattr(testbed, "holds", {}).items():
+        print(f"  {name} was holding: {line}")
     return 0
 
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import re
 import shutil
 import socket
 import time
@@ -35,6 +36,7 @@ LABEL = "fedfill.testbed"
 ROLE_LABEL = "fedfill.role"
 F_REF_HZ = 2e9
 MIN_CPUS = 0.1
+HOLD_FILE = "/tmp/fedfill-hold"  # a node's fault-injection request (client/faults.py), written by `kill --at`
 SUPERLINK_PORT = 8000  # inside the network; published on loopback at the testbed's port
 GENERATOR_PORT = 50051
 
@@ -231,6 +233,7 @@ class Testbed:
             "--node-config", node_config_arg(node.config)],
             volumes={str(pki.ca_cert): {"bind": "/pki/ca.crt", "mode": "ro"},
                      str(key): {"bind": "/pki/node.key", "mode": "ro"}},
+            environment={"FEDFILL_HOLD_FILE": HOLD_FILE},  # `kill --at` asks the node to hold there
             nano_cpus=int(node.cpus * 1e9), mem_limit=state.memory,
             # for `shape`'s root exec only: the node's own processes run as the host's user,
             # which holds the capability only when that user is root
@@ -393,17 +396,54 @@ class Testbed:
         return "unshaped"
 
     # ------------------------------------------------------------------ faults and status
-    def kill(self, names: list[str] | None = None, fraction: float = 0.0, seed: int | None = None) -> list[str]:
-        """Kill the named containers, or a random `fraction` of the running nodes (at least one)."""
+    def kill(self, names: list[str] | None = None, fraction: float = 0.0, seed: int | None = None,
+             at: str | None = None, wait_s: float = 300.0) -> list[str]:
+        """Kill the named containers, or a random `fraction` of the running nodes (at least one).
+
+        `at` (train or upload): each node is first asked to hold in that phase of its next
+        round (client/faults.py, through HOLD_FILE in its container), and killed once its log
+        shows it holding there, so the kill lands in that phase; `holds` keeps each node's
+        line. UsageError when a node does not get there within `wait_s` (no run going on)."""
         if not names:
             running = [n.container for n in self.state().nodes if self._status(n.container) == "running"]
             if not running:
                 raise UsageError("no node is running")
             count = max(1, round(fraction * len(running)))
             names = sorted(random.Random(seed).sample(running, min(count, len(running))))
+        if at is not None:
+            self.holds = {name: self._kill_holding(name, at, wait_s) for name in names}
+            return names
         for name in names:
             self._container(name).kill()
         return names
+
+    def _kill_holding(self, name: str, phase: str, wait_s: float) -> str:
+        from client.faults import HOLD_FILE_ENV, find_hold
+
+        container = self._container(name)
+        if container.labels.get(ROLE_LABEL) != "supernode":
+            raise UsageError(f"--at {phase}: {container.name} is no SuperNode of this testbed")
+        if f"{HOLD_FILE_ENV}={HOLD_FILE}" not in container.attrs["Config"].get("Env", []):
+            raise UsageError(f"--at {phase}: {container.name} was started without {HOLD_FILE_ENV} (a testbed made by "
+                             "an older fedfill): `down` and `up` it again")
+        since = int(time.time()) - 1
+        asked = container.exec_run(["sh", "-c", f"printf '{phase} next\\n' > {HOLD_FILE}"])
+        if asked.exit_code != 0:
+            raise RuntimeError(f"could not ask {container.name} to hold: {asked.output.decode(errors='replace')}")
+        self.progress(f"{container.name}: asked to hold in {phase} of its next round; killing it when it does")
+        deadline = time.monotonic() + wait_s
+        while time.monotonic() < deadline:
+            line = find_hold(container.logs(since=since).decode(errors="replace"), phase, None)
+            if line:
+                container.kill()
+                return re.sub(r"\x1b\[[0-9;]*m", "", line)
+            container.reload()
+            if container.status != "running":
+                raise UsageError(f"{container.name} stopped before it reached {phase}")
+            time.sleep(0.2)
+        container.exec_run(["rm", "-f", HOLD_FILE])
+        raise UsageError(f"--at {phase}: {container.name} did not reach {phase} within {wait_s:.0f} s (is a run "
+                         "going on? `fedfill testbed run`); nothing was killed")
 
     def restart(self, names: list[str]) -> None:
         for name in names:
