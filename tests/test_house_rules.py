@@ -173,10 +173,17 @@ def test_product_code_uses_flowers_public_api(path):
     assert not private, f"{path.name} imports {sorted(private)}"
 
 
-# The one wrapper of Flower internals, pinned to the flwr it was written for (FLOWER_VERSION
-# there; tests/test_warm_clientapp.py checks that the waits it wraps are still there).
+# The wrappers of Flower internals, each pinned to the flwr it was written for (FLOWER_VERSION
+# there) with a test that fails when an upgrade changes what it wraps: the SuperNode's waits
+# and heartbeat (tests/test_warm_clientapp.py, tests/test_replies_apart.py), the fault
+# injector's hold in the SuperNode's push, and the ServerApp's pull split in two
+# (tests/test_replies_apart.py: the sha256 of HttpGrid.pull_messages).
 WRAPPED_FLOWER_INTERNALS = {
-    "client/supernode.py": {"flwr.supernode.start_client_internal", "flwr.supernode.cli.flower_supernode"}}
+    "client/supernode.py": {"flwr.supernode.start_client_internal", "flwr.supernode.cli.flower_supernode",
+                            "flwr.supercore.heartbeat", "flwr.supernode.fleet_http_connection"},
+    "client/faults.py": {"flwr.supernode.start_client_internal"},
+    "server/timed_grid.py": {"flwr.proto.message_pb2", "flwr.proto.runtime_pb2", "flwr.supercore.constant",
+                             "flwr.supercore.date", "flwr.supercore.inflatable"}}
 
 
 def test_loading_the_client_app_loads_no_solver_and_no_strategy():
