@@ -208,8 +208,9 @@ class Testbed:
                   str(self.dir / "superlink"): {"bind": "/state", "mode": "rw"},
                   # the ServerApp writes its report where the host reads it, at the same path
                   state.runs_dir: {"bind": state.runs_dir, "mode": "rw"}}
+        # Flower's SuperLink whose SQLite state waits for its lock (server/superlink.py)
         self._run(state, self.superlink, "superlink", [
-            "flower-superlink", "--ssl-ca-certfile", "/pki/ca.crt", "--ssl-certfile", "/pki/superlink.crt",
+            "fedfill", "superlink", "--ssl-ca-certfile", "/pki/ca.crt", "--ssl-certfile", "/pki/superlink.crt",
             "--ssl-keyfile", "/pki/superlink.key", "--enable-supernode-auth", "--isolation", "subprocess",
             "--host", "0.0.0.0", "--port", str(SUPERLINK_PORT), "--database", "/state/superlink.db",
             "--disable-runtime-dependency-installation"],

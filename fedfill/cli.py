@@ -26,6 +26,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "reproduce": ("commands.reproduce", "FIMI's whole evaluation: Table I, Fig. 4, the ablations and sweeps"),
     "board": ("commands.board", "read this board's profile; write a node bundle for a board"),
     "supernode": ("commands.supernode", "Flower's SuperNode with a warm ClientApp (flower-supernode's arguments)"),
+    "superlink": ("commands.superlink", "Flower's SuperLink, its SQLite state waiting for its lock (its arguments)"),
 }
 
 

@@ -252,9 +252,9 @@ def test_every_command_the_images_run_exists():
         if program not in scripts:
             problems.append(f"{shlex.join(command)}: no console script {program!r} in fedfill or Flower")
             continue
-        if program == "fedfill" and args[:1] == ["supernode"]:  # its own options, then flower-supernode's
-            args = _fedfill_parser("supernode").parse_known_args(args)[1]
-            parser = _flower_parser("flower-supernode")
+        if program == "fedfill" and args[:1] in (["supernode"], ["superlink"]):  # its options, then Flower's
+            args = _fedfill_parser(args[0]).parse_known_args(args)[1]
+            parser = _flower_parser(f"flower-{command[1]}")
         elif program == "fedfill":
             parser = _fedfill_parser(args[0] if args else "")
         else:

@@ -176,14 +176,16 @@ def test_product_code_uses_flowers_public_api(path):
 # The wrappers of Flower internals, each pinned to the flwr it was written for (FLOWER_VERSION
 # there) with a test that fails when an upgrade changes what it wraps: the SuperNode's waits
 # and heartbeat (tests/test_warm_clientapp.py, tests/test_replies_apart.py), the fault
-# injector's hold in the SuperNode's push, and the ServerApp's pull split in two
-# (tests/test_replies_apart.py: the sha256 of HttpGrid.pull_messages).
+# injector's hold in the SuperNode's push, the ServerApp's pull split in two
+# (tests/test_replies_apart.py: the sha256 of HttpGrid.pull_messages), and the SuperLink's
+# SQLite busy timeout (tests/test_flower_under_load.py).
 WRAPPED_FLOWER_INTERNALS = {
     "client/supernode.py": {"flwr.supernode.start_client_internal", "flwr.supernode.cli.flower_supernode",
                             "flwr.supercore.heartbeat", "flwr.supernode.fleet_http_connection"},
     "client/faults.py": {"flwr.supernode.start_client_internal"},
     "server/timed_grid.py": {"flwr.proto.message_pb2", "flwr.proto.runtime_pb2", "flwr.supercore.constant",
-                             "flwr.supercore.date", "flwr.supercore.inflatable"}}
+                             "flwr.supercore.date", "flwr.supercore.inflatable"},
+    "server/superlink.py": {"flwr.supercore.constant", "flwr.supercore.sql_mixin"}}
 
 
 def test_loading_the_client_app_loads_no_solver_and_no_strategy():
