@@ -7,15 +7,17 @@ Why: a SQLite state has one writer at a time, and Flower 1.41 gives every connec
 flwr.supercore.sql_mixin; WAL already on, so readers never wait). On a loaded host a request
 that holds the write lock can lose the CPU for longer than that, and the next writer fails
 with `sqlite3.OperationalError: database is locked`, which the SuperLink answers with HTTP
-500. Flower's heartbeat senders retry only transport errors and 502-504: a 500 on a
-SuperNode's heartbeat or an app's task heartbeat ends that heartbeat thread for good, so the
-node is counted offline 20 s later and the app's task token expires 60 s later
+500. Flower's SuperNode and heartbeat senders retry only transport errors and 502-504: a 500
+on a SuperNode's pull ends the node, one on its heartbeat or an app's task heartbeat ends
+that heartbeat thread for good, so the node is counted offline 20 s later or the app's task
+token expires 60 s later
 (`Runtime task-token authentication failed`), and the run dies. This waits instead:
 `busy_timeout` BUSY_TIMEOUT_MS (60 s), over the 30 s after which Flower's HTTP clients time
 out and retry a request (a transport error, which every one of them retries), so a lock held
 that long costs a retry, never a 500. Nothing else in Flower's pragmas changes. Measured with
-a real lock held 8 s by another connection (tests/test_superlink_state.py): Flower's pragmas
-answered a node's heartbeat with 500 and the node's heartbeats stopped; with this, it waited.
+a real lock held 12 s by another connection: with Flower's pragmas the node's pull-messages
+and heartbeat got 500 `database is locked`, and the node terminated and was unregistered;
+with this, nothing failed and it stayed online (tests/test_flower_under_load.py, 8 s).
 
 The loopback engine (deploy/local.py) needs none of this: its SuperLink runs Flower's
 in-memory state (InMemoryLinkState, InMemoryObjectStore: Python objects under locks, no
@@ -23,7 +25,7 @@ SQLite), as does every SuperNode (InMemoryNodeState); the reported `database is 
 from runs made while its SuperLink still had `--database` (before commit 5084892).
 
 The pragmas are a tuple Flower reads at each connect, with no option, so this replaces it,
-for FLOWER_VERSION only (`sqlite_pragmas_found`; tests/test_superlink_state.py fails when an
+for FLOWER_VERSION only (`sqlite_pragmas_found`; tests/test_flower_under_load.py fails when an
 upgrade changes it); another Flower runs with its own pragmas and says so.
 """
 
