@@ -59,9 +59,9 @@ DEFAULT_T_MAX = (20.0, 30.0, 45.0, 60.0, 90.0, 120.0)  # around FIMI's 60 s ([FI
 CAMPAIGN_SETTINGS = ("job", "policy", "dirichlet_alpha", "synthetic_use", "delta_max", "t_max_s", "resume",
                      # and the ddpm job's, which no run of this classifier campaign reads
                      "start_checkpoint", "trainable", "lora_rank", "eval_per_class", "inception")
-# [FIMI]'s 20 devices; digits flattens by ~100 rounds; [FIMI]'s FedAvg merges every update
-# (fedfill's default screen, 10 x the median norm, dropped 4 to 41 honest updates per run once the
-# model had converged and most updates were tiny)
+# [FIMI]'s 20 devices; digits flattens by ~100 rounds; [FIMI]'s FedAvg merges every update, so no
+# norm screen (the median screen dropped 4 to 41 honest updates per run once the model had
+# converged; the adaptive default 0 or 1, docs/running.md#robust-aggregation)
 CAMPAIGN_DEFAULTS = {"num_partitions": 20, "rounds": 100, "norm_bound": 0.0}
 
 
