@@ -20,7 +20,8 @@ from contextlib import contextmanager
 from dataclasses import fields, replace
 
 from fedfill.codec import MAX_BITS, MIN_BITS
-from fedfill.config import DELIVERIES, RunConfig, check_aggregation, check_attack, key_of
+from fedfill.config import DELIVERIES, RunConfig, check_aggregation, check_attack, key_of, sampled_count
+from fedfill.data import SYNTHETIC_DIGITS, real_dataset
 from fedfill.errors import UsageError
 from strategies.allocation.scenario import system_range
 
@@ -42,6 +43,8 @@ def _finite(value) -> bool:
 # field -> (is the value good, what would work); NaN fails every comparison, so `_finite` first
 _RULES = {
     "num_partitions": (lambda v: v >= 1, "at least 1"),
+    "fraction_train": (lambda v: _finite(v) and 0 < v <= 1,
+                       "in (0, 1]: the fraction of the connected nodes a round samples (1: every node)"),
     "rounds": (lambda v: v >= 1, "at least 1"),
     "dirichlet_alpha": (lambda v: _finite(v) and v > 0,
                         "a positive number (0.1: a few classes per node; 100: near IID)"),
@@ -78,14 +81,22 @@ def check_settings(job: RunConfig) -> None:
         check_attack(job.attack, job.attackers, job.num_partitions)
     except ValueError as err:
         raise UsageError(str(err)) from None
+    if not 1 <= job.min_train_nodes <= job.num_partitions:
+        raise UsageError(f"{flag_of('min_train_nodes')} {job.min_train_nodes}: must be in 1..{job.num_partitions}: "
+                         f"a round cannot sample more than the {job.num_partitions} nodes of the fleet "
+                         f"({flag_of('num_partitions')})")
     check_synthetic_use(job)
     check_delivery(job)
     check_pricing(job)
     if job.learning_fit:
         check_learning_fit(job.learning_fit)
-    if job.dataset.lower() == "digits" and job.data_dir:
-        raise UsageError(f"--data-dir {job.data_dir}: digits is embedded and reads no directory; "
+    if real_dataset(job.dataset).lower() == "digits" and job.data_dir:
+        raise UsageError(f"--data-dir {job.data_dir}: {job.dataset} is embedded and reads no directory; "
                          "name the dataset that lives there (--dataset cifar10, gtsrb, fmnist or cinic10)")
+    if job.dataset.lower() == SYNTHETIC_DIGITS and job.job != "classifier":
+        raise UsageError(f"--dataset {job.dataset} --job {job.job}: the {job.job} job fine-tunes a generator on the "
+                         "devices' real data, and synthetic-digits' training data is a generator's own draw; "
+                         "use --dataset digits")
 
 
 def check_delivery(job: RunConfig) -> None:
@@ -107,7 +118,7 @@ def check_delivery(job: RunConfig) -> None:
         raise UsageError(f"{flag_of('delivery_state_bits')} {job.delivery_state_bits}: must be in "
                          f"{MIN_BITS}..{MAX_BITS}")
     factor = job.delivery_sketch_factor
-    if job.delivery == "sketch" and (factor < 2 or (job.dataset.lower() == "digits" and 8 % factor)):
+    if job.delivery == "sketch" and (factor < 2 or (real_dataset(job.dataset).lower() == "digits" and 8 % factor)):
         raise UsageError(f"{flag_of('delivery_sketch_factor')} {factor}: must be at least 2 and divide the image "
                          "size (digits: 2, 4 or 8)")
 
@@ -253,7 +264,9 @@ def check_split(job: RunConfig):
         raise UsageError(f"--nodes {job.num_partitions}: the Dirichlet split refuses it ({err}, the clients' "
                          f"pool of {job.dataset}); at most --nodes {most} works with --alpha {job.dirichlet_alpha} "
                          f"and --seed {job.seed}" + (" (the split moves samples to short nodes, so no alpha "
-                                                     "gives more)" if most else "")) from None
+                                                     "gives more)" if most else "")
+                         + ("; --dataset synthetic-digits draws 50 training images a device for any fleet"
+                            if job.dataset.lower() == "digits" else "")) from None
 
 
 def largest_node_count(labels, alpha: float, seed: int, refused: int) -> int:
@@ -306,9 +319,12 @@ def _quiet_flower():
 
 
 def check_first_plan(job: RunConfig, profiles: dict[int, dict]) -> None:
-    """Round 1's plan as the strategy makes it (devices that make it infeasible sit out):
-    a budget that plans nobody trains nobody, so refuse it and name the smallest --t-max
-    that plans every device."""
+    """Round 1's plan as the strategy makes it (devices that make it infeasible sit out), for
+    as many devices as a round samples (which ones, Flower's node ids decide: a draw of the
+    fleet stands in for them): a budget that plans nobody trains nobody, so refuse it and name
+    the smallest --t-max that plans every device."""
+    import numpy as np
+
     from jobs import load_job
     from server.app import run_system
     from strategies.fimi_strategy import FimiFedAvg
@@ -317,20 +333,24 @@ def check_first_plan(job: RunConfig, profiles: dict[int, dict]) -> None:
     model_params = int(sum(w.size for w in job_impl.initial_weights()))
     compute_params = job_impl.compute_params()
 
+    count = sampled_count(len(profiles), job.fraction_train, job.min_train_nodes)
+    sampled = sorted(np.random.default_rng(job.seed).choice(list(profiles), size=count, replace=False).tolist())
+
     def planned(t_max: float):
         system = run_system(replace(job, t_max_s=t_max), model_params, profiles, job_impl.preset, compute_params)
         with _quiet_flower():
             strategy = FimiFedAvg(system, job.policy, profiles, seed=job.seed, bits_rule=job.bits_rule)
-            return strategy.plan_round(1, list(profiles))
+            return strategy.plan_round(1, sampled)
 
     plan, nodes = planned(job.t_max_s)
     if nodes:
         return
     why = "; ".join(f"{r['constraint']}: {r['message']}" for r in plan.reasons) or "no device can be planned"
-    smallest = smallest_t_max(lambda t: len(planned(t)[1]) == len(profiles), job.t_max_s)
+    smallest = smallest_t_max(lambda t: len(planned(t)[1]) == count, job.t_max_s)
     works = f"--t-max {smallest:.3g} or more plans every device" if smallest else "no --t-max up to 1e6 s plans them"
+    devices = f"the {count} devices" + (f" sampled of {len(profiles)}" if count < len(profiles) else "")
     raise UsageError(f"{flag_of('t_max_s')} {job.t_max_s:g}: the {job.policy} plan of round 1 leaves every one of "
-                     f"the {len(profiles)} devices out ({why}); {works}")
+                     f"{devices} out ({why}); {works}")
 
 
 def smallest_t_max(plans_all, refused: float, limit: float = 1e6) -> float | None:

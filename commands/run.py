@@ -25,7 +25,8 @@ from pathlib import Path
 
 from fedfill import contract
 from fedfill.errors import UsageError
-from fedfill.config import RunConfig, add_flags, run_config_toml
+from fedfill.config import RunConfig, add_flags, run_config_toml, sampled_count
+from fedfill.data import real_dataset
 from server.report import read_rounds
 
 
@@ -88,7 +89,7 @@ def checked_job(args) -> tuple[RunConfig, str]:
         from commands.checks import check_generator
 
         check_generator("--generator-checkpoint", args.generator_checkpoint, RunConfig.from_args(args))
-    elif generator_mode == "auto" and args.dataset != "digits":
+    elif generator_mode == "auto" and real_dataset(args.dataset) != "digits":
         print("fedfill run: no shipped generator for this dataset; train one with `fedfill generator train` "
               "and pass --generator HOST:PORT of its service. Running without synthetic data.")
         generator_mode = "none"
@@ -196,8 +197,14 @@ def run(args) -> int:
     home = out / ".flwr"
     env = flower_environment(home)
     engine = f"the SuperLink at {args.superlink}" if args.superlink else f"{args.engine} engine"
-    print(f"fedfill run: {job.job} job, {job.policy} on {args.dataset}, {args.num_partitions} nodes, "
-          f"{args.rounds} rounds, {engine} -> {out}")
+    sampled = sampled_count(args.num_partitions, job.fraction_train, job.min_train_nodes)
+    print(f"fedfill run: {job.job} job, {job.policy} on {args.dataset}, {args.num_partitions} nodes"
+          + (f" ({sampled} sampled a round)" if sampled < args.num_partitions else "")
+          + f", {args.rounds} rounds, {engine} -> {out}")
+    if real_dataset(job.dataset) != job.dataset:
+        from jobs import training_data
+
+        print(f"  training data {training_data(job)}")
     started = time.monotonic()
     federation = generation = None
     with interrupts_stop_the_run():

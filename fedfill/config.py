@@ -21,9 +21,16 @@ def setting(default, help: str, *, flag: str | None = None, cli: bool = True):
 @dataclass(frozen=True)
 class RunConfig:
     job: str = setting("classifier", "what the devices train (jobs.JOBS)")
-    dataset: str = setting("digits", "digits (embedded) or cifar10, gtsrb, fmnist, cinic10 from --data-dir")
+    dataset: str = setting("digits", "digits (embedded), synthetic-digits (for fleets beyond ~98 devices: the shipped "
+                                      "GAN draws 50 training images a device, tested on the real digits) or "
+                                      "cifar10, gtsrb, fmnist, cinic10 from --data-dir")
     data_dir: str = setting("", "where a real dataset lives, in its published format")
     num_partitions: int = setting(10, "devices in the fleet (SuperNodes)", flag="--nodes")
+    # sampled rounds: Flower's FedAvg fraction_train and min_train_nodes; the planner plans the sampled devices
+    fraction_train: float = setting(1.0, "the fraction of the connected nodes each round samples to train, in (0, 1] "
+                                         "(Flower's FedAvg fraction_train)", flag="--fraction")
+    min_train_nodes: int = setting(1, "a round samples at least this many nodes, at most --nodes (Flower's "
+                                      "min_train_nodes)", flag="--min-nodes")
     dirichlet_alpha: float = setting(0.3, "Dirichlet concentration of the label split", flag="--alpha")
     seed: int = setting(0, "seed of the split, the plans and the training; the same seed, the same run")
     rounds: int = setting(30, "federated rounds")
@@ -143,6 +150,12 @@ class RunConfig:
         values.update({name: value for name, value in JOB_DEFAULTS.get(job, {}).items()
                        if name not in given and name not in fixed})
         return cls(**values, **fixed)
+
+
+def sampled_count(online: int, fraction: float, minimum: int) -> int:
+    """How many of `online` nodes a round samples: Flower's FedAvg rule (the fraction, rounded
+    down, at least the minimum), at most the nodes there are."""
+    return min(online, max(minimum, int(online * fraction)))
 
 
 SYNTHETIC_USES = ("labelled", "unlabelled", "server")  # RunConfig.synthetic_use: FIMI, SEMI, SST

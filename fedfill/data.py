@@ -113,6 +113,15 @@ GTSRB_NUM_CLASSES = 43
 GTSRB_IMAGE_SIZE = 32
 
 
+SYNTHETIC_DIGITS = "synthetic-digits"  # a run's training population drawn by the shipped GAN (generation.population)
+
+
+def real_dataset(name: str) -> str:
+    """The real dataset whose classes, images and test set a run's dataset has: digits for
+    synthetic-digits, the dataset itself otherwise."""
+    return "digits" if name.lower() == SYNTHETIC_DIGITS else name
+
+
 def load_dataset(name: str, root: str | Path | None = None, part: str = "all") -> ImageDataset:
     """Load a dataset by name: "digits" (embedded; root ignored), "cifar10", "gtsrb",
     "fashion-mnist" or "cinic10" from `root` in its published layout.
@@ -122,6 +131,10 @@ def load_dataset(name: str, root: str | Path | None = None, part: str = "all") -
     name the path and what was expected there.
     """
     key = name.lower().replace("-", "").replace("_", "")
+    if key == SYNTHETIC_DIGITS.replace("-", ""):
+        raise ValueError(f"{SYNTHETIC_DIGITS} is a run's training population, drawn by the shipped GAN for "
+                         "`fedfill run/compare/reproduce`, not a dataset to load or train a generator on: "
+                         "use digits here")
     if key == "digits":
         if part != "all":
             raise ValueError("digits has no published train/test parts: use part='all'")

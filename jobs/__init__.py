@@ -21,7 +21,8 @@ from pathlib import Path
 import numpy as np
 
 from fedfill.config import RunConfig
-from fedfill.data import DatasetSplit, ImageDataset, load_dataset, load_node_data, split_dataset
+from fedfill.data import (SYNTHETIC_DIGITS, DatasetSplit, ImageDataset, load_dataset, load_node_data,
+                          split_dataset)
 
 JOBS = {"classifier": "jobs.classifier:ClassifierJob", "ddpm": "jobs.ddpm:DiffusionJob"}
 
@@ -122,5 +123,25 @@ def _own_data(data_dir: str, class_names: tuple[str, ...], image_shape: tuple[in
 @functools.lru_cache(maxsize=2)
 def run_split(run: RunConfig) -> DatasetSplit:
     """The public / clients / test split every process of the run derives the same way
-    (once per process: Ray's actors and a warm process serve many messages)."""
+    (once per process: Ray's actors and a warm process serve many messages).
+    synthetic-digits: the real digits' public part and test set, and for the clients a
+    population the shipped GAN draws, 50 images a device (generation.population)."""
+    if run.dataset.lower() == SYNTHETIC_DIGITS:
+        from generation.population import population_size, synthetic_population
+
+        real = split_dataset(load_dataset("digits"), seed=run.seed)
+        pool = synthetic_population(population_size(run.num_partitions), run.seed)
+        return DatasetSplit(public=real.public, clients=pool, test=real.test)
     return split_dataset(load_dataset(run.dataset, run.data_dir or None), seed=run.seed)
+
+
+def training_data(run: RunConfig) -> str:
+    """What the devices train on, as the report says it."""
+    if run.dataset.lower() != SYNTHETIC_DIGITS:
+        return f"real ({run.dataset})"
+    from generation.config import GAN_CHECKPOINT
+    from generation.population import population_size
+
+    return (f"synthetic: {population_size(run.num_partitions)} images drawn by the shipped GAN "
+            f"({GAN_CHECKPOINT.name}), {population_size(1)} a device on average, seed {run.seed}; "
+            "the test set is the real digits")

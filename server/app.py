@@ -19,8 +19,9 @@ from flwr.common import log
 
 import fedfill
 from fedfill import contract
-from fedfill.config import RunConfig
-from jobs import load_job, run_split
+from fedfill.config import RunConfig, sampled_count
+from fedfill.data import real_dataset
+from jobs import load_job, run_split, training_data
 from server.checkpoint import read_checkpoint, write_checkpoint
 from server.report import RunReport
 from server.timed_grid import TimedGrid
@@ -61,13 +62,15 @@ def accept_profile(content: RecordDict) -> dict:
 
 
 def learning_model(run: RunConfig) -> LearningModel | None:
-    """The run's learning-model fit: the file it names, else the one shipped for its dataset."""
-    return LearningModel.load(run.learning_fit) if run.learning_fit else shipped_fit(run.dataset)
+    """The run's learning-model fit: the file it names, else the one shipped for its dataset
+    (synthetic-digits: the digits' one, whose test set it keeps)."""
+    return LearningModel.load(run.learning_fit) if run.learning_fit else shipped_fit(real_dataset(run.dataset))
 
 
 def run_system(run: RunConfig, model_params: int, profiles: dict[int, dict], preset: str = "fimi",
                compute_params: int | None = None) -> System:
-    """The job's paper system with this run's model size, T_max and local epochs.
+    """The job's paper system with this run's model size, T_max and local epochs, for the
+    devices a round samples (--fraction of the fleet): they share the round's band.
 
     ondemand ([ODQ §IV-A]): no synthetic data; C, the cycles per sample, scaled to the
     size of the network a step runs through (`compute_params`, Job.compute_params: the whole
@@ -81,19 +84,20 @@ def run_system(run: RunConfig, model_params: int, profiles: dict[int, dict], pre
     (design choice, see README); the run's own Delta_max then moves the target from there
     ([FIMI Fig. 5f]: a smaller one asks for more synthetic data).
     """
+    per_round = max(1, sampled_count(len(profiles), run.fraction_train, run.min_train_nodes))
     if preset == "ondemand":
-        base = ondemand_scenario(max(1, len(profiles)), run.seed).system
+        base = ondemand_scenario(per_round, run.seed).system
         return replace(base, model_params=float(model_params),
                        omega=PAPER_OMEGA_PER_PARAM * (compute_params or model_params),
                        t_max_s=run.t_max_s, tau=float(run.local_epochs))
     learning = learning_model(run)
-    base = fimi_scenario(max(1, len(profiles)), run.seed, learning).system
+    base = fimi_scenario(per_round, run.seed, learning).system
     mean_d_loc = float(np.mean([p["d_loc"] for p in profiles.values()])) if profiles else 1.0
     model = learning or LearningModel(base.alpha, base.beta, base.gamma)
     target_mean_error = float(model.error(mean_d_loc * (1.0 + run.synthetic_fraction)))
     zeta = base.rounds * (1.0 - target_mean_error) / -math.log(base.delta_max)
     return replace(base, model_params=float(model_params), t_max_s=run.t_max_s, tau=float(run.local_epochs),
-                   bandwidth_hz=1e6 * max(1, len(profiles)), zeta=zeta, d_gen_max=2.0 * mean_d_loc,
+                   bandwidth_hz=1e6 * per_round, zeta=zeta, d_gen_max=2.0 * mean_d_loc,
                    delta_max=run.delta_max)
 
 
@@ -253,14 +257,16 @@ def main(grid: Grid, context: Context) -> None:
     report = RunReport(out_dir, {"job": run.job, "policy": run.policy, "dataset": run.dataset,
                                  "aggregation": run.aggregation, "norm_bound": run.norm_bound,
                                  "norm_screen": run.norm_screen, "alpha": run.dirichlet_alpha, "seed": run.seed,
-                                 "nodes": len(profiles),
+                                 "nodes": len(profiles), "fraction": run.fraction_train,
+                                 "min_nodes": run.min_train_nodes, "training_data": training_data(run),
                                  "model_params": model_params}, metrics=job.metrics)
     (out_dir / "system.json").write_text(json.dumps(system.__dict__, indent=1) + "\n")
     (out_dir / "profiles.json").write_text(json.dumps({str(k): v for k, v in profiles.items()}, indent=1) + "\n")
     strategy = FimiFedAvg(system, run.policy, profiles, seed=run.seed, node_wait_s=run.node_wait_s,
                           on_plan=report.write_plan, on_round_metrics=report.round_costs,
                           upload_seconds=grid.upload_seconds, pushed_at=grid.pushed_at, addressee=grid.addressee,
-                          min_train_nodes=1, bits_rule=run.bits_rule,
+                          fraction_train=run.fraction_train, min_train_nodes=run.min_train_nodes,
+                          bits_rule=run.bits_rule,
                           aggregation=run.aggregation, trim_beta=run.trim_beta, norm_bound=run.norm_bound,
                           norm_screen=run.norm_screen,
                           complementary_update=(complementary_update(run, job, profiles)

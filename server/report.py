@@ -3,8 +3,9 @@ plots, checkpoint.
 
 A row is made of two Flower MetricRecords: the strategy's round costs (energy and latency
 from the cost model, cumulated here; uplink bytes as Flower counts the replies' records;
-training seconds as the devices measured them; `dropped` updates and its classes, which add up
-to it: dropped_no_reply, dropped_unusable (an error, undecodable, wrong shape, NaN),
+training seconds as the devices measured them; `sampled`, the nodes the round sampled
+(--fraction of those connected, at least --min-nodes, those the planner left out included);
+`dropped` updates and its classes, which add up to it: dropped_no_reply, dropped_unusable (an error, undecodable, wrong shape, NaN),
 dropped_norm (beyond the round's norm bound), dropped_duplicate (a node's second reply in a
 round)) and the job's central evaluation, plus `dropped_nodes`: the nodes whose update was not
 merged, by partition id (the Flower node id where the node did not report one), joined by ';'.
@@ -53,10 +54,10 @@ PRICING_COLUMNS = ("gen_price", "gen_server_steps", "gen_device_steps", "gen_pay
 # the norm screen (strategies.screening): the round's median update norm and the bound it set,
 # empty in a round it did not judge; and how many updates it clipped
 SCREEN_COLUMNS = ("norm_median", "norm_bound", "clipped")
-COST_COLUMNS = (*CUMULATIVE, "round_energy_j", "round_latency_s", "round_uplink_bytes", "updates", "dropped",
-                *DROPPED_BY_CLASS, *SCREEN_COLUMNS, "wall_s", "train_s_max", "train_s_sum", "synthetic_used", "train_loss",
+COST_COLUMNS = (*CUMULATIVE, "round_energy_j", "round_latency_s", "round_uplink_bytes", "sampled", "updates",
+                "dropped", *DROPPED_BY_CLASS, *SCREEN_COLUMNS, "wall_s", "train_s_max", "train_s_sum", "synthetic_used", "train_loss",
                 "dropped_nodes", *GENERATION_COLUMNS, *PRICING_COLUMNS)
-INTEGER_COLUMNS = {"round", "uplink_bytes", "round_uplink_bytes", "updates", "dropped", *DROPPED_BY_CLASS, "clipped",
+INTEGER_COLUMNS = {"round", "uplink_bytes", "round_uplink_bytes", "sampled", "updates", "dropped", *DROPPED_BY_CLASS, "clipped",
                    "synthetic_used", *GENERATION_INTEGERS, "gen_server_steps", "gen_device_steps"}
 TEXT_COLUMNS = {"dropped_nodes"}  # kept as written, empty included
 # devices.csv: the round, then the strategy's figures of a node (strategies.fimi_strategy.NODE_FIGURES)
@@ -147,8 +148,8 @@ class RunReport:
             zero = 0 if key in INTEGER_COLUMNS else 0.0  # a column keeps one type, round 0 included
             row[key] = previous[key] + costs.get(key, zero)
             row[f"round_{key}"] = costs.get(key, zero)
-        row.update({key: costs.get(key, 0) for key in ("updates", "dropped", *DROPPED_BY_CLASS, "clipped",
-                                                       "synthetic_used")})
+        row.update({key: costs.get(key, 0) for key in ("sampled", "updates", "dropped", *DROPPED_BY_CLASS,
+                                                       "clipped", "synthetic_used")})
         row.update({key: costs.get(key, "") for key in ("norm_median", "norm_bound")})
         row.update({key: costs.get(key, 0.0) for key in ("train_s_max", "train_s_sum")})
         row.update({key: costs.get(key, 0 if key in GENERATION_INTEGERS else 0.0) for key in GENERATION_COLUMNS})

@@ -25,7 +25,7 @@ from flwr.common import log
 
 from fedfill import contract
 from fedfill.codec import decode
-from fedfill.config import check_aggregation
+from fedfill.config import check_aggregation, sampled_count
 from strategies.allocation import Plan, Scenario, ScenarioError, System, parse_scenario, solve_plan
 from strategies.allocation.costs import update_bits, upload_energy
 from strategies.allocation.policies import error_target_out_of_reach, parse_policy, reachable_delta_max
@@ -150,6 +150,7 @@ class FimiFedAvg(FedAvg):
         self.addressee = addressee or (lambda reply: None)
         self._global: ArrayRecord | None = None
         self._planned: dict[int, contract.NodePlan] = {}  # node id -> this round's plan
+        self._sampled = 0  # nodes this round sampled (the planned ones, and those that sat out)
         self.round_offset = 0  # rounds done before a resume: Flower counts from 1 again
 
     # ------------------------------------------------------------------ sampling and plans
@@ -193,15 +194,16 @@ class FimiFedAvg(FedAvg):
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                         grid: Grid) -> Iterable[Message]:
         server_round += self.round_offset
-        self._planned = {}  # a round that plans nobody accounts for nobody
+        self._planned, self._sampled = {}, 0  # a round that plans nobody accounts for nobody
         online = wait_for_nodes(grid, self.min_train_nodes, self.node_wait_s, accept=lambda n: n in self.profiles)
         if not online:
             log(WARNING, "round %d: no node online, nothing to train", server_round)
             return []
-        n_sample = max(self.min_train_nodes, int(len(online) * self.fraction_train))
         rng = np.random.default_rng(self.seed * 100_003 + server_round)
-        picks = rng.choice(len(online), size=min(n_sample, len(online)), replace=False)  # indices: node ids are 64-bit
+        picks = rng.choice(len(online), size=sampled_count(len(online), self.fraction_train, self.min_train_nodes),
+                           replace=False)  # indices: node ids are 64-bit
         sampled = sorted(online[i] for i in picks)
+        self._sampled = len(sampled)
         plan, planned_ids = self.plan_round(server_round, sampled)
         if self.on_plan:
             self.on_plan(server_round, plan, planned_ids)
@@ -340,7 +342,7 @@ class FimiFedAvg(FedAvg):
         costs = MetricRecord({
             "energy-j": float(sum(nodes[n]["energy_j"] for n in used)),
             "latency-s": float(max((self._planned[n].t_cmp_s + self._planned[n].t_com_s for n in used), default=0.0)),
-            "uplink-bytes": wire_bytes, "updates": len(decoded), "dropped": sum(dropped.values()),
+            "uplink-bytes": wire_bytes, "sampled": self._sampled, "updates": len(decoded), "dropped": sum(dropped.values()),
             **{f"dropped-{kind}": count for kind, count in dropped.items()}, "clipped": clipped,
             **self.screen.last,
             "train-s-max": max(train_seconds, default=0.0), "train-s-sum": float(sum(train_seconds)),
