@@ -212,9 +212,10 @@ def planned_campaign(args) -> Campaign:
 def check_generators(args, generators: set[str]) -> None:
     """The checkpoints the campaign's services will serve, each fit for the dataset."""
     from commands.checks import check_generator
+    from fedfill.data import real_dataset
 
     job = shared_config(args)
-    if "diffusion" in generators and not args.generator_checkpoint and args.dataset != "digits":
+    if "diffusion" in generators and not args.generator_checkpoint and real_dataset(args.dataset) != "digits":
         raise UsageError(f"--dataset {args.dataset}: fedfill ships generators for digits only; train one "
                          "(`fedfill generator train`, and `--model gan` for the GAN baseline) and pass "
                          "--generator-checkpoint (and --gan-checkpoint)")

@@ -213,7 +213,7 @@ def run(args) -> int:
                 from deploy.local import GenerationProcess
 
                 generation = GenerationProcess(out / "logs", out / "generator-cache",
-                                               checkpoint=args.generator_checkpoint or "").launch()
+                                               checkpoint=job.generator_checkpoint).launch()  # resolved: the service runs elsewhere
                 job = replace(job, generator_address=generation.address)
             simulation, watch = [], None
             if args.superlink:
