@@ -181,12 +181,11 @@ def test_a_run_survives_killing_30_percent_of_the_nodes_and_they_rejoin(testbed,
     state = testbed.state()
     out = Path(state.runs_dir) / "faults"
     # 8 rounds: with warm nodes a round takes seconds, and a restarted node needs some to rejoin
-    # (its container, its fork-server's imports, its registration). The reply timeout is over
-    # Flower's 180 s object-push session: a node killed mid-upload leaves a reply whose objects
-    # never all arrive, and the ServerApp's pull of the round's replies retries it until that
-    # session expires, holding up the other nodes' replies (under CI's load the kill lands in
-    # the upload now and then; at 120 s two healthy updates were lost that way).
-    driver = _fedfill(xdg_state, "run", "--rounds", "8", "--out", str(out), "--reply-timeout-s", "240",
+    # (its container, its fork-server's imports, its registration). A node killed mid-upload
+    # leaves a reply whose objects never all arrive; the ServerApp gives up on it once the node
+    # is offline (20 s after its last heartbeat, server/timed_grid.py), not when Flower's 180 s
+    # object-push session expires, so a reply timeout under 180 s loses no healthy update.
+    driver = _fedfill(xdg_state, "run", "--rounds", "8", "--out", str(out), "--reply-timeout-s", "120",
                       "--node-wait-s", "30")
     killed: list[str] = []
     try:
