@@ -90,6 +90,8 @@ def check_settings(job: RunConfig) -> None:
     check_pricing(job)
     if job.learning_fit:
         check_learning_fit(job.learning_fit)
+    if job.traces:
+        check_traces(job.traces, job.num_partitions)
     if real_dataset(job.dataset).lower() == "digits" and job.data_dir:
         raise UsageError(f"--data-dir {job.data_dir}: {job.dataset} is embedded and reads no directory; "
                          "name the dataset that lives there (--dataset cifar10, gtsrb, fmnist or cinic10)")
@@ -97,6 +99,17 @@ def check_settings(job: RunConfig) -> None:
         raise UsageError(f"--dataset {job.dataset} --job {job.job}: the {job.job} job fine-tunes a generator on the "
                          "devices' real data, and synthetic-digits' training data is a generator's own draw; "
                          "use --dataset digits")
+
+
+def check_traces(path: str, nodes: int) -> None:
+    """--traces: a trace file this fleet can run on (strategies.allocation.traces): well formed,
+    every device of 0..nodes-1 and no other, one of them on at some time."""
+    from strategies.allocation.traces import TraceError, load_traces
+
+    try:
+        load_traces(path).check_fleet(nodes)
+    except TraceError as err:
+        raise UsageError(f"--traces {path}: {err}") from None
 
 
 def check_delivery(job: RunConfig) -> None:

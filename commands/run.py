@@ -103,7 +103,8 @@ def checked_job(args) -> tuple[RunConfig, str]:
         raise UsageError(f"--delivery {args.delivery}: the devices share the sampling with a generation service; "
                          "use --generator auto or HOST:PORT")
     checkpoint = str(Path(args.generator_checkpoint).resolve()) if args.generator_checkpoint else ""
-    job = RunConfig.from_args(args, out_dir=str(Path(args.out).resolve()), generator_checkpoint=checkpoint,
+    traces = str(Path(args.traces).resolve()) if args.traces else ""  # the ServerApp runs elsewhere
+    job = RunConfig.from_args(args, out_dir=str(Path(args.out).resolve()), generator_checkpoint=checkpoint, traces=traces,
                               generator_address="" if generator_mode in ("auto", "none") else generator_mode)
     # a scenario profiles the deployment engine's nodes; a SuperLink's nodes are someone else's
     configs = [] if args.superlink else node_configs(args.num_partitions, args.scenario) if args.scenario else None
@@ -278,6 +279,9 @@ def drive(job: RunConfig, out: Path, env: dict, started: float, timeout: float, 
         tail = (out / "flwr.log").read_text(errors="replace").splitlines()[-15:]
         print("fedfill run: the Flower run did not finish; last lines of flwr.log:", *tail, sep="\n  ", file=sys.stderr)
         return 1
+    rows = read_rounds(out / "rounds.csv")
+    print(f"virtual clock {rows[-1].get('virtual_s', 0.0):.0f} s (modeled) beside "
+          f"{sum(r.get('wall_s', 0.0) for r in rows):.0f} s of real rounds")
     print(f"report: {out}/rounds.csv, devices.csv, summary.json, plots, plan_round_N.json "
           f"({time.monotonic() - started:.0f} s)")
     return 0

@@ -20,6 +20,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "price": ("commands.price", "the leader's price of GenMEN's pricing game, and the devices' responses"),
     "fit-learning": ("commands.fit_learning", "measure and fit the learning model delta = alpha D^-beta - gamma"),
     "generator": ("commands.generator", "train, sample from or serve the class-conditional diffusion model"),
+    "traces": ("commands.traces", "write device traces: a synthetic fleet, or FedScale's trace files converted"),
     "run": ("commands.run", "run the federated FIMI job on Flower and write its report"),
     "testbed": ("commands.testbed", "build, start, drive, break and remove the multi-container testbed"),
     "compare": ("commands.compare", "run several policies on the same split and tabulate FIMI's Table I"),

@@ -31,6 +31,9 @@ class RunConfig:
                                          "(Flower's FedAvg fraction_train)", flag="--fraction")
     min_train_nodes: int = setting(1, "a round samples at least this many nodes, at most --nodes (Flower's "
                                       "min_train_nodes)", flag="--min-nodes")
+    traces: str = setting("", "a device trace file (JSON, `fedfill traces`): when each device is on and its compute "
+                              "and uplink factors; a virtual clock advances by each round's modeled latency and "
+                              "a round samples the devices on at it; empty: every device always on")
     dirichlet_alpha: float = setting(0.3, "Dirichlet concentration of the label split", flag="--alpha")
     seed: int = setting(0, "seed of the split, the plans and the training; the same seed, the same run")
     rounds: int = setting(30, "federated rounds")

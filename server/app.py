@@ -242,6 +242,25 @@ def learned_pricer(run: RunConfig, kind: str, capacities: list[float], most_imag
     return pricer
 
 
+def device_traces(run: RunConfig, profiles: dict[int, dict]):
+    """--traces: the trace of every device (checked before the run started; again here, as a
+    file can change), or None. Each node must name its partition: the trace is keyed by it."""
+    if not run.traces:
+        return None
+    from strategies.allocation.traces import TraceError, load_traces
+
+    unnamed = [n for n, p in profiles.items() if p.get(contract.PARTITION_FIELD) is None]
+    try:
+        traces = load_traces(run.traces)
+        traces.check_fleet(run.num_partitions)
+    except TraceError as err:
+        raise RuntimeError(f"--traces {run.traces}: {err}") from None
+    if unnamed:
+        raise RuntimeError(f"--traces: node(s) {unnamed} reported no partition id, which the trace is keyed by")
+    log(INFO, "device traces from %s: %d devices", run.traces, len(traces.devices))
+    return traces
+
+
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     run = RunConfig.from_run_config(context.run_config)
@@ -272,7 +291,7 @@ def main(grid: Grid, context: Context) -> None:
                           complementary_update=(complementary_update(run, job, profiles)
                                                 if run.synthetic_use == "server" else None),
                           delivery_planner=delivery_planner(run) if run.delivery == "auto" else None,
-                          pricing=pricing_of(run, profiles, out_dir))
+                          pricing=pricing_of(run, profiles, out_dir), traces=device_traces(run, profiles))
     initial, done = ArrayRecord(weights), 0
     checkpoint = out_dir / "checkpoint.npz"
     if run.resume and checkpoint.exists():
@@ -280,6 +299,7 @@ def main(grid: Grid, context: Context) -> None:
         initial = ArrayRecord(resumed)
         report.resume_from(done)
         strategy.round_offset = done
+        strategy.clock = report.rows[-1].get("virtual_s", 0.0) if report.rows else 0.0
         # the adaptive screen's memory of the steps the model took while it was learning
         strategy.screen.peak_median = max((row["norm_median"] for row in report.rows if "norm_median" in row),
                                           default=0.0)

@@ -7,7 +7,10 @@ training seconds as the devices measured them; `sampled`, the nodes the round sa
 (--fraction of those connected, at least --min-nodes, those the planner left out included);
 `dropped` updates and its classes, which add up to it: dropped_no_reply, dropped_unusable (an error, undecodable, wrong shape, NaN),
 dropped_norm (beyond the round's norm bound), dropped_duplicate (a node's second reply in a
-round)) and the job's central evaluation, plus `dropped_nodes`: the nodes whose update was not
+round), dropped_offline (its device trace turned it off mid-round)); the virtual clock: virtual_s,
+where it stands at the round's end (the modeled round latencies, and the waits for a device to
+come on under --traces, summed), virtual_wait_s, this round's wait, beside wall_s, the real
+seconds) and the job's central evaluation, plus `dropped_nodes`: the nodes whose update was not
 merged, by partition id (the Flower node id where the node did not report one), joined by ';'.
 `read_rounds` is the one reader of rounds.csv (the report resuming, `fedfill run` showing
 progress, `fedfill compare` tabulating).
@@ -42,7 +45,7 @@ from fedfill import contract
 # Per-round columns after the job's evaluation metrics; the cumulative ones come first.
 CUMULATIVE = ("energy_j", "latency_s", "uplink_bytes")
 # the classes of `dropped` (strategies.fimi_strategy.DROP_CLASSES)
-DROPPED_BY_CLASS = ("dropped_no_reply", "dropped_unusable", "dropped_norm", "dropped_duplicate")
+DROPPED_BY_CLASS = ("dropped_no_reply", "dropped_unusable", "dropped_norm", "dropped_duplicate", "dropped_offline")
 # the fill of synthetic samples [MEG]: the round's sums over the used replies (fedfill.contract)
 GENERATION_COLUMNS = tuple(key.replace("-", "_") for key in contract.GENERATION_METRICS)
 GENERATION_INTEGERS = {column for column in GENERATION_COLUMNS if not column.endswith(("_seconds", "_j"))}
@@ -55,7 +58,7 @@ PRICING_COLUMNS = ("gen_price", "gen_server_steps", "gen_device_steps", "gen_pay
 # empty in a round it did not judge; and how many updates it clipped
 SCREEN_COLUMNS = ("norm_median", "norm_bound", "clipped")
 COST_COLUMNS = (*CUMULATIVE, "round_energy_j", "round_latency_s", "round_uplink_bytes", "sampled", "updates",
-                "dropped", *DROPPED_BY_CLASS, *SCREEN_COLUMNS, "wall_s", "train_s_max", "train_s_sum", "synthetic_used", "train_loss",
+                "dropped", *DROPPED_BY_CLASS, *SCREEN_COLUMNS, "wall_s", "virtual_s", "virtual_wait_s", "train_s_max", "train_s_sum", "synthetic_used", "train_loss",
                 "dropped_nodes", *GENERATION_COLUMNS, *PRICING_COLUMNS)
 INTEGER_COLUMNS = {"round", "uplink_bytes", "round_uplink_bytes", "sampled", "updates", "dropped", *DROPPED_BY_CLASS, "clipped",
                    "synthetic_used", *GENERATION_INTEGERS, "gen_server_steps", "gen_device_steps"}
@@ -158,6 +161,9 @@ class RunReport:
         # measured: wall time of the round as the server saw it
         row["wall_s"] = time.monotonic() - self._last
         self._last = time.monotonic()
+        # modeled: the virtual clock (round 0, and a resumed report older than the column: as before)
+        row["virtual_s"] = costs.get("virtual_s", previous.get("virtual_s", 0.0))
+        row["virtual_wait_s"] = costs.get("virtual_wait_s", 0.0)
         nodes = self._nodes.pop(server_round, [])
         dropped = [node for node in nodes if node["status"] == "dropped"]
         merged = {node["node"] for node in nodes if node["status"] == "used"}  # a duplicate's first reply stands
@@ -193,7 +199,10 @@ class RunReport:
         out = {**self.meta, "rounds": len(values),
                f"best_{headline}": max(values) if values else None,
                f"final_{headline}": values[-1] if values else None,
-               **{key: last[key] for key in CUMULATIVE}, **(extra or {})}
+               **{key: last[key] for key in CUMULATIVE},
+               # the modeled time beside the real: the virtual clock at the end, the rounds' wall seconds
+               "virtual_s": last.get("virtual_s", 0.0), "wall_s": float(sum(r.get("wall_s", 0.0) for r in self.rows)),
+               **(extra or {})}
         (self.dir / "summary.json").write_text(json.dumps(out, indent=1) + "\n")
         return out
 

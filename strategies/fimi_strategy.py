@@ -29,6 +29,7 @@ from fedfill.config import check_aggregation, sampled_count
 from strategies.allocation import Plan, Scenario, ScenarioError, System, parse_scenario, solve_plan
 from strategies.allocation.costs import update_bits, upload_energy
 from strategies.allocation.policies import error_target_out_of_reach, parse_policy, reachable_delta_max
+from strategies.allocation.traces import scaled_profile
 from strategies.screening import NormScreen
 
 # What the strategy says of each planned node every round (server.report's devices.csv
@@ -45,7 +46,8 @@ NODE_FIGURES = ("node", "partition_id", "bits_planned", "bits", "error_demand", 
 DEMANDING_POLICIES = ("ondemand", "fimi+ondemand")  # plans whose bits answer each device's error demand
 # Why an update was not merged, by class: the round's MetricRecord counts each as dropped-<class>
 # (rounds.csv's dropped_<class>, which add up to `dropped`).
-DROP_CLASSES = ("no-reply", "unusable", "norm", "duplicate")
+# offline: the device's trace turned it off before its planned part of the round ended.
+DROP_CLASSES = ("no-reply", "unusable", "norm", "duplicate", "offline")
 # Flower's strategies whose aggregate_train merges the screened updates, by RunConfig.aggregation
 FLOWER_RULES = {"fedavg": FedAvg, "median": FedMedian, "trimmed-mean": FedTrimmedAvg}
 
@@ -122,7 +124,7 @@ class FimiFedAvg(FedAvg):
                  complementary_update: Callable[[list[np.ndarray], int], tuple[list[np.ndarray], int, float]]
                  | None = None,
                  delivery_planner: Callable[[dict[int, dict], dict[int, int]], dict[int, dict]] | None = None,
-                 pricing=None) -> None:
+                 pricing=None, traces=None) -> None:
         check_aggregation(aggregation, trim_beta, norm_bound, norm_screen)
         keys = dict(weighted_by_key=contract.WEIGHT_KEY, arrayrecord_key=contract.ARRAYS_KEY,
                     configrecord_key=contract.CONFIG_KEY)
@@ -152,6 +154,12 @@ class FimiFedAvg(FedAvg):
         self._planned: dict[int, contract.NodePlan] = {}  # node id -> this round's plan
         self._sampled = 0  # nodes this round sampled (the planned ones, and those that sat out)
         self.round_offset = 0  # rounds done before a resume: Flower counts from 1 again
+        # the virtual clock: each round's modeled latency, and the waits for a device to come on
+        self.traces = traces  # strategies.allocation.traces.Traces by partition id, or None
+        self.clock = 0.0  # virtual seconds at the end of the last round (a resumed run sets it)
+        self._waited = 0.0  # this round's wait for a device to come on
+        self._offline: dict[int, str] = {}  # planned node -> why its trace drops it this round
+        self._capacity: dict[int, dict] = {}  # node -> its profile as the trace has it this round
 
     # ------------------------------------------------------------------ sampling and plans
     def plan_round(self, server_round: int, node_ids: list[int]) -> tuple[Plan, list[int]]:
@@ -185,7 +193,7 @@ class FimiFedAvg(FedAvg):
         return plan, []
 
     def _scenario(self, node_ids: list[int]) -> Scenario:
-        devices = [{**self.profiles[n], "id": str(n)} for n in node_ids]
+        devices = [{**self._capacity.get(n, self.profiles[n]), "id": str(n)} for n in node_ids]
         try:
             return parse_scenario({"system": asdict(self.system), "devices": devices})
         except ScenarioError as err:  # a node reported a broken profile
@@ -195,7 +203,10 @@ class FimiFedAvg(FedAvg):
                         grid: Grid) -> Iterable[Message]:
         server_round += self.round_offset
         self._planned, self._sampled = {}, 0  # a round that plans nobody accounts for nobody
+        self._waited, self._offline, self._capacity = 0.0, {}, {}
         online = wait_for_nodes(grid, self.min_train_nodes, self.node_wait_s, accept=lambda n: n in self.profiles)
+        if self.traces is not None:
+            online = self._switched_on(server_round, online)
         if not online:
             log(WARNING, "round %d: no node online, nothing to train", server_round)
             return []
@@ -204,6 +215,8 @@ class FimiFedAvg(FedAvg):
                            replace=False)  # indices: node ids are 64-bit
         sampled = sorted(online[i] for i in picks)
         self._sampled = len(sampled)
+        if self.traces is not None:
+            self._capacity = {n: self._traced_profile(n, len(sampled)) for n in sampled}
         plan, planned_ids = self.plan_round(server_round, sampled)
         if self.on_plan:
             self.on_plan(server_round, plan, planned_ids)
@@ -220,13 +233,55 @@ class FimiFedAvg(FedAvg):
         if self.pricing is not None and self._planned:  # one price for every device, in its plan
             price = self.pricing.price_round(server_round, {n: p.d_gen for n, p in self._planned.items()})
             self._planned = {n: replace(p, gen_price=price) for n, p in self._planned.items()}
+        if self.traces is not None:
+            self._offline = self._going_off(self._planned)
         sent = contract.global_model_record(arrays)
         messages = [Message(content=contract.train_message_content(sent, node_plan, config),
                             message_type=MessageType.TRAIN, dst_node_id=node_id)
-                    for node_id, node_plan in self._planned.items()]
+                    for node_id, node_plan in self._planned.items() if node_id not in self._offline]
         log(INFO, "round %d: planned %d device(s), modeled energy %.4g J", server_round, len(planned_ids),
             plan.energy_j if plan.feasible else float("nan"))
         return messages
+
+    # ------------------------------------------------------------------ traces and the virtual clock
+    def _partition(self, node_id: int) -> int:
+        return int(self.profiles[node_id][contract.PARTITION_FIELD])
+
+    def _switched_on(self, server_round: int, online: list[int]) -> list[int]:
+        """The online nodes whose trace has them on at the clock; where none is, the clock first
+        jumps to when the first one comes on (said in the log, and in rounds.csv's
+        virtual_wait_s)."""
+        start = self.traces.round_start(self.clock, [self._partition(n) for n in online])
+        if start is None:
+            log(WARNING, "round %d: no device's trace comes on again after virtual t=%.0f s: nothing to train",
+                server_round, self.clock)
+            return []
+        if start > self.clock:
+            log(WARNING, "round %d: no device is on at virtual t=%.0f s; the clock jumps %.0f s to t=%.0f s, when "
+                "the first comes on", server_round, self.clock, start - self.clock, start)
+            self._waited, self.clock = start - self.clock, start
+        return [n for n in online if self.traces.available(self._partition(n), self.clock)]
+
+    def _traced_profile(self, node_id: int, sampled: int) -> dict:
+        """The node's profile scaled by its trace's capacity at the clock; the uplink factor is
+        taken at an equal share of the round's band (the planner's FDMA)."""
+        cpu, uplink = self.traces.capacity_at(self._partition(node_id), self.clock)
+        return scaled_profile(self.profiles[node_id], cpu, uplink, self.system.noise_w_per_hz,
+                              self.system.bandwidth_hz / max(1, sampled))
+
+    def _going_off(self, planned: dict[int, contract.NodePlan]) -> dict[int, str]:
+        """Planned nodes whose trace turns them off before their part of the round ends (the
+        clock + their planned t_cmp + t_com), with the reason. They are sent nothing: the server
+        holds the trace, so the update is known lost before it is trained, and a simulated node
+        need not spend real seconds on it."""
+        going = {}
+        for node_id, plan in planned.items():
+            end = self.clock + plan.t_cmp_s + plan.t_com_s
+            off = self.traces.off_at(self._partition(node_id), self.clock, end)
+            if off is not None:
+                going[node_id] = (f"went offline at virtual t={off:.1f} s, mid-round (its planned part ended at "
+                                  f"t={end:.1f} s; device trace)")
+        return going
 
     def _error_demand(self, node_id: int) -> float:
         """The relative error the node's update may carry (its profile's quant_error), under
@@ -309,7 +364,9 @@ class FimiFedAvg(FedAvg):
                 candidates.append((node_id, message, Message(self.decode_reply(message), reply_to=message)))
             except contract.ReplyError as err:
                 drop(figures, str(err), "unusable")
-        for node_id in sorted(set(self._planned) - answered):
+        for node_id in sorted(self._offline):
+            drop(nodes[node_id], self._offline[node_id], "offline")
+        for node_id in sorted(set(self._planned) - answered - set(self._offline)):
             if node_id in about_node:
                 reason = f"no reply ({about_node[node_id]})"
             elif foreign_errors:
@@ -339,9 +396,13 @@ class FimiFedAvg(FedAvg):
             used.append(node_id)
         node_metrics = [m.content[contract.METRICS_KEY] for m in decoded]
         train_seconds = [float(r["train-seconds"]) for r in node_metrics]
+        latency = float(max((self._planned[n].t_cmp_s + self._planned[n].t_com_s for n in used), default=0.0))
+        # the clock moves by the round's latency; where no update came, by the planned round (the
+        # devices that went off were still in it), so a round of drops cannot stop the clock
+        self.clock += latency if used else max((p.t_cmp_s + p.t_com_s for p in self._planned.values()), default=0.0)
         costs = MetricRecord({
             "energy-j": float(sum(nodes[n]["energy_j"] for n in used)),
-            "latency-s": float(max((self._planned[n].t_cmp_s + self._planned[n].t_com_s for n in used), default=0.0)),
+            "latency-s": latency, "virtual-s": self.clock, "virtual-wait-s": self._waited,
             "uplink-bytes": wire_bytes, "sampled": self._sampled, "updates": len(decoded), "dropped": sum(dropped.values()),
             **{f"dropped-{kind}": count for kind, count in dropped.items()}, "clipped": clipped,
             **self.screen.last,
@@ -409,7 +470,7 @@ class FimiFedAvg(FedAvg):
         if bits == plan.bits:
             return plan.modeled_energy_j
         e_com = upload_energy(plan.b_hz, plan.t_com_s, update_bits(self.system.model_params, bits),
-                              self.profiles[node_id]["gain"], self.system.noise_w_per_hz)
+                              self._capacity.get(node_id, self.profiles[node_id])["gain"], self.system.noise_w_per_hz)
         return plan.e_cmp_j + float(e_com)
 
     def _node_figures(self, node_id: int, plan: contract.NodePlan) -> dict:

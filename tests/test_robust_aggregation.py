@@ -130,7 +130,8 @@ def test_rounds_csv_counts_the_drops_by_class_and_drops_csv_gives_their_reasons(
     (row,) = read_rounds(tmp_path / "rounds.csv")
     assert row["updates"] == 3 and row["dropped"] == 3
     by_class = {key: row[key] for key in DROPPED_BY_CLASS}
-    assert by_class == {"dropped_no_reply": 0, "dropped_unusable": 1, "dropped_norm": 1, "dropped_duplicate": 1}
+    assert by_class == {"dropped_no_reply": 0, "dropped_unusable": 1, "dropped_norm": 1, "dropped_duplicate": 1,
+                        "dropped_offline": 0}
     labels = {str(strategy.profiles[n].get("partition_id", n)) for n in (nodes[3], nodes[4])}
     assert set(row["dropped_nodes"].split(";")) == labels, "a node whose first update was merged is not named"
     drops = (tmp_path / "drops.csv").read_text()
