@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import functools
 import os
+import sys
 import time
 from dataclasses import dataclass, replace
 from logging import INFO, WARNING
@@ -316,6 +317,17 @@ def process_started_at() -> float | None:
     return time.time() - (uptime - ticks / os.sysconf("SC_CLK_TCK"))
 
 
+def ray_node() -> str:
+    """The Ray node this ClientApp runs on (the simulation engine runs it in a Ray actor, on
+    whichever node of the cluster Ray placed it), "" elsewhere. Ray is only asked where this
+    process loaded it already: a deployment engine's or a board's ClientApp never imports it."""
+    ray = sys.modules.get("ray")
+    try:
+        return ray.get_runtime_context().get_node_id() if ray is not None and ray.is_initialized() else ""
+    except Exception:  # noqa: BLE001 - a report column, never a reason to fail the round
+        return ""
+
+
 @app.train()
 def train(message: Message, context: Context) -> Message:
     """The local step, metered by the board's rails where the node has them."""
@@ -329,7 +341,8 @@ def train(message: Message, context: Context) -> Message:
         payload, metrics, note = local_step(message, context, plan)
     finally:  # a failed step still joins the meter's thread (a warm process lives on)
         reading = meter.stop() if meter is not None else None
-    metrics = replace(metrics, process_started_at=process_started_at(), handler_started_at=handler_started_at)
+    metrics = replace(metrics, process_started_at=process_started_at(), handler_started_at=handler_started_at,
+                      ray_node=ray_node())
     if reading is not None and reading.joules is not None:
         metrics = replace(metrics, measured_energy_j=reading.joules, measured_s=reading.seconds)
     if reading is not None:

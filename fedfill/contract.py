@@ -18,7 +18,9 @@ each other, so a key or a field is named once.
   TRAIN reply     ArrayRecord "update": one Array whose bytes are the codec's payload
                   (stype CODEC_STYPE); MetricRecord "metrics": TrainMetrics, "num-examples"
                   being the FedAvg weight D_loc + D_gen (FIMI S4); ConfigRecord "note": what
-                  the device did about synthetic data, in words
+                  the device did about synthetic data, in words; ConfigRecord "runtime":
+                  where the ClientApp ran ("ray-node": the Ray node id on Flower's
+                  simulation engine), left out where there is nothing to say
 """
 
 from __future__ import annotations
@@ -37,6 +39,8 @@ PROFILE_KEY = "profile"
 UPDATE_KEY = "update"
 METRICS_KEY = "metrics"
 NOTE_KEY = "note"
+RUNTIME_KEY = "runtime"
+RAY_NODE_KEY = "ray-node"
 CODEC_STYPE = f"fedfill.codec/v{CODEC_VERSION}"  # Array.stype of a quantized update
 
 # A device profile as the planner reads it (scenario JSON device fields, SI units). The
@@ -297,13 +301,17 @@ class TrainMetrics:
     # round's seconds go (devices.csv's delivery_s, launch_s, handler_s). None: not known.
     process_started_at: float | None = None
     handler_started_at: float | None = None
+    # The Ray node the ClientApp ran on (simulation engine; "" elsewhere). Text, so it travels
+    # in the reply's "runtime" ConfigRecord: a MetricRecord holds numbers only, and Flower
+    # averages it.
+    ray_node: str = ""
 
     def to_record(self) -> MetricRecord:
         """Plain ints and floats (a numpy scalar would pass MetricRecord's check and fail when
-        Flower counts the reply's bytes); a figure that is None is left out."""
+        Flower counts the reply's bytes); a figure that is None is left out, text is not a metric."""
         cast = {"int": int, "float": float}
         return MetricRecord({f.name.replace("_", "-"): cast[f.type.split(" ")[0]](getattr(self, f.name))
-                             for f in fields(self) if getattr(self, f.name) is not None})
+                             for f in fields(self) if getattr(self, f.name) is not None and f.type != "str"})
 
 
 WEIGHT_KEY = "num-examples"  # Flower's FedAvg weighted_by_key
@@ -322,6 +330,8 @@ def train_reply(payload: bytes, metrics: TrainMetrics, note: str) -> RecordDict:
     records = {UPDATE_KEY: ArrayRecord({"payload": update}), METRICS_KEY: metrics.to_record()}
     if note:
         records[NOTE_KEY] = ConfigRecord({"note": note})
+    if metrics.ray_node:
+        records[RUNTIME_KEY] = ConfigRecord({RAY_NODE_KEY: metrics.ray_node})
     return RecordDict(records)
 
 
@@ -384,6 +394,19 @@ def node_figure(metrics, key: str) -> float | None:
         return float(_figure(metrics[key], f"metric '{key}'")) if key in metrics else None
     except ReplyError:
         return None
+
+
+MAX_RAY_NODE = 128  # Ray's node ids are 56 hex digits; a longer text is no node id
+
+
+def read_ray_node(content: RecordDict) -> str:
+    """The Ray node a reply's ClientApp ran on, or "" where it sent none or one that is not a
+    Ray node id (hex digits): a report column, never a reason to drop the update."""
+    record = content.config_records.get(RUNTIME_KEY)
+    node = record.get(RAY_NODE_KEY, "") if record is not None else ""
+    if not isinstance(node, str) or not 0 < len(node) <= MAX_RAY_NODE:
+        return ""
+    return node if all(c in "0123456789abcdefABCDEF" for c in node) else ""
 
 
 def reply_bytes(content: RecordDict) -> int:

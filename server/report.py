@@ -26,7 +26,8 @@ train_s (the device's clock); where the rest of the node's part of the round wen
 (from the server's push to the ClientApp's train handler), launch_s (the part of it from the
 ClientApp process's start: imports and Flower's hand-over), handler_s (from the handler's start
 to its reply: data, training, quantizing) and upload_s (server.timed_grid: from the reply's
-creation to the server holding it); reply_bytes (the reply's records as Flower counts them), and status "used" or "dropped" with the reason. upload.png plots measured against
+creation to the server holding it); reply_bytes (the reply's records as Flower counts them), status "used" or "dropped" with the reason, and ray_node (the Ray node id the
+ClientApp ran on, simulation engine; empty elsewhere). upload.png plots measured against
 modeled upload seconds, energy.png measured against modeled local-step energy.
 Rows of a round are written with its rounds.csv row, so a resumed run rewrites none twice.
 """
@@ -68,11 +69,11 @@ NODES_CSV = "devices.csv"
 NODE_COLUMNS = ("round", "node", "partition_id", "bits_planned", "bits", "error_demand", "error_expected",
                 "error_measured", "t_cmp_s", "t_com_s", "energy_j", "e_cmp_j", "measured_energy_j", "measured_s",
                 "plan_uplink_bps", "train_s", "delivery_s", "launch_s", "handler_s", "upload_s", "reply_bytes",
-                "status", "reason", "gen_planned", *GENERATION_COLUMNS,
+                "status", "reason", "ray_node", "gen_planned", *GENERATION_COLUMNS,
                 *(key.replace("-", "_") for key in contract.PRICING_METRICS))
 NODE_INTEGER_COLUMNS = {"round", "node", "partition_id", "bits_planned", "bits", "reply_bytes", *GENERATION_INTEGERS,
                         "gen_images", "gen_local_steps"}
-NODE_TEXT_COLUMNS = {"status", "reason", "gen_planned"}
+NODE_TEXT_COLUMNS = {"status", "reason", "ray_node", "gen_planned"}
 DROP_COLUMNS = ("round", "node", "reason")
 
 

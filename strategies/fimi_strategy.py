@@ -41,7 +41,7 @@ from strategies.screening import NormScreen
 NODE_FIGURES = ("node", "partition_id", "bits_planned", "bits", "error_demand", "error_expected", "error_measured",
                 "t_cmp_s", "t_com_s", "energy_j", "e_cmp_j", "measured_energy_j", "measured_s", "plan_uplink_bps",
                 "train_s", "delivery_s", "launch_s", "handler_s", "upload_s", "reply_bytes", "status", "reason",
-                "gen_planned", *(name.replace("-", "_") for name in contract.GENERATION_METRICS),
+                "ray_node", "gen_planned", *(name.replace("-", "_") for name in contract.GENERATION_METRICS),
                 *(name.replace("-", "_") for name in contract.PRICING_METRICS))
 DEMANDING_POLICIES = ("ondemand", "fimi+ondemand")  # plans whose bits answer each device's error demand
 # Why an update was not merged, by class: the round's MetricRecord counts each as dropped-<class>
@@ -354,6 +354,7 @@ class FimiFedAvg(FedAvg):
                 size = contract.reply_bytes(message.content)
                 wire_bytes += size
                 figures.update(reply_bytes=size, upload_s=self.upload_seconds(message),
+                               ray_node=contract.read_ray_node(message.content),
                                **timeline(message, self.pushed_at(message)))
             if node_id in answered:
                 drop(figures, "duplicate: a second reply from this node in the round (one update per node "
@@ -484,7 +485,8 @@ class FimiFedAvg(FedAvg):
                 "plan_uplink_bps": (float(update_bits(self.system.model_params, plan.bits))
                                                       / plan.t_com_s if plan.t_com_s > 0 else None),
                 "train_s": None, "delivery_s": None, "launch_s": None, "handler_s": None, "upload_s": None,
-                "reply_bytes": None, "status": "used", "reason": "", "gen_planned": delivery_label(plan),
+                "reply_bytes": None, "status": "used", "reason": "", "ray_node": "",
+                "gen_planned": delivery_label(plan),
                 **{key.replace("-", "_"): None for key in (*contract.GENERATION_METRICS, *contract.PRICING_METRICS)}}
 
 

@@ -54,6 +54,21 @@ def test_a_train_reply_carries_the_codec_bytes_and_the_figures():
     assert contract.read_train_reply(silent)[2] == "" and contract.reply_bytes(silent) > len(payload)
 
 
+def test_the_ray_node_travels_as_text_beside_the_metrics():
+    """Where the ClientApp ran (a Ray node id) is text: in the reply's runtime record, never in
+    the MetricRecord Flower averages; anything that is not a node id reads as none."""
+    payload = encode([np.zeros((2, 2), dtype=np.float32)], 8, np.random.default_rng(0))
+    metrics = contract.TrainMetrics(num_examples=10, d_gen_used=0, train_seconds=0.1, train_loss=0.5,
+                                    upload_bytes=len(payload), modeled_energy_j=0.01, ray_node="ab" * 28)
+    content = contract.train_reply(payload, metrics, "")
+    assert "ray-node" not in metrics.to_record() and contract.read_ray_node(content) == "ab" * 28
+    assert contract.read_train_reply(content)[1] == contract.read_train_reply(
+        contract.train_reply(payload, replace(metrics, ray_node=""), ""))[1]
+    assert contract.read_ray_node(contract.train_reply(payload, replace(metrics, ray_node=""), "")) == ""
+    for junk in ("not a node", "f" * 500):
+        assert contract.read_ray_node(contract.train_reply(payload, replace(metrics, ray_node=junk), "")) == ""
+
+
 def test_a_plain_numpy_array_is_not_taken_for_a_codec_payload():
     content = RecordDict({contract.UPDATE_KEY: ArrayRecord({"payload": Array(np.zeros(4, np.uint8))}),
                           contract.METRICS_KEY: contract.TrainMetrics(1, 0, 0.0, 0.0, 0, 0.0).to_record()})

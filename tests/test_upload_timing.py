@@ -128,7 +128,7 @@ def node_row(node_id, partition, status="used", reason="", upload=0.2, measured_
             "measured_s": 1.2 if measured_j is not None else None, "plan_uplink_bps": 1e5,
             "train_s": 1.0 if status == "used" else None,
             "upload_s": upload if status == "used" else None, "reply_bytes": 1000 if status == "used" else None,
-            "status": status, "reason": reason, "gen_planned": ""}
+            "status": status, "reason": reason, "ray_node": "", "gen_planned": ""}
 
 
 def test_the_report_writes_nodes_names_the_dropped_and_resumes(tmp_path):
@@ -151,7 +151,7 @@ def test_the_report_writes_nodes_names_the_dropped_and_resumes(tmp_path):
     # Flower's node ids are 64-bit: read back exactly, not through a float
     assert nodes[5] == {"round": 2, "node": 2**64 - 3, "bits_planned": 8, "error_demand": 1e-3, "t_cmp_s": 40.0,
                         "t_com_s": 20.0, "e_cmp_j": 0.3, "plan_uplink_bps": 1e5, "status": "dropped",
-                        "reason": "no reply before the timeout", "gen_planned": ""}
+                        "reason": "no reply before the timeout", "ray_node": "", "gen_planned": ""}
     report.plot()
     assert (tmp_path / "upload.png").stat().st_size > 0 and (tmp_path / "accuracy.png").exists()
     assert (tmp_path / "energy.png").stat().st_size > 0, "measured against modeled energy where a board measured"
