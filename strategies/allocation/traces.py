@@ -350,7 +350,8 @@ def from_fedscale(behave, capacity, nodes: int | None = None) -> Traces:
         period = _number(record["finish_time"], f"client {cid} finish_time", positive=True)
         intervals = [[_number(a, f"client {cid} active time"), _number(i, f"client {cid} inactive time")]
                      for a, i in zip(active, inactive)]
-        data = {"on": [[a, min(i, period)] for a, i in intervals if a < period],  # past finish_time: never reached
+        # past finish_time: never reached; of no length: never on (a reversed one is refused below)
+        data = {"on": [[a, min(i, period)] for a, i in intervals if a < period and a != i],
                 "capacity": [[0.0, float(ms_median / ms), float(kbps / kbps_median)]], "source": f"fedscale:{cid}"}
         devices[k] = parse_device(data, f"{k} (FedScale client {cid})", period)
     return Traces(devices)
