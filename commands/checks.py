@@ -14,8 +14,12 @@ Three stages, cheapest first, so that a typo costs no data loading:
 
 from __future__ import annotations
 
+import json
 import logging
 import math
+import socket
+import subprocess
+import sys
 from contextlib import contextmanager
 from dataclasses import fields, replace
 
@@ -404,3 +408,67 @@ def check_job(job: RunConfig, node_configs: list[dict] | None = None) -> None:
     profiles = planned_profiles(job, configs, [len(p) for p in partitions], load_job(job).preset)
     if profiles is not None:
         check_first_plan(job, profiles)
+
+
+# ---------------------------------------------------------------------------- a Ray cluster
+RAY_CONNECT_TIMEOUT_S = 5.0  # a TCP connection to the head's GCS port
+RAY_PROBE_TIMEOUT_S = 30.0  # a Ray driver's connection and its look at the nodes (about 1 s here)
+# Run as a driver of its own, in a process of its own: ray.init retries an address that does not
+# answer for a minute or more, and a timeout here ends the process, never this one.
+_RAY_PROBE = """
+import json, sys, ray
+ray.init(address=sys.argv[1], logging_level="ERROR", log_to_driver=False, include_dashboard=False)
+nodes = [{"id": n["NodeID"], "ip": n["NodeManagerAddress"], "cpus": n["Resources"].get("CPU", 0),
+          "gpus": n["Resources"].get("GPU", 0)} for n in ray.nodes() if n["Alive"] and n["Resources"]]
+print(json.dumps({"ray": ray.__version__, "here": ray.util.get_node_ip_address(), "nodes": nodes}))
+"""
+
+
+def check_ray_cluster(option: str, address: str, cpus: int, gpus: float, *, local_generator: bool = False) -> str:
+    """The Ray cluster at `address` (HOST:PORT of its head, or auto) answers a driver of this
+    interpreter (the same Python and Ray versions: Ray refuses others) within seconds, and one
+    of its nodes has room for a ClientApp of `cpus` CPUs and `gpus` of a GPU (Flower sizes its
+    actor pool node by node the same way, and stops the run, minutes in, where no node has).
+    With the generation service started here (`local_generator`), every node must be on this
+    machine: the service listens on loopback. Returns the cluster in words; UsageError otherwise."""
+    if "://" in address:
+        raise UsageError(f"{option} {address}: a Ray Client address; give the head's GCS address HOST:PORT "
+                         "(what `ray start --head` prints, port 6379 by default)")
+    if address != "auto":
+        host, sep, port = address.rpartition(":")
+        if not sep or not host or not port.isdigit() or not 1 <= int(port) <= 65535:
+            raise UsageError(f"{option} {address}: expected HOST:PORT of the Ray head (port 6379 by default) or auto")
+        try:
+            socket.create_connection((host.strip("[]"), int(port)), timeout=RAY_CONNECT_TIMEOUT_S).close()
+        except OSError as err:
+            raise UsageError(f"{option} {address}: no Ray cluster answers there ({err.strerror or err}); start "
+                             f"one with `ray start --head --port {port}` or give the address its head printed") from None
+    try:
+        probe = subprocess.run([sys.executable, "-c", _RAY_PROBE, address], capture_output=True, text=True,
+                               timeout=RAY_PROBE_TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        raise UsageError(f"{option} {address}: no Ray answered a driver there within {RAY_PROBE_TIMEOUT_S:.0f} s "
+                         "(is it the head's GCS port, the one `ray start --head` printed?)") from None
+    if probe.returncode != 0:
+        lines = [line.strip() for line in probe.stderr.splitlines() if line.strip()]
+        reason = next((line for line in reversed(lines) if "Error" in line or "error" in line), lines[-1] if lines else "")
+        raise UsageError(f"{option} {address}: a Ray driver could not join the cluster: {reason[:400]}")
+    found = json.loads(probe.stdout.strip().splitlines()[-1])
+    nodes = found["nodes"]
+    # Flower's pool_size_from_resources: whole ClientApps per node, GPUs only where asked for
+    fits = [int(n["cpus"] // cpus) if not gpus else min(int(n["cpus"] // cpus), int(n["gpus"] / gpus))
+            for n in nodes]
+    if sum(fits) == 0:
+        have = ", ".join(f"{n['cpus']:g} CPUs" + (f" {n['gpus']:g} GPUs" if n["gpus"] else "") for n in nodes)
+        raise UsageError(f"{option} {address}: no node of the cluster ({have or 'no node with resources'}) has room "
+                         f"for a ClientApp of {cpus} CPUs" + (f" and {gpus:g} GPU" if gpus else "")
+                         + "; lower --client-cpus" + (" or --client-gpus" if gpus else "") + " or add nodes")
+    elsewhere = sorted({n["ip"] for n in nodes} - {found["here"]})
+    if local_generator and elsewhere:
+        raise UsageError(f"{option} {address}: nodes on other machines ({', '.join(elsewhere)}) cannot reach the "
+                         "generation service --generator auto starts on this machine's loopback; start one they "
+                         "reach and pass --generator HOST:PORT, or run with --generator none")
+    total = sum(n["cpus"] for n in nodes)
+    gpu_total = sum(n["gpus"] for n in nodes)
+    return (f"Ray {found['ray']}, {len(nodes)} node{'s' if len(nodes) != 1 else ''}, {total:g} CPUs"
+            + (f", {gpu_total:g} GPUs" if gpu_total else "") + f", room for {sum(fits)} ClientApps at a time")

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import signal
 import subprocess
 import sys
@@ -66,6 +67,15 @@ def add_arguments(parser) -> None:
     parser.add_argument("--generator-checkpoint", metavar="DIR",
                         help="with --generator auto: the checkpoint the service serves (default: the shipped digits "
                              "diffusion model; generation/checkpoints/digits-gan is the GAN baseline's)")
+    parser.add_argument("--ray-address", metavar="HOST:PORT|auto",
+                        help="simulation engine: run the ClientApps on the Ray cluster whose head is at HOST:PORT "
+                             "(what `ray start --head` prints; auto: the one `ray start` left on this machine); "
+                             "default: $RAY_ADDRESS, else a Ray of the run's own on this machine")
+    parser.add_argument("--client-cpus", type=int, default=1, metavar="N",
+                        help="simulation engine: CPUs Ray reserves for each ClientApp (a whole number; default 1)")
+    parser.add_argument("--client-gpus", type=float, default=0.0, metavar="F",
+                        help="simulation engine: the share of a GPU Ray reserves for each ClientApp (0.25: four "
+                             "share a GPU; default 0)")
     parser.add_argument("--superlink", metavar="HOST:PORT",
                         help="run on a SuperLink that is already up with its nodes (a testbed, boards) instead of "
                              "starting an engine; the report directory must be the same path on its machine")
@@ -137,11 +147,50 @@ def check_launcher_options(args) -> None:
                          "the SuperLink's TLS certificate)")
     if args.superlink:
         check_address("--superlink", args.superlink)
+    check_ray_options(args)
     if args.generator not in ("auto", "none"):
         check_address("--generator", args.generator, "auto, none or HOST:PORT of a running generation service")
     if not (math.isfinite(args.timeout) and args.timeout > 0):
         raise UsageError(f"--timeout {args.timeout}: must be a positive number of seconds")
     check_report_dir("--out", Path(args.out))
+
+
+def check_ray_options(args) -> None:
+    """--ray-address (or $RAY_ADDRESS) and the per-ClientApp resources: the simulation engine's,
+    and a cluster that answers and has room for one ClientApp (commands.checks.check_ray_cluster,
+    a few seconds) before anything starts."""
+    simulation = args.engine == "simulation" and not args.superlink
+    given = "--ray-address" if args.ray_address else "RAY_ADDRESS"
+    if args.ray_address and not simulation:
+        raise UsageError(f"--ray-address {args.ray_address}: Ray runs Flower's simulation engine; leave out "
+                         + ("--superlink" if args.superlink else "--engine deployment"))
+    # the environment's address is for every Ray tool: it steers the simulation engine only
+    args.ray_address = (args.ray_address or os.environ.get("RAY_ADDRESS") or None) if simulation else None
+    if args.ray_address == "local":  # Ray's own word for a Ray of this process's own
+        args.ray_address = None
+    if args.client_cpus < 1:
+        raise UsageError(f"--client-cpus {args.client_cpus}: at least 1 (Flower reserves whole CPUs)")
+    if not (math.isfinite(args.client_gpus) and args.client_gpus >= 0):
+        raise UsageError(f"--client-gpus {args.client_gpus}: 0 or a positive share of a GPU")
+    if not simulation and (args.client_cpus != 1 or args.client_gpus != 0):
+        raise UsageError("--client-cpus and --client-gpus size the simulation engine's ClientApps; "
+                         "leave out " + ("--superlink" if args.superlink else "--engine deployment"))
+    if args.ray_address and getattr(args, "ray_cluster_at", None) != args.ray_address:  # once per address
+        from commands.checks import check_ray_cluster
+
+        args.ray_cluster_at = args.ray_address
+        args.ray_cluster = check_ray_cluster(given, args.ray_address, args.client_cpus, args.client_gpus,
+                                             local_generator=args.generator == "auto")
+
+
+def simulation_options(args) -> list[str]:
+    """`flwr run`'s federation config of a simulation: the nodes and each ClientApp's Ray
+    resources. Flower 1.41 takes no Ray address here (nor num_cpus when Ray is a cluster's:
+    ray.init refuses them then); the simulation's Ray finds the cluster by RAY_ADDRESS."""
+    config = f"num-supernodes={args.num_partitions} client-resources-num-cpus={args.client_cpus}"
+    if args.client_gpus:
+        config += f" client-resources-num-gpus={args.client_gpus!r}"
+    return ["--federation-config", config]
 
 
 def parse_kill_at(specs: list, nodes: int, rounds: int) -> list:
@@ -198,6 +247,8 @@ def run(args) -> int:
     home = out / ".flwr"
     env = flower_environment(home)
     engine = f"the SuperLink at {args.superlink}" if args.superlink else f"{args.engine} engine"
+    if getattr(args, "ray_cluster", None):
+        engine += f" on the Ray cluster at {args.ray_address} ({args.ray_cluster})"
     sampled = sampled_count(args.num_partitions, job.fraction_train, job.min_train_nodes)
     print(f"fedfill run: {job.job} job, {job.policy} on {args.dataset}, {args.num_partitions} nodes"
           + (f" ({sampled} sampled a round)" if sampled < args.num_partitions else "")
@@ -220,10 +271,14 @@ def run(args) -> int:
             if args.superlink:
                 address, certificates = args.superlink, args.root_certificates or None
             elif args.engine == "simulation":
+                # The simulation's ray.init (Flower's RayBackend, no address given) reads RAY_ADDRESS:
+                # a cluster's, or "local", a Ray of the run's own even where `ray start` left one
+                # on this machine (ray.init would attach to that one otherwise).
+                env = {**env, "RAY_ADDRESS": args.ray_address or "local"}
                 federation = LocalSimulation(out / "logs", env=env)
                 # Flower's simulation settings travel with the run, not in the connection
                 # (`options.` there is deprecated in 1.41).
-                simulation = ["--federation-config", f"num-supernodes={args.num_partitions} client-resources-num-cpus=1"]
+                simulation = simulation_options(args)
             else:
                 federation = LocalFederation(out / "logs", env=env, node_configs=configs, clientapp=args.clientapp,
                                              kill_at=args.kill_at)
