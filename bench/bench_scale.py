@@ -13,8 +13,8 @@ the fleet's, not the generator's. A round is the mean of rounds 2-3's `wall_s` (
 Ray workers' first imports); start-up is the command's start to round 0's row in rounds.csv,
 and `profiles` the start to profiles.json (the checks, the engine's start and the QUERY of every
 device). Memory: the resident set of every process of the run's tree, summed, sampled every
-0.5 s (psutil, else /proc); `driver` is `fedfill run`, `flwr run`, the SuperLink and the
-ServerApp's process, `ray` Ray's (GCS, raylet, workers: on the cluster, the cluster's processes
+0.5 s (psutil, else /proc); `driver` is `fedfill run` and `flwr run` (cli), the SuperLink, and
+the ServerApp's process (simulation: Flower runs its simulation engine there too), `ray` Ray's (GCS, raylet, workers: on the cluster, the cluster's processes
 too, idle ones included), the generation service apart. The planner's share is the plan's
 `solve_seconds` (plan_round_N.json) over the round. Last, the planner alone (solve_plan, no
 Flower) on the fimi preset at 10,000 devices, as if every device of a fleet were planned.
@@ -45,6 +45,7 @@ sys.path.insert(0, str(ROOT))
 
 GAN = ROOT / "generation" / "checkpoints" / "digits-gan"
 MiB = 1024 * 1024
+DRIVER = ("cli", "superlink", "simulation")  # the driver's processes (module docstring)
 
 
 def process_tree(pid: int) -> list[int]:
@@ -89,8 +90,12 @@ def rss_and_role(pid: int) -> tuple[int, str] | None:
     elif (name.startswith("ray::") or cmdline.startswith("ray::") or "raylet" in cmdline or "gcs_server" in cmdline
           or "/ray/" in cmdline or "default_worker" in cmdline):
         role = "ray"
+    elif "flower-superlink" in cmdline:
+        role = "superlink"
+    elif "flwr-simulation" in cmdline:
+        role = "simulation"  # the ServerApp and Flower's simulation engine (its per-node state)
     else:
-        role = "driver"
+        role = "cli"  # fedfill run, flwr run
     return rss, role
 
 
@@ -99,19 +104,17 @@ class MemorySampler:
 
     def __init__(self, roots: list[int], exclude: set[int] | None = None):
         self.roots, self.exclude = roots, exclude or set()
-        self.peak = {"driver": 0, "ray": 0, "generator": 0, "total": 0}
-        self.first_driver: int | None = None
+        self.peak = dict.fromkeys((*DRIVER, "driver", "ray", "generator", "total"), 0)
 
     def sample(self) -> None:
-        sums = {"driver": 0, "ray": 0, "generator": 0}
+        sums = dict.fromkeys((*DRIVER, "ray", "generator"), 0)
         pids = {pid for root in self.roots for pid in process_tree(root)} - self.exclude  # the trees overlap
         for pid in pids:
             found = rss_and_role(pid)
             if found:
                 sums[found[1]] += found[0]
         sums["total"] = sum(sums.values())
-        if self.first_driver is None and sums["driver"]:
-            self.first_driver = sums["driver"]
+        sums["driver"] = sum(sums[role] for role in DRIVER)
         for key, value in sums.items():
             self.peak[key] = max(self.peak[key], value)
 
@@ -226,7 +229,6 @@ def run_config(nodes: int, sampled: int, rounds: int, timeout: float, ray_addres
         "round_s": sum(later) / len(later) if later else None,
         "plan_s": sum(plan_later) / len(plan_later) if plan_later else None,
         "peak_mib": {k: v / MiB for k, v in sampler.peak.items()},
-        "driver_first_mib": (sampler.first_driver or 0) / MiB,
         "profiles_json_bytes": size("profiles.json"), "devices_csv_rows": len(devices),
         "ray_nodes_used": len(ran_on),
     }
@@ -290,6 +292,33 @@ def planner_time(devices: int) -> dict:
     plan = solve_plan(scenario, "fimi")
     return {"devices": devices, "draw_s": drawn, "solve_s": time.perf_counter() - started,
             "feasible": bool(getattr(plan, "feasible", True))}
+
+
+def flower_poll_sweep(nodes: int, in_flight: int) -> float | None:
+    """Seconds of one sweep of Flower 1.41's simulation engine over its nodes
+    (vce_api.add_messages_to_queue: get_message_ins for every node, then 0.1 s of sleep, in the
+    ServerApp's process), with `in_flight` messages in the in-memory LinkState: each call scans
+    every stored message, so a sweep is nodes x in-flight. Its real code on stand-in messages
+    (only the fields it reads); None where Flower's internals moved."""
+    from types import SimpleNamespace as NS
+
+    try:
+        from flwr.server.superlink.linkstate.in_memory_linkstate import InMemoryLinkState
+        from flwr.supercore.object_store import ObjectStoreFactory
+        from flwr.superlink.federation.noop_federation_manager import NOOP_FEDERATION_ID, NoOpFederationManager
+
+        state = InMemoryLinkState(NoOpFederationManager(simulation=True), ObjectStoreFactory().store())
+        state.run_ids[1] = NS(run=NS(federation_id=NOOP_FEDERATION_ID))
+        now = time.time()
+        for k in range(in_flight):  # delivered, awaiting their replies: as in a round
+            state.message_ins_store[str(k)] = NS(metadata=NS(created_at=now, ttl=3600.0, src_node_id=0,
+                                                             dst_node_id=-1 - k, run_id=1, delivered_at="x"))
+        started = time.perf_counter()
+        for node in range(nodes):
+            state.get_message_ins(node_id=node, limit=1)
+        return time.perf_counter() - started
+    except (ImportError, AttributeError, TypeError, KeyError):
+        return None
 
 
 def fmt(value, spec: str, width: int) -> str:
@@ -359,6 +388,10 @@ def main() -> int:
     planner = planner_time(args.planner_devices)
     print(f"\nplanner alone (fimi preset, seed 0): {planner['devices']} devices drawn in {planner['draw_s']:.2f} s, "
           f"planned in {planner['solve_s']:.2f} s")
+    sweeps = {f"{n}x{m}": flower_poll_sweep(n, m) for n in fleets
+              for m in sorted({*sampled_counts, *([n] if n <= 1000 else [])})}  # n x n: the QUERY at start
+    print("Flower's simulation poll, one sweep over the nodes (nodes x messages in flight): "
+          + ", ".join(f"{k} {v * 1000:.0f} ms" if v is not None else f"{k} -" for k, v in sweeps.items()))
     print("start s: to round 0's row; prof s: to profiles.json (checks, engine start, QUERY); rnd2-3: mean wall_s; "
           f"x100: that over the {min(fleets)}-device fleet's, same sampled count and Ray; plan s: the planner's "
           "solve_seconds in rounds 2-3; MiB: peak summed RSS; engine/run/serverapp: the SuperLink serving, flwr "
@@ -382,17 +415,22 @@ def main() -> int:
                 extra = large["nodes"] - small["nodes"]
                 driver = (large["peak_mib"]["driver"] - small["peak_mib"]["driver"]) * MiB / extra
                 profiles = (large["profiles_json_bytes"] - small["profiles_json_bytes"]) / extra
+                parts = {role: (large["peak_mib"].get(role, 0) - small["peak_mib"].get(role, 0)) * MiB / extra
+                         for role in DRIVER}
                 growth.append({"ray": kind, "sampled": sampled, "from": small["nodes"], "to": large["nodes"],
-                               "driver_bytes_per_device": driver, "profiles_json_bytes_per_device": profiles})
+                               "driver_bytes_per_device": driver, "by_process": parts,
+                               "profiles_json_bytes_per_device": profiles})
                 print(f"{kind}, {sampled} sampled: the driver grows {driver / 1024:.1f} KiB a device from "
-                      f"{small['nodes']} to {large['nodes']} (profiles.json: {profiles:.0f} B a device; "
-                      f"devices.csv rows {small['devices_csv_rows']} -> {large['devices_csv_rows']})")
+                      f"{small['nodes']} to {large['nodes']} ("
+                      + ", ".join(f"{role} {value / 1024:.1f}" for role, value in parts.items())
+                      + f"; profiles.json: {profiles:.0f} B a device; devices.csv rows "
+                      f"{small['devices_csv_rows']} -> {large['devices_csv_rows']})")
     print("\n== goals ==")
     for name, ok in goals.items():
         print(f"  [{'met' if ok else 'MISSED'}] {name}")
     if args.out:
         Path(args.out).write_text(json.dumps({"cpus": os.cpu_count(), "load_at_start": load, "runs": results,
-                                              "planner": planner, "driver_growth": growth, "goals": goals},
+                                              "planner": planner, "poll_sweep_s": sweeps, "driver_growth": growth, "goals": goals},
                                              indent=1) + "\n")
     return 0
 
