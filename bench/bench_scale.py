@@ -3,7 +3,7 @@
     python bench/bench_scale.py                 # 100, 1,000, 5,000 devices x 20, 100 sampled, one Ray
                                                 # node and a two-node cluster, 3 rounds each: ~15 min
                                                 # on 2 quiet cores (7 min a Ray), ~23 at load 3-10
-    python bench/bench_scale.py --quick         # 100 and 1,000 devices, 20 sampled, one node (~1 min)
+    python bench/bench_scale.py --quick         # 100 and 1,000 devices, 20 sampled, one node (2.5 min at load 6)
     python bench/bench_scale.py --fleets 5000 --sampled 100 --clusters one --out scale.json
 
 Each configuration is one `fedfill run --dataset synthetic-digits --nodes N --fraction S/N
