@@ -194,6 +194,11 @@ def check_aggregation(aggregation: str, trim_beta: float, norm_bound: float, nor
     if not 0.0 <= trim_beta < 0.5:
         raise ValueError(f"trim-beta {trim_beta} is outside [0, 0.5): trimmed-mean cuts that fraction from "
                          "each tail, and at 0.5 nothing is left")
+    check_norm_screen(norm_screen, norm_bound)
+
+
+def check_norm_screen(norm_screen: str, norm_bound: float) -> None:
+    """ValueError naming a norm screen (strategies.screening) that is not one, or a bad bound."""
     if norm_screen not in NORM_SCREENS:
         raise ValueError(f"unknown norm screen {norm_screen!r}: choose one of {', '.join(NORM_SCREENS)}")
     if not (norm_bound >= 0.0 and norm_bound < float("inf")):  # NaN too

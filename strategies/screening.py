@@ -35,7 +35,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from fedfill.config import check_aggregation
+from fedfill.config import check_norm_screen
 
 NORM_SCREEN_MIN_UPDATES = 3
 ADAPTIVE_FLOOR = 4.0  # x the peak median: at 2 an honest update 2.65x it was lost within 40 rounds
@@ -62,7 +62,7 @@ class NormScreen:
     last: dict = field(default_factory=dict)  # the last round's figures: median, bound
 
     def __post_init__(self) -> None:
-        check_aggregation("fedavg", 0.0, self.bound, self.rule)  # ValueError naming a bad rule or bound
+        check_norm_screen(self.rule, self.bound)
 
     def judge(self, norms: list[float]) -> list[Verdict]:
         norms = [float(n) for n in norms]
