@@ -113,12 +113,12 @@ def generation_capacity(run: RunConfig, context: Context, f_max_hz: float) -> fl
     if given is not None:
         return float(given)
     from generation.checkpoint import parameter_count
-    from generation.config import DEFAULT_CHECKPOINT
+    from generation.config import shipped_checkpoint
     from strategies.allocation.offloading import step_capacity
     from strategies.allocation.presets import model_pass_cycles
 
     checkpoint = str(context.node_config.get(GENERATOR_KEY, "")) or run.generator_checkpoint
-    cycles = model_pass_cycles(parameter_count(Path(checkpoint) if checkpoint else DEFAULT_CHECKPOINT))
+    cycles = model_pass_cycles(parameter_count(Path(checkpoint) if checkpoint else shipped_checkpoint(run.dataset)))
     return step_capacity(f_max_hz, run.pricing_budget_s, cycles)
 
 
@@ -244,9 +244,11 @@ def _generate(run: RunConfig, context: Context, counts: np.ndarray, seed: int, d
             "gen_server_seconds": delivered.server_seconds}
     if delivered.delivery == "image":
         return delivered.images, delivered.labels, fill
+    from generation.config import shipped_checkpoint
     from generation.delivery import finish
 
-    generator = device_generator(str(context.node_config.get(GENERATOR_KEY, "")) or run.generator_checkpoint)
+    generator = device_generator(str(context.node_config.get(GENERATOR_KEY, "")) or run.generator_checkpoint
+                                 or str(shipped_checkpoint(run.dataset)))
     finished = finish(delivered, generator.config, generator.pipe, steps=run.generator_steps,
                       guidance=run.generator_guidance, seed=seed, digest=generator.digest)
     if GENERATOR_KEY not in context.state.config_records:  # the first completed split fill downloaded the generator
@@ -270,14 +272,12 @@ class DeviceGenerator:
 
 @functools.lru_cache(maxsize=2)
 def device_generator(checkpoint: str) -> DeviceGenerator:
-    """`checkpoint` (empty: the shipped digits generator) loaded, with what the cost model
-    needs: its weights' bytes and its cycles per pass ([ODQ]'s cycles per parameter, as the
-    device's training is modeled)."""
+    """`checkpoint` loaded, with what the cost model needs: its weights' bytes and its cycles
+    per pass ([ODQ]'s cycles per parameter, as the device's training is modeled)."""
     from generation.checkpoint import load_generator, parameter_count, weights_bytes, weights_digest
-    from generation.config import DEFAULT_CHECKPOINT
     from strategies.allocation.presets import model_pass_cycles
 
-    path = Path(checkpoint) if checkpoint else DEFAULT_CHECKPOINT
+    path = Path(checkpoint)
     config, pipe = load_generator(path)
     return DeviceGenerator(config, pipe, weights_digest(pipe), weights_bytes(path),
                            model_pass_cycles(parameter_count(path)))

@@ -25,7 +25,7 @@ from dataclasses import fields, replace
 
 from fedfill.codec import MAX_BITS, MIN_BITS
 from fedfill.config import DELIVERIES, RunConfig, check_aggregation, check_attack, key_of, sampled_count
-from fedfill.data import SYNTHETIC_DIGITS, real_dataset
+from fedfill.data import SYNTHETIC_DIGITS, embedded
 from fedfill.errors import UsageError
 from strategies.allocation.scenario import system_range
 
@@ -96,7 +96,7 @@ def check_settings(job: RunConfig) -> None:
         check_learning_fit(job.learning_fit)
     if job.traces:
         check_traces(job.traces, job.num_partitions)
-    if real_dataset(job.dataset).lower() == "digits" and job.data_dir:
+    if embedded(job.dataset) and job.data_dir:
         raise UsageError(f"--data-dir {job.data_dir}: {job.dataset} is embedded and reads no directory; "
                          "name the dataset that lives there (--dataset cifar10, gtsrb, fmnist or cinic10)")
     if job.dataset.lower() == SYNTHETIC_DIGITS and job.job != "classifier":
@@ -119,7 +119,7 @@ def check_traces(path: str, nodes: int) -> None:
 def check_delivery(job: RunConfig) -> None:
     """A delivery mode the service can make: a hand-off step inside the sampler's steps, the
     codec's widths, a sketch factor that divides the image (checked against the generator by
-    the service; here against the embedded digits' 8 pixels where the dataset is digits)."""
+    the service; here against the dataset's images: 8 pixels a side for digits, 28 for mnist5k)."""
     flag = flag_of("delivery")
     if job.delivery not in (*DELIVERIES, "auto"):
         raise UsageError(f"{flag} {job.delivery}: choose one of {', '.join(DELIVERIES)} or auto")
@@ -135,9 +135,13 @@ def check_delivery(job: RunConfig) -> None:
         raise UsageError(f"{flag_of('delivery_state_bits')} {job.delivery_state_bits}: must be in "
                          f"{MIN_BITS}..{MAX_BITS}")
     factor = job.delivery_sketch_factor
-    if job.delivery == "sketch" and (factor < 2 or (real_dataset(job.dataset).lower() == "digits" and 8 % factor)):
+    if job.delivery != "sketch":
+        return
+    side = clients_pool(job).images.shape[1]
+    if factor < 2 or side % factor:
+        divisors = ", ".join(str(r) for r in range(2, side + 1) if side % r == 0)
         raise UsageError(f"{flag_of('delivery_sketch_factor')} {factor}: must be at least 2 and divide the image "
-                         "size (digits: 2, 4 or 8)")
+                         f"size ({job.dataset}: {side} pixels a side, so {divisors})")
 
 
 def check_pricing(job: RunConfig) -> None:

@@ -74,7 +74,8 @@ def measure_curve(train_images: np.ndarray, train_labels: np.ndarray, held_image
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--dataset", default="digits", help="dataset name (see fedfill.data.load_dataset); default digits")
+    parser.add_argument("--dataset", default="digits", help="dataset name (see fedfill.data.load_dataset: digits, mnist5k, or one "
+                        "from --data-root); default digits")
     parser.add_argument("--data-root", help="directory of a real dataset in its published format")
     parser.add_argument("--sizes", nargs="+", default=list(DEFAULT_SIZES), metavar="N",
                         help="training-set sizes; 'all' is the whole public training part (default: %(default)s)")

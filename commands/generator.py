@@ -11,7 +11,7 @@ import numpy as np
 
 from fedfill.errors import UsageError
 
-from generation.config import DEFAULT_CHECKPOINT, MODELS, CheckpointError
+from generation.config import MODELS, CheckpointError, shipped_checkpoint
 from generation.train import GAN_LR
 
 
@@ -23,7 +23,7 @@ def add_arguments(parser) -> None:
     for name, help_text in (("sample", "write generated images to .npz or a .png grid"),
                             ("evaluate", "measure class fidelity, Fréchet distance and copying")):
         p = sub.add_parser(name, help=help_text)
-        p.add_argument("--checkpoint", default=str(DEFAULT_CHECKPOINT), help="default: the shipped digits checkpoint")
+        _add_checkpoint_arguments(p)
         p.add_argument("--steps", type=int, default=20)
         p.add_argument("--guidance", type=float, default=2.0)
         p.add_argument("--seed", type=int, default=0)
@@ -42,7 +42,7 @@ def add_arguments(parser) -> None:
                            "(inception-2015-12-05.pt) if you have it locally: adds the standard FID")
 
     serve = sub.add_parser("serve", help="serve Generate over gRPC (with health checking and a cache)")
-    serve.add_argument("--checkpoint", default=str(DEFAULT_CHECKPOINT))
+    _add_checkpoint_arguments(serve)
     serve.add_argument("--port", type=int, default=50051)
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--cache", default="", help="cache directory (default: CHECKPOINT/cache)")
@@ -58,6 +58,21 @@ def add_arguments(parser) -> None:
     convert.add_argument("--dataset", help="the dataset it was trained on (default: from its recorded command)")
     convert.add_argument("--data-dir", help="where that dataset lives (default: from its recorded command)")
     convert.add_argument("--split-seed", type=int, help="its split seed (default: from its recorded command)")
+
+
+def _add_checkpoint_arguments(p) -> None:
+    p.add_argument("--checkpoint", help="a generator's directory (default: the diffusion model shipped for --dataset)")
+    p.add_argument("--dataset", help="use the diffusion model shipped for this embedded dataset: digits (the "
+                   "default) or mnist5k")
+
+
+def _checkpoint(args) -> str:
+    """The generator sample, evaluate and serve use: --checkpoint, else the one shipped for
+    --dataset (digits by default). Both at once would be two answers to one question."""
+    if args.checkpoint and args.dataset:
+        raise UsageError(f"--checkpoint {args.checkpoint} --dataset {args.dataset}: give one (--dataset picks the "
+                         "generator shipped for it; a checkpoint records its own dataset)")
+    return args.checkpoint or str(shipped_checkpoint(args.dataset or "digits"))
 
 
 def _add_delivery_arguments(p) -> None:
@@ -99,6 +114,9 @@ def _add_train_arguments(train) -> None:
     train.add_argument("--split-seed", type=int, default=0, help="seed of the public/clients/test split")
     train.add_argument("--eager-gpu-steps", action="store_true",
                        help="ddpm on a GPU: run the steps eagerly instead of replaying them as one CUDA graph")
+    train.add_argument("--block-out-channels", metavar="W1,W2,...",
+                       help="the network's channel widths, one per resolution (ddpm: the UNet's, default 32,64; "
+                            "gan: the generator's, default by image size); each halving of the image must divide it")
     train.add_argument("--classes", help="train only on the public split's images of these classes, e.g. 0,1,2,3,4 "
                        "or 0-4 (default: all); the generator still has every class of the dataset, to learn the "
                        "others later")
@@ -106,6 +124,8 @@ def _add_train_arguments(train) -> None:
 
 def run(args) -> int:
     try:
+        if args.action in ("sample", "evaluate", "serve"):
+            args.checkpoint = _checkpoint(args)
         return {"train": _train, "sample": _sample, "serve": _serve, "evaluate": _evaluate,
                 "convert": _convert, "health": _health}[args.action](args)
     except CheckpointError as err:
@@ -134,6 +154,7 @@ def _train(args) -> int:
         if empty:
             raise UsageError(f"--classes {args.classes}: the public split of {args.dataset} holds no images of "
                              f"class {empty[0]}")
+    widths = _parse_widths(args.block_out_channels)
     data_dir = ["--data-dir", args.data_dir] if args.data_dir else []
     # the classes as a canonical list: "0-4" and "4,0-3" record (and make) the same checkpoint
     chosen = ["--classes", ",".join(map(str, classes))] if classes is not None else []
@@ -141,7 +162,7 @@ def _train(args) -> int:
     command = shlex.join(["fedfill", "generator", "train", *model, "--dataset", args.dataset, *data_dir,
                           "--out", args.out, "--steps", str(args.steps), "--batch-size", str(args.batch_size),
                           "--lr", str(args.lr), "--seed", str(args.seed), "--split-seed", str(args.split_seed),
-                          *chosen])
+                          *chosen, *(["--block-out-channels", ",".join(map(str, widths))] if widths else [])])
     trainer, extra = train_generator, {"cuda_graphs": not args.eager_gpu_steps}
     if args.model == "gan":
         if args.eager_gpu_steps:
@@ -149,6 +170,8 @@ def _train(args) -> int:
         from generation.train import train_gan as trainer  # the same arguments, the other model
 
         extra = {}
+    if widths:
+        extra["block_out_channels" if args.model == "ddpm" else "widths"] = widths
     try:
         trainer(split.public.images, split.public.labels, split.public.class_names, args.out,
                 steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed, command=command,
@@ -158,6 +181,19 @@ def _train(args) -> int:
         raise UsageError(str(err)) from None
     print(f"checkpoint: {args.out} (a diffusers pipeline directory; generator.json: classes and provenance)")
     return 0
+
+
+def _parse_widths(spec: str | None) -> tuple[int, ...] | None:
+    """--block-out-channels "16,32,64" -> (16, 32, 64); None when not given."""
+    if spec is None:
+        return None
+    try:
+        widths = tuple(int(w) for w in spec.split(","))
+    except ValueError:
+        widths = ()
+    if not widths or min(widths) < 1:
+        raise UsageError(f"--block-out-channels {spec!r}: give positive integers, one per resolution, e.g. 16,32,64")
+    return widths
 
 
 def _health(args) -> int:

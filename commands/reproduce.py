@@ -32,7 +32,6 @@ from pathlib import Path
 from commands.paper_figures import split_name
 from fedfill.config import RunConfig
 from fedfill.errors import UsageError
-from generation.config import GAN_CHECKPOINT
 from server.report import read_rounds
 
 # [FIMI Table I]'s methods ([FIMI §V-B]) as run settings; clsd is no federated run
@@ -82,10 +81,10 @@ def add_arguments(parser) -> None:
     parser.add_argument("--target", type=float, default=0.95, help="FIMI's Table I target test accuracy (default 0.95: "
                                                                     "near what TFL reaches on digits, as FIMI's "
                                                                     "targets are near its TFL's best)")
-    parser.add_argument("--gan-checkpoint", default=str(GAN_CHECKPOINT),
-                        help="the GAN baseline's generator (default: the shipped digits GAN)")
+    parser.add_argument("--gan-checkpoint", default="",
+                        help="the GAN baseline's generator (default: the one shipped for the dataset)")
     parser.add_argument("--generator-checkpoint", default="",
-                        help="the diffusion generator (default: the shipped digits one)")
+                        help="the diffusion generator (default: the one shipped for the dataset)")
     parser.add_argument("--jobs", type=int, default=max(1, (os.cpu_count() or 2) // 4),
                         help="runs at once (default: a quarter of the cores, at least 1; each run's simulated "
                              "devices share the cores it gets)")
@@ -209,21 +208,34 @@ def planned_campaign(args) -> Campaign:
     return Campaign(runs, splits, sweep_split, ablations, {"delta_max": delta_maxes, "t_max_s": t_maxes})
 
 
+def campaign_checkpoint(args, generator: str) -> str:
+    """The checkpoint a campaign's `generator` service serves ("diffusion" or "gan"): the one
+    named by its flag, else the one shipped for the dataset (UsageError saying how to make one)."""
+    from generation.config import CheckpointError, shipped_checkpoint
+
+    given = args.generator_checkpoint if generator == "diffusion" else args.gan_checkpoint
+    if given:
+        return given
+    try:
+        return str(shipped_checkpoint(args.dataset, generator))
+    except CheckpointError as err:
+        flag = "--generator-checkpoint" if generator == "diffusion" else "--gan-checkpoint"
+        raise UsageError(f"--dataset {args.dataset}: {err}, and pass {flag} DIR") from None
+
+
 def check_generators(args, generators: set[str]) -> None:
-    """The checkpoints the campaign's services will serve, each fit for the dataset."""
+    """The checkpoints the campaign's services will serve, each fit for the dataset (a shipped
+    diffusion model is fit by construction; only its presence is checked)."""
     from commands.checks import check_generator
-    from fedfill.data import real_dataset
 
     job = shared_config(args)
-    if "diffusion" in generators and not args.generator_checkpoint and real_dataset(args.dataset) != "digits":
-        raise UsageError(f"--dataset {args.dataset}: fedfill ships generators for digits only; train one "
-                         "(`fedfill generator train`, and `--model gan` for the GAN baseline) and pass "
-                         "--generator-checkpoint (and --gan-checkpoint)")
-    if "diffusion" in generators and args.generator_checkpoint:
-        check_generator("--generator-checkpoint", args.generator_checkpoint, job)
+    if "diffusion" in generators:
+        checkpoint = campaign_checkpoint(args, "diffusion")
+        if args.generator_checkpoint:
+            check_generator("--generator-checkpoint", checkpoint, job)
     if "gan" in generators:
         try:
-            check_generator("--gan-checkpoint", args.gan_checkpoint, job)
+            check_generator("--gan-checkpoint", campaign_checkpoint(args, "gan"), job)
         except UsageError as err:
             raise UsageError(f"{err} (the GAN baseline and the w/o DM ablation need it; train one with "
                              "`fedfill generator train --model gan`)") from None
@@ -351,12 +363,11 @@ def start_services(root: Path, generators: set[str], args) -> dict:
     the campaign (a resumed campaign asks again and is served from it)."""
     from deploy.local import GenerationProcess
 
-    checkpoints = {"diffusion": args.generator_checkpoint, "gan": args.gan_checkpoint}
     services = {}
     try:  # an interrupt while they load stops the ones already launched
         for name in sorted(generators):
             services[name] = GenerationProcess(root / "logs" / name, root / "generator-cache" / name,
-                                               checkpoint=checkpoints[name]).launch()
+                                               checkpoint=campaign_checkpoint(args, name)).launch()
         for service in services.values():
             service.wait_serving()
     except BaseException:

@@ -62,11 +62,12 @@ def add_arguments(parser) -> None:
                         help="deployment engine, fault injection: kill SuperNode NODE (its partition, from 0) in "
                              "PHASE (train or upload) of ROUND, once its log shows it there; repeat for more nodes")
     parser.add_argument("--generator", default="auto", metavar="auto|none|HOST:PORT",
-                        help="auto (default): start the generation service with the shipped digits checkpoint; "
+                        help="auto (default): start the generation service with the generator shipped for the "
+                             "dataset (digits, mnist5k); "
                              "none: no synthetic data; HOST:PORT: a running service")
     parser.add_argument("--generator-checkpoint", metavar="DIR",
-                        help="with --generator auto: the checkpoint the service serves (default: the shipped digits "
-                             "diffusion model; generation/checkpoints/digits-gan is the GAN baseline's)")
+                        help="with --generator auto: the checkpoint the service serves (default: the diffusion model "
+                             "shipped for the dataset; generation/checkpoints/DATASET-gan is the GAN baseline's)")
     parser.add_argument("--ray-address", metavar="HOST:PORT|auto",
                         help="simulation engine: run the ClientApps on the Ray cluster whose head is at HOST:PORT "
                              "(what `ray start --head` prints; auto: the one `ray start` left on this machine); "
@@ -99,10 +100,15 @@ def checked_job(args) -> tuple[RunConfig, str]:
         from commands.checks import check_generator
 
         check_generator("--generator-checkpoint", args.generator_checkpoint, RunConfig.from_args(args))
-    elif generator_mode == "auto" and real_dataset(args.dataset) != "digits":
-        print("fedfill run: no shipped generator for this dataset; train one with `fedfill generator train` "
-              "and pass --generator HOST:PORT of its service. Running without synthetic data.")
-        generator_mode = "none"
+    elif generator_mode == "auto":
+        from generation.config import CheckpointError, shipped_checkpoint
+
+        try:
+            shipped_checkpoint(args.dataset)
+        except CheckpointError as err:
+            print(f"fedfill run: {err}, and pass --generator-checkpoint DIR (or --generator HOST:PORT of its "
+                  "service). Running without synthetic data.")
+            generator_mode = "none"
     if generator_mode == "auto" and args.superlink:
         raise UsageError("with --superlink, name the generation service its nodes reach (--generator HOST:PORT) "
                          "or run without one (--generator none)")
@@ -263,9 +269,10 @@ def run(args) -> int:
         try:
             if generator_mode == "auto":  # it loads while the engine starts
                 from deploy.local import GenerationProcess
+                from generation.config import shipped_checkpoint
 
-                generation = GenerationProcess(out / "logs", out / "generator-cache",
-                                               checkpoint=job.generator_checkpoint).launch()  # resolved: the service runs elsewhere
+                checkpoint = job.generator_checkpoint or str(shipped_checkpoint(job.dataset))  # resolved: it runs elsewhere
+                generation = GenerationProcess(out / "logs", out / "generator-cache", checkpoint=checkpoint).launch()
                 job = replace(job, generator_address=generation.address)
             simulation, watch = [], None
             if args.superlink:

