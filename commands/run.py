@@ -125,6 +125,9 @@ def checked_job(args) -> tuple[RunConfig, str]:
     # a scenario profiles the deployment engine's nodes; a SuperLink's nodes are someone else's
     configs = [] if args.superlink else node_configs(args.num_partitions, args.scenario) if args.scenario else None
     check_job(job, configs)
+    from jobs import forget_data
+
+    forget_data()  # the checks drew the devices' data (and warmed its disk cache); the driver keeps none
     return job, generator_mode
 
 

@@ -129,10 +129,32 @@ def run_split(run: RunConfig) -> DatasetSplit:
     if run.dataset.lower() == SYNTHETIC_DIGITS:
         from generation.population import population_size, synthetic_population
 
-        real = split_dataset(load_dataset(real_dataset(run.dataset)), seed=run.seed)
+        real = _real_split(real_dataset(run.dataset), run.seed)
         pool = synthetic_population(population_size(run.num_partitions), run.seed)
         return DatasetSplit(public=real.public, clients=pool, test=real.test)
     return split_dataset(load_dataset(run.dataset, run.data_dir or None), seed=run.seed)
+
+
+def held_out(run: RunConfig) -> DatasetSplit:
+    """The split as the server uses it: the public part and the test set, whose images set the
+    model's shape and classes. For synthetic-digits it is the real dataset's split, whose
+    `clients` are the real pool and not the run's drawn population: the server holds no
+    device's data, so its memory does not grow with the fleet (issue 25)."""
+    if run.dataset.lower() == SYNTHETIC_DIGITS:
+        return _real_split(real_dataset(run.dataset), run.seed)
+    return run_split(run)
+
+
+@functools.lru_cache(maxsize=2)
+def _real_split(dataset: str, seed: int) -> DatasetSplit:
+    return split_dataset(load_dataset(dataset), seed=seed)
+
+
+def forget_data() -> None:
+    """Drop the split and partitions this process cached: a process that only checks a run
+    (the driver's pre-run checks) keeps no device's data once it is done."""
+    run_split.cache_clear()
+    _partitions.cache_clear()
 
 
 def training_data(run: RunConfig) -> str:

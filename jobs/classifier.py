@@ -11,7 +11,7 @@ import time
 
 import numpy as np
 
-from jobs import Job, LocalResult, run_split
+from jobs import Job, LocalResult, held_out
 
 
 class ClassifierJob(Job):
@@ -19,7 +19,8 @@ class ClassifierJob(Job):
 
     @property
     def _split(self):
-        return run_split(self.run)
+        """The test set and classes; the devices' pool stays with the devices (jobs.held_out)."""
+        return held_out(self.run)
 
     def _model(self):
         from fedfill.models import model_for_images
@@ -56,7 +57,7 @@ class ClassifierJob(Job):
 
     @property
     def num_classes(self) -> int:
-        return self._split.clients.num_classes
+        return self._split.test.num_classes
 
     @functools.cached_property
     def _evaluation(self):

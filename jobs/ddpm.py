@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from fedfill.config import RunConfig
-from jobs import Job, LocalResult, run_split
+from jobs import Job, LocalResult, held_out, run_split
 
 from generation.config import CheckpointError, shipped_checkpoint
 from generation.step import EpsilonStep, make_generator, make_optimizer, pick_device
@@ -72,7 +72,7 @@ def _start(run: RunConfig):
     if config.model != "ddpm":
         raise CheckpointError(f"{path} is a {config.model.upper()} generator; the ddpm job fine-tunes a diffusion "
                               "model's UNet (a checkpoint of `fedfill generator train`, --model ddpm)")
-    test = run_split(run).test
+    test = held_out(run).test
     if config.num_classes != test.num_classes:
         raise CheckpointError(f"{path} draws {config.num_classes} classes, {run.dataset} has {test.num_classes}")
     if (config.image_size, config.image_size, config.channels) != test.images.shape[1:]:

@@ -21,7 +21,7 @@ import fedfill
 from fedfill import contract
 from fedfill.config import RunConfig, sampled_count
 from fedfill.data import real_dataset
-from jobs import load_job, run_split, training_data
+from jobs import held_out, load_job, training_data
 from server.checkpoint import read_checkpoint, write_checkpoint
 from server.report import RunReport
 from server.timed_grid import TimedGrid
@@ -152,7 +152,7 @@ def delivery_planner(run: RunConfig):
 
     checkpoint = Path(run.generator_checkpoint) if run.generator_checkpoint else shipped_checkpoint(run.dataset)
     cycles, download = model_pass_cycles(parameter_count(checkpoint)), weights_bytes(checkpoint)
-    image_shape = tuple(run_split(run).test.images.shape[1:])  # [H, W, C]
+    image_shape = tuple(held_out(run).test.images.shape[1:])  # [H, W, C]
     side = image_shape[0]
     factors = tuple(r for r in (2, 4) if side % r == 0) or (side,)
 

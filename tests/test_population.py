@@ -90,6 +90,24 @@ def test_a_fleet_beyond_the_real_digits_gets_synthetic_training_data_and_the_rea
     assert training_data(RunConfig()) == "real (digits)"
 
 
+def test_the_server_side_of_a_fleet_holds_no_device_data(tmp_path, monkeypatch):
+    """The ServerApp evaluates and shapes the model from the real test set and never draws the
+    population; the driver's checks draw it (warming the disk cache) and then let it go."""
+    monkeypatch.setenv(population.CACHE_ENV, str(tmp_path))
+    import jobs
+    from commands.checks import check_split
+
+    run = RunConfig(dataset="synthetic-digits", num_partitions=321, seed=5)
+    job = jobs.load_job(run)
+    job.evaluate(job.initial_weights())
+    assert jobs.held_out(run).test.images.shape[1:] == (8, 8, 1) and job.num_classes == 10
+    assert not list(tmp_path.rglob("*.npz")), "the server side drew a population"
+    check_split(run)
+    assert len(list(tmp_path.rglob("*.npz"))) == 1 and jobs.run_split.cache_info().currsize >= 1
+    jobs.forget_data()
+    assert jobs.run_split.cache_info().currsize == 0 and jobs._partitions.cache_info().currsize == 0
+
+
 @pytest.mark.parametrize("argv", [["generator", "train", "--dataset", "synthetic-digits"],
                                   ["fit-learning", "--dataset", "synthetic-digits"]])
 def test_commands_that_need_a_real_dataset_refuse_synthetic_digits(argv, tmp_path, capsys):
