@@ -211,9 +211,10 @@ class FimiFedAvg(FedAvg):
             log(WARNING, "round %d: no node online, nothing to train", server_round)
             return []
         rng = np.random.default_rng(self.seed * 100_003 + server_round)
+        online = sorted(online, key=self._device_order)  # Flower's node ids are new each run; the devices are not
         picks = rng.choice(len(online), size=sampled_count(len(online), self.fraction_train, self.min_train_nodes),
                            replace=False)  # indices: node ids are 64-bit
-        sampled = sorted(online[i] for i in picks)
+        sampled = sorted((online[i] for i in picks), key=self._device_order)
         self._sampled = len(sampled)
         if self.traces is not None:
             self._capacity = {n: self._traced_profile(n, len(sampled)) for n in sampled}
@@ -227,7 +228,7 @@ class FimiFedAvg(FedAvg):
                          for node_id, entry in zip(planned_ids, entries)}
         if self.delivery_planner is not None and self._planned:
             # each device's delivery mode for the samples its plan asks it to generate [MEG]
-            chosen = self.delivery_planner({n: self.profiles[n] for n in self._planned},
+            chosen = self.delivery_planner({n: self._capacity.get(n, self.profiles[n]) for n in self._planned},
                                            {n: p.d_gen for n, p in self._planned.items()})
             self._planned = {n: replace(p, **chosen.get(n, {})) for n, p in self._planned.items()}
         if self.pricing is not None and self._planned:  # one price for every device, in its plan
@@ -242,6 +243,14 @@ class FimiFedAvg(FedAvg):
         log(INFO, "round %d: planned %d device(s), modeled energy %.4g J", server_round, len(planned_ids),
             plan.energy_j if plan.feasible else float("nan"))
         return messages
+
+    def _device_order(self, node_id: int) -> tuple:
+        """The order the sampler and the planner see the nodes in: by the partition a node
+        names in its profile (the same device in every run of a seed), then by node id for a
+        node that names none. Flower draws its node ids afresh each run, so sampling in their
+        order would sample other devices, and fill other amounts, under the same seed."""
+        partition = self.profiles[node_id].get(contract.PARTITION_FIELD)
+        return (partition is None, partition if partition is not None else 0, node_id)
 
     # ------------------------------------------------------------------ traces and the virtual clock
     def _partition(self, node_id: int) -> int:

@@ -282,3 +282,50 @@ def test_the_merge_does_not_depend_on_the_order_replies_arrive_in():
         replies = [reply_to(nodes[k], updates[k], weight=10, bits=32) for k in order]
         merged.append(strategy.aggregate_train(1, replies)[0].to_numpy_ndarrays())
     assert all(np.array_equal(a, b) for a, b in zip(*merged))
+
+
+def test_the_same_seed_samples_the_same_devices_whatever_ids_flower_gives_their_nodes():
+    """Flower draws new node ids every run: the sample and the plan follow the partitions."""
+    scenario = fimi_scenario(30, 0)
+    devices = []
+    for k, device in enumerate(scenario.to_json()["devices"]):
+        device.pop("class_counts")
+        devices.append({**device, contract.PARTITION_FIELD: k})
+
+    def sampled_partitions(node_ids):
+        profiles = dict(zip(node_ids, devices))
+        strategy = FimiFedAvg(scenario.system, "fimi", profiles, seed=3, node_wait_s=0.0, fraction_train=0.2,
+                              min_train_nodes=2)
+        messages = strategy.configure_train(1, ArrayRecord(GLOBAL), ConfigRecord({"local-epochs": 1}),
+                                            OnlineNodes([int(n) for n in np.random.default_rng(len(node_ids)).permutation(node_ids)]))
+        return {profiles[m.metadata.dst_node_id][contract.PARTITION_FIELD]: contract.NodePlan.from_config(
+            m.content[contract.CONFIG_KEY]).d_gen for m in messages}
+
+    ids = np.random.default_rng(0).integers(1, 2**62, size=(2, 30))
+    first, second = sampled_partitions([int(i) for i in ids[0]]), sampled_partitions([int(i) for i in ids[1]])
+    assert len(first) == 6 and first == second
+
+
+def test_the_delivery_planner_sees_each_device_as_its_trace_has_it_this_round():
+    """--traces with --delivery auto: a device whose trace halves its CPU is planned slower."""
+    from strategies.allocation.traces import parse_traces
+
+    scenario = fimi_scenario(3, 0)
+    profiles = {}
+    for k, device in enumerate(scenario.to_json()["devices"]):
+        device.pop("class_counts")
+        profiles[500 + k] = {**device, contract.PARTITION_FIELD: k}
+    traces = parse_traces({"format": "fedfill-traces", "version": 1, "devices": {
+        str(k): {"on": [[0, 1e6]], "capacity": [[0, 0.5 if k == 1 else 1.0, 1.0]]} for k in range(3)}})
+    seen = {}
+
+    def planner(planned_profiles, images):
+        seen.update(planned_profiles)
+        return {}
+
+    strategy = FimiFedAvg(scenario.system, "fimi", profiles, node_wait_s=0.0, traces=traces, delivery_planner=planner)
+    list(strategy.configure_train(1, ArrayRecord(GLOBAL), ConfigRecord({"local-epochs": 1}), OnlineNodes(list(profiles))))
+    assert 501 in seen, "the planner saw the traced device"
+    for node, profile in seen.items():
+        factor = 0.5 if node == 501 else 1.0
+        assert profile["f_max_hz"] == pytest.approx(profiles[node]["f_max_hz"] * factor)
