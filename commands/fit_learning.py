@@ -83,7 +83,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--steps", type=int, default=600, help="minimum SGD steps per run (default 600)")
     parser.add_argument("--lr", type=float, default=0.02, help="SGD learning rate (FIMI: 0.02)")
     parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--width", type=float, help="VGG-9 width multiplier (default: 1/4 for 8x8 images, else 1)")
+    parser.add_argument("--width", type=float, help="VGG-9 width multiplier (default: the job's: 1/4 for 8x8 images, 1/2 for 28x28, else 1)")
     parser.add_argument("--holdout", type=float, default=0.3,
                         help="stratified fraction of the public split held out to measure the error (default 0.3)")
     parser.add_argument("--split-seed", type=int, default=0, help="seed of split_dataset (must match the job's)")

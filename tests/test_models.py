@@ -34,7 +34,7 @@ def test_vgg9_has_fimi_parameter_count():
                                                  ((1, 32, 32, 3), 43, None), ((1, 32, 32, 3), 10, 0.5)])
 def test_variants_match_layer_by_layer_count_and_run(shape, classes, width):
     model = model_for_images(shape, classes, width)
-    used_width = width if width is not None else (0.25 if shape[1] < 16 else 1.0)
+    used_width = width if width is not None else (0.25 if shape[1] < 16 else 0.5 if shape[1] < 32 else 1.0)
     assert count_parameters(model) == expected_vgg9_parameters(shape[3], shape[1], classes, used_width)
     out = model(torch.zeros(2, shape[3], shape[1], shape[2]))
     assert out.shape == (2, classes)
