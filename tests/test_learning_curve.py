@@ -48,10 +48,11 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path, capsys, argv, message):
     assert not (tmp_path / "f.json").exists()
 
 
-def test_stored_digits_fit_is_consistent():
-    """The committed fit that the FIMI job reads: residuals match its own parameters, and the
-    error it predicts falls with more data over the measured range."""
-    fit = shipped_fit("digits")
+@pytest.mark.parametrize("dataset", ["digits", "mnist5k"])
+def test_stored_fits_are_consistent(dataset):
+    """The committed fits that the FIMI job reads: residuals match their own parameters, and the
+    error each predicts falls with more data over the measured range."""
+    fit = shipped_fit(dataset)
     samples = np.array(fit.samples)
     assert len(np.unique(samples)) >= 4 and fit.beta > 0
     assert np.allclose(fit.residuals, np.array(fit.errors) - fit.error(samples))
