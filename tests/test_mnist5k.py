@@ -178,6 +178,21 @@ def test_generator_sample_takes_the_generator_shipped_for_the_dataset(tmp_path, 
     assert "give one" in capsys.readouterr().err
 
 
+def test_a_campaign_on_mnist5k_serves_its_shipped_generators():
+    from argparse import Namespace
+
+    from commands.reproduce import campaign_checkpoint
+    from generation.config import CHECKPOINTS
+
+    args = Namespace(dataset="mnist5k", generator_checkpoint="", gan_checkpoint="")
+    assert campaign_checkpoint(args, "diffusion") == str(CHECKPOINTS / "mnist5k")
+    assert campaign_checkpoint(args, "gan") == str(CHECKPOINTS / "mnist5k-gan")
+    assert campaign_checkpoint(Namespace(dataset="digits", generator_checkpoint="", gan_checkpoint="/mine"),
+                               "gan") == "/mine"
+    with pytest.raises(UsageError, match="--dataset cifar10: fedfill ships no GAN baseline for cifar10.*--gan-checkpoint"):
+        campaign_checkpoint(Namespace(dataset="cifar10", generator_checkpoint="", gan_checkpoint=""), "gan")
+
+
 def test_the_testbed_serves_the_datasets_generator_and_a_run_must_name_the_same(tmp_path, capsys, monkeypatch):
     """`testbed up --dataset` picks the generator its service serves; `testbed run` on another
     dataset is refused before any container is asked (the Docker client fails on any use)."""
@@ -214,8 +229,9 @@ def judge():
 
 
 @pytest.mark.parametrize("role, command", [
-    ("diffusion", "fedfill generator train --dataset mnist5k --out generation/checkpoints/mnist5k ")],
-    ids=["diffusion"])
+    ("diffusion", "fedfill generator train --dataset mnist5k --out generation/checkpoints/mnist5k "),
+    ("gan", "fedfill generator train --model gan --dataset mnist5k --out generation/checkpoints/mnist5k-gan ")],
+    ids=["diffusion", "gan"])
 def test_shipped_mnist5k_generators_draw_their_classes(role, command, judge):
     """The shipped checkpoints: their own training command recorded, small enough to ship, and
     10 samples a class (DDIM 10 steps for the diffusion model) judged of their class."""
