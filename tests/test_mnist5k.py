@@ -248,3 +248,22 @@ def test_shipped_mnist5k_generators_draw_their_classes(role, command, judge):
     images = sample(config, pipe, labels, steps=10, guidance=2.0, seed=1)
     assert images.shape == (100, 28, 28, 1)
     assert np.mean(judge.predict(_flat(images)) == labels) >= 0.85
+
+
+def test_the_mnist5k_start_learned_digits_0_to_4_only(judge):
+    """The ddpm job's start on mnist5k: ten classes by name, trained on the public split's
+    0-4 only, so it draws those and not the five the devices must teach it."""
+    from generation.checkpoint import load_generator
+    from generation.config import shipped_checkpoint
+    from generation.sample import sample
+
+    path = shipped_checkpoint("mnist5k", "start")
+    config, pipe = load_generator(path)
+    assert config.num_classes == 10 and config.provenance["trained_classes"] == [0, 1, 2, 3, 4]
+    assert config.provenance["command"].startswith(
+        "fedfill generator train --dataset mnist5k --out generation/checkpoints/mnist5k-0to4 ")
+    assert config.provenance["train_images"] == 625 and not (path / "train_state.pt").exists()
+    labels = np.repeat(np.arange(10), 10)
+    judged = judge.predict(_flat(sample(config, pipe, labels, steps=10, guidance=2.0, seed=1)))
+    assert np.mean(judged[labels < 5] == labels[labels < 5]) >= 0.85
+    assert np.mean(judged[labels >= 5] == labels[labels >= 5]) <= 0.2
