@@ -137,7 +137,7 @@ def check_delivery(job: RunConfig) -> None:
     factor = job.delivery_sketch_factor
     if job.delivery != "sketch":
         return
-    side = clients_pool(job).images.shape[1]
+    side = run_test_set(job).images.shape[1]
     if factor < 2 or side % factor:
         divisors = ", ".join(str(r) for r in range(2, side + 1) if side % r == 0)
         raise UsageError(f"{flag_of('delivery_sketch_factor')} {factor}: must be at least 2 and divide the image "
@@ -253,11 +253,11 @@ def check_generator(option: str, path: str, job: RunConfig) -> None:
         config, _ = load_generator(path)
     except CheckpointError as err:
         raise UsageError(f"{option} {path}: {err}") from None
-    pool = clients_pool(job)
+    test = run_test_set(job)
     drawn = (config.image_size, config.image_size, config.channels)
-    if config.num_classes != pool.num_classes or drawn != pool.images.shape[1:]:
+    if config.num_classes != test.num_classes or drawn != test.images.shape[1:]:
         raise UsageError(f"{option} {path}: it draws {config.num_classes} classes of {'x'.join(map(str, drawn))} "
-                         f"images, {job.dataset} has {pool.num_classes} of {'x'.join(map(str, pool.images.shape[1:]))}"
+                         f"images, {job.dataset} has {test.num_classes} of {'x'.join(map(str, test.images.shape[1:]))}"
                          " (train one on it: fedfill generator train --dataset ...)")
 
 
@@ -265,8 +265,21 @@ def clients_pool(job: RunConfig):
     """The pool the nodes' partitions come from, as every process of the run derives it."""
     from jobs import run_split
 
+    return _dataset_part(job, lambda: run_split(job).clients)
+
+
+def run_test_set(job: RunConfig):
+    """The run's test set: its classes and image shape are the ones every model and generator
+    of the run must fit, read without drawing any device's data (jobs.held_out)."""
+    from jobs import held_out
+
+    return _dataset_part(job, lambda: held_out(job).test)
+
+
+def _dataset_part(job: RunConfig, part):
+    """`part()`, a dataset that cannot be read refused with the reason."""
     try:
-        return run_split(job).clients
+        return part()
     except (FileNotFoundError, ValueError) as err:
         raise UsageError(f"--dataset {job.dataset}" + (f" --data-dir {job.data_dir}" if job.data_dir else "")
                          + f": {err}") from None
