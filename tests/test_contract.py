@@ -9,7 +9,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, RecordDict
 
 from fedfill import contract
 from fedfill.codec import decode, encode
-from fedfill.config import GIVEN, JOB_DEFAULTS, RunConfig, add_flags
+from fedfill.config import DATASET_DEFAULTS, GIVEN, JOB_DEFAULTS, RunConfig, add_flags
 from strategies.allocation import parse_scenario, solve_plan
 from strategies.allocation.presets import drawn_device_profile, fimi_scenario
 
@@ -109,6 +109,18 @@ def test_a_job_brings_its_own_defaults_and_a_flag_the_user_gives_wins():
                                 out_dir="x")
     assert (given.lr, given.policy, given.batch_size) == (classifier_lr, "fp32", JOB_DEFAULTS["ddpm"]["batch_size"])
     assert RunConfig.from_args(parser.parse_args([]), out_dir="x").lr == classifier_lr
+
+
+def test_a_dataset_brings_its_job_defaults_after_the_jobs_and_a_flag_the_user_gives_wins():
+    parser = argparse.ArgumentParser()
+    add_flags(parser)
+    mnist_lr = DATASET_DEFAULTS[("classifier", "mnist5k")]["lr"]
+    assert mnist_lr != RunConfig().lr
+    assert RunConfig.from_args(parser.parse_args(["--dataset", "mnist5k"]), out_dir="x").lr == mnist_lr
+    assert RunConfig.from_args(parser.parse_args(["--dataset", "mnist5k", "--lr", "0.1"]), out_dir="x").lr == 0.1
+    ddpm = RunConfig.from_args(parser.parse_args(["--dataset", "mnist5k", "--job", "ddpm"]), out_dir="x")
+    assert ddpm.lr == JOB_DEFAULTS["ddpm"]["lr"], "the classifier's dataset default reached the ddpm job"
+    assert RunConfig.from_args(parser.parse_args([]), out_dir="x", dataset="mnist5k").lr == mnist_lr
 
 
 def test_run_config_values_are_read_back_with_their_types():
