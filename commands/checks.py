@@ -352,7 +352,7 @@ def _quiet_flower():
         logger.setLevel(level)
 
 
-def check_first_plan(job: RunConfig, profiles: dict[int, dict]) -> None:
+def check_first_plan(job: RunConfig, profiles: dict[int, dict], with_generator: bool | None = None) -> None:
     """Round 1's plan as the strategy makes it (devices that make it infeasible sit out), for
     as many devices as a round samples (which ones, Flower's node ids decide: a draw of the
     fleet stands in for them): a budget that plans nobody trains nobody, so refuse it and name
@@ -371,7 +371,8 @@ def check_first_plan(job: RunConfig, profiles: dict[int, dict]) -> None:
     sampled = sorted(np.random.default_rng(job.seed).choice(list(profiles), size=count, replace=False).tolist())
 
     def planned(t_max: float):
-        system = run_system(replace(job, t_max_s=t_max), model_params, profiles, job_impl.preset, compute_params)
+        system = run_system(replace(job, t_max_s=t_max), model_params, profiles, job_impl.preset, compute_params,
+                            with_generator)
         with _quiet_flower():
             strategy = FimiFedAvg(system, job.policy, profiles, seed=job.seed, bits_rule=job.bits_rule)
             return strategy.plan_round(1, sampled)
@@ -403,11 +404,12 @@ def smallest_t_max(plans_all, refused: float, limit: float = 1e6) -> float | Non
     return high
 
 
-def check_job(job: RunConfig, node_configs: list[dict] | None = None) -> None:
+def check_job(job: RunConfig, node_configs: list[dict] | None = None, with_generator: bool | None = None) -> None:
     """Everything about a run that can be known before it starts, cheapest first. Round 1's
     plan is checked where the nodes' profiles can be known: `node_configs` (the testbed's,
     a scenario's), else the drawn profiles of simulated nodes; pass [] when the nodes are
-    someone else's (--superlink)."""
+    someone else's (--superlink). `with_generator`: whether the run will have a generation
+    service (default: whether the job names one's address; `fedfill run` starts its own)."""
     check_settings(job)
     from jobs import job_class
 
@@ -424,7 +426,7 @@ def check_job(job: RunConfig, node_configs: list[dict] | None = None) -> None:
                                for k in range(job.num_partitions)]
     profiles = planned_profiles(job, configs, [len(p) for p in partitions], load_job(job).preset)
     if profiles is not None:
-        check_first_plan(job, profiles)
+        check_first_plan(job, profiles, with_generator)
 
 
 # ---------------------------------------------------------------------------- a Ray cluster

@@ -124,7 +124,7 @@ def checked_job(args) -> tuple[RunConfig, str]:
                               generator_address="" if generator_mode in ("auto", "none") else generator_mode)
     # a scenario profiles the deployment engine's nodes; a SuperLink's nodes are someone else's
     configs = [] if args.superlink else node_configs(args.num_partitions, args.scenario) if args.scenario else None
-    check_job(job, configs)
+    check_job(job, configs, with_generator=generator_mode != "none")
     from jobs import forget_data
 
     forget_data()  # the checks drew the devices' data (and warmed its disk cache); the driver keeps none

@@ -68,7 +68,7 @@ def learning_model(run: RunConfig) -> LearningModel | None:
 
 
 def run_system(run: RunConfig, model_params: int, profiles: dict[int, dict], preset: str = "fimi",
-               compute_params: int | None = None) -> System:
+               compute_params: int | None = None, with_generator: bool | None = None) -> System:
     """The job's paper system with this run's model size, T_max and local epochs, for the
     devices a round samples (--fraction of the fleet): they share the round's band.
 
@@ -82,7 +82,8 @@ def run_system(run: RunConfig, model_params: int, profiles: dict[int, dict], pre
     [FIMI] gives no zeta; we set it so that the error target at [FIMI]'s Delta_max
     (0.2) asks, on average, for `synthetic_fraction` more data per device than it holds
     (design choice, see README); the run's own Delta_max then moves the target from there
-    ([FIMI Fig. 5f]: a smaller one asks for more synthetic data).
+    ([FIMI Fig. 5f]: a smaller one asks for more synthetic data). `with_generator`: whether
+    the run has a generation service (default: whether it names one's address).
     """
     per_round = max(1, sampled_count(len(profiles), run.fraction_train, run.min_train_nodes))
     if preset == "ondemand":
@@ -96,9 +97,12 @@ def run_system(run: RunConfig, model_params: int, profiles: dict[int, dict], pre
     model = learning or LearningModel(base.alpha, base.beta, base.gamma)
     target_mean_error = float(model.error(mean_d_loc * (1.0 + run.synthetic_fraction)))
     zeta = base.rounds * (1.0 - target_mean_error) / -math.log(base.delta_max)
+    # without a generation service no synthetic sample can arrive: plan none, rather than a
+    # plan (and its modeled energy) for samples no device will train on
+    with_generator = bool(run.generator_address) if with_generator is None else with_generator
+    d_gen_max = 2.0 * mean_d_loc if with_generator else 0.0
     return replace(base, model_params=float(model_params), t_max_s=run.t_max_s, tau=float(run.local_epochs),
-                   bandwidth_hz=1e6 * per_round, zeta=zeta, d_gen_max=2.0 * mean_d_loc,
-                   delta_max=run.delta_max)
+                   bandwidth_hz=1e6 * per_round, zeta=zeta, d_gen_max=d_gen_max, delta_max=run.delta_max)
 
 
 def server_synthetic_set(run: RunConfig, local_samples: int, num_classes: int) -> tuple[np.ndarray, np.ndarray]:

@@ -463,7 +463,7 @@ class FimiFedAvg(FedAvg):
         figures.update(train_s=float(metrics["train-seconds"]), bits=bits,
                        error_expected=float(metrics.get("error-expected", 0.0)),
                        error_measured=float(metrics.get("error-measured", 0.0)),
-                       energy_j=self._modeled_energy(node_id, plan, bits),
+                       energy_j=self._modeled_energy(node_id, plan, bits, int(metrics[contract.WEIGHT_KEY])),
                        measured_energy_j=contract.node_figure(metrics, "measured-energy-j"),
                        measured_s=contract.node_figure(metrics, "measured-s"),
                        **{key.replace("-", "_"): metrics[key]
@@ -474,14 +474,18 @@ class FimiFedAvg(FedAvg):
         if np.isfinite(constant) and constant > 0:
             self.profiles[node_id]["codec_constant"] = constant
 
-    def _modeled_energy(self, node_id: int, plan: contract.NodePlan, bits: int) -> float:
-        """The cost model's E_cmp + E_com of the plan, the upload at the bits actually sent
-        (a device that raised its bits sends more in the same T_com over the same band)."""
+    def _modeled_energy(self, node_id: int, plan: contract.NodePlan, bits: int, trained: int) -> float:
+        """The cost model's E_cmp + E_com of what the device did: E_cmp, linear in samples
+        ([FIMI eq. 6]), for the `trained` ones (fewer than planned when its fill did not come:
+        the generation service was down), the upload at the bits actually sent (a device that
+        raised its bits sends more in the same T_com over the same band)."""
+        planned = float(self.profiles[node_id].get("d_loc", 0.0)) + plan.d_gen
+        e_cmp = plan.e_cmp_j * min(1.0, trained / planned) if planned > 0 else plan.e_cmp_j
         if bits == plan.bits:
-            return plan.modeled_energy_j
+            return e_cmp + plan.e_com_j
         e_com = upload_energy(plan.b_hz, plan.t_com_s, update_bits(self.system.model_params, bits),
                               self._capacity.get(node_id, self.profiles[node_id])["gain"], self.system.noise_w_per_hz)
-        return plan.e_cmp_j + float(e_com)
+        return e_cmp + float(e_com)
 
     def _node_figures(self, node_id: int, plan: contract.NodePlan) -> dict:
         """A planned node's NODE_FIGURES before its reply: the plan's, the measured ones unknown.

@@ -115,7 +115,11 @@ def test_bad_updates_are_dropped_with_their_reason_and_good_ones_averaged():
         assert n["t_com_s"] == plan.t_com_s and n["bits_planned"] == plan.bits
         used = n["status"] == "used"
         assert n["bits"] == (plan.bits if used else None)
-        assert n["energy_j"] == (plan.modeled_energy_j if used else None)
+        if used:  # E_cmp for the samples its reply says it trained (30 and 10 here), of those planned
+            share = min(1.0, {nodes[0]: 30, nodes[1]: 10}[n["node"]] / (strategy.profiles[n["node"]]["d_loc"] + plan.d_gen))
+            assert n["energy_j"] == pytest.approx(plan.e_cmp_j * share + plan.e_com_j)
+        else:
+            assert n["energy_j"] is None
         assert n["plan_uplink_bps"] == pytest.approx(strategy.system.model_params * plan.bits / plan.t_com_s)
         assert n["reply_bytes"] > 0 and n["upload_s"] is None  # no timing grid given
     assert [n["train_s"] for n in nodes_seen] == [0.5, 0.5, None, None]
@@ -239,6 +243,29 @@ def ondemand_strategy(n=3, policy="ondemand"):
     return strategy, list(profiles)
 
 
+def planned_samples(strategy, node: int) -> int:
+    """What a device trains when its whole fill arrives: its own data and the plan's d_gen."""
+    return int(strategy.profiles[node]["d_loc"]) + strategy._planned[node].d_gen
+
+
+def test_a_device_whose_fill_did_not_come_is_charged_for_the_samples_it_trained_not_the_plans():
+    strategy, nodes = strategy_for()
+    strategy.configure_train(1, ArrayRecord(GLOBAL), ConfigRecord(), OnlineNodes(nodes))
+    planned = dict(strategy._planned)
+    filled, unfilled = [n for n in nodes if planned[n].d_gen > 0][:2]
+    update = [np.full((3, 2), 0.5, np.float32), np.ones(4, np.float32)]
+    own_data = int(strategy.profiles[unfilled]["d_loc"])
+    replies = [reply_to(filled, update, bits=planned[filled].bits, weight=planned_samples(strategy, filled)),
+               reply_to(unfilled, update, bits=planned[unfilled].bits, weight=own_data)]  # the service was down
+    strategy.aggregate_train(1, replies)
+    rows = {row["node"]: row for row in strategy.rounds.nodes[1]}
+    assert rows[filled]["energy_j"] == pytest.approx(planned[filled].modeled_energy_j)
+    unfilled_plan = planned[unfilled]
+    assert rows[unfilled]["energy_j"] < unfilled_plan.modeled_energy_j
+    assert rows[unfilled]["energy_j"] == pytest.approx(
+        unfilled_plan.e_cmp_j * own_data / planned_samples(strategy, unfilled) + unfilled_plan.e_com_j)
+
+
 def test_a_device_that_raised_its_bits_is_charged_for_them_and_its_codec_constant_plans_its_next_bits():
     strategy, nodes = ondemand_strategy()
     strategy.configure_train(1, ArrayRecord(GLOBAL), ConfigRecord(), OnlineNodes(nodes))
@@ -246,8 +273,9 @@ def test_a_device_that_raised_its_bits_is_charged_for_them_and_its_codec_constan
     assert all(p.error_demand == strategy.profiles[n]["quant_error"] > 0 for n, p in planned.items())
     update = [np.full((3, 2), 0.5, np.float32), np.linspace(-1, 1, 4).astype(np.float32)]
     raised = planned[nodes[0]].bits + 2
-    replies = [reply_to(nodes[0], update, bits=raised, codec_constant=50.0)]
-    replies += [reply_to(n, update, bits=planned[n].bits, codec_constant=0.0) for n in nodes[1:]]
+    trained = {n: planned_samples(strategy, n) for n in nodes}
+    replies = [reply_to(nodes[0], update, bits=raised, codec_constant=50.0, weight=trained[nodes[0]])]
+    replies += [reply_to(n, update, bits=planned[n].bits, codec_constant=0.0, weight=trained[n]) for n in nodes[1:]]
     _, metrics = strategy.aggregate_train(1, replies)
     rows = {row["node"]: row for row in strategy.rounds.nodes[1]}
     assert rows[nodes[0]]["bits"] == raised and rows[nodes[0]]["bits_planned"] == planned[nodes[0]].bits
@@ -329,3 +357,20 @@ def test_the_delivery_planner_sees_each_device_as_its_trace_has_it_this_round():
     for node, profile in seen.items():
         factor = 0.5 if node == 501 else 1.0
         assert profile["f_max_hz"] == pytest.approx(profiles[node]["f_max_hz"] * factor)
+
+
+def test_without_a_generation_service_fimi_plans_no_synthetic_samples_and_says_why():
+    from fedfill.config import RunConfig
+    from server.app import run_system
+
+    template, nodes = strategy_for()
+    profiles = template.profiles
+    plans = {}
+    for address in ("127.0.0.1:50051", ""):
+        system = run_system(RunConfig(generator_address=address), 10_000, profiles)
+        strategy = FimiFedAvg(system, "fimi", profiles, node_wait_s=0.0)
+        plans[address] = strategy.plan_round(1, nodes)[0]
+    assert sum(d["d_gen"] for d in plans["127.0.0.1:50051"].to_json()["devices"]) > 0
+    without = plans[""].to_json()
+    assert without["devices"] and all(d["d_gen"] == 0 for d in without["devices"])
+    assert any("d_gen_max = 0 synthetic samples" in note for note in without["notes"]), "the target's relaxing unexplained"
