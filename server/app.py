@@ -265,6 +265,21 @@ def device_traces(run: RunConfig, profiles: dict[int, dict]):
     return traces
 
 
+class DivergedModel(RuntimeError):
+    """The global model went non-finite: every later round would train from NaN, so stop."""
+
+
+def check_finite(server_round: int, weights: list[np.ndarray], evaluation: dict[str, float], lr: float) -> None:
+    """Stop a run whose merged model (or its test figures) is no longer finite, before its
+    checkpoint is overwritten. An update can be finite yet so large that the model's outputs
+    overflow (mnist5k at the digits' lr: norms of 8e10, loss NaN after the merge)."""
+    if all(np.isfinite(w).all() for w in weights) and all(map(math.isfinite, evaluation.values())):
+        return
+    raise DivergedModel(f"round {server_round}: the merged model is no longer finite ({evaluation}); an update "
+                        f"diverged and was merged. Lower --lr (now {lr:g}) or screen updates (--norm-bound); "
+                        f"the checkpoint keeps round {server_round - 1}'s model")
+
+
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     run = RunConfig.from_run_config(context.run_config)
@@ -313,9 +328,11 @@ def main(grid: Grid, context: Context) -> None:
         if server_round == 0 and done:
             return None  # the resumed model was evaluated when it was saved
         server_round += done
-        evaluation = job.evaluate(arrays.to_numpy_ndarrays())
+        weights = arrays.to_numpy_ndarrays()
+        evaluation = job.evaluate(weights)
         row = report.add_round(server_round, evaluation)
-        write_checkpoint(checkpoint, server_round, arrays.to_numpy_ndarrays())
+        check_finite(server_round, weights, evaluation, run.lr)
+        write_checkpoint(checkpoint, server_round, weights)
         log(INFO, "round %d: %s, energy so far %.3f J, uplink %.2f MB", server_round,
             ", ".join(f"{k} {v:.4f}" for k, v in evaluation.items()), row["energy_j"], row["uplink_bytes"] / 1e6)
         return MetricRecord(evaluation)

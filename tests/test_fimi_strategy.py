@@ -374,3 +374,14 @@ def test_without_a_generation_service_fimi_plans_no_synthetic_samples_and_says_w
     without = plans[""].to_json()
     assert without["devices"] and all(d["d_gen"] == 0 for d in without["devices"])
     assert any("d_gen_max = 0 synthetic samples" in note for note in without["notes"]), "the target's relaxing unexplained"
+
+
+def test_a_run_stops_at_the_first_round_whose_merged_model_is_not_finite_and_says_what_to_change():
+    from server.app import DivergedModel, check_finite
+
+    finite = [np.ones((2, 2), np.float32)]
+    check_finite(3, finite, {"accuracy": 0.9, "loss": 0.3}, lr=0.05)
+    with pytest.raises(DivergedModel, match=r"round 3: .*Lower --lr \(now 0.05\).*round 2's model"):
+        check_finite(3, finite, {"accuracy": 0.1, "loss": float("nan")}, lr=0.05)  # weights finite, outputs overflowed
+    with pytest.raises(DivergedModel, match="--norm-bound"):
+        check_finite(1, [np.array([1.0, np.inf], np.float32)], {"accuracy": 0.1, "loss": 2.3}, lr=0.02)
