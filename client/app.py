@@ -232,12 +232,19 @@ def _drop_oldest_used(images: np.ndarray, labels: np.ndarray, request: np.ndarra
     return images[keep], labels[keep]
 
 
+def fill_deadline_s(run: RunConfig) -> float:
+    """How long a device waits for its fill: half of what the server waits for its reply
+    (the rest is for training and the upload), at least 120 s. A 28x28 fill of a few hundred
+    DDPM samples outlasts a fixed 120 s on a shared CPU service."""
+    return max(120.0, 0.5 * run.reply_timeout_s)
+
+
 def _generate(run: RunConfig, context: Context, counts: np.ndarray, seed: int, delivery: dict):
     """(images, labels, fill figures) of one request to the service in the `delivery` mode,
     completed on this device where the mode asks it to."""
     from generation.client import GenerationClient
 
-    client = GenerationClient(run.generator_address, timeout_s=120.0, retries=2)
+    client = GenerationClient(run.generator_address, timeout_s=fill_deadline_s(run), retries=2)
     delivered = client.fetch(counts.tolist(), seed=seed, steps=run.generator_steps, guidance=run.generator_guidance,
                              **delivery)
     fill = {"gen_downlink_bytes": delivered.downlink_bytes, "gen_server_unet_evals": delivered.server_unet_evals,

@@ -209,3 +209,31 @@ def test_a_cancelled_request_stops_sampling_at_its_next_slice(tmp_path):
     finally:
         server.stop(grace=1)
     assert servicer.abandoned == 1 and servicer.computed == 0  # 20 slices asked, stopped after the first
+
+
+def test_a_call_that_runs_out_of_time_is_not_retried_from_nothing():
+    """The client alone, against a gRPC servicer slower than its deadline: one call, not three
+    (an expired call is neither finished nor cached by the real service)."""
+    from concurrent import futures
+
+    from generation import generation_pb2_grpc
+
+    calls = []
+
+    class Slow(generation_pb2_grpc.GeneratorServicer):
+        def Generate(self, request, context):
+            calls.append(time.monotonic())
+            time.sleep(1.5)
+            return iter(())
+
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
+    generation_pb2_grpc.add_GeneratorServicer_to_server(Slow(), server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    try:
+        with pytest.raises(GenerationUnavailable, match="DEADLINE_EXCEEDED"):
+            GenerationClient(f"127.0.0.1:{port}", timeout_s=0.3, retries=2, backoff_s=0.05).generate([1] * 10)
+        time.sleep(1.0)  # a retry, had there been one, would have arrived by now
+        assert len(calls) == 1, "an expired call was asked again"
+    finally:
+        server.stop(grace=0)
