@@ -105,8 +105,11 @@ def fill_figures(rows: list[dict]) -> dict:
 
 
 def policy_run_args(args, policy: str, out: Path) -> argparse.Namespace:
-    """`fedfill run`'s arguments for one policy of the comparison, its report in OUT/POLICY."""
-    policy_args = argparse.Namespace(**{**vars(args), "policy": policy, "out": str(out / policy)})
+    """`fedfill run`'s arguments for one policy of the comparison, its report in OUT/POLICY.
+    Under --resume a policy whose run never saved a checkpoint starts afresh, so an
+    interrupted comparison continues where it stopped."""
+    resume = bool(args.resume) and (out / policy / "checkpoint.npz").exists()
+    policy_args = argparse.Namespace(**{**vars(args), "policy": policy, "out": str(out / policy), "resume": resume})
     setattr(policy_args, GIVEN, {*getattr(args, GIVEN, set()), "policy"})  # the job's default must not win
     return policy_args
 

@@ -229,3 +229,16 @@ def test_testbed_run_checks_the_split_for_the_testbeds_node_count(files, capsys,
     state.save(state_file)
     err, _ = refused(["testbed", "--name", "big", "run", "--rounds", "1"], capsys, files / "runs")
     assert "--nodes 100: the Dirichlet split refuses it" in err and "at most --nodes 98" in err
+
+
+def test_compare_resume_continues_the_policies_it_stopped_in_and_starts_those_it_never_reached(tmp_path):
+    import argparse
+
+    from commands.compare import policy_run_args
+
+    (tmp_path / "fp32").mkdir()
+    (tmp_path / "fp32" / "checkpoint.npz").write_bytes(b"")  # a run that saved a round
+    args = argparse.Namespace(resume=True, policy="ondemand", out=str(tmp_path))
+    assert policy_run_args(args, "fp32", tmp_path).resume is True
+    assert policy_run_args(args, "fixed-8", tmp_path).resume is False  # never started: starts afresh
+    assert policy_run_args(argparse.Namespace(resume=False), "fp32", tmp_path).resume is False
