@@ -42,6 +42,9 @@ class Job(ABC):
     #: the central evaluation's columns in rounds.csv; the first is the headline metric
     #: (higher is better) that "best" and the compare table's targets refer to
     metrics: tuple[str, ...] = ()
+    #: those of `metrics` that are finite whenever the model is sound: a run stops when one is
+    #: not (server.app.check_finite); others may be NaN by design (nothing to score)
+    finite_metrics: tuple[str, ...] = ()
     #: the paper setting ([FIMI] or [ODQ]) of its cost model and drawn devices (strategies.allocation.presets)
     preset: str = "fimi"
 

@@ -16,6 +16,7 @@ from jobs import Job, LocalResult, held_out
 
 class ClassifierJob(Job):
     metrics = ("accuracy", "loss")
+    finite_metrics = ("loss",)  # overflows to NaN when a merged update diverged, weights still finite
 
     @property
     def _split(self):

@@ -269,11 +269,13 @@ class DivergedModel(RuntimeError):
     """The global model went non-finite: every later round would train from NaN, so stop."""
 
 
-def check_finite(server_round: int, weights: list[np.ndarray], evaluation: dict[str, float], lr: float) -> None:
-    """Stop a run whose merged model (or its test figures) is no longer finite, before its
-    checkpoint is overwritten. An update can be finite yet so large that the model's outputs
-    overflow (mnist5k at the digits' lr: norms of 8e10, loss NaN after the merge)."""
-    if all(np.isfinite(w).all() for w in weights) and all(map(math.isfinite, evaluation.values())):
+def check_finite(server_round: int, weights: list[np.ndarray], evaluation: dict[str, float], lr: float,
+                 watched: tuple[str, ...] = ()) -> None:
+    """Stop a run whose merged model, or one of its `watched` test figures (Job.finite_metrics),
+    is no longer finite, before its checkpoint is overwritten. An update can be finite yet so
+    large that the model's outputs overflow (mnist5k at the digits' lr: norms of 8e10, loss NaN
+    after the merge)."""
+    if all(np.isfinite(w).all() for w in weights) and all(math.isfinite(evaluation[k]) for k in watched):
         return
     raise DivergedModel(f"round {server_round}: the merged model is no longer finite ({evaluation}); an update "
                         f"diverged and was merged. Lower --lr (now {lr:g}) or screen updates (--norm-bound); "
@@ -331,7 +333,7 @@ def main(grid: Grid, context: Context) -> None:
         weights = arrays.to_numpy_ndarrays()
         evaluation = job.evaluate(weights)
         row = report.add_round(server_round, evaluation)
-        check_finite(server_round, weights, evaluation, run.lr)
+        check_finite(server_round, weights, evaluation, run.lr, job.finite_metrics)
         write_checkpoint(checkpoint, server_round, weights)
         log(INFO, "round %d: %s, energy so far %.3f J, uplink %.2f MB", server_round,
             ", ".join(f"{k} {v:.4f}" for k, v in evaluation.items()), row["energy_j"], row["uplink_bytes"] / 1e6)

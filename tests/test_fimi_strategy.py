@@ -379,9 +379,13 @@ def test_without_a_generation_service_fimi_plans_no_synthetic_samples_and_says_w
 def test_a_run_stops_at_the_first_round_whose_merged_model_is_not_finite_and_says_what_to_change():
     from server.app import DivergedModel, check_finite
 
-    finite = [np.ones((2, 2), np.float32)]
-    check_finite(3, finite, {"accuracy": 0.9, "loss": 0.3}, lr=0.05)
+    from jobs.classifier import ClassifierJob
+
+    finite, watched = [np.ones((2, 2), np.float32)], ClassifierJob.finite_metrics
+    check_finite(3, finite, {"accuracy": 0.9, "loss": 0.3}, lr=0.05, watched=watched)
     with pytest.raises(DivergedModel, match=r"round 3: .*Lower --lr \(now 0.05\).*round 2's model"):
-        check_finite(3, finite, {"accuracy": 0.1, "loss": float("nan")}, lr=0.05)  # weights finite, outputs overflowed
+        check_finite(3, finite, {"accuracy": 0.1, "loss": float("nan")}, lr=0.05, watched=watched)  # outputs overflowed
     with pytest.raises(DivergedModel, match="--norm-bound"):
         check_finite(1, [np.array([1.0, np.inf], np.float32)], {"accuracy": 0.1, "loss": 2.3}, lr=0.02)
+    # a figure NaN by design (the ddpm job's unseen-class scores when the start saw every class)
+    check_finite(2, finite, {"fidelity": 0.9, "fidelity_unseen": float("nan")}, lr=5e-4, watched=())
