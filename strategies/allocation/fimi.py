@@ -40,8 +40,11 @@ class FimiProblem:
 
     @classmethod
     def build(cls, scenario: Scenario, allow_synthetic: bool = True, equal_band: bool = False) -> "FimiProblem":
+        """With no synthetic allowance (d_gen_max 0: a run without a generation service) the
+        problem is TFL's: the learning error depends on the data amounts alone, which no plan
+        can change then, so its constraint binds nothing (met or not, every plan is alike)."""
         s = update_bits(scenario.system.model_params, scenario.devices.bits)
-        return cls(scenario, s, allow_synthetic, equal_band)
+        return cls(scenario, s, allow_synthetic and scenario.system.d_gen_max > 0, equal_band)
 
     @property
     def band_share(self) -> float:
