@@ -209,13 +209,14 @@ def trainer(args) -> None:
             eager = None
             for graphs in graph_settings(device):
                 seconds = [seconds_of(device, steps, batch, graphs) for steps in (short, long)]
-                row = f"{device:>6} {'graph' if graphs else 'eager':>5} {batch:5d} | {seconds[0]:8.2f} {seconds[1]:8.2f} |"
+                row = f"{device:>6} {'graph' if graphs else 'eager':>5} {batch:5d} | {seconds[0]:8.3f} {seconds[1]:8.3f} |"
                 if seconds[1] <= seconds[0]:  # the machine's noise outweighed the extra steps
                     print(f"{row} {'N/A':>8}  (the longer run was not slower: give --trainer-steps more steps apart)")
                     continue
                 rate = (long - short) / (seconds[1] - seconds[0])
                 eager = eager or rate
-                print(f"{row} {rate:8.2f} {rate * batch:9.0f} {rate / eager:7.2f}")
+                # 3 significant figures: a loaded machine's 0.15 steps/s is 2.4 images/s, not "2"
+                print(f"{row} {rate:8.3g} {rate * batch:9.3g} {rate / eager:7.2f}")
 
 
 # ---------------------------------------------------------------- 2. bytes
