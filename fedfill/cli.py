@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 
 from fedfill.errors import UsageError
@@ -32,6 +33,19 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
 
 
 def main(argv: list[str] | None = None) -> int:
+    try:
+        try:
+            return _run_command(argv)
+        finally:
+            sys.stdout.flush()  # a reader that went away shows here, not as a traceback at exit
+    except BrokenPipeError:
+        # `fedfill plan ... | head`: the reader has what it wanted. Exit quietly, with the
+        # status of a tool that SIGPIPE ended, and keep the interpreter's own flush quiet too.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 128 + 13
+
+
+def _run_command(argv: list[str] | None) -> int:
     parser = argparse.ArgumentParser(prog="fedfill", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     modules = {}

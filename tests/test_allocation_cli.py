@@ -112,3 +112,13 @@ def test_standard_input_that_is_not_usable_json_exits_2_with_the_reason():
     for text, reason in (('{"system": 1', "not valid JSON"), ("[" * 100_000, "nested too deeply")):
         done = fedfill("plan", "-", stdin=text)
         assert done.returncode == 2 and reason in done.stderr and "Traceback" not in done.stderr, done.stderr
+
+
+def test_a_reader_that_closes_the_pipe_early_ends_the_command_quietly(scenario_file):
+    """`fedfill plan s.json | head -1`: no BrokenPipeError traceback, SIGPIPE's exit status."""
+    command = subprocess.Popen([sys.executable, "-m", "fedfill", "plan", str(scenario_file), "--json"], cwd=ROOT,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    command.stdout.close()  # the reader is gone before the plan is printed
+    stderr = command.stderr.read().decode()
+    assert command.wait(timeout=120) == 141
+    assert stderr == ""
