@@ -69,7 +69,8 @@ def add_arguments(parser) -> None:
     restart = sub.add_parser("restart", help="restart containers (names like node-2, superlink)")
     restart.add_argument("names", nargs="+")
     sub.add_parser("status", help="each container: role, state, CPU quota, memory, node id, shaped uplink")
-    sub.add_parser("down", help="remove every container, network and key the testbed made")
+    down = sub.add_parser("down", help="remove every container, network and key the testbed made")
+    down.add_argument("--force", action="store_true", help="also while a run is going on (it ends unfinished)")
 
     pki = sub.add_parser("pki", help="write the CA, the SuperLink certificate and node keys")
     pki.add_argument("--out", required=True)
@@ -270,7 +271,13 @@ def _print_status(rows: list[dict]) -> None:
 def _down(args) -> int:
     from deploy.testbed import Testbed, docker_client
 
-    removed = Testbed(args.name, docker_client()).down()
+    testbed = Testbed(args.name, docker_client())
+    running = [] if args.force else testbed.runs_in_flight()
+    if running:
+        raise UsageError(f"run {', '.join(map(str, running))} is still going on in the SuperLink; removing the "
+                         "testbed would end it unfinished. Stop its `fedfill testbed run` (Ctrl-C stops the run "
+                         "too), or `fedfill testbed down --force`")
+    removed = testbed.down()
     print(f"removed {len(removed)}: {' '.join(removed)}" if removed else "nothing to remove")
     return 0
 

@@ -360,6 +360,19 @@ class Testbed:
         """The node containers that are not running (a run reports each once and goes on)."""
         return [n.container for n in state.nodes if self._status(n.container) != "running"]
 
+    def runs_in_flight(self) -> list[int]:
+        """The SuperLink's unfinished runs, so that `down` does not end one unasked; [] when
+        there is no testbed or SuperLink to ask (then nothing can be running)."""
+        from .flower_cli import active_runs
+
+        if not self.state_file.exists() or self._status(self.superlink) != "running":
+            return []
+        try:
+            return active_runs(self.connect_cli(self.state()), timeout_s=30.0)
+        except RuntimeError as err:
+            self.progress(f"  could not list the SuperLink's runs: {err}")
+            return []
+
     def stop_runs(self, state: TestbedState, wait_s: float = 0.0) -> list[int]:
         """Stop the runs still running on the SuperLink (a driver that died leaves its ServerApp
         going), waiting up to `wait_s` until none is; returns their ids."""

@@ -272,6 +272,11 @@ def test_a_killed_driver_is_stopped_and_the_run_resumes(testbed, xdg_state):
     finally:
         driver.kill()
         driver.communicate(timeout=60)
+    # its ServerApp still runs: `down` refuses to end it unasked, and names it
+    refused = _fedfill(xdg_state, "down")
+    output, _ = refused.communicate(timeout=120)
+    assert refused.returncode == 2 and "still going on" in output and "--force" in output, output
+    assert testbed.state().nodes  # nothing was removed
     resumed = _fedfill(xdg_state, "run", "--rounds", "3", "--out", str(out), "--resume")
     output, _ = resumed.communicate(timeout=600)
     print(output)
