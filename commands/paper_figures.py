@@ -227,3 +227,91 @@ def write_evaluation(root: Path, splits, target: float, variants: dict[str, Path
             plot_t_max(figures, target, root / f"{name}.png")
         written += [f"{name}.json", f"{name}.png"]
     return written
+
+
+def _spread(values: list[float]) -> dict | None:
+    return {"mean": sum(values) / len(values), "min": min(values), "max": max(values)} if values else None
+
+
+def across_seeds(tables: dict[int, dict], ablations: dict[int, dict]) -> dict:
+    """Table I and the ablations over several seeds' campaigns: per method, how many seeds reached
+    the target, and the mean, min and max of its rounds, its energy against the same seed's TFL
+    (a seed is its own baseline: its split and draws differ) and its best accuracy.
+    `tables`: seed -> that campaign's table1.json; `ablations`: seed -> its fig5e_ablation.json."""
+    seeds = sorted(tables)
+    out = {"seeds": seeds, "target_accuracy": tables[seeds[0]]["target_accuracy"], "splits": {}, "ablations": {}}
+    for split in dict.fromkeys(s for seed in seeds for s in tables[seed]["splits"]):
+        rows = {}
+        for method in TABLE_METHODS:
+            entries = {seed: tables[seed]["splits"].get(split, {}).get(method) for seed in seeds}
+            entries = {seed: e for seed, e in entries.items() if e is not None and e.get("best_accuracy") is not None}
+            if not entries:
+                continue
+            reached = {seed: e for seed, e in entries.items() if e["rounds_to_target"] is not None}
+            ratios = []
+            for seed, e in reached.items():
+                tfl = tables[seed]["splits"][split].get("tfl") or {}
+                if tfl.get("energy_at_target_j"):
+                    ratios.append(e["energy_at_target_j"] / tfl["energy_at_target_j"])
+            rows[method] = {"seeds_run": len(entries), "seeds_reached": len(reached),
+                            "rounds_to_target": _spread([e["rounds_to_target"] for e in reached.values()]),
+                            "energy_at_target_j": _spread([e["energy_at_target_j"] for e in reached.values()
+                                                           if e["energy_at_target_j"] is not None]),
+                            "energy_vs_tfl": _spread(ratios),
+                            "best_accuracy": _spread([e["best_accuracy"] for e in entries.values()])}
+        out["splits"][split] = rows
+    for label in dict.fromkeys(v for seed in seeds for v in ablations.get(seed, {})):
+        entries = [a[label] for a in ablations.values() if label in a]
+        reached = [e for e in entries if e["rounds_to_target"] is not None]
+        out["ablations"][label] = {"seeds_run": len(entries), "seeds_reached": len(reached),
+                                   "energy_at_target_j": _spread([e["energy_at_target_j"] for e in reached]),
+                                   "rounds_to_target": _spread([e["rounds_to_target"] for e in reached])}
+    return out
+
+
+def across_seeds_markdown(summary: dict) -> str:
+    """Each figure as its mean over the seeds that reached the target, then (min-max)."""
+    x = f"{summary['target_accuracy']:.0%}"
+    n = len(summary["seeds"])
+
+    def spread(s: dict | None, fmt: str, scale: float = 1.0) -> str:
+        if s is None:
+            return "N/A"
+        low, high = fmt.format(s["min"] * scale), fmt.format(s["max"] * scale)
+        return fmt.format(s["mean"] * scale) + ("" if low == high else f" ({low}-{high})")
+
+    lines = [f"Seeds {', '.join(map(str, summary['seeds']))}: the mean over the seeds that reached {x}, "
+             "then (min-max); energy against the same seed's TFL.", ""]
+    for split, rows in summary["splits"].items():
+        lines += [f"### Dir({split})", "",
+                  f"| method | reached {x} | rounds | energy vs TFL | energy (J) | best acc. |",
+                  "|---|---|---|---|---|---|"]
+        for method, r in rows.items():
+            lines.append(f"| {method.upper()} | {r['seeds_reached']}/{r['seeds_run']} | "
+                         f"{spread(r['rounds_to_target'], '{:.3g}')} | {spread(r['energy_vs_tfl'], '{:.2f}x')} | "
+                         f"{spread(r['energy_at_target_j'], '{:.3f}')} | {spread(r['best_accuracy'], '{:.1f}%', 100)} |")
+        lines.append("")
+    if summary["ablations"]:
+        lines += ["### Ablations [FIMI Fig. 5e]", "", f"| variant | reached {x} | rounds | energy (J) |",
+                  "|---|---|---|---|"]
+        for label, r in summary["ablations"].items():
+            lines.append(f"| {label} | {r['seeds_reached']}/{r['seeds_run']} | "
+                         f"{spread(r['rounds_to_target'], '{:.3g}')} | {spread(r['energy_at_target_j'], '{:.3f}')} |")
+        lines.append("")
+    if any(r["seeds_run"] < n for rows in summary["splits"].values() for r in rows.values()):
+        lines.append(f"A method with fewer than {n} seeds run is missing from some seeds' campaigns.")
+    return "\n".join(lines) + "\n"
+
+
+def write_across_seeds(root: Path, seed_dirs: dict[int, Path]) -> list[str]:
+    """seeds.json and seeds.md in `root`, from the seeds' finished campaign directories."""
+    tables = {seed: json.loads((d / "table1.json").read_text()) for seed, d in seed_dirs.items()
+              if (d / "table1.json").exists()}
+    if not tables:
+        return []
+    ablations = {seed: json.loads((d / "fig5e_ablation.json").read_text()) for seed, d in seed_dirs.items()
+                 if (d / "fig5e_ablation.json").exists()}
+    summary = across_seeds(tables, ablations)
+    (root / "seeds.json").write_text(json.dumps(summary, indent=1) + "\n")
+    (root / "seeds.md").write_text(across_seeds_markdown(summary))
+    return ["seeds.json", "seeds.md"]

@@ -13,11 +13,13 @@ A method or an ablation is a run setting, nothing more (METHODS, ABLATIONS): a p
 what the synthetic samples are for (`--synthetic-use`), and which generator serves them. One
 generation service per generator serves every run, so a request made twice is sampled once.
 Runs go `--jobs` at a time; a finished run is kept, an interrupted one resumes from its
-checkpoint, so the same command picks a campaign up where it stopped.
+checkpoint, so the same command picks a campaign up where it stopped. `--seeds 0,1,2` runs one
+such campaign per seed (DIR/seed-N/) and tabulates them together (DIR/seeds.md, seeds.json).
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
 import os
@@ -89,6 +91,8 @@ def add_arguments(parser) -> None:
                         help="runs at once (default: a quarter of the cores, at least 1; each run's simulated "
                              "devices share the cores it gets)")
     parser.add_argument("--timeout", type=float, default=3600.0, help="give up on one run after this many seconds")
+    parser.add_argument("--seeds", default="", help="one campaign per seed, e.g. 0,1,2, each in OUT/seed-N, then "
+                                                    "seeds.md and seeds.json across them (instead of --seed)")
     add_run_flags(parser, skip=CAMPAIGN_SETTINGS)
     parser.set_defaults(**CAMPAIGN_DEFAULTS)
     for action in parser._actions:  # argparse keeps no other handle on an option's help
@@ -288,6 +292,37 @@ def rounds_done(out: Path) -> int:
 
 
 def run(args) -> int:
+    if not args.seeds:
+        return run_campaign(args)
+    seeds = _seeds(args.seeds)
+    planned_campaign(args)  # a bad flag is refused once, before the first seed starts
+    root = Path(args.out).resolve()
+    seed_dirs = {seed: root / f"seed-{seed}" for seed in seeds}
+    codes = []
+    for seed, out in seed_dirs.items():
+        print(f"fedfill reproduce: seed {seed} of {', '.join(map(str, seeds))}")
+        codes.append(run_campaign(argparse.Namespace(**{**vars(args), "seed": seed, "out": str(out)})))
+    from commands.paper_figures import write_across_seeds
+
+    written = write_across_seeds(root, seed_dirs)
+    print(f"reproduce: {', '.join(written)} in {root}, across seeds {', '.join(map(str, seeds))}")
+    return max(codes)
+
+
+def _seeds(text: str) -> list[int]:
+    try:
+        seeds = [int(s) for s in text.split(",") if s.strip()]
+    except ValueError:
+        raise UsageError(f"--seeds {text!r}: whole numbers expected, e.g. 0,1,2") from None
+    if not seeds or any(s < 0 for s in seeds):
+        raise UsageError(f"--seeds {text!r}: one or more seeds of 0 or more")
+    if len(set(seeds)) < len(seeds):
+        raise UsageError(f"--seeds {text!r}: a seed given twice")
+    return seeds
+
+
+def run_campaign(args) -> int:
+    """One seed's campaign in args.out: every run it plans, then its tables and figures."""
     from commands.checks import check_job
     from commands.run import check_report_dir, interrupts_stop_the_run
 

@@ -22,6 +22,10 @@ from commands.reproduce import ABLATIONS, METHODS, campaign, run_flags, run_stat
     (["--methods", "gan", "--gan-checkpoint", "/nonexistent"], "--gan-checkpoint /nonexistent"),
     (["--methods", "fimi,fimi"], "given twice"),
     (["--target", "1.5"], "--target"),
+    (["--seeds", "0,one"], "whole numbers"),
+    (["--seeds", "1,1"], "a seed given twice"),
+    (["--seeds", "0,-2"], "of 0 or more"),
+    (["--seeds", "0,1", "--methods", "tfl,fedprox"], "unknown 'fedprox'"),
 ])
 def test_bad_input_is_refused_before_anything_starts(tmp_path, capsys, flags, says):
     out = tmp_path / "campaign"
@@ -135,3 +139,55 @@ def test_an_interrupt_ends_the_runs_in_flight_and_starts_no_other(tmp_path):
         assert not worker.is_alive() and time.monotonic() - started < 5
         assert codes == [-15], "SIGTERM ended it"
         assert children.run(["sleep", "30"], log) == 130 and not children.running, "nothing starts after a stop"
+
+
+def _entry(rounds, energy, best):
+    return {"best_accuracy": best, "energy_at_target_j": energy, "latency_at_target_s": None,
+            "uplink_at_target_bytes": None, "rounds_to_target": rounds}
+
+
+def test_across_seeds_compares_each_seed_with_its_own_tfl_and_counts_the_seeds_that_reached():
+    from commands.paper_figures import across_seeds, across_seeds_markdown
+
+    tables = {0: {"target_accuracy": 0.9, "splits": {"0.6": {"tfl": _entry(20, 2.0, 0.95),
+                                                             "fimi": _entry(10, 1.0, 0.97)}}},
+              1: {"target_accuracy": 0.9, "splits": {"0.6": {"tfl": _entry(30, 4.0, 0.93),
+                                                             "fimi": _entry(None, None, 0.89)}}},
+              2: {"target_accuracy": 0.9, "splits": {"0.6": {"tfl": _entry(10, 1.0, 0.96),
+                                                             "fimi": _entry(8, 0.8, 0.98)}}}}
+    ablations = {0: {"FIMI": _entry(10, 1.0, 0.97), "w/o DA": _entry(20, 2.0, 0.95)}}
+    summary = across_seeds(tables, ablations)
+    fimi = summary["splits"]["0.6"]["fimi"]
+    assert (fimi["seeds_run"], fimi["seeds_reached"]) == (3, 2)
+    assert fimi["energy_vs_tfl"] == pytest.approx({"mean": 0.65, "min": 0.5, "max": 0.8})  # 1/2 and 0.8/1
+    assert fimi["rounds_to_target"] == {"mean": 9, "min": 8, "max": 10}
+    assert fimi["best_accuracy"]["min"] == pytest.approx(0.89)  # a seed that missed the target still counts here
+    assert summary["splits"]["0.6"]["tfl"]["energy_vs_tfl"] == {"mean": 1.0, "min": 1.0, "max": 1.0}
+    assert summary["ablations"]["w/o DA"]["seeds_run"] == 1
+    markdown = across_seeds_markdown(summary)
+    assert "| FIMI | 2/3 | 9 (8-10) | 0.65x (0.50x-0.80x) |" in markdown
+    assert "| w/o DA | 1/1 | 20 | 2.000 |" in markdown
+
+
+def test_seeds_run_one_campaign_each_and_tabulate_them_together(tmp_path):
+    """Two seeds of a two-method campaign (3 devices, 2 rounds): each seed's directory is an
+    ordinary campaign, and seeds.json holds both."""
+    out = tmp_path / "seeds"
+    command = [sys.executable, "-m", "fedfill", "reproduce", "--out", str(out), "--seeds", "0,1", "--nodes", "3",
+               "--rounds", "2", "--splits", "0.6", "--methods", "tfl,fimi", "--ablations", "none",
+               "--delta-max", "none", "--t-max", "none", "--generator-steps", "2", "--target", "0.3", "--jobs", "1"]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    for seed in (0, 1):
+        campaign = json.loads((out / f"seed-{seed}" / "campaign.json").read_text())
+        assert campaign["seed"] == seed and campaign["failed"] == []
+        assert 'seed = %d' % seed in (out / f"seed-{seed}" / "split-0.6" / "fimi" / "run_config.toml").read_text()
+    # different seeds, different splits: the two TFL runs did not train the same model
+    first, second = (json.loads((out / f"seed-{s}" / "table1.json").read_text())["splits"]["0.6"]["tfl"]
+                     for s in (0, 1))
+    summary = json.loads((out / "seeds.json").read_text())
+    assert summary["seeds"] == [0, 1] and set(summary["splits"]["0.6"]) == {"tfl", "fimi"}
+    tfl = summary["splits"]["0.6"]["tfl"]
+    assert tfl["seeds_run"] == 2
+    assert tfl["best_accuracy"]["min"] == pytest.approx(min(first["best_accuracy"], second["best_accuracy"]))
+    assert "| TFL | " in (out / "seeds.md").read_text()
