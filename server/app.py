@@ -315,7 +315,8 @@ def main(grid: Grid, context: Context) -> None:
                           pricing=pricing_of(run, profiles, out_dir), traces=device_traces(run, profiles))
     initial, done = ArrayRecord(weights), 0
     checkpoint = out_dir / "checkpoint.npz"
-    if run.resume and checkpoint.exists():
+    resumed_run = run.resume and checkpoint.exists()  # also from round 0's checkpoint, where done is 0
+    if resumed_run:
         done, resumed = read_checkpoint(checkpoint, weights)
         initial = ArrayRecord(resumed)
         report.resume_from(done)
@@ -327,7 +328,7 @@ def main(grid: Grid, context: Context) -> None:
         log(INFO, "resuming after round %d of %d from %s", done, run.rounds, checkpoint)
 
     def evaluate(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
-        if server_round == 0 and done:
+        if server_round == 0 and resumed_run:
             return None  # the resumed model was evaluated when it was saved
         server_round += done
         weights = arrays.to_numpy_ndarrays()

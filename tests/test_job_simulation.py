@@ -210,6 +210,23 @@ def test_a_stopped_run_resumes_from_its_checkpoint_exactly(tmp_path):
     # The resumed nodes' synthetic cache died with the old run: they regenerate the same samples
     # and their reply note says "generated N" instead of "cached", a few bytes more on the wire.
     assert abs(int(resumed[3]["uplink_bytes"]) - int(straight[3]["uplink_bytes"])) <= 64
+    # stopped before round 1 finished: only round 0's checkpoint to resume from, and its row is not written twice
+    early = start(tmp_path / "early", 2)
+    try:
+        deadline = time.monotonic() + 300
+        while not (tmp_path / "early" / "checkpoint.npz").exists():
+            assert early.poll() is None and time.monotonic() < deadline
+            time.sleep(0.05)
+        early.send_signal(signal.SIGINT)
+        early.communicate(timeout=120)
+    finally:
+        if early.poll() is None:
+            early.kill()
+    rows = list(csv.DictReader(open(tmp_path / "early" / "rounds.csv")))
+    assert [r["round"] for r in rows] == ["0"], "the run was meant to stop inside round 1"
+    again = finish(start(tmp_path / "early", 2, "--resume"), tmp_path / "early")
+    assert [r["round"] for r in again] == ["0", "1", "2"]
+    assert "resuming after round 0 of 2" in (tmp_path / "early" / "flwr.log").read_text()
     nothing = subprocess.run([sys.executable, "-m", "fedfill", "run", "--resume", "--out", str(tmp_path / "none")],
                              cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert nothing.returncode == 2 and "nothing to resume" in nothing.stderr
