@@ -274,10 +274,10 @@ def across_seeds_markdown(summary: dict) -> str:
     x = f"{summary['target_accuracy']:.0%}"
     n = len(summary["seeds"])
 
-    def spread(s: dict | None, fmt: str, scale: float = 1.0) -> str:
+    def spread(s: dict | None, fmt: str, scale: float = 1.0, range_fmt: str = "") -> str:
         if s is None:
             return "N/A"
-        low, high = fmt.format(s["min"] * scale), fmt.format(s["max"] * scale)
+        low, high = ((range_fmt or fmt).format(s[end] * scale) for end in ("min", "max"))
         return fmt.format(s["mean"] * scale) + ("" if low == high else f" ({low}-{high})")
 
     lines = [f"Seeds {', '.join(map(str, summary['seeds']))}: the mean over the seeds that reached {x}, "
@@ -288,7 +288,7 @@ def across_seeds_markdown(summary: dict) -> str:
                   "|---|---|---|---|---|---|"]
         for method, r in rows.items():
             lines.append(f"| {method.upper()} | {r['seeds_reached']}/{r['seeds_run']} | "
-                         f"{spread(r['rounds_to_target'], '{:.3g}')} | {spread(r['energy_vs_tfl'], '{:.2f}x')} | "
+                         f"{spread(r['rounds_to_target'], '{:.1f}', 1, '{:.0f}')} | {spread(r['energy_vs_tfl'], '{:.2f}x')} | "
                          f"{spread(r['energy_at_target_j'], '{:.3f}')} | {spread(r['best_accuracy'], '{:.1f}%', 100)} |")
         lines.append("")
     if summary["ablations"]:
@@ -296,7 +296,7 @@ def across_seeds_markdown(summary: dict) -> str:
                   "|---|---|---|---|"]
         for label, r in summary["ablations"].items():
             lines.append(f"| {label} | {r['seeds_reached']}/{r['seeds_run']} | "
-                         f"{spread(r['rounds_to_target'], '{:.3g}')} | {spread(r['energy_at_target_j'], '{:.3f}')} |")
+                         f"{spread(r['rounds_to_target'], '{:.1f}', 1, '{:.0f}')} | {spread(r['energy_at_target_j'], '{:.3f}')} |")
         lines.append("")
     if any(r["seeds_run"] < n for rows in summary["splits"].values() for r in rows.values()):
         lines.append(f"A method with fewer than {n} seeds run is missing from some seeds' campaigns.")

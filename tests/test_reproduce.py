@@ -165,8 +165,8 @@ def test_across_seeds_compares_each_seed_with_its_own_tfl_and_counts_the_seeds_t
     assert summary["splits"]["0.6"]["tfl"]["energy_vs_tfl"] == {"mean": 1.0, "min": 1.0, "max": 1.0}
     assert summary["ablations"]["w/o DA"]["seeds_run"] == 1
     markdown = across_seeds_markdown(summary)
-    assert "| FIMI | 2/3 | 9 (8-10) | 0.65x (0.50x-0.80x) |" in markdown
-    assert "| w/o DA | 1/1 | 20 | 2.000 |" in markdown
+    assert "| FIMI | 2/3 | 9.0 (8-10) | 0.65x (0.50x-0.80x) |" in markdown
+    assert "| w/o DA | 1/1 | 20.0 | 2.000 |" in markdown
 
 
 def test_seeds_run_one_campaign_each_and_tabulate_them_together(tmp_path):
