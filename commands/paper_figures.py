@@ -233,6 +233,15 @@ def _spread(values: list[float]) -> dict | None:
     return {"mean": sum(values) / len(values), "min": min(values), "max": max(values)} if values else None
 
 
+def _over_seeds(entries: list[dict]) -> dict:
+    """One method's (or ablation's) Table I entries, one per seed, as counts and spreads."""
+    reached = [e for e in entries if e["rounds_to_target"] is not None]
+    return {"seeds_run": len(entries), "seeds_reached": len(reached),
+            "rounds_to_target": _spread([e["rounds_to_target"] for e in reached]),
+            "energy_at_target_j": _spread([e["energy_at_target_j"] for e in reached
+                                           if e["energy_at_target_j"] is not None])}
+
+
 def across_seeds(tables: dict[int, dict], ablations: dict[int, dict]) -> dict:
     """Table I and the ablations over several seeds' campaigns: per method, how many seeds reached
     the target, and the mean, min and max of its rounds, its energy against the same seed's TFL
@@ -247,25 +256,16 @@ def across_seeds(tables: dict[int, dict], ablations: dict[int, dict]) -> dict:
             entries = {seed: e for seed, e in entries.items() if e is not None and e.get("best_accuracy") is not None}
             if not entries:
                 continue
-            reached = {seed: e for seed, e in entries.items() if e["rounds_to_target"] is not None}
             ratios = []
-            for seed, e in reached.items():
+            for seed, e in entries.items():
                 tfl = tables[seed]["splits"][split].get("tfl") or {}
-                if tfl.get("energy_at_target_j"):
+                if e["rounds_to_target"] is not None and tfl.get("energy_at_target_j"):
                     ratios.append(e["energy_at_target_j"] / tfl["energy_at_target_j"])
-            rows[method] = {"seeds_run": len(entries), "seeds_reached": len(reached),
-                            "rounds_to_target": _spread([e["rounds_to_target"] for e in reached.values()]),
-                            "energy_at_target_j": _spread([e["energy_at_target_j"] for e in reached.values()
-                                                           if e["energy_at_target_j"] is not None]),
-                            "energy_vs_tfl": _spread(ratios),
+            rows[method] = {**_over_seeds(list(entries.values())), "energy_vs_tfl": _spread(ratios),
                             "best_accuracy": _spread([e["best_accuracy"] for e in entries.values()])}
         out["splits"][split] = rows
     for label in dict.fromkeys(v for seed in seeds for v in ablations.get(seed, {})):
-        entries = [a[label] for a in ablations.values() if label in a]
-        reached = [e for e in entries if e["rounds_to_target"] is not None]
-        out["ablations"][label] = {"seeds_run": len(entries), "seeds_reached": len(reached),
-                                   "energy_at_target_j": _spread([e["energy_at_target_j"] for e in reached]),
-                                   "rounds_to_target": _spread([e["rounds_to_target"] for e in reached])}
+        out["ablations"][label] = _over_seeds([a[label] for a in ablations.values() if label in a])
     return out
 
 
