@@ -222,7 +222,8 @@ def test_a_stopped_run_resumes_from_its_checkpoint_exactly(tmp_path):
     finally:
         if early.poll() is None:
             early.kill()
-    rows = list(csv.DictReader(open(tmp_path / "early" / "rounds.csv")))
+    with open(tmp_path / "early" / "rounds.csv") as fh:
+        rows = list(csv.DictReader(fh))
     assert [r["round"] for r in rows] == ["0"], "the run was meant to stop inside round 1"
     again = finish(start(tmp_path / "early", 2, "--resume"), tmp_path / "early")
     assert [r["round"] for r in again] == ["0", "1", "2"]
